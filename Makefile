@@ -1,0 +1,46 @@
+# Set-up, demo and tests. Every target is idempotent: a second run skips what is done.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The demo's budget: small enough for a laptop CPU; `make demo DEMO_EPOCHS=80 DEMO_CYCLE=2` for the study's.
+DEMO_EPOCHS ?= 10
+DEMO_CYCLE ?= 1
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup data demo test lint typecheck clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[train,serve,dev]'
+	touch $(STAMP)
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+	  echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root"; exit 1; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+
+demo: setup data
+	$(BIN)/valley-train train --dataset fashion-mnist --model cnn --epochs $(DEMO_EPOCHS) --out $(DEMO_DIR)/base --resume
+	$(BIN)/valley-train fge --from $(DEMO_DIR)/base --cycle-epochs $(DEMO_CYCLE) --out $(DEMO_DIR)/fge --resume
+	@echo "report: $(DEMO_DIR)/fge/report.json  plot: $(DEMO_DIR)/fge/plots/ensemble_size.png"
+
+test: setup data
+	$(BIN)/pytest
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+lint: setup
+	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

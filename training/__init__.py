@@ -1,0 +1,1 @@
+"""valley training: base networks, Fast Geometric Ensembling and their evaluation."""

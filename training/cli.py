@@ -1,0 +1,111 @@
+"""`valley-train`: thin command line over the training library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from training.errors import UsageError
+
+log = logging.getLogger("valley-train")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.data import DATASETS
+
+    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
+    parser.add_argument("--data-dir", type=Path, help="folder holding the dataset (default per dataset)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    parser.add_argument("--val-size", type=int, help="training images held out for validation (default 5000)")
+    parser.add_argument("--subset", type=int, help="use at most N images of each split (smoke runs)")
+    parser.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (imagefolder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    parser = argparse.ArgumentParser(prog="valley-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", parents=[common], help="train one network with the base schedule")
+    _add_data_arguments(train)
+    train.add_argument("--model", default="cnn", help="registered model name or torchvision:<name>")
+    train.add_argument("--epochs", type=int, default=40, help="the budget B")
+    train.add_argument("--lr", type=float, default=0.05, help="initial learning rate lr0")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--weight-decay", type=float, default=5e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--save-epoch", type=int, action="append", default=[], dest="save_epochs",
+                       help="also keep the checkpoint of this epoch (repeatable); 80%% of the budget is always kept")
+    train.add_argument("--out", type=Path, required=True, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    fge = commands.add_parser("fge", parents=[common], help="Fast Geometric Ensembling from a base run")
+    fge.add_argument("--from", dest="base_run", type=Path, required=True, help="base run directory")
+    fge.add_argument("--start-epoch", type=int, help="checkpoint to start from (default 80%% of the budget)")
+    fge.add_argument("--cycles", type=int, help="number of cycles K (default: the rest of the base budget)")
+    fge.add_argument("--cycle-epochs", type=int, default=2, help="cycle length c in epochs")
+    fge.add_argument("--lr1", type=float, default=0.01, help="high learning rate, at the cycle's ends")
+    fge.add_argument("--lr2", type=float, default=0.001, help="low learning rate, at the snapshot")
+    fge.add_argument("--seed", type=int, help="batch-order seed (default: the base run's)")
+    fge.add_argument("--device", default="auto")
+    fge.add_argument("--out", type=Path, required=True, help="FGE run directory")
+    fge.add_argument("--resume", action="store_true")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.base import train_network
+    from training.config import DataConfig, TrainConfig
+
+    data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, val_size=args.val_size,
+                      subset=args.subset, image_size=args.image_size, batch_size=args.batch_size,
+                      workers=args.workers)
+    config = TrainConfig(data=data, model=args.model, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+                         save_epochs=args.save_epochs)
+    report = train_network(config, args.out, resume=args.resume)
+    print(json.dumps({"run": str(args.out), "test": report["test"]}))
+
+
+def _fge(args: argparse.Namespace) -> None:
+    from training.fge import run_fge
+
+    report = run_fge(args.base_run, args.out, start_epoch=args.start_epoch, cycles=args.cycles,
+                     cycle_epochs=args.cycle_epochs, lr1=args.lr1, lr2=args.lr2, seed=args.seed,
+                     device=args.device, resume=args.resume)
+    from training.fge import summary_table
+
+    print(summary_table(report))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        {"train": _train, "fge": _fge}[args.command](args)
+    except UsageError as error:
+        print(f"valley-train: error: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        print(f"valley-train: error: {problems}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("valley-train: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Datasets as pixels: Fashion-MNIST, CIFAR-10/100, ImageFolder and a synthetic set for tests.
+
+Every loader yields float32 images in [0, 1] (NCHW) and int64 labels. Normalisation is not
+done here: it lives inside the model (`models.Classifier`) so that an exported graph takes
+pixels. A validation split is held out of the training split with a fixed seed, so every run
+and every ensemble member sees the same validation and test images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from collections.abc import Iterator, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from training.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The validation split is the same for every run, whatever the training seed.
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and an exported graph need to know about a dataset's images."""
+
+    name: str
+    classes: tuple[str, ...]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # Training augmentation: random crop after zero padding, random horizontal flip.
+    crop_padding: int = 0
+    flip: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The evaluation preprocessing, as recorded in reports and manifests."""
+        return {
+            "input": "float32 pixels in [0, 1], NCHW",
+            "shape": [self.in_channels, self.image_size, self.image_size],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "normalisation": "(x - mean) / std per channel, inside the model",
+        }
+
+
+class ImageTensors(Dataset[tuple[torch.Tensor, int]]):
+    """A whole split held in memory as uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def take(self, indices: torch.Tensor) -> ImageTensors:
+        return ImageTensors(self.images[indices], self.labels[indices])
+
+
+class SizedDataset(Sized, Protocol):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+@dataclass
+class DataSplits:
+    """Train (for SGD), validation (held out of train) and test (reporting only)."""
+
+    info: DatasetInfo
+    train: SizedDataset
+    val: SizedDataset
+    test: SizedDataset
+    train_eval: SizedDataset | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not, into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UsageError(f"{path} is not an unsigned-byte IDX file; is it a Fashion-MNIST file?")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(dims)):
+        raise UsageError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data")
+    return array.reshape(dims)
+
+
+def _find_idx(data_dir: Path, stem: str) -> Path:
+    for folder in (data_dir, data_dir / "FashionMNIST" / "raw"):
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    raise UsageError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {data_dir}: install it with "
+        "`apt-get install dataset-fashion-mnist` or pass --data-dir DIR holding the IDX files"
+    )
+
+
+FASHION_MNIST = DatasetInfo(
+    name="fashion-mnist",
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    in_channels=1,
+    image_size=28,
+    mean=(0.2860,),
+    std=(0.3530,),
+    crop_padding=2,
+    flip=True,
+)
+
+
+def _fashion_mnist(data_dir: Path | None) -> tuple[DatasetInfo, ImageTensors, ImageTensors]:
+    root = data_dir or FASHION_MNIST_DIR
+    if not root.is_dir():
+        raise UsageError(
+            f"data directory {root} does not exist: install Fashion-MNIST with "
+            "`apt-get install dataset-fashion-mnist` or pass --data-dir DIR holding the IDX files"
+        )
+
+    def split(prefix: str) -> ImageTensors:
+        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+        return ImageTensors(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+
+    return FASHION_MNIST, split("train"), split("t10k")
+
+
+def _cifar(name: str, data_dir: Path | None, download: bool) -> tuple[DatasetInfo, ImageTensors, ImageTensors]:
+    from torchvision import datasets
+
+    if data_dir is None:
+        raise UsageError(f"{name} needs --data-dir DIR (torchvision's layout, e.g. DIR/cifar-10-batches-py)")
+    factory = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    try:
+        train = factory(str(data_dir), train=True, download=download)
+        test = factory(str(data_dir), train=False, download=download)
+    except RuntimeError as error:
+        raise UsageError(
+            f"{name} not found under {data_dir} (expected {data_dir / folder}): "
+            "point --data-dir at the folder holding it, or add --download to fetch it"
+        ) from error
+
+    def tensors(dataset: Any) -> ImageTensors:
+        images = torch.from_numpy(np.asarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+        return ImageTensors(images, torch.as_tensor(dataset.targets, dtype=torch.int64))
+
+    mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)) if name == "cifar10" else (
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    info = DatasetInfo(name=name, classes=tuple(train.classes), in_channels=3, image_size=32,
+                       mean=mean, std=std, crop_padding=4, flip=True)
+    return info, tensors(train), tensors(test)
+
+
+def synthetic_images(count: int, num_classes: int = 10, size: int = 16, seed: int = 0) -> ImageTensors:
+    """Learnable synthetic images: a fixed random template per class, shifted, plus noise."""
+    generator = torch.Generator().manual_seed(1234)  # templates are the same for every split
+    templates = torch.rand(num_classes, 1, size, size, generator=generator) * 255
+    generator.manual_seed(seed)
+    labels = torch.randint(0, num_classes, (count,), generator=generator)
+    shifts = torch.randint(-1, 2, (count, 2), generator=generator)
+    images = templates[labels]
+    for axis in (0, 1):
+        images = torch.stack([img.roll(int(s), dims=axis + 1) for img, s in zip(images, shifts[:, axis], strict=True)])
+    noise = torch.randn(images.shape, generator=generator) * 60
+    return ImageTensors((images + noise).clamp(0, 255).to(torch.uint8), labels)
+
+
+SYNTHETIC = DatasetInfo(
+    name="synthetic", classes=tuple(f"class-{i}" for i in range(10)), in_channels=1,
+    image_size=16, mean=(0.5,), std=(0.25,),
+)
+
+
+def _image_folder(data_dir: Path | None, image_size: int) -> DataSplits:
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    if data_dir is None or not (data_dir / "train").is_dir():
+        raise UsageError("imagefolder needs --data-dir DIR with DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
+    test_dir = next((data_dir / n for n in ("test", "val") if (data_dir / n).is_dir()), None)
+    if test_dir is None:
+        raise UsageError(f"imagefolder: no {data_dir}/test (or {data_dir}/val) folder for the test split")
+    to_uint8 = [v2.ToImage(), v2.ToDtype(torch.uint8)]
+    train_tf = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip(), *to_uint8])
+    eval_tf = v2.Compose([v2.Resize(image_size * 8 // 7), v2.CenterCrop(image_size), *to_uint8])
+    train_aug = datasets.ImageFolder(str(data_dir / "train"), transform=train_tf)
+    train_plain = datasets.ImageFolder(str(data_dir / "train"), transform=eval_tf)
+    test = datasets.ImageFolder(str(test_dir), transform=eval_tf)
+    info = DatasetInfo(name="imagefolder", classes=tuple(train_aug.classes), in_channels=3,
+                       image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    val_size = max(1, len(train_aug) // 10)
+    order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return DataSplits(info, Subset(train_aug, order[val_size:]), Subset(train_plain, order[:val_size]), test,
+                      train_eval=Subset(train_plain, order[val_size:]))
+
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+def load_splits(
+    name: str,
+    data_dir: Path | None = None,
+    val_size: int | None = None,
+    subset: int | None = None,
+    download: bool = False,
+    image_size: int = 224,
+) -> DataSplits:
+    """Load a dataset by name and hold out `val_size` training images for validation."""
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name == "imagefolder":
+        return _image_folder(data_dir, image_size)
+    if name == "fashion-mnist":
+        info, full_train, test = _fashion_mnist(data_dir)
+    elif name in ("cifar10", "cifar100"):
+        info, full_train, test = _cifar(name, data_dir, download)
+    else:
+        info = SYNTHETIC
+        full_train, test = synthetic_images(1200, seed=1), synthetic_images(500, seed=2)
+    if val_size is None:
+        val_size = 200 if name == "synthetic" else 5000
+    if not 0 <= val_size < len(full_train):
+        raise UsageError(f"--val-size must be between 0 and {len(full_train) - 1}, got {val_size}")
+    order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train, val = full_train.take(order[val_size:]), full_train.take(order[:val_size])
+    if subset is not None:
+        if subset < 1:
+            raise UsageError(f"--subset must be a positive number of images, got {subset}")
+        train, val, test = (s.take(torch.arange(min(subset, len(s)))) for s in (train, val, test))
+    return DataSplits(info, train, val, test, notes={"val_size": val_size, "subset": subset})
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (after zero padding) and horizontal flip, drawn independently per image.
+
+    torchvision's transforms draw one set of parameters per call; a per-image call costs more
+    than the small CNN's whole step on a CPU, so in-memory splits are augmented a batch at once.
+    """
+    batch, _, height, width = images.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator)
+        rows = (torch.arange(height) + dy)[:, None, :, None]  # [B, 1, H, 1]
+        cols = (torch.arange(width) + dx)[:, None, None, :]  # [B, 1, 1, W]
+        index = torch.arange(batch)[:, None, None, None]
+        channel = torch.arange(images.shape[1])[None, :, None, None]
+        images = padded[index, channel, rows, cols]
+    if flip:
+        flips = torch.rand(batch, generator=generator) < 0.5
+        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+class TensorBatches:
+    """Batches of an in-memory split: seeded shuffling and augmentation, float pixels out."""
+
+    def __init__(self, data: ImageTensors, batch_size: int, info: DatasetInfo, train: bool, seed: int = 0) -> None:
+        self.data, self.batch_size, self.info, self.train, self.seed = data, batch_size, info, train, seed
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        count = len(self.data)
+        order = torch.randperm(count, generator=generator) if self.train else torch.arange(count)
+        for start in range(0, count, self.batch_size):
+            index = order[start : start + self.batch_size]
+            images = self.data.images[index]
+            if self.train:
+                images = augment_batch(images, self.info.crop_padding, self.info.flip, generator)
+            yield images.float().div_(255.0), self.data.labels[index]
+
+
+class FloatBatches:
+    """A torch DataLoader whose uint8 batches come out as float pixels."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.float().div_(255.0), labels
+
+
+Batches = TensorBatches | FloatBatches
+
+
+def make_batches(
+    data: SizedDataset, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0, workers: int = 0
+) -> Batches:
+    """Batches for one pass over `data`; with `train`, shuffled and augmented from `seed`."""
+    if isinstance(data, ImageTensors):
+        return TensorBatches(data, batch_size, info, train, seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader: DataLoader[Any] = DataLoader(data, batch_size=batch_size, shuffle=train, generator=generator,  # type: ignore[arg-type]
+                                         num_workers=workers, persistent_workers=False)
+    return FloatBatches(loader)
