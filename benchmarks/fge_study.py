@@ -24,6 +24,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from training.plots import plot_ensemble_sizes
+
 METRICS = ("accuracy", "nll", "ece", "brier")
 
 
@@ -128,6 +130,25 @@ def main() -> None:
               "| model | accuracy % | NLL | ECE % | Brier |", "|---|---|---|---|---|",
               row("single network", single_val)]
     lines += [row(f"FGE c={k[0]} lr {k[1]:g}->{k[2]:g}", validation[k]) for k in sorted(validation)]
+    chosen_reports = list(fge_reports[chosen].values())
+    lines += ["", "Test split by ensemble size (chosen FGE configuration, mean over seeds):", "",
+              "| model | accuracy % | NLL | ECE % | Brier |", "|---|---|---|---|---|"]
+    mean_report = {
+        "config": chosen_reports[0]["config"],
+        "single": {"epochs": args.epochs, "test": single_test},
+        "ensembles": [{"size": k + 1, "test": mean_metrics([r["ensembles"][k]["test"] for r in chosen_reports])}
+                      for k in range(members)],
+        "members": [{"index": k, "test": mean_metrics([r["members"][k]["test"] for r in chosen_reports])}
+                    for k in range(members)],
+    }
+    lines += [row(f"FGE, first {e['size']}", e["test"]) for e in mean_report["ensembles"]]
+    base_seconds = mean(r["train_seconds_total"] for r in base_reports.values())
+    fge_seconds = mean(r["train_seconds_total"] for r in chosen_reports)
+    device = base_reports[args.seeds[0]]["device"]
+    lines += ["", f"Training time per seed on {device} (mean): base run {base_seconds:.0f} s for {args.epochs} epochs "
+              f"(the single network); FGE {fge_seconds:.0f} s for its {args.epochs - round(0.8 * args.epochs)} epochs "
+              "after the base run's 80% checkpoint."]
+    plot_ensemble_sizes(mean_report, args.out / "study.png")
     text = "\n".join(lines)
     (args.out / "study.md").write_text(text + "\n")
     (args.out / "study.json").write_text(json.dumps({

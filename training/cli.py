@@ -13,8 +13,6 @@ from pydantic import ValidationError
 
 from training.errors import UsageError
 
-log = logging.getLogger("valley-train")
-
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     from training.data import DATASETS
@@ -22,7 +20,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
     parser.add_argument("--data-dir", type=Path, help="folder holding the dataset (default per dataset)")
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
-    parser.add_argument("--val-size", type=int, help="training images held out for validation (default 5000)")
+    parser.add_argument("--val-size", type=int,
+                        help="training images held out for validation (default 5000; 10%% for imagefolder)")
     parser.add_argument("--subset", type=int, help="use at most N images of each split (smoke runs)")
     parser.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     fge.add_argument("--cycles", type=int, help="number of cycles K (default: the rest of the base budget)")
     fge.add_argument("--cycle-epochs", type=int, default=2, help="cycle length c in epochs")
     fge.add_argument("--lr1", type=float, default=0.01, help="high learning rate, at the cycle's ends")
-    fge.add_argument("--lr2", type=float, default=0.001, help="low learning rate, at the snapshot")
+    fge.add_argument("--lr2", type=float, default=0.0005, help="low learning rate, at the snapshot")
     fge.add_argument("--seed", type=int, help="batch-order seed (default: the base run's)")
     fge.add_argument("--device", default="auto")
     fge.add_argument("--out", type=Path, required=True, help="FGE run directory")

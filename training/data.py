@@ -9,10 +9,9 @@ and every ensemble member sees the same validation and test images.
 from __future__ import annotations
 
 import gzip
-import logging
 import struct
 from collections.abc import Iterator, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +20,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from training.errors import UsageError
-
-log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,8 +90,6 @@ class DataSplits:
     train: SizedDataset
     val: SizedDataset
     test: SizedDataset
-    train_eval: SizedDataset | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- loading
@@ -202,7 +197,7 @@ SYNTHETIC = DatasetInfo(
 )
 
 
-def _image_folder(data_dir: Path | None, image_size: int) -> DataSplits:
+def _image_folder(data_dir: Path | None, image_size: int, val_size: int | None) -> DataSplits:
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -219,10 +214,11 @@ def _image_folder(data_dir: Path | None, image_size: int) -> DataSplits:
     test = datasets.ImageFolder(str(test_dir), transform=eval_tf)
     info = DatasetInfo(name="imagefolder", classes=tuple(train_aug.classes), in_channels=3,
                        image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    val_size = max(1, len(train_aug) // 10)
+    val_size = max(1, len(train_aug) // 10) if val_size is None else val_size
+    if not 0 <= val_size < len(train_aug):
+        raise UsageError(f"--val-size must be between 0 and {len(train_aug) - 1}, got {val_size}")
     order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    return DataSplits(info, Subset(train_aug, order[val_size:]), Subset(train_plain, order[:val_size]), test,
-                      train_eval=Subset(train_plain, order[val_size:]))
+    return DataSplits(info, Subset(train_aug, order[val_size:]), Subset(train_plain, order[:val_size]), test)
 
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
@@ -240,7 +236,7 @@ def load_splits(
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if name == "imagefolder":
-        return _image_folder(data_dir, image_size)
+        return _image_folder(data_dir, image_size, val_size)
     if name == "fashion-mnist":
         info, full_train, test = _fashion_mnist(data_dir)
     elif name in ("cifar10", "cifar100"):
@@ -258,7 +254,7 @@ def load_splits(
         if subset < 1:
             raise UsageError(f"--subset must be a positive number of images, got {subset}")
         train, val, test = (s.take(torch.arange(min(subset, len(s)))) for s in (train, val, test))
-    return DataSplits(info, train, val, test, notes={"val_size": val_size, "subset": subset})
+    return DataSplits(info, train, val, test)
 
 
 # --------------------------------------------------------------------------- batching

@@ -58,7 +58,7 @@ def resolve_fge_config(
 
 def run_fge(
     base_run: Path, out: Path, start_epoch: int | None = None, cycles: int | None = None, cycle_epochs: int = 2,
-    lr1: float = 0.01, lr2: float = 0.001, seed: int | None = None, device: str = "auto", resume: bool = False,
+    lr1: float = 0.01, lr2: float = 0.0005, seed: int | None = None, device: str = "auto", resume: bool = False,
 ) -> dict[str, Any]:
     """Run FGE from `base_run` into `out`; returns (and writes) the report."""
     base = read_base_config(base_run)
