@@ -60,7 +60,7 @@ def test_checkpoint_from_another_architecture(tmp_path: Path) -> None:
 
 
 def test_fge_bad_inputs(synthetic_run: Path, tmp_path: Path) -> None:
-    assert "not a training run" in _error("fge", "--from", tmp_path, "--out", tmp_path / "f")
+    assert "not a run directory" in _error("fge", "--from", tmp_path, "--out", tmp_path / "f")
     message = _error("fge", "--from", synthetic_run, "--start-epoch", "2", "--out", tmp_path / "f")
     assert "no checkpoint for epoch 2" in message and "--save-epoch 2" in message
     assert "less than one" in _error("fge", "--from", synthetic_run, "--cycle-epochs", "3", "--out", tmp_path / "f")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,15 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_de
 def load_data(config: TrainConfig) -> DataSplits:
     data = config.data
     return load_splits(data.dataset, data.data_dir, data.val_size, data.subset, data.download, data.image_size)
+
+
+def read_run_config(run: Path) -> TrainConfig:
+    """The training configuration of a base run, or of the base run an FGE run started from."""
+    path = run / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{run} is not a run directory (no config.json): pass the --out of `valley-train train`")
+    payload = json.loads(path.read_text())
+    return TrainConfig.model_validate(payload.get("base", payload))
 
 
 def fge_start_epoch(epochs: int) -> int:

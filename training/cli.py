@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     fge.add_argument("--device", default="auto")
     fge.add_argument("--out", type=Path, required=True, help="FGE run directory")
     fge.add_argument("--resume", action="store_true")
+
+    export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
+    export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
+                        help="one FGE run directory, or one or more base run directories (independent ensemble)")
+    export.add_argument("--name", required=True, help="ensemble name in the repository")
+    export.add_argument("--version", type=int, help="version number (default: the next free one)")
+    export.add_argument("--out", type=Path, required=True, help="model repository directory")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
     return parser
 
 
@@ -87,12 +95,25 @@ def _fge(args: argparse.Namespace) -> None:
     print(summary_table(report))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from training.export import export_ensemble
+
+    target, manifest = export_ensemble(args.runs, args.name, args.out, version=args.version, overwrite=args.overwrite)
+    metrics = manifest.metrics
+    print(json.dumps({"exported": str(target), "members": len(manifest.members), "temperature": manifest.temperature,
+                      "test_nll": {"uncalibrated": metrics.uncalibrated.nll, "calibrated": metrics.calibrated.nll},
+                      "test_ece": {"uncalibrated": metrics.uncalibrated.ece, "calibrated": metrics.calibrated.ece}}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        # The ONNX exporter logs every optimisation pass at INFO.
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        {"train": _train, "fge": _fge}[args.command](args)
+        {"train": _train, "fge": _fge, "export": _export}[args.command](args)
     except UsageError as error:
         print(f"valley-train: error: {error}", file=sys.stderr)
         return 2

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     dataset: str = "fashion-mnist"
     data_dir: Path | None = Field(None, description="Folder holding the dataset; each dataset has a default.")
     download: bool = Field(False, description="Allow torchvision to download CIFAR (never implicit).")
@@ -20,6 +22,8 @@ class DataConfig(BaseModel):
 
 class TrainConfig(BaseModel):
     """Training of one network with the paper's base schedule."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: str = "cnn"
@@ -34,6 +38,8 @@ class TrainConfig(BaseModel):
 
 class FGEConfig(BaseModel):
     """Fast Geometric Ensembling from a base run's checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
 
     base_run: Path
     start_epoch: int

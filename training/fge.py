@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from training import checkpoint
-from training.base import REPORT_FORMAT, build_model, fge_start_epoch, load_data, make_optimizer
+from training.base import REPORT_FORMAT, build_model, fge_start_epoch, load_data, make_optimizer, read_run_config
 from training.config import FGEConfig, TrainConfig
 from training.engine import LAST_CHECKPOINT, Trainer, available_epochs, epoch_checkpoint, evaluate, resolve_device
 from training.ensembles import prefix_metrics
@@ -26,13 +26,6 @@ from training.plots import plot_ensemble_sizes
 from training.schedules import FGECycle
 
 log = logging.getLogger(__name__)
-
-
-def read_base_config(base_run: Path) -> TrainConfig:
-    path = base_run / "config.json"
-    if not path.is_file():
-        raise UsageError(f"{base_run} is not a training run (no config.json): pass the --out of `valley-train train`")
-    return TrainConfig.model_validate_json(path.read_text())
 
 
 def resolve_fge_config(
@@ -61,7 +54,9 @@ def run_fge(
     lr1: float = 0.01, lr2: float = 0.0005, seed: int | None = None, device: str = "auto", resume: bool = False,
 ) -> dict[str, Any]:
     """Run FGE from `base_run` into `out`; returns (and writes) the report."""
-    base = read_base_config(base_run)
+    base = read_run_config(base_run)
+    if (base_run / "snapshots").is_dir():
+        raise UsageError(f"{base_run} is an FGE run: pass the base run it started from")
     config = resolve_fge_config(base_run, base, start_epoch, cycles, cycle_epochs, lr1, lr2, seed, device)
     start_path = epoch_checkpoint(base_run, config.start_epoch)
     if not start_path.is_file():

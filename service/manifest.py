@@ -1,0 +1,160 @@
+"""The ensemble artefact's manifest: the one contract between training and serving.
+
+`ensembles/<name>/<version>/manifest.json` describes the ONNX files beside it. Training
+writes it through this module and the server reads it through this module; neither side
+has its own idea of the format. No torch here: the server never imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+# Output names of every ensemble graph, in the order the fused graph returns them.
+OUTPUTS = ("probabilities", "predicted_class", "confidence", "entropy", "mutual_information",
+           "member_disagreement", "member_probabilities")
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be used: missing, unreadable, of another schema version, or inconsistent."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """A named tensor; datatypes use the Open Inference Protocol names (UINT8, FP32, INT64)."""
+
+    name: str
+    datatype: Literal["UINT8", "FP32", "INT64"]
+    shape: list[int] = Field(description="-1 for a variable dimension (the batch)")
+
+
+class InputSpec(TensorSpec):
+    """The graphs' one input: pixels; scaling and normalisation happen inside the graphs."""
+
+    description: str
+    mean: list[float]
+    std: list[float]
+
+
+class FileEntry(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Metrics(_Strict):
+    accuracy: float
+    nll: float
+    ece: float
+    brier: float
+    count: int
+
+
+class Member(FileEntry):
+    provenance: dict[str, Any] = Field(description="where the member comes from: run, epoch or t, lr")
+    metrics: Metrics | None = Field(None, description="the member alone on the test split")
+
+
+class EnsembleMetrics(_Strict):
+    """Offline test-split quality of the whole ensemble, before and after temperature scaling."""
+
+    uncalibrated: Metrics
+    calibrated: Metrics
+
+
+class Samples(_Strict):
+    """A few inputs with the fused graph's expected probabilities, to check a load end to end."""
+
+    inputs: list[Any] = Field(description="nested lists shaped like the input, batch first")
+    probabilities: list[list[float]]
+    tolerance: float = 1e-4
+
+
+class Manifest(_Strict):
+    schema_version: int
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: int = Field(ge=1)
+    created: datetime
+    method: Literal["fge", "curve", "independent"]
+    model: str = Field(description="the members' architecture, as named in the training registry")
+    input: InputSpec
+    outputs: list[TensorSpec]
+    classes: list[str]
+    members: list[Member] = Field(min_length=1)
+    fused: FileEntry = Field(description="one graph running all members and the ensemble outputs")
+    temperature: float = Field(gt=0)
+    metrics: EnsembleMetrics
+    samples: Samples
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is not supported (this valley reads {SCHEMA_VERSION})")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        names = [output.name for output in self.outputs]
+        if names != list(OUTPUTS):
+            raise ValueError(f"outputs must be {list(OUTPUTS)}, got {names}")
+        if len(self.samples.probabilities) != len(self.samples.inputs):
+            raise ValueError("samples: as many expected probability rows as inputs are needed")
+        if any(len(row) != len(self.classes) for row in self.samples.probabilities):
+            raise ValueError(f"samples: every probability row must have {len(self.classes)} classes")
+        return self
+
+    def files(self) -> list[FileEntry]:
+        return [*self.members, self.fused]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(version_dir: Path) -> Manifest:
+    """Read and validate `version_dir/manifest.json`; any problem is a `ManifestError`."""
+    path = version_dir / MANIFEST_FILE
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ManifestError(f"{path} does not exist") from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestError(f"{path} is not readable JSON: {error}") from error
+    if isinstance(payload, dict) and payload.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {payload.get('schema_version')!r} is not supported "
+                            f"(this valley reads {SCHEMA_VERSION}); export the ensemble again")
+    try:
+        return Manifest.model_validate(payload)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()[:5])
+        raise ManifestError(f"{path} is not a valid manifest: {problems}") from error
+
+
+def verify_files(manifest: Manifest, version_dir: Path) -> None:
+    """Check every file the manifest names exists and has its recorded sha256."""
+    for entry in manifest.files():
+        path = version_dir / entry.file
+        if not path.is_file():
+            raise ManifestError(f"{path} is named in the manifest but missing")
+        actual = sha256_of(path)
+        if actual != entry.sha256:
+            raise ManifestError(f"{path} has sha256 {actual}, the manifest says {entry.sha256}: the file changed")
+
+
+def write_manifest(manifest: Manifest, version_dir: Path) -> None:
+    (version_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")

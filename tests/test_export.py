@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from service.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
+from tests.conftest import cli
+from training import checkpoint
+from training.base import build_model, load_data, read_run_config
+from training.calibrate import ensemble_probabilities, fit_temperature
+from training.engine import predict_logits
+from training.errors import UsageError
+from training.export import export_ensemble
+
+
+@pytest.fixture(scope="module")
+def fge_run(synthetic_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fge") / "fge"
+    cli("fge", "--from", synthetic_run, "--cycles", "3", "--cycle-epochs", "1", "--lr1", "0.05", "--lr2", "0.005",
+        "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(fge_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repository = tmp_path_factory.mktemp("repository")
+    result = cli("export", "--from", fge_run, "--name", "synth", "--out", repository)
+    assert json.loads(result.stdout)["exported"] == str(repository / "synth" / "1")
+    return repository / "synth" / "1"
+
+
+def _session(path: Path) -> onnxruntime.InferenceSession:
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_round_trip_matches_manifest_and_pytorch(exported: Path, fge_run: Path) -> None:
+    manifest = load_manifest(exported)
+    verify_files(manifest, exported)
+    assert manifest.method == "fge" and len(manifest.members) == 3 and manifest.temperature > 0
+    assert [m.provenance["epoch"] for m in manifest.members] == pytest.approx([4.625, 5.625, 6.625])
+    fused = _session(exported / manifest.fused.file)
+    samples = np.asarray(manifest.samples.inputs, dtype=np.uint8)
+    replayed = fused.run(["probabilities"], {"pixels": samples})[0]
+    assert np.max(np.abs(replayed - np.asarray(manifest.samples.probabilities))) <= 1e-4
+
+    # The PyTorch ensemble, rebuilt from the FGE snapshots with the manifest's temperature.
+    config = read_run_config(fge_run)
+    splits = load_data(config)
+    logits = []
+    for member in json.loads((fge_run / "report.json").read_text())["members"]:
+        model = build_model(config.model, splits.info, torch.device("cpu"))
+        checkpoint.load_model_weights(model, checkpoint.load(fge_run / member["file"]), config.model, fge_run)
+        logits.append(predict_logits(model, splits.test, splits, torch.device("cpu"))[0])
+    expected = ensemble_probabilities(np.stack(logits), manifest.temperature)
+    pixels = splits.test.images.numpy()  # type: ignore[attr-defined]
+    actual = fused.run(["probabilities"], {"pixels": pixels})[0]
+    assert np.max(np.abs(actual - expected)) <= 1e-4
+
+    # Each member graph: uint8 pixels in, the member's logits out.
+    member = _session(exported / manifest.members[0].file)
+    assert member.get_inputs()[0].type == "tensor(uint8)"
+    assert np.max(np.abs(member.run(None, {"pixels": pixels})[0] - logits[0])) <= 1e-3
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_fused_outputs_are_consistent(exported: Path, batch: int) -> None:
+    manifest = load_manifest(exported)
+    session = _session(exported / "ensemble.onnx")
+    assert [o.name for o in session.get_outputs()] == list(OUTPUTS)
+    pixels = np.random.default_rng(batch).integers(0, 256, (batch, 1, 16, 16), dtype=np.uint8)
+    p, predicted, confidence, entropy, mi, disagreement, members = session.run(None, {"pixels": pixels})
+    assert p.shape == (batch, 10) and members.shape == (batch, 3, 10)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(members.mean(axis=1), p, atol=1e-6)
+    assert np.array_equal(predicted, p.argmax(axis=1)) and predicted.dtype == np.int64
+    np.testing.assert_allclose(confidence, p.max(axis=1), atol=1e-7)
+    np.testing.assert_allclose(entropy, -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1), atol=1e-5)
+    member_entropy = -(members * np.log(np.maximum(members, 1e-12))).sum(axis=2).mean(axis=1)
+    np.testing.assert_allclose(mi, np.maximum(entropy - member_entropy, 0), atol=1e-5)
+    expected_disagreement = (members.argmax(axis=2) != predicted[:, None]).mean(axis=1)
+    np.testing.assert_allclose(disagreement, expected_disagreement, atol=1e-7)
+    assert manifest.outputs[-1].shape == [-1, 3, 10]
+
+
+def test_temperature_never_worsens_validation_nll(fge_run: Path) -> None:
+    config = read_run_config(fge_run)
+    splits = load_data(config)
+    rng = np.random.default_rng(0)
+    labels = splits.val.labels.numpy()  # type: ignore[attr-defined]
+    logits = rng.normal(size=(2, len(labels), 10)) * 4
+    logits[:, np.arange(len(labels)), labels] += 3  # overconfident but informative
+    temperature = fit_temperature(logits, labels)
+
+    def nll(t: float) -> float:
+        p = ensemble_probabilities(logits, t)
+        return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+
+    assert temperature > 1.0
+    assert nll(temperature) <= nll(1.0)
+    assert nll(temperature) <= min(nll(temperature * 0.9), nll(temperature * 1.1))
+
+
+def test_existing_version_needs_overwrite(exported: Path, fge_run: Path) -> None:
+    repository = exported.parent.parent
+    again = cli("export", "--from", fge_run, "--name", "synth", "--version", "1", "--out", repository, check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    old = load_manifest(exported).created
+    cli("export", "--from", fge_run, "--name", "synth", "--version", "1", "--out", repository, "--overwrite")
+    assert load_manifest(exported).created > old
+    assert sorted(p.name for p in (repository / "synth").iterdir()) == ["1"], "no staging or retired folder left"
+
+
+def test_failed_export_leaves_nothing(fge_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.export as export
+
+    def broken(name: str, expected: np.ndarray, actual: np.ndarray) -> float:
+        raise RuntimeError(f"{name}: parity broken on purpose")
+
+    monkeypatch.setattr(export, "_check_parity", broken)
+    with pytest.raises(RuntimeError, match="parity broken"):
+        export_ensemble([fge_run], "synth", tmp_path)
+    assert list((tmp_path / "synth").iterdir()) == []
+
+
+def test_bad_sources(synthetic_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a run directory"):
+        export_ensemble([tmp_path], "x", tmp_path / "repo")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(synthetic_run, unfinished)
+    for path in (unfinished / "checkpoints").iterdir():
+        path.unlink()
+    with pytest.raises(UsageError, match="no final checkpoint"):
+        export_ensemble([unfinished], "x", tmp_path / "repo")
+    other = tmp_path / "other"
+    cli("train", "--dataset", "synthetic", "--model", "preresnet20", "--epochs", "1", "--out", other)
+    with pytest.raises(UsageError, match=r"one architecture.*'cnn'.*'preresnet20'"):
+        export_ensemble([synthetic_run, other], "x", tmp_path / "repo")
+
+
+def test_independent_ensemble_of_base_runs(synthetic_run: Path, tmp_path: Path) -> None:
+    second = tmp_path / "second"
+    cli("train", "--dataset", "synthetic", "--epochs", "2", "--seed", "9", "--out", second)
+    target, manifest = export_ensemble([synthetic_run, second], "independent", tmp_path / "repo")
+    assert manifest.method == "independent" and [m.provenance["seed"] for m in manifest.members] == [3, 9]
+    verify_files(manifest, target)
+
+
+def test_manifest_refuses_bad_files(exported: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    payload = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**payload, "schema_version": 99}))
+    with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
+        load_manifest(copy)
+    (copy / "manifest.json").write_text(json.dumps({k: v for k, v in payload.items() if k != "temperature"}))
+    with pytest.raises(ManifestError, match="temperature"):
+        load_manifest(copy)
+    (copy / "manifest.json").write_text(json.dumps(payload))
+    with open(copy / "member-01.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ManifestError, match=r"member-01\.onnx has sha256"):
+        verify_files(load_manifest(copy), copy)
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path)

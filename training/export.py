@@ -1,0 +1,289 @@
+"""Export an ensemble to ONNX with its manifest: `valley-train export`.
+
+Writes `REPO/NAME/VERSION/` with one graph per member (`member-XX.onnx`: uint8 pixels in,
+logits out), one fused graph (`ensemble.onnx`: every member, the fitted temperature, the
+mean and the uncertainty outputs), and `manifest.json` (schema in `service.manifest`).
+Every graph passes `onnx.checker`'s full check and matches PyTorch within 1e-4 on real
+validation images before the version directory appears; it appears by a single rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.manifest import (
+    OUTPUTS,
+    SCHEMA_VERSION,
+    EnsembleMetrics,
+    FileEntry,
+    InputSpec,
+    Manifest,
+    Member,
+    Metrics,
+    Samples,
+    TensorSpec,
+    sha256_of,
+    write_manifest,
+)
+from training import checkpoint
+from training.base import build_model, load_data, read_run_config
+from training.calibrate import ensemble_probabilities, fit_temperature
+from training.config import TrainConfig
+from training.data import DataSplits, SizedDataset, make_batches
+from training.engine import predict_logits, softmax
+from training.errors import UsageError
+from training.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4
+PARITY_IMAGES = 256
+SAMPLE_COUNT = 4
+INPUT_NAME = "pixels"
+# The smallest probability used inside logs, the same floor as training.metrics.
+_LOG_FLOOR = 1e-12
+
+
+class PixelClassifier(nn.Module):
+    """uint8 pixels [B, C, H, W] in 0..255 -> logits; the scaling to [0, 1] is part of the graph."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pixels.float() / 255.0)  # type: ignore[no-any-return]
+
+
+class FusedEnsemble(nn.Module):
+    """All members in one graph: tempered softmax per member, their mean, and uncertainty.
+
+    Outputs, in `service.manifest.OUTPUTS` order: probabilities [B, C], predicted_class [B]
+    (int64), confidence [B], entropy [B] (nats), mutual_information [B] (entropy of the mean
+    minus mean member entropy), member_disagreement [B] (fraction of members whose own top
+    class differs from the ensemble's), member_probabilities [B, K, C].
+    """
+
+    temperature: torch.Tensor
+
+    def __init__(self, members: list[nn.Module], temperature: float) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        images = pixels.float() / 255.0
+        logits = torch.stack([member(images) for member in self.members], dim=1)
+        member_probabilities = torch.softmax(logits / self.temperature, dim=-1)
+        probabilities = member_probabilities.mean(dim=1)
+        confidence, predicted = probabilities.max(dim=-1)
+        entropy = -(probabilities * probabilities.clamp_min(_LOG_FLOOR).log()).sum(dim=-1)
+        member_entropy = -(member_probabilities * member_probabilities.clamp_min(_LOG_FLOOR).log()).sum(dim=-1)
+        mutual_information = (entropy - member_entropy.mean(dim=1)).clamp_min(0.0)
+        disagreement = (member_probabilities.argmax(dim=-1) != predicted.unsqueeze(1)).float().mean(dim=1)
+        return (probabilities, predicted, confidence, entropy, mutual_information, disagreement,
+                member_probabilities)
+
+
+@dataclass
+class MemberSource:
+    checkpoint: Path
+    provenance: dict[str, Any]
+
+
+@dataclass
+class Sources:
+    method: Literal["fge", "independent"]
+    config: TrainConfig
+    members: list[MemberSource]
+
+
+def collect_sources(runs: list[Path]) -> Sources:
+    """One FGE run (its snapshots) or one or more base runs (their final checkpoints)."""
+    if len(runs) == 1 and (runs[0] / "snapshots").is_dir():
+        run = runs[0]
+        report = run / "report.json"
+        if not report.is_file():
+            raise UsageError(f"FGE run {run} has no report.json: finish it first (valley-train fge ... --resume)")
+        members = [MemberSource(run / m["file"], {"run": str(run), **{k: m[k] for k in ("index", "epoch", "lr")}})
+                   for m in json.loads(report.read_text())["members"]]
+        return Sources("fge", read_run_config(run), members)
+
+    configs = [read_run_config(run) for run in runs]
+    members = []
+    for run, config in zip(runs, configs, strict=True):
+        final = run / "checkpoints" / f"epoch-{config.epochs:03d}.pt"
+        if not final.is_file():
+            raise UsageError(f"{run} has no final checkpoint ({final.name}): finish the run with --resume first")
+        members.append(MemberSource(final, {"run": str(run), "epoch": config.epochs, "seed": config.seed}))
+    first = configs[0]
+    for run, config in zip(runs[1:], configs[1:], strict=True):
+        if config.model != first.model:
+            raise UsageError(f"members must share one architecture: {runs[0]} is {first.model!r}, "
+                             f"{run} is {config.model!r}")
+        if config.data.dataset != first.data.dataset:
+            raise UsageError(f"members must share one dataset: {runs[0]} is {first.data.dataset!r}, "
+                             f"{run} is {config.data.dataset!r}")
+    return Sources("independent", first, members)
+
+
+def _uint8_images(data: SizedDataset, splits: DataSplits, count: int) -> np.ndarray:
+    """The first `count` images of a split as uint8 pixels (what a client sends)."""
+    images = []
+    seen = 0
+    for batch, _ in make_batches(data, splits.info, 256, train=False):
+        images.append((batch * 255.0).round().to(torch.uint8))
+        seen += batch.shape[0]
+        if seen >= count:
+            break
+    return torch.cat(images)[:count].numpy()
+
+
+def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
+    module.eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        # The exporter reports its own progress and optimisation notes as warnings.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=[INPUT_NAME], output_names=output_names,
+                          dynamo=True, dynamic_shapes={"pixels": {0: batch}}, external_data=False, verbose=False)
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _check_parity(name: str, expected: np.ndarray, actual: np.ndarray) -> float:
+    difference = float(np.max(np.abs(expected - actual)))
+    if not difference <= PARITY_TOLERANCE:
+        raise RuntimeError(f"{name}: onnxruntime and PyTorch probabilities differ by {difference:.3g} "
+                           f"(> {PARITY_TOLERANCE}); the export is wrong, nothing was written")
+    return difference
+
+
+def _next_version(name_dir: Path) -> int:
+    versions = [int(p.name) for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit()] if name_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export_ensemble(runs: list[Path], name: str, repository: Path, version: int | None = None,
+                    overwrite: bool = False) -> tuple[Path, Manifest]:
+    """Export the ensemble of `runs` to `repository/name/version`; returns that directory and its manifest."""
+    sources = collect_sources(runs)
+    config = sources.config
+    splits = load_data(config)
+    if len(splits.val) == 0:
+        raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
+    device = torch.device("cpu")
+    models = []
+    for source in sources.members:
+        model = build_model(config.model, splits.info, device)
+        checkpoint.load_model_weights(model, checkpoint.load(source.checkpoint), config.model, source.checkpoint)
+        models.append(model.eval())
+
+    name_dir = repository / name
+    version = _next_version(name_dir) if version is None else version
+    target = name_dir / str(version)
+    if target.exists() and not overwrite:
+        raise UsageError(f"{target} already exists: pass --overwrite to replace it, or another --version")
+
+    val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, device) for m in models), strict=True)
+    test_logits, test_labels = zip(*(predict_logits(m, splits.test, splits, device) for m in models), strict=True)
+    member_val, member_test = np.stack(val_logits), np.stack(test_logits)
+    temperature = fit_temperature(member_val, val_labels[0])
+    uncalibrated = classification_metrics(ensemble_probabilities(member_test, 1.0), test_labels[0])
+    calibrated = classification_metrics(ensemble_probabilities(member_test, temperature), test_labels[0])
+    log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
+             calibrated.nll, uncalibrated.ece, calibrated.ece)
+
+    name_dir.mkdir(parents=True, exist_ok=True)
+    staging = name_dir / f".staging-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        parity_pixels = _uint8_images(splits.val, splits, PARITY_IMAGES)
+        example = torch.from_numpy(parity_pixels[:2])
+        members = []
+        for index, (model, source) in enumerate(zip(models, sources.members, strict=True)):
+            file = f"member-{index:02d}.onnx"
+            wrapped = PixelClassifier(model)
+            _export_graph(wrapped, example, staging / file, ["logits"])
+            with torch.no_grad():
+                expected = softmax(wrapped(torch.from_numpy(parity_pixels)).double().numpy())
+            actual = softmax(_session(staging / file).run(None, {INPUT_NAME: parity_pixels})[0].astype(np.float64))
+            _check_parity(file, expected, actual)
+            member_metrics = classification_metrics(softmax(test_logits[index]), test_labels[index])
+            members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
+                                  metrics=Metrics(**member_metrics.model_dump())))
+
+        fused = FusedEnsemble(list(models), temperature).eval()
+        _export_graph(fused, example, staging / "ensemble.onnx", list(OUTPUTS))
+        session = _session(staging / "ensemble.onnx")
+        with torch.no_grad():
+            expected = fused(torch.from_numpy(parity_pixels))[0].double().numpy()
+        _check_parity("ensemble.onnx", expected, session.run(["probabilities"], {INPUT_NAME: parity_pixels})[0])
+
+        sample_pixels = _uint8_images(splits.test, splits, SAMPLE_COUNT)
+        sample_probabilities = session.run(["probabilities"], {INPUT_NAME: sample_pixels})[0]
+        info = splits.info
+        shape = [-1, info.in_channels, info.image_size, info.image_size]
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION, name=name, version=version, created=datetime.now(timezone.utc),
+            method=sources.method,
+            model=config.model,
+            input=InputSpec(name=INPUT_NAME, datatype="UINT8", shape=shape, mean=list(info.mean), std=list(info.std),
+                            description="pixels 0..255, NCHW; scaling to [0, 1] and per-channel (x - mean) / std "
+                                        "happen inside the graphs"),
+            outputs=_output_specs(len(models), info.num_classes),
+            classes=list(info.classes),
+            members=members,
+            fused=FileEntry(file="ensemble.onnx", sha256=sha256_of(staging / "ensemble.onnx")),
+            temperature=temperature,
+            metrics=EnsembleMetrics(uncalibrated=Metrics(**uncalibrated.model_dump()),
+                                    calibrated=Metrics(**calibrated.model_dump())),
+            samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
+        )
+        write_manifest(manifest, staging)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target, manifest
+
+
+def _output_specs(members: int, classes: int) -> list[TensorSpec]:
+    """The fused graph's outputs: per-image scalars unless named here."""
+    specs = {name: TensorSpec(name=name, datatype="FP32", shape=[-1]) for name in OUTPUTS}
+    specs["probabilities"] = TensorSpec(name="probabilities", datatype="FP32", shape=[-1, classes])
+    specs["predicted_class"] = TensorSpec(name="predicted_class", datatype="INT64", shape=[-1])
+    specs["member_probabilities"] = TensorSpec(name="member_probabilities", datatype="FP32",
+                                               shape=[-1, members, classes])
+    return [specs[name] for name in OUTPUTS]
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Make the staged directory the version directory with renames only (readers never see half)."""
+    if target.exists():
+        retired = target.with_name(f".retired-{target.name}-{os.getpid()}")
+        os.replace(target, retired)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
