@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,7 +79,7 @@ class FusedEnsemble(nn.Module):
 
     temperature: torch.Tensor
 
-    def __init__(self, members: list[nn.Module], temperature: float) -> None:
+    def __init__(self, members: Sequence[nn.Module], temperature: float) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
@@ -151,7 +152,7 @@ def _uint8_images(data: SizedDataset, splits: DataSplits, count: int) -> np.ndar
     return torch.cat(images)[:count].numpy()
 
 
-def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
+def export_graph(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
     module.eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings():
@@ -224,7 +225,7 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
         for index, (model, source) in enumerate(zip(models, sources.members, strict=True)):
             file = f"member-{index:02d}.onnx"
             wrapped = PixelClassifier(model)
-            _export_graph(wrapped, example, staging / file, ["logits"])
+            export_graph(wrapped, example, staging / file, ["logits"])
             with torch.no_grad():
                 expected = softmax(wrapped(torch.from_numpy(parity_pixels)).double().numpy())
             actual = softmax(_session(staging / file).run(None, {INPUT_NAME: parity_pixels})[0].astype(np.float64))
@@ -233,8 +234,8 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
             members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
                                   metrics=Metrics(**member_metrics.model_dump())))
 
-        fused = FusedEnsemble(list(models), temperature).eval()
-        _export_graph(fused, example, staging / "ensemble.onnx", list(OUTPUTS))
+        fused = FusedEnsemble(models, temperature).eval()
+        export_graph(fused, example, staging / "ensemble.onnx", list(OUTPUTS))
         session = _session(staging / "ensemble.onnx")
         with torch.no_grad():
             expected = fused(torch.from_numpy(parity_pixels))[0].double().numpy()
