@@ -29,7 +29,8 @@ $(FASHION_MNIST):
 demo: setup data
 	$(BIN)/valley-train train --dataset fashion-mnist --model cnn --epochs $(DEMO_EPOCHS) --out $(DEMO_DIR)/base --resume
 	$(BIN)/valley-train fge --from $(DEMO_DIR)/base --cycle-epochs $(DEMO_CYCLE) --out $(DEMO_DIR)/fge --resume
-	@echo "report: $(DEMO_DIR)/fge/report.json  plot: $(DEMO_DIR)/fge/plots/ensemble_size.png"
+	$(BIN)/valley-train export --from $(DEMO_DIR)/fge --name fashion-mnist --version 1 --overwrite --out $(DEMO_DIR)/ensembles
+	@echo "report: $(DEMO_DIR)/fge/report.json  plot: $(DEMO_DIR)/fge/plots/ensemble_size.png  ensemble: $(DEMO_DIR)/ensembles/fashion-mnist/1"
 
 test: setup data
 	$(BIN)/pytest
