@@ -31,6 +31,7 @@ import torch
 from service.manifest import OUTPUTS
 from training.base import build_model
 from training.data import FASHION_MNIST
+from training.engine import softmax
 from training.export import FusedEnsemble, PixelClassifier, export_graph
 
 
@@ -43,11 +44,6 @@ def measure(run: Callable[[], object], batch: int, seconds: float) -> float:
         run()
         calls += 1
     return calls * batch / elapsed
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
 def run_fused(session: onnxruntime.InferenceSession, pixels: np.ndarray) -> object:
