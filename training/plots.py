@@ -31,7 +31,7 @@ def plot_ensemble_sizes(report: dict[str, Any], path: Path) -> None:
         axis.set_ylabel(label)
         axis.set_xticks(sizes)
         axis.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(loc="best", fontsize="small")
     config = report["config"]
     figure.suptitle(f"FGE from epoch {config['start_epoch']}: {config['cycles']} cycles of {config['cycle_epochs']} "
                     f"epochs, lr {config['lr1']} -> {config['lr2']}")
