@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,21 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "base"
     cli("train", "--dataset", "synthetic", "--epochs", "5", "--seed", "3", "--out", run)
     return run
+
+
+@pytest.fixture(scope="session")
+def fge_run(synthetic_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-member FGE run (1-epoch cycles) from `synthetic_run`."""
+    out = tmp_path_factory.mktemp("fge") / "fge"
+    cli("fge", "--from", synthetic_run, "--cycles", "3", "--cycle-epochs", "1", "--lr1", "0.05", "--lr2", "0.005",
+        "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(fge_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`fge_run` exported as ensemble `synth`, version 1; returns the version directory."""
+    repository = tmp_path_factory.mktemp("repository")
+    result = cli("export", "--from", fge_run, "--name", "synth", "--out", repository)
+    assert json.loads(result.stdout)["exported"] == str(repository / "synth" / "1")
+    return repository / "synth" / "1"

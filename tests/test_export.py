@@ -19,22 +19,6 @@ from training.errors import UsageError
 from training.export import export_ensemble
 
 
-@pytest.fixture(scope="module")
-def fge_run(synthetic_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fge") / "fge"
-    cli("fge", "--from", synthetic_run, "--cycles", "3", "--cycle-epochs", "1", "--lr1", "0.05", "--lr2", "0.005",
-        "--out", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(fge_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repository = tmp_path_factory.mktemp("repository")
-    result = cli("export", "--from", fge_run, "--name", "synth", "--out", repository)
-    assert json.loads(result.stdout)["exported"] == str(repository / "synth" / "1")
-    return repository / "synth" / "1"
-
-
 def _session(path: Path) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

@@ -1,0 +1,108 @@
+"""One ensemble version ready to run: verified files, an onnxruntime session, checked samples.
+
+No gRPC and no Prometheus here: the transport converts requests into `infer` calls, and this
+module only knows arrays. The CUDA execution provider is used when it really loads, the CPU
+one otherwise; which one runs is read back from the session, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime
+
+from service.manifest import Manifest, ManifestError, load_manifest, verify_files
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# onnxruntime's own log level while a session is created: a CUDA provider that cannot load
+# would otherwise print a page of errors for every model; we report the outcome once instead.
+_QUIET = 4
+_DEFAULT_SEVERITY = 2
+
+
+class InvalidInput(ValueError):
+    """A request's tensor does not fit the ensemble's input (the message says how)."""
+
+
+def create_session(path: Path, device: Device = "auto", threads: int = 0) -> onnxruntime.InferenceSession:
+    """An onnxruntime session on CUDA when asked or available and working, else on the CPU."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = _QUIET
+    wants_cuda = device == "cuda" or (device == "auto" and CUDA in onnxruntime.get_available_providers())
+    providers = [CUDA, CPU] if wants_cuda else [CPU]
+    onnxruntime.set_default_logger_severity(_QUIET)
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    finally:
+        onnxruntime.set_default_logger_severity(_DEFAULT_SEVERITY)
+    if device == "cuda" and session.get_providers()[0] != CUDA:
+        raise RuntimeError(f"device 'cuda' was asked for but onnxruntime's CUDA provider did not load for {path} "
+                           "(no GPU, or CUDA/cuDNN libraries missing): use device 'auto' or 'cpu'")
+    return session
+
+
+@dataclass
+class Ensemble:
+    """A loaded, verified ensemble version; `infer` runs the fused graph."""
+
+    manifest: Manifest
+    directory: Path
+    session: onnxruntime.InferenceSession
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers onnxruntime really uses, in priority order."""
+        return list(self.session.get_providers())
+
+    def check_input(self, pixels: np.ndarray) -> None:
+        spec = self.manifest.input
+        if pixels.dtype != np.uint8:
+            raise InvalidInput(f"input '{spec.name}' must be UINT8 pixels (0..255), got {pixels.dtype}")
+        expected = tuple(spec.shape[1:])
+        if pixels.ndim != len(spec.shape) or tuple(pixels.shape[1:]) != expected or pixels.shape[0] < 1:
+            shape = ", ".join(str(d) for d in spec.shape)
+            raise InvalidInput(f"input '{spec.name}' must have shape [{shape}] (-1: batch of 1 or more), "
+                               f"got {list(pixels.shape)}")
+
+    def infer(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Run the fused graph on uint8 pixels [B, C, H, W]; returns the named outputs."""
+        self.check_input(pixels)
+        known = [o.name for o in self.manifest.outputs]
+        unknown = [name for name in outputs if name not in known]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
+        values: list[Any] = self.session.run(list(outputs), {self.manifest.input.name: pixels})
+        return dict(zip(outputs, values, strict=True))
+
+    def check_samples(self) -> float:
+        """Run the manifest's sample inputs; raise `ManifestError` unless they reproduce its outputs."""
+        samples = self.manifest.samples
+        pixels = np.asarray(samples.inputs, dtype=np.uint8)
+        probabilities = self.infer(pixels, ["probabilities"])["probabilities"]
+        difference = float(np.max(np.abs(probabilities - np.asarray(samples.probabilities))))
+        if not difference <= samples.tolerance:
+            raise ManifestError(f"{self.directory}: the sample inputs give probabilities {difference:.3g} away from "
+                                f"the manifest's (tolerance {samples.tolerance}); refusing to serve this version")
+        return difference
+
+
+def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0) -> Ensemble:
+    """Read the manifest, verify every file's sha256, open the fused graph and check the samples."""
+    manifest = load_manifest(version_dir)
+    verify_files(manifest, version_dir)
+    session = create_session(version_dir / manifest.fused.file, device, threads)
+    ensemble = Ensemble(manifest, version_dir, session)
+    difference = ensemble.check_samples()
+    log.info("loaded %s version %d from %s on %s (samples within %.1e)", manifest.name, manifest.version,
+             version_dir, ensemble.providers[0], difference)
+    return ensemble
