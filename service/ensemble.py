@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import onnxruntime
 
+from service.errors import InvalidInput
 from service.manifest import Manifest, ManifestError, load_manifest, verify_files
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,6 @@ CPU = "CPUExecutionProvider"
 # would otherwise print a page of errors for every model; we report the outcome once instead.
 _QUIET = 4
 _DEFAULT_SEVERITY = 2
-
-
-class InvalidInput(ValueError):
-    """A request's tensor does not fit the ensemble's input (the message says how)."""
 
 
 def create_session(path: Path, device: Device = "auto", threads: int = 0) -> onnxruntime.InferenceSession:

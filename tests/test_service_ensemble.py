@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.ensemble import CPU, InvalidInput, load_ensemble
+from service.ensemble import CPU, load_ensemble
+from service.errors import InvalidInput
 from service.manifest import OUTPUTS, ManifestError
 
 

@@ -1,0 +1,104 @@
+"""Tensors between the Open Inference Protocol's messages and numpy arrays.
+
+Inputs may come as raw bytes (`raw_input_contents`, what tritonclient sends) or as typed
+contents; outputs always go back raw, since tritonclient reads only raw outputs. Every check
+that a client can fail raises `InvalidInput` with a message naming the tensor and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from service._proto.inference import grpc_service_pb2 as pb
+from service.errors import InvalidInput
+
+DATATYPES: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16), "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+# Which repeated field of InferTensorContents carries each datatype (FP16 travels raw only).
+_TYPED_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+def _dtype(name: str, datatype: str) -> np.dtype[np.generic]:
+    if datatype not in DATATYPES:
+        raise InvalidInput(f"input '{name}': datatype {datatype!r} is not supported; use one of "
+                           f"{', '.join(DATATYPES)}")
+    return DATATYPES[datatype]
+
+
+def _shape(name: str, shape: list[int]) -> tuple[int, ...]:
+    if any(dim < 0 for dim in shape):
+        raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
+    return tuple(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's input tensors as numpy arrays, by name."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
+                           "send one raw entry per input, in the order of `inputs`")
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            raise InvalidInput(f"input '{name}' is given twice")
+        dtype = _dtype(name, tensor.datatype)
+        shape = _shape(name, list(tensor.shape))
+        count = math.prod(shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input '{name}': give its data either raw or as contents, not both")
+            expected = count * dtype.itemsize
+            if len(raw[index]) != expected:
+                raise InvalidInput(f"input '{name}': {len(raw[index])} bytes of raw data, but {tensor.datatype} "
+                                   f"{list(shape)} needs {expected}")
+            array = np.frombuffer(raw[index], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        else:
+            array = _typed(name, tensor, dtype, count)
+        array = array.reshape(shape)
+        if dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidInput(f"input '{name}' holds NaN or infinite values")
+        arrays[name] = array
+    return arrays
+
+
+def _typed(name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[np.generic],
+           count: int) -> np.ndarray:
+    field = _TYPED_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidInput(f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInput(f"input '{name}': {len(values)} values in contents.{field}, but shape "
+                           f"{list(tensor.shape)} needs {count}")
+    wide = np.asarray(values)
+    if dtype.kind in "iu" and wide.size:
+        limits = np.iinfo(dtype)  # type: ignore[type-var]
+        if wide.min() < limits.min or wide.max() > limits.max:
+            raise InvalidInput(f"input '{name}': values outside the {tensor.datatype} range "
+                               f"[{limits.min}, {limits.max}]")
+    return wide.astype(dtype)
+
+
+def encode_outputs(outputs: Mapping[str, np.ndarray], response: pb.ModelInferResponse) -> None:
+    """Append each array to `response` as an output tensor with raw little-endian contents."""
+    for name, array in outputs.items():
+        dtype = array.dtype
+        if dtype not in _NAMES:
+            raise TypeError(f"output '{name}' has dtype {dtype}, which the protocol cannot carry")
+        response.outputs.add(name=name, datatype=_NAMES[dtype], shape=list(array.shape))
+        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes())
