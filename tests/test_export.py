@@ -13,7 +13,7 @@ from service.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
 from tests.conftest import cli
 from training import checkpoint
 from training.base import build_model, load_data, read_run_config
-from training.calibrate import ensemble_probabilities, fit_temperature
+from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.engine import predict_logits
 from training.errors import UsageError
 from training.export import export_ensemble
@@ -41,7 +41,7 @@ def test_round_trip_matches_manifest_and_pytorch(exported: Path, fge_run: Path) 
         model = build_model(config.model, splits.info, torch.device("cpu"))
         checkpoint.load_model_weights(model, checkpoint.load(fge_run / member["file"]), config.model, fge_run)
         logits.append(predict_logits(model, splits.test, splits, torch.device("cpu"))[0])
-    expected = ensemble_probabilities(np.stack(logits), manifest.temperature)
+    expected = tempered_ensemble_probabilities(np.stack(logits), manifest.temperature)
     pixels = splits.test.images.numpy()  # type: ignore[attr-defined]
     actual = fused.run(["probabilities"], {"pixels": pixels})[0]
     assert np.max(np.abs(actual - expected)) <= 1e-4
@@ -82,7 +82,7 @@ def test_temperature_never_worsens_validation_nll(fge_run: Path) -> None:
     temperature = fit_temperature(logits, labels)
 
     def nll(t: float) -> float:
-        p = ensemble_probabilities(logits, t)
+        p = tempered_ensemble_probabilities(logits, t)
         return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
 
     assert temperature > 1.0

@@ -15,7 +15,7 @@ def ensemble_log_probabilities(member_logits: torch.Tensor, temperature: torch.T
     return torch.logsumexp(log_probabilities, dim=0) - math.log(member_logits.shape[0])
 
 
-def ensemble_probabilities(member_logits: np.ndarray, temperature: float) -> np.ndarray:
+def tempered_ensemble_probabilities(member_logits: np.ndarray, temperature: float) -> np.ndarray:
     """The calibrated ensemble's probabilities [N, C] from member logits [K, N, C]."""
     logits = torch.as_tensor(member_logits, dtype=torch.float64)
     return ensemble_log_probabilities(logits, temperature).exp().numpy()

@@ -40,12 +40,12 @@ from service.manifest import (
 )
 from training import checkpoint
 from training.base import build_model, load_data, read_run_config
-from training.calibrate import ensemble_probabilities, fit_temperature
+from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import TrainConfig
 from training.data import DataSplits, SizedDataset, make_batches
 from training.engine import predict_logits, softmax
 from training.errors import UsageError
-from training.metrics import classification_metrics
+from training.metrics import LOG_FLOOR, classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 256
 SAMPLE_COUNT = 4
 INPUT_NAME = "pixels"
-# The smallest probability used inside logs, the same floor as training.metrics.
-_LOG_FLOOR = 1e-12
 
 
 class PixelClassifier(nn.Module):
@@ -90,8 +88,8 @@ class FusedEnsemble(nn.Module):
         member_probabilities = torch.softmax(logits / self.temperature, dim=-1)
         probabilities = member_probabilities.mean(dim=1)
         confidence, predicted = probabilities.max(dim=-1)
-        entropy = -(probabilities * probabilities.clamp_min(_LOG_FLOOR).log()).sum(dim=-1)
-        member_entropy = -(member_probabilities * member_probabilities.clamp_min(_LOG_FLOOR).log()).sum(dim=-1)
+        entropy = -(probabilities * probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
+        member_entropy = -(member_probabilities * member_probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
         mutual_information = (entropy - member_entropy.mean(dim=1)).clamp_min(0.0)
         disagreement = (member_probabilities.argmax(dim=-1) != predicted.unsqueeze(1)).float().mean(dim=1)
         return (probabilities, predicted, confidence, entropy, mutual_information, disagreement,
@@ -211,8 +209,8 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
     test_logits, test_labels = zip(*(predict_logits(m, splits.test, splits, device) for m in models), strict=True)
     member_val, member_test = np.stack(val_logits), np.stack(test_logits)
     temperature = fit_temperature(member_val, val_labels[0])
-    uncalibrated = classification_metrics(ensemble_probabilities(member_test, 1.0), test_labels[0])
-    calibrated = classification_metrics(ensemble_probabilities(member_test, temperature), test_labels[0])
+    uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels[0])
+    calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
     log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
              calibrated.nll, uncalibrated.ece, calibrated.ece)
 

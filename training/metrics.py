@@ -14,7 +14,7 @@ from pydantic import BaseModel
 ECE_BINS = 15
 # Probabilities are clipped before the log so a confidently wrong prediction costs a large
 # but finite NLL instead of inf.
-_LOG_FLOOR = 1e-12
+LOG_FLOOR = 1e-12
 
 
 class Metrics(BaseModel):
@@ -42,7 +42,7 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 def nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
     _check(probabilities, labels)
     true_class = probabilities[np.arange(len(labels)), labels]
-    return float(-np.mean(np.log(np.maximum(true_class, _LOG_FLOOR))))
+    return float(-np.mean(np.log(np.maximum(true_class, LOG_FLOOR))))
 
 
 def brier(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -93,7 +93,7 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> Met
 def entropy(probabilities: np.ndarray) -> np.ndarray:
     """Entropy (nats) of each row of probabilities [..., C]."""
     p = np.asarray(probabilities, dtype=np.float64)
-    result: np.ndarray = -np.sum(p * np.log(np.maximum(p, _LOG_FLOOR)), axis=-1)
+    result: np.ndarray = -np.sum(p * np.log(np.maximum(p, LOG_FLOOR)), axis=-1)
     return result
 
 
