@@ -1,0 +1,153 @@
+"""Dynamic batching: requests from many clients merged into one model run.
+
+A bounded queue feeds one worker task. The worker takes the oldest request, then keeps
+taking requests until the batch holds `max_batch_size` images or `max_queue_delay` has
+passed since it started collecting; requests whose deadline has already passed are dropped
+before compute. The model runs in a thread so the event loop never blocks on it. A full
+queue is refused at once (`QueueFull`), never waited on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import ServingError
+
+RunBatch = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+
+class QueueFull(ServingError):
+    """The queue is at its bound: UNAVAILABLE, try again later."""
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed while it waited: it was dropped before compute."""
+
+
+@dataclass
+class _Pending:
+    pixels: np.ndarray
+    outputs: tuple[str, ...]
+    deadline: float | None
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchRecord:
+    """What one model run did: for statistics and metrics."""
+
+    images: int
+    requests: int
+    queue_seconds: list[float]
+    compute_seconds: float
+
+
+class DynamicBatcher:
+    def __init__(self, run: RunBatch, max_batch_size: int = 64, max_queue_delay: float = 0.002,
+                 max_queue_size: int = 1024, on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1 and max_queue_delay >= 0")
+        self._run, self._on_batch = run, on_batch
+        self.max_batch_size, self.max_queue_delay = max_batch_size, max_queue_delay
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue_size)
+        # One compute thread: onnxruntime parallelises inside a run; two runs would fight for cores.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="valley-compute")
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting in the queue."""
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._serve(), name="valley-batcher")
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop the worker."""
+        await self._queue.join()
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+            self._worker = None
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None
+                     ) -> dict[str, np.ndarray]:
+        """Queue one request (uint8 pixels [B, ...]); `deadline` is a `time.monotonic()` instant."""
+        pending = _Pending(pixels, tuple(outputs), deadline, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise QueueFull(f"the request queue is full ({self._queue.maxsize} waiting): retry later") from None
+        return await pending.future
+
+    async def _collect(self, first: _Pending | None) -> tuple[list[_Pending], _Pending | None]:
+        """The next batch, and the request that did not fit into it (it opens the next one)."""
+        batch = [first if first is not None else await self._queue.get()]
+        images = batch[0].pixels.shape[0]
+        closes = time.monotonic() + self.max_queue_delay
+        while images < self.max_batch_size:
+            if self._queue.empty():
+                remaining = closes - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            if images + item.pixels.shape[0] > self.max_batch_size:
+                return batch, item  # requests are never split across batches
+            batch.append(item)
+            images += item.pixels.shape[0]
+        return batch, None
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        carry: _Pending | None = None
+        while True:
+            batch, carry = await self._collect(carry)
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.deadline is not None and now >= item.deadline:
+                    item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+                elif not item.future.cancelled():
+                    live.append(item)
+            try:
+                if live:
+                    await self._compute(loop, live, now)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending], now: float) -> None:
+        pixels = live[0].pixels if len(live) == 1 else np.concatenate([item.pixels for item in live])
+        outputs = sorted({name for item in live for name in item.outputs})
+        started = time.monotonic()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, pixels, outputs)
+        except Exception as error:  # the transport turns it into INTERNAL or INVALID_ARGUMENT
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        compute = time.monotonic() - started
+        row = 0
+        for item in live:
+            rows = item.pixels.shape[0]
+            if not item.future.done():
+                item.future.set_result({name: results[name][row:row + rows] for name in item.outputs})
+            row += rows
+        if self._on_batch is not None:
+            self._on_batch(BatchRecord(images=int(pixels.shape[0]), requests=len(live),
+                                       queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute))

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.batching import BatchRecord, DeadlineExceeded, DynamicBatcher, QueueFull
+from service.ensemble import Ensemble, load_ensemble
+
+
+@pytest.fixture(scope="module")
+def ensemble(exported: Path) -> Ensemble:
+    return load_ensemble(exported)
+
+
+def _images(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 1, 16, 16), dtype=np.uint8)
+
+
+class GatedRun:
+    """The real ensemble, held at a gate so a test can keep the worker busy; records batch sizes."""
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        self.ensemble, self.gate, self.entered = ensemble, threading.Event(), threading.Event()
+        self.batches: list[int] = []
+        self.gate.set()
+
+    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(pixels.shape[0])
+        return self.ensemble.infer(pixels, outputs)
+
+
+async def _until_busy(run: GatedRun) -> None:
+    """Wait until the worker is inside a model run (held at the gate)."""
+    for _ in range(1000):
+        if run.entered.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the worker never started the first batch")
+
+
+def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble) -> None:
+    records: list[BatchRecord] = []
+    inputs = [_images(1, seed) for seed in range(16)]
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        batcher = DynamicBatcher(ensemble.infer, max_batch_size=64, max_queue_delay=0.05, on_batch=records.append)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(x, ["probabilities", "predicted_class"]) for x in inputs))
+        await batcher.stop()
+        return list(results)
+
+    results = asyncio.run(main())
+    assert len(records) < 16 and sum(r.requests for r in records) == 16, "requests were merged"
+    for pixels, result in zip(inputs, results, strict=True):
+        alone = ensemble.infer(pixels, ["probabilities", "predicted_class"])
+        np.testing.assert_allclose(result["probabilities"], alone["probabilities"], atol=1e-6)
+        assert result["predicted_class"].tolist() == alone["predicted_class"].tolist()
+
+
+def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ensemble) -> None:
+    run = GatedRun(ensemble)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay=0.05)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(_images(3, s), ["confidence"]) for s in range(6)))
+        assert all(r["confidence"].shape == (3,) for r in results)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert sum(run.batches) == 18 and all(size <= 8 and size % 3 == 0 for size in run.batches)
+
+
+def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
+    run = GatedRun(ensemble)
+    run.gate.clear()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay=0, max_queue_size=2)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
+        await _until_busy(run)
+        queued = [asyncio.ensure_future(batcher.submit(_images(1, s), ["confidence"])) for s in (1, 2)]
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(QueueFull, match="queue is full"):
+            await batcher.submit(_images(1, 3), ["confidence"])
+        assert time.monotonic() - started < 0.5
+        run.gate.set()
+        await asyncio.gather(busy, *queued)
+        await batcher.stop()
+
+    asyncio.run(main())
+
+
+def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> None:
+    run = GatedRun(ensemble)
+    run.gate.clear()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay=0)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
+        await _until_busy(run)
+        late = asyncio.ensure_future(batcher.submit(_images(2, 1), ["confidence"], deadline=time.monotonic() + 0.02))
+        await asyncio.sleep(0.1)
+        run.gate.set()
+        await busy
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert run.batches == [1], "the expired 2-image request never reached the model"
+
+
+def test_stop_finishes_queued_work(ensemble: Ensemble) -> None:
+    async def main() -> None:
+        batcher = DynamicBatcher(ensemble.infer, max_batch_size=2, max_queue_delay=0.01)
+        batcher.start()
+        futures = [asyncio.ensure_future(batcher.submit(_images(1, s), ["entropy"])) for s in range(5)]
+        await asyncio.sleep(0.01)  # every submit is queued
+        await batcher.stop()
+        assert all(f.done() and not f.exception() for f in futures)
+
+    asyncio.run(main())
