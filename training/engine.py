@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service.manifest import Metrics
 from training import checkpoint
 from training.data import DataSplits, SizedDataset, make_batches
 from training.errors import UsageError
-from training.metrics import Metrics, classification_metrics
+from training.metrics import classification_metrics
 from training.schedules import Schedule
 
 log = logging.getLogger(__name__)

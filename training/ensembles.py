@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from training.metrics import Metrics, classification_metrics
+from service.manifest import Metrics
+from training.metrics import classification_metrics
 
 
 def ensemble_probabilities(member_probabilities: Sequence[np.ndarray]) -> np.ndarray:

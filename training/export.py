@@ -32,7 +32,6 @@ from service.manifest import (
     InputSpec,
     Manifest,
     Member,
-    Metrics,
     Samples,
     TensorSpec,
     sha256_of,
@@ -232,7 +231,7 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
             _check_parity(file, expected, actual)
             member_metrics = classification_metrics(softmax(test_logits[index]), test_labels[index])
             members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
-                                  metrics=Metrics(**member_metrics.model_dump())))
+                                  metrics=member_metrics))
 
         fused = FusedEnsemble(models, temperature).eval()
         export_graph(fused, example, staging / "ensemble.onnx", list(OUTPUTS))
@@ -257,8 +256,7 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
             members=members,
             fused=FileEntry(file="ensemble.onnx", sha256=sha256_of(staging / "ensemble.onnx")),
             temperature=temperature,
-            metrics=EnsembleMetrics(uncalibrated=Metrics(**uncalibrated.model_dump()),
-                                    calibrated=Metrics(**calibrated.model_dump())),
+            metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
             samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
         )
         write_manifest(manifest, staging)

@@ -9,22 +9,13 @@ histogram, so live ECE can be computed the same way).
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel
+
+from service.manifest import Metrics
 
 ECE_BINS = 15
 # Probabilities are clipped before the log so a confidently wrong prediction costs a large
 # but finite NLL instead of inf.
 LOG_FLOOR = 1e-12
-
-
-class Metrics(BaseModel):
-    """Test-set quality of a network or an ensemble; accuracy and ECE are fractions in [0, 1]."""
-
-    accuracy: float
-    nll: float
-    ece: float
-    brier: float
-    count: int
 
 
 def _check(probabilities: np.ndarray, labels: np.ndarray) -> None:
