@@ -3,25 +3,31 @@
 No gRPC and no Prometheus here: the transport converts requests into `infer` calls, and this
 module only knows arrays. The CUDA execution provider is used when it really loads, the CPU
 one otherwise; which one runs is read back from the session, never assumed.
+
+Two execution modes give the same outputs: `fused` runs the one graph that holds every
+member (the default, fastest), `members` runs one session per member and combines their
+probabilities in numpy (`service.uncertainty`), timing each member.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnxruntime
 
 from service.errors import InvalidInput
 from service.manifest import Manifest, ManifestError, load_manifest, verify_files
+from service.settings import Device, Execution
+from service.uncertainty import ensemble_outputs, softmax
 
 log = logging.getLogger(__name__)
 
-Device = Literal["auto", "cpu", "cuda"]
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # onnxruntime's own log level while a session is created: a CUDA provider that cannot load
@@ -30,10 +36,17 @@ _QUIET = 4
 _DEFAULT_SEVERITY = 2
 
 
-def create_session(path: Path, device: Device = "auto", threads: int = 0) -> onnxruntime.InferenceSession:
-    """An onnxruntime session on CUDA when asked or available and working, else on the CPU."""
+def create_session(path: Path, device: Device = "auto", threads: int = 0,
+                   spinning: bool = True) -> onnxruntime.InferenceSession:
+    """An onnxruntime session on CUDA when asked or available and working, else on the CPU.
+
+    `spinning=False` lets the intra-op threads sleep between runs: several sessions that each
+    spin on their own pool fight for the cores and run several times slower.
+    """
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = _QUIET
     wants_cuda = device == "cuda" or (device == "auto" and CUDA in onnxruntime.get_available_providers())
     providers = [CUDA, CPU] if wants_cuda else [CPU]
@@ -48,13 +61,23 @@ def create_session(path: Path, device: Device = "auto", threads: int = 0) -> onn
     return session
 
 
+MemberTimes = Callable[[list[float]], None]
+
+
 @dataclass
 class Ensemble:
-    """A loaded, verified ensemble version; `infer` runs the fused graph."""
+    """A loaded, verified ensemble version; `infer` runs the fused graph, or the members one by one."""
 
     manifest: Manifest
     directory: Path
     session: onnxruntime.InferenceSession
+    member_sessions: list[onnxruntime.InferenceSession] = field(default_factory=list)
+    on_member_times: MemberTimes | None = None
+    """Called with each member's compute seconds after every run in `members` mode."""
+
+    @property
+    def execution(self) -> Execution:
+        return "members" if self.member_sessions else "fused"
 
     @property
     def providers(self) -> list[str]:
@@ -78,8 +101,24 @@ class Ensemble:
         unknown = [name for name in outputs if name not in known]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
+        if self.member_sessions:
+            everything = ensemble_outputs(self._member_probabilities(pixels))
+            return {name: everything[name] for name in outputs}
         values: list[Any] = self.session.run(list(outputs), {self.manifest.input.name: pixels})
         return dict(zip(outputs, values, strict=True))
+
+    def _member_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Tempered softmax of every member, [B, K, C]; reports each member's time."""
+        feeds = {self.manifest.input.name: pixels}
+        probabilities, seconds = [], []
+        for session in self.member_sessions:
+            started = time.perf_counter()
+            logits = session.run(None, feeds)[0]
+            seconds.append(time.perf_counter() - started)
+            probabilities.append(softmax(logits / np.float32(self.manifest.temperature)))
+        if self.on_member_times is not None:
+            self.on_member_times(seconds)
+        return np.stack(probabilities, axis=1)
 
     def check_samples(self) -> float:
         """Run the manifest's sample inputs; raise `ManifestError` unless they reproduce its outputs."""
@@ -93,13 +132,18 @@ class Ensemble:
         return difference
 
 
-def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0) -> Ensemble:
-    """Read the manifest, verify every file's sha256, open the fused graph and check the samples."""
+def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
+                  execution: Execution = "fused") -> Ensemble:
+    """Read the manifest, verify every file's sha256, open the graphs and check the samples."""
     manifest = load_manifest(version_dir)
     verify_files(manifest, version_dir)
     session = create_session(version_dir / manifest.fused.file, device, threads)
-    ensemble = Ensemble(manifest, version_dir, session)
+    members = []
+    if execution == "members":
+        members = [create_session(version_dir / member.file, device, threads, spinning=False)
+                   for member in manifest.members]
+    ensemble = Ensemble(manifest, version_dir, session, members)
     difference = ensemble.check_samples()
-    log.info("loaded %s version %d from %s on %s (samples within %.1e)", manifest.name, manifest.version,
-             version_dir, ensemble.providers[0], difference)
+    log.info("loaded %s version %d from %s on %s, %s execution (samples within %.1e)", manifest.name,
+             manifest.version, version_dir, ensemble.providers[0], execution, difference)
     return ensemble

@@ -11,11 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from service.manifest import Metrics
+from service.uncertainty import LOG_FLOOR
+from service.uncertainty import entropy as _entropy
 
 ECE_BINS = 15
-# Probabilities are clipped before the log so a confidently wrong prediction costs a large
-# but finite NLL instead of inf.
-LOG_FLOOR = 1e-12
 
 
 def _check(probabilities: np.ndarray, labels: np.ndarray) -> None:
@@ -82,10 +81,8 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> Met
 
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of each row of probabilities [..., C]."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    result: np.ndarray = -np.sum(p * np.log(np.maximum(p, LOG_FLOOR)), axis=-1)
-    return result
+    """Entropy (nats) of each row of probabilities [..., C], in float64."""
+    return _entropy(np.asarray(probabilities, dtype=np.float64))
 
 
 def mutual_information(member_probabilities: np.ndarray) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""`valley-serve`: serve every ensemble in a model repository over gRPC.
+
+    valley-serve --repository runs/ensembles [--grpc-port 8001] [--metrics-port 8002]
+
+Every flag can also come from a `VALLEY_*` environment variable (`VALLEY_GRPC_PORT=8001`);
+`valley-serve --help` lists them. Exits 0 after a graceful SIGTERM/SIGINT shutdown, 2 on
+bad settings, 1 when the server cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
+
+from service.server import serve
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    """Settings from flags, then `VALLEY_*` variables, then defaults; exits 2 with one line per problem."""
+    flags: CliSettingsSource[Settings] = CliSettingsSource(Settings, cli_prog_name="valley-serve", cli_kebab_case=True)
+    try:
+        return Settings(_cli_settings_source=flags(args=list(argv)))
+    except ValidationError as error:
+        for problem in error.errors():
+            field = "--" + "-".join(str(part) for part in problem["loc"]).replace("_", "-")
+            print(f"valley-serve: {field}: {problem['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.repository.is_dir():
+        print(f"valley-serve: --repository {settings.repository} is not a folder", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

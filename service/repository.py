@@ -1,0 +1,243 @@
+"""The model repository: which ensembles exist on disk, which version of each is served.
+
+Layout: `ROOT/<name>/<version>/manifest.json` (integer versions). The latest version of each
+ensemble is served. Loading reads and verifies a version in a worker thread (sha256s, the
+manifest's sample outputs) and only then swaps it in; a version that fails is refused with
+the reason, and the version already serving (if any) keeps serving. Unloading stops taking
+new requests and lets queued ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from service.batching import BatchRecord, DynamicBatcher
+from service.ensemble import Ensemble, load_ensemble
+from service.errors import ServingError
+from service.manifest import MANIFEST_FILE, ManifestError
+from service.settings import Settings
+from service.statistics import ModelStatistics
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(ServingError):
+    """No such ensemble or version in the repository: NOT_FOUND."""
+
+
+class ModelNotReady(ServingError):
+    """The ensemble exists but is not serving (loading, failed, unloaded, shutting down): UNAVAILABLE."""
+
+
+class LoadFailed(ServingError):
+    """A version could not be loaded (bad manifest, changed file, wrong samples): FAILED_PRECONDITION."""
+
+
+class State(str, Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ServedModel:
+    """One ensemble version taking requests: the loaded graphs, their batcher, their counters."""
+
+    ensemble: Ensemble
+    batcher: DynamicBatcher
+    statistics: ModelStatistics
+
+    @property
+    def name(self) -> str:
+        return self.ensemble.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.ensemble.manifest.version
+
+
+@dataclass
+class IndexEntry:
+    name: str
+    version: str
+    state: State
+    reason: str = ""
+
+
+@dataclass
+class _Slot:
+    """Everything the repository knows about one ensemble name."""
+
+    served: ServedModel | None = None
+    state: State = State.UNAVAILABLE
+    reason: str = "not loaded"
+    wanted: bool = True
+    """False once unloaded on request: then not being ready does not make the server unready."""
+    refused: dict[int, str] = field(default_factory=dict)
+    """Versions that failed to load, with the reason."""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+StateListener = Callable[[str, bool], Awaitable[None]]
+BatchListener = Callable[[ServedModel, BatchRecord], None]
+
+
+class Repository:
+    def __init__(self, settings: Settings, on_state: StateListener | None = None,
+                 on_batch: BatchListener | None = None) -> None:
+        self.root = settings.repository
+        self._settings = settings
+        self._on_state, self._on_batch = on_state, on_batch
+        self._slots: dict[str, _Slot] = {}
+
+    # -- what is on disk ------------------------------------------------------------------
+
+    def names_on_disk(self) -> list[str]:
+        if not self.root.is_dir():
+            raise ModelNotFound(f"the model repository {self.root} does not exist or is not a folder")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions_on_disk(p.name))
+
+    def versions_on_disk(self, name: str) -> list[int]:
+        """Integer version folders that hold a manifest, ascending."""
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir()
+                      if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+
+    # -- loading --------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load the latest version of every ensemble on disk; a failure is recorded, not raised."""
+        for name in self.names_on_disk():
+            try:
+                await self.load(name)
+            except LoadFailed as error:
+                log.error("%s", error)
+
+    async def load(self, name: str) -> ServedModel:
+        """Load (or reload) the latest version of `name` and swap it in once verified."""
+        versions = self.versions_on_disk(name)
+        if not versions:
+            raise ModelNotFound(f"no ensemble {name!r} in {self.root} (expected {self.root}/{name}/<version>/"
+                                f"{MANIFEST_FILE})")
+        slot = self._slots.setdefault(name, _Slot())
+        async with slot.lock:
+            version = versions[-1]
+            slot.wanted = True
+            if slot.served is None:
+                slot.state, slot.reason = State.LOADING, f"loading version {version}"
+            try:
+                ensemble = await asyncio.to_thread(self._load_ensemble, name, self.root / name / str(version))
+            except (ManifestError, RuntimeError, OSError) as error:
+                reason = f"version {version} of {name!r} was refused: {error}"
+                slot.refused[version] = str(error)
+                if slot.served is None:
+                    slot.state, slot.reason = State.UNAVAILABLE, reason
+                    await self._notify(name, False)
+                else:
+                    reason += f" (version {slot.served.version} keeps serving)"
+                raise LoadFailed(reason) from error
+            slot.refused.pop(version, None)
+            served = self._serve(ensemble)
+            previous, slot.served = slot.served, served
+            slot.state, slot.reason = State.READY, ""
+            await self._notify(name, True)
+        if previous is not None:
+            await previous.batcher.stop()
+        return served
+
+    def _load_ensemble(self, name: str, version_dir: Path) -> Ensemble:
+        ensemble = load_ensemble(version_dir, self._settings.device, self._settings.session_threads,
+                                 self._settings.execution)
+        manifest = ensemble.manifest
+        if manifest.name != name or str(manifest.version) != version_dir.name:
+            raise ManifestError(f"{version_dir}: the manifest names {manifest.name!r} version {manifest.version}; "
+                                f"the folder must be {manifest.name}/{manifest.version}")
+        return ensemble
+
+    def _serve(self, ensemble: Ensemble) -> ServedModel:
+        statistics = ModelStatistics()
+        served: ServedModel
+
+        def on_batch(record: BatchRecord) -> None:
+            statistics.record_batch(record)
+            if self._on_batch is not None:
+                self._on_batch(served, record)
+
+        batcher = DynamicBatcher(ensemble.infer, self._settings.max_batch_size, self._settings.max_queue_delay,
+                                 self._settings.max_queue_size, on_batch)
+        served = ServedModel(ensemble, batcher, statistics)
+        batcher.start()
+        return served
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: new requests are refused, queued ones finish."""
+        slot = self._slots.get(name)
+        if slot is None and not self.versions_on_disk(name):
+            raise ModelNotFound(f"no ensemble {name!r} in {self.root}")
+        slot = self._slots.setdefault(name, _Slot())
+        async with slot.lock:
+            previous, slot.served = slot.served, None
+            slot.state, slot.reason, slot.wanted = State.UNAVAILABLE, "unloaded", False
+            await self._notify(name, False)
+        if previous is not None:
+            await previous.batcher.stop()
+
+    async def close(self) -> None:
+        """Unload everything, letting queued requests finish."""
+        for name in list(self._slots):
+            await self.unload(name)
+
+    async def _notify(self, name: str, ready: bool) -> None:
+        if self._on_state is not None:
+            await self._on_state(name, ready)
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The served model for a request; `version` "" means the one being served."""
+        slot = self._slots.get(name)
+        if slot is None:
+            if not name:
+                raise ModelNotFound("the request names no model: set model_name")
+            known = ", ".join(self._slots) or "none"
+            raise ModelNotFound(f"unknown model {name!r} (models: {known})")
+        served = slot.served
+        if served is None:
+            raise ModelNotReady(f"model {name!r} is not ready: {slot.reason}")
+        if version and version != str(served.version):
+            raise ModelNotFound(f"model {name!r} has no version {version!r} being served (serving version "
+                                f"{served.version})")
+        return served
+
+    def served(self) -> list[ServedModel]:
+        return [slot.served for slot in self._slots.values() if slot.served is not None]
+
+    @property
+    def ready(self) -> bool:
+        """Every ensemble that was asked to load is serving (unloaded ones do not count)."""
+        return all(slot.served is not None for slot in self._slots.values() if slot.wanted)
+
+    def index(self) -> list[IndexEntry]:
+        """Every version on disk with its state; only the served version is READY."""
+        entries = []
+        for name in self.names_on_disk():
+            slot = self._slots.get(name, _Slot())
+            versions = self.versions_on_disk(name)
+            for version in versions:
+                if slot.served is not None and slot.served.version == version:
+                    entry = IndexEntry(name, str(version), State.READY)
+                elif version in slot.refused:
+                    entry = IndexEntry(name, str(version), State.UNAVAILABLE, slot.refused[version])
+                elif version == versions[-1] and slot.served is None:
+                    entry = IndexEntry(name, str(version), slot.state, slot.reason)
+                else:
+                    entry = IndexEntry(name, str(version), State.UNAVAILABLE, "not the latest version")
+                entries.append(entry)
+        return entries

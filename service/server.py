@@ -1,0 +1,116 @@
+"""The composition root: settings -> repository -> gRPC and metrics servers, and the shutdown.
+
+The gRPC server starts before the ensembles load, so liveness answers at once while
+readiness (ServerReady, grpc.health.v1) stays NOT_SERVING until every ensemble is verified.
+On SIGTERM or SIGINT readiness goes NOT_SERVING, new requests are refused, in-flight ones
+finish (up to `shutdown_grace_s`), queued batches drain, then `serve` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
+
+from service._proto.inference import grpc_service_pb2 as pb
+from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from service.repository import Repository
+from service.servicer import InferenceServicer
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Ports:
+    grpc: int
+    metrics: int
+
+
+class Server:
+    """A running valley server; `start`, then `wait`, then `stop` (what `serve` does)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        self.health = HealthServicer()
+        self.repository = Repository(settings, on_state=self._model_state)
+        self.servicer = InferenceServicer(self.repository, settings.max_batch_size)
+        limit = settings.max_message_bytes
+        # so_reuseport 0: a second server on a taken port must fail, not silently share it.
+        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
+                                             ("grpc.max_send_message_length", limit)])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.grpc)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection([INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"]
+                                             .full_name, reflection.SERVICE_NAME], self.grpc)
+        self._stopping = asyncio.Event()
+
+    async def _model_state(self, name: str, ready: bool) -> None:
+        await self.health.set(name, SERVING if ready else NOT_SERVING)
+        await self._server_state()
+
+    async def _server_state(self) -> None:
+        ready = self.repository.ready and not self.servicer.shutting_down
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, SERVING if ready else NOT_SERVING)
+
+    async def start(self) -> Ports:
+        settings = self.settings
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, NOT_SERVING)
+        grpc_port = self.grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+        if grpc_port == 0:
+            raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port} for gRPC (port in use?)")
+        self._metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
+        metrics_port = int(self._metrics_http.server_port)
+        await self.grpc.start()
+        log.info("gRPC on %s:%d, metrics on http://%s:%d/metrics; loading ensembles from %s", settings.host,
+                 grpc_port, settings.host, metrics_port, settings.repository)
+        await self.repository.load_all()
+        await self._server_state()
+        ready = ", ".join(f"{m.name} v{m.version} ({m.ensemble.providers[0]})" for m in self.repository.served())
+        log.info("ready: %s", ready or "no ensembles")
+        return Ports(grpc_port, metrics_port)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        await self._stopping.wait()
+
+    async def stop(self) -> None:
+        """Refuse new work, let in-flight requests finish, drain the batchers, close the ports."""
+        log.info("shutting down: readiness NOT_SERVING, finishing in-flight requests (grace %.0f s)",
+                 self.settings.shutdown_grace_s)
+        self.servicer.shutting_down = True
+        await self._server_state()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.settings.shutdown_grace_s)
+        await self.repository.close()
+        self._metrics_http.shutdown()
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.request_stop)
+    await server.start()
+    await server.wait()
+    await server.stop()

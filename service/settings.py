@@ -1,0 +1,46 @@
+"""Server settings: command-line flags, or `VALLEY_*` environment variables (how Kubernetes sets them).
+
+Every field has a docstring-like description; `valley-serve --help` prints them. Flags win
+over environment variables, which win over the defaults here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+Execution = Literal["fused", "members"]
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """What `valley-serve` needs to run; validated at start so a typo fails before anything loads."""
+
+    model_config = SettingsConfigDict(env_prefix="VALLEY_", extra="forbid")
+
+    repository: Path = Field(description="folder holding <ensemble>/<version>/manifest.json")
+    host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind to")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one and log it)")
+    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)")
+    device: Device = Field("auto", description="auto: CUDA when onnxruntime's CUDA provider really loads, else CPU")
+    execution: Execution = Field(
+        "fused", description="fused: one graph runs every member (fastest); members: one session per member, "
+        "timed one by one")
+    session_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per run (0: one per core)")
+    max_batch_size: int = Field(64, ge=1, description="most images merged into one model run; larger requests are "
+                                "refused")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest a request waits for others to join its batch")
+    max_queue_size: int = Field(1024, ge=1, description="requests waiting per model; beyond it UNAVAILABLE at once")
+    max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
+
+    @property
+    def max_queue_delay(self) -> float:
+        """`max_queue_delay_ms` in seconds."""
+        return self.max_queue_delay_ms / 1000.0
