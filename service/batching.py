@@ -10,6 +10,7 @@ queue is refused at once (`QueueFull`), never waited on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import ServingError
+
+log = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
 
@@ -116,19 +119,29 @@ class DynamicBatcher:
         carry: _Pending | None = None
         while True:
             batch, carry = await self._collect(carry)
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item.deadline is not None and now >= item.deadline:
-                    item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
-                elif not item.future.cancelled():
-                    live.append(item)
             try:
-                if live:
-                    await self._compute(loop, live, now)
+                await self._run_batch(loop, batch)
+            except Exception as error:  # a bug here must not stop the worker: fail this batch, go on
+                log.exception("the batcher failed a batch")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            if item.future.done():  # the client went away (its call was cancelled)
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+            else:
+                live.append(item)
+        if live:
+            await self._compute(loop, live, now)
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending], now: float) -> None:
         pixels = live[0].pixels if len(live) == 1 else np.concatenate([item.pixels for item in live])

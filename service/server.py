@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
 
+from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service.repository import Repository
@@ -38,6 +39,17 @@ class Ports:
     metrics: int
 
 
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection over our private descriptor pool, with the health and reflection services added to it."""
+    for module in (health_pb2, reflection_pb2):
+        try:
+            POOL.FindFileByName(module.DESCRIPTOR.name)
+        except KeyError:
+            POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server, pool=POOL)
+
+
 class Server:
     """A running valley server; `start`, then `wait`, then `stop` (what `serve` does)."""
 
@@ -55,8 +67,7 @@ class Server:
                                              ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.grpc)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection([INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"]
-                                             .full_name, reflection.SERVICE_NAME], self.grpc)
+        _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()
 
     async def _model_state(self, name: str, ready: bool) -> None:

@@ -122,6 +122,29 @@ def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> Non
     assert run.batches == [1], "the expired 2-image request never reached the model"
 
 
+def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble: Ensemble) -> None:
+    """What a gRPC client's timeout does: the call is cancelled while queued, and its deadline passes."""
+    run = GatedRun(ensemble)
+    run.gate.clear()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay=0)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
+        await _until_busy(run)
+        gone = asyncio.ensure_future(batcher.submit(_images(2, 1), ["confidence"], deadline=time.monotonic() + 0.02))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        run.gate.set()
+        await busy
+        after = await asyncio.wait_for(batcher.submit(_images(3, 2), ["confidence"]), 10)
+        assert after["confidence"].shape == (3,)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert run.batches == [1, 3]
+
+
 def test_stop_finishes_queued_work(ensemble: Ensemble) -> None:
     async def main() -> None:
         batcher = DynamicBatcher(ensemble.infer, max_batch_size=2, max_queue_delay=0.01)
