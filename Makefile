@@ -31,6 +31,7 @@ demo: setup data
 	$(BIN)/valley-train fge --from $(DEMO_DIR)/base --cycle-epochs $(DEMO_CYCLE) --out $(DEMO_DIR)/fge --resume
 	$(BIN)/valley-train export --from $(DEMO_DIR)/fge --name fashion-mnist --version 1 --overwrite --out $(DEMO_DIR)/ensembles
 	@echo "report: $(DEMO_DIR)/fge/report.json  plot: $(DEMO_DIR)/fge/plots/ensemble_size.png  ensemble: $(DEMO_DIR)/ensembles/fashion-mnist/1"
+	$(BIN)/python examples/classify.py --serve $(DEMO_DIR)/ensembles --model fashion-mnist
 
 test: setup data
 	$(BIN)/pytest

@@ -1,0 +1,119 @@
+"""Classify Fashion-MNIST test images with a running valley server, through the unmodified tritonclient.
+
+    python examples/classify.py --url localhost:8001 --model fashion-mnist
+    python examples/classify.py --serve runs/demo/ensembles --model fashion-mnist   # starts and stops valley-serve
+
+Prints the accuracy and the mean of each uncertainty output. Needs only tritonclient[grpc] and
+numpy (no torch): it is what a client team's code looks like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton
+from tqdm import tqdm
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+OUTPUTS = ["predicted_class", "confidence", "entropy", "mutual_information", "member_disagreement"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte IDX file (gzipped): the format of MNIST and Fashion-MNIST."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def serving(repository: Path) -> Iterator[str]:
+    """`valley-serve` on free local ports until the block ends, then a graceful SIGTERM."""
+    port = _free_port()
+    command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--host", "127.0.0.1",
+               "--grpc-port", str(port), "--metrics-port", str(_free_port()), "--log-level", "WARNING"]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    url = f"127.0.0.1:{port}"
+    try:
+        client = triton.InferenceServerClient(url)
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"valley-serve exited with {process.returncode}")
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # not listening yet
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("valley-serve did not become ready in 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def classify(url: str, model: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
+    client = triton.InferenceServerClient(url)
+    outputs = [triton.InferRequestedOutput(name) for name in OUTPUTS]
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(images), batch_size), desc=f"classifying with {model}", unit="batch"):
+        pixels = images[start:start + batch_size]
+        tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        result = client.infer(model, [tensor], outputs=outputs)
+        for name in OUTPUTS:
+            collected[name].append(result.as_numpy(name))
+    seconds = time.perf_counter() - started
+    values = {name: np.concatenate(parts) for name, parts in collected.items()}
+    accuracy = float(np.mean(values["predicted_class"] == labels))
+    print(f"{len(images)} test images in {seconds:.1f} s ({len(images) / seconds:,.0f} images/s)")
+    print(f"accuracy            {accuracy:.2%}")
+    for name in OUTPUTS[1:]:
+        print(f"mean {name:<19} {values[name].mean():.4f}")
+    wrong = values["predicted_class"] != labels
+    print(f"mean confidence when right / wrong: {values['confidence'][~wrong].mean():.3f} / "
+          f"{values['confidence'][wrong].mean():.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server, HOST:PORT")
+    where.add_argument("--serve", type=Path, metavar="REPOSITORY", help="start valley-serve on this repository")
+    parser.add_argument("--model", default="fashion-mnist")
+    parser.add_argument("--images", type=int, default=10_000, help="how many test images (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
+    args = parser.parse_args()
+    images = read_idx(args.data_dir / "t10k-images-idx3-ubyte.gz")[:args.images, None]
+    labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz")[:args.images].astype(np.int64)
+    if args.url:
+        classify(args.url, args.model, images, labels, args.batch_size)
+    else:
+        with serving(args.serve) as url:
+            classify(url, args.model, images, labels, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
