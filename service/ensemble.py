@@ -37,11 +37,12 @@ _DEFAULT_SEVERITY = 2
 
 
 def create_session(path: Path, device: Device = "auto", threads: int = 0,
-                   spinning: bool = True) -> onnxruntime.InferenceSession:
+                   spinning: bool = False) -> onnxruntime.InferenceSession:
     """An onnxruntime session on CUDA when asked or available and working, else on the CPU.
 
-    `spinning=False` lets the intra-op threads sleep between runs: several sessions that each
-    spin on their own pool fight for the cores and run several times slower.
+    Intra-op threads sleep between runs unless `spinning`: in a server the event loop and the
+    gRPC threads need the cores that spinning threads would burn, and several sessions that
+    each spin on their own pool run several times slower.
     """
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
@@ -140,8 +141,7 @@ def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
     session = create_session(version_dir / manifest.fused.file, device, threads)
     members = []
     if execution == "members":
-        members = [create_session(version_dir / member.file, device, threads, spinning=False)
-                   for member in manifest.members]
+        members = [create_session(version_dir / member.file, device, threads) for member in manifest.members]
     ensemble = Ensemble(manifest, version_dir, session, members)
     difference = ensemble.check_samples()
     log.info("loaded %s version %d from %s on %s, %s execution (samples within %.1e)", manifest.name,

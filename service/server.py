@@ -83,9 +83,12 @@ class Server:
         settings = self.settings
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, NOT_SERVING)
-        grpc_port = self.grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-        if grpc_port == 0:
-            raise OSError(f"cannot listen on {settings.host}:{settings.grpc_port} for gRPC (port in use?)")
+        address = f"{settings.host}:{settings.grpc_port}"
+        try:
+            grpc_port = self.grpc.add_insecure_port(address)
+        except RuntimeError as error:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is wrong") \
+                from error
         self._metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
         metrics_port = int(self._metrics_http.server_port)
         await self.grpc.start()

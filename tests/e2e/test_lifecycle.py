@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -261,6 +262,15 @@ def test_bad_settings_exit_2_with_the_flag_named(repository: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", "/nonexistent"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not a folder" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", str(repository), "--host",
+                                 "127.0.0.1", "--grpc-port", port, "--metrics-port", "0"], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
     env_port = subprocess.run([sys.executable, "-c", "from service.cli import parse_settings; "
                                "print(parse_settings(['--repository', 'r']).grpc_port)"], cwd=REPO,
                               capture_output=True, text=True, timeout=60, env={"VALLEY_GRPC_PORT": "9123",
