@@ -1,10 +1,11 @@
 """Dynamic batching: requests from many clients merged into one model run.
 
-A bounded queue feeds one worker task. The worker takes the oldest request, then keeps
-taking requests until the batch holds `max_batch_size` images or `max_queue_delay` has
-passed since it started collecting; requests whose deadline has already passed are dropped
-before compute. The model runs in a thread so the event loop never blocks on it. A full
-queue is refused at once (`QueueFull`), never waited on.
+A bounded queue feeds one worker task per model instance. A free worker takes the oldest
+request, then keeps taking requests until the batch holds `max_batch_size` images or
+`max_queue_delay` has passed since it started collecting; requests whose deadline has
+already passed are dropped before compute. Each instance runs in a thread of its own, so the
+event loop never blocks on compute, and while one instance computes another collects the
+next batch. A full queue is refused at once (`QueueFull`), never waited on.
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ class BatchRecord:
 
 
 class DynamicBatcher:
-    def __init__(self, run: RunBatch, max_batch_size: int = 64, max_queue_delay: float = 0.002,
+    def __init__(self, runs: Sequence[RunBatch], max_batch_size: int = 64, max_queue_delay: float = 0.002,
                  max_queue_size: int = 1024, on_batch: Callable[[BatchRecord], None] | None = None) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
-            raise ValueError("max_batch_size and max_queue_size must be >= 1 and max_queue_delay >= 0")
-        self._run, self._on_batch = run, on_batch
+        """`runs`: one callable per model instance; each gets a worker and a compute thread of its own."""
+        if not runs or max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
+            raise ValueError("at least one run, max_batch_size and max_queue_size >= 1, max_queue_delay >= 0")
+        self._runs, self._on_batch = list(runs), on_batch
         self.max_batch_size, self.max_queue_delay = max_batch_size, max_queue_delay
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue_size)
-        # One compute thread: onnxruntime parallelises inside a run; two runs would fight for cores.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="valley-compute")
-        self._worker: asyncio.Task[None] | None = None
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"valley-compute-{i}") for i in range(len(runs))]
+        self._workers: list[asyncio.Task[None]] = []
 
     @property
     def depth(self) -> int:
@@ -70,17 +71,20 @@ class DynamicBatcher:
         return self._queue.qsize()
 
     def start(self) -> None:
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._serve(), name="valley-batcher")
+        if not self._workers:
+            loop = asyncio.get_running_loop()
+            self._workers = [loop.create_task(self._serve(index), name=f"valley-batcher-{index}")
+                             for index in range(len(self._runs))]
 
     async def stop(self) -> None:
-        """Finish every queued request, then stop the worker."""
+        """Finish every queued request, then stop the workers."""
         await self._queue.join()
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-            self._worker = None
-        self._executor.shutdown(wait=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        for executor in self._executors:
+            executor.shutdown(wait=True)
 
     async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None
                      ) -> dict[str, np.ndarray]:
@@ -114,13 +118,13 @@ class DynamicBatcher:
             images += item.pixels.shape[0]
         return batch, None
 
-    async def _serve(self) -> None:
+    async def _serve(self, instance: int) -> None:
         loop = asyncio.get_running_loop()
         carry: _Pending | None = None
         while True:
             batch, carry = await self._collect(carry)
             try:
-                await self._run_batch(loop, batch)
+                await self._run_batch(loop, batch, self._runs[instance], self._executors[instance])
             except Exception as error:  # a bug here must not stop the worker: fail this batch, go on
                 log.exception("the batcher failed a batch")
                 for item in batch:
@@ -130,7 +134,8 @@ class DynamicBatcher:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], run: RunBatch,
+                         executor: ThreadPoolExecutor) -> None:
         now = time.monotonic()
         live = []
         for item in batch:
@@ -141,14 +146,15 @@ class DynamicBatcher:
             else:
                 live.append(item)
         if live:
-            await self._compute(loop, live, now)
+            await self._compute(loop, live, now, run, executor)
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending], now: float) -> None:
+    async def _compute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending], now: float, run: RunBatch,
+                       executor: ThreadPoolExecutor) -> None:
         pixels = live[0].pixels if len(live) == 1 else np.concatenate([item.pixels for item in live])
         outputs = sorted({name for item in live for name in item.outputs})
         started = time.monotonic()
         try:
-            results = await loop.run_in_executor(self._executor, self._run, pixels, outputs)
+            results = await loop.run_in_executor(executor, run, pixels, outputs)
         except Exception as error:  # the transport turns it into INTERNAL or INVALID_ARGUMENT
             for item in live:
                 if not item.future.done():

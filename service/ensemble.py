@@ -73,6 +73,8 @@ class Ensemble:
     directory: Path
     session: onnxruntime.InferenceSession
     member_sessions: list[onnxruntime.InferenceSession] = field(default_factory=list)
+    device: Device = "auto"
+    threads: int = 0
     on_member_times: MemberTimes | None = None
     """Called with each member's compute seconds after every run in `members` mode."""
 
@@ -84,6 +86,13 @@ class Ensemble:
     def providers(self) -> list[str]:
         """The execution providers onnxruntime really uses, in priority order."""
         return list(self.session.get_providers())
+
+    def another_instance(self) -> Ensemble:
+        """The same verified graphs in sessions of their own, for a second compute thread."""
+        session = create_session(self.directory / self.manifest.fused.file, self.device, self.threads)
+        members = [create_session(self.directory / member.file, self.device, self.threads)
+                   for member in self.manifest.members] if self.member_sessions else []
+        return Ensemble(self.manifest, self.directory, session, members, self.device, self.threads)
 
     def check_input(self, pixels: np.ndarray) -> None:
         spec = self.manifest.input
@@ -142,7 +151,7 @@ def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
     members = []
     if execution == "members":
         members = [create_session(version_dir / member.file, device, threads) for member in manifest.members]
-    ensemble = Ensemble(manifest, version_dir, session, members)
+    ensemble = Ensemble(manifest, version_dir, session, members, device, threads)
     difference = ensemble.check_samples()
     log.info("loaded %s version %d from %s on %s, %s execution (samples within %.1e)", manifest.name,
              manifest.version, version_dir, ensemble.providers[0], execution, difference)

@@ -51,6 +51,8 @@ class ServedModel:
     ensemble: Ensemble
     batcher: DynamicBatcher
     statistics: ModelStatistics
+    instances: list[Ensemble]
+    """Copies of `ensemble` (the first is itself), each run by a compute thread of its own."""
 
     @property
     def name(self) -> str:
@@ -133,7 +135,7 @@ class Repository:
             if slot.served is None:
                 slot.state, slot.reason = State.LOADING, f"loading version {version}"
             try:
-                ensemble = await asyncio.to_thread(self._load_ensemble, name, self.root / name / str(version))
+                instances = await asyncio.to_thread(self._load_ensemble, name, self.root / name / str(version))
             except (ManifestError, RuntimeError, OSError) as error:
                 reason = f"version {version} of {name!r} was refused: {error}"
                 slot.refused[version] = str(error)
@@ -144,7 +146,7 @@ class Repository:
                     reason += f" (version {slot.served.version} keeps serving)"
                 raise LoadFailed(reason) from error
             slot.refused.pop(version, None)
-            served = self._serve(ensemble)
+            served = self._serve(instances[0], instances)
             previous, slot.served = slot.served, served
             slot.state, slot.reason = State.READY, ""
             await self._notify(name, True)
@@ -152,16 +154,17 @@ class Repository:
             await previous.batcher.stop()
         return served
 
-    def _load_ensemble(self, name: str, version_dir: Path) -> Ensemble:
-        ensemble = load_ensemble(version_dir, self._settings.device, self._settings.session_threads,
-                                 self._settings.execution)
+    def _load_ensemble(self, name: str, version_dir: Path) -> list[Ensemble]:
+        """The verified ensemble, and as many instances of it as the settings ask for."""
+        settings = self._settings
+        ensemble = load_ensemble(version_dir, settings.device, settings.threads_per_instance, settings.execution)
         manifest = ensemble.manifest
         if manifest.name != name or str(manifest.version) != version_dir.name:
             raise ManifestError(f"{version_dir}: the manifest names {manifest.name!r} version {manifest.version}; "
                                 f"the folder must be {manifest.name}/{manifest.version}")
-        return ensemble
+        return [ensemble] + [ensemble.another_instance() for _ in range(settings.instances - 1)]
 
-    def _serve(self, ensemble: Ensemble) -> ServedModel:
+    def _serve(self, ensemble: Ensemble, instances: list[Ensemble]) -> ServedModel:
         statistics = ModelStatistics()
         served: ServedModel
 
@@ -170,9 +173,9 @@ class Repository:
             if self._on_batch is not None:
                 self._on_batch(served, record)
 
-        batcher = DynamicBatcher(ensemble.infer, self._settings.max_batch_size, self._settings.max_queue_delay,
-                                 self._settings.max_queue_size, on_batch)
-        served = ServedModel(ensemble, batcher, statistics)
+        batcher = DynamicBatcher([instance.infer for instance in instances], self._settings.max_batch_size,
+                                 self._settings.max_queue_delay, self._settings.max_queue_size, on_batch)
+        served = ServedModel(ensemble, batcher, statistics, instances)
         batcher.start()
         return served
 

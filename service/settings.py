@@ -6,6 +6,7 @@ over environment variables, which win over the defaults here.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +32,10 @@ class Settings(BaseSettings):
     execution: Execution = Field(
         "fused", description="fused: one graph runs every member (fastest); members: one session per member, "
         "timed one by one")
-    session_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per run (0: one per core)")
+    instances: int = Field(2, ge=1, description="copies of each ensemble, each with its own sessions and compute "
+                           "thread: while one computes, the next batch is collected and runs on another")
+    session_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per instance (0: the usable "
+                                 "cores divided among the instances; set it where a CPU limit applies)")
     max_batch_size: int = Field(64, ge=1, description="most images merged into one model run; larger requests are "
                                 "refused")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest a request waits for others to join its batch")
@@ -39,6 +43,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
+
+    @property
+    def threads_per_instance(self) -> int:
+        """`session_threads`, or the cores this process may use shared among the instances."""
+        if self.session_threads:
+            return self.session_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.instances)
 
     @property
     def max_queue_delay(self) -> float:

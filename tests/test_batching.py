@@ -51,7 +51,7 @@ def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble)
     inputs = [_images(1, seed) for seed in range(16)]
 
     async def main() -> list[dict[str, np.ndarray]]:
-        batcher = DynamicBatcher(ensemble.infer, max_batch_size=64, max_queue_delay=0.05, on_batch=records.append)
+        batcher = DynamicBatcher([ensemble.infer], max_batch_size=64, max_queue_delay=0.05, on_batch=records.append)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(x, ["probabilities", "predicted_class"]) for x in inputs))
         await batcher.stop()
@@ -69,7 +69,7 @@ def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ens
     run = GatedRun(ensemble)
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=8, max_queue_delay=0.05)
+        batcher = DynamicBatcher([run], max_batch_size=8, max_queue_delay=0.05)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(_images(3, s), ["confidence"]) for s in range(6)))
         assert all(r["confidence"].shape == (3,) for r in results)
@@ -84,7 +84,7 @@ def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
     run.gate.clear()
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay=0, max_queue_size=2)
+        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0, max_queue_size=2)
         batcher.start()
         busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
         await _until_busy(run)
@@ -106,7 +106,7 @@ def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> Non
     run.gate.clear()
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay=0)
+        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0)
         batcher.start()
         busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
         await _until_busy(run)
@@ -128,7 +128,7 @@ def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble
     run.gate.clear()
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=1, max_queue_delay=0)
+        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0)
         batcher.start()
         busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
         await _until_busy(run)
@@ -145,9 +145,29 @@ def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble
     assert run.batches == [1, 3]
 
 
+def test_instances_compute_in_parallel(ensemble: Ensemble) -> None:
+    """While one instance is held inside a run, the other takes the next batch."""
+    first, second = GatedRun(ensemble), GatedRun(ensemble)
+    first.gate.clear()
+
+    async def main() -> None:
+        batcher = DynamicBatcher([first, second], max_batch_size=4, max_queue_delay=0)
+        batcher.start()
+        held = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
+        await _until_busy(first)
+        passed = await asyncio.wait_for(batcher.submit(_images(3, 1), ["confidence"]), 10)
+        assert passed["confidence"].shape == (3,) and not held.done()
+        first.gate.set()
+        await held
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert first.batches == [1] and second.batches == [3]
+
+
 def test_stop_finishes_queued_work(ensemble: Ensemble) -> None:
     async def main() -> None:
-        batcher = DynamicBatcher(ensemble.infer, max_batch_size=2, max_queue_delay=0.01)
+        batcher = DynamicBatcher([ensemble.infer], max_batch_size=2, max_queue_delay=0.01)
         batcher.start()
         futures = [asyncio.ensure_future(batcher.submit(_images(1, s), ["entropy"])) for s in range(5)]
         await asyncio.sleep(0.01)  # every submit is queued

@@ -49,10 +49,11 @@ def own_repository(repository: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def gated(own_repository: Path) -> Iterator[tuple[ThreadServer, Gate]]:
     """A server whose model runs wait at a gate the test opens; queue bound 2, no batching delay."""
-    server = ThreadServer(thread_settings(own_repository, max_queue_size=2, max_queue_delay_ms=0, max_batch_size=8))
+    server = ThreadServer(thread_settings(own_repository, max_queue_size=2, max_queue_delay_ms=0, max_batch_size=8,
+                                          instances=1))
     model = server.server.repository.get(MODEL)
-    gate = Gate(model.batcher._run)
-    model.batcher._run = gate
+    gate = Gate(model.batcher._runs[0])
+    model.batcher._runs[0] = gate
     try:
         yield server, gate
     finally:
@@ -236,8 +237,9 @@ def test_per_member_execution_gives_the_fused_answers(own_repository: Path, refe
     times: list[list[float]] = []
     try:
         model = server.server.repository.get(MODEL)
-        assert model.ensemble.execution == "members"
-        model.ensemble.on_member_times = times.append
+        assert len(model.instances) == 2 and all(i.execution == "members" for i in model.instances)
+        for instance in model.instances:
+            instance.on_member_times = times.append
         client = triton.InferenceServerClient(server.url)
         pixels = reference.images(9, seed=8)
         result = client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS])
