@@ -9,7 +9,7 @@ DEMO_EPOCHS ?= 10
 DEMO_CYCLE ?= 1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup data demo test lint typecheck clean
+.PHONY: setup data demo test lint typecheck clean bench-serving
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ test: setup data
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The serving benchmark's Triton baseline needs PyTriton in a venv made from Debian's own python3.11.
+PYTRITON_VENV := .venv-pytriton
+$(PYTRITON_VENV)/.installed: benchmarks/pytriton-requirements.txt
+	/usr/bin/python3.11 -m venv $(PYTRITON_VENV)
+	$(PYTRITON_VENV)/bin/pip install -q -r benchmarks/pytriton-requirements.txt
+	touch $@
+
+bench-serving: setup $(PYTRITON_VENV)/.installed
+	$(BIN)/python benchmarks/serving_throughput.py --json runs/serving-throughput.json
+
 lint: setup
 	$(BIN)/ruff check .
 
@@ -45,4 +55,4 @@ typecheck: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(PYTRITON_VENV) .mypy_cache .ruff_cache .pytest_cache
