@@ -64,6 +64,8 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue_size)
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"valley-compute-{i}") for i in range(len(runs))]
         self._workers: list[asyncio.Task[None]] = []
+        self._collecting = asyncio.Lock()
+        self._carry: _Pending | None = None
 
     @property
     def depth(self) -> int:
@@ -96,8 +98,9 @@ class DynamicBatcher:
             raise QueueFull(f"the request queue is full ({self._queue.maxsize} waiting): retry later") from None
         return await pending.future
 
-    async def _collect(self, first: _Pending | None) -> tuple[list[_Pending], _Pending | None]:
-        """The next batch, and the request that did not fit into it (it opens the next one)."""
+    async def _collect(self) -> list[_Pending]:
+        """The next batch; a request that does not fit is kept to open the one after."""
+        first, self._carry = self._carry, None
         batch = [first if first is not None else await self._queue.get()]
         images = batch[0].pixels.shape[0]
         closes = time.monotonic() + self.max_queue_delay
@@ -108,21 +111,24 @@ class DynamicBatcher:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                     break
             else:
                 item = self._queue.get_nowait()
             if images + item.pixels.shape[0] > self.max_batch_size:
-                return batch, item  # requests are never split across batches
+                self._carry = item  # requests are never split across batches
+                break
             batch.append(item)
             images += item.pixels.shape[0]
-        return batch, None
+        return batch
 
     async def _serve(self, instance: int) -> None:
         loop = asyncio.get_running_loop()
-        carry: _Pending | None = None
         while True:
-            batch, carry = await self._collect(carry)
+            # One worker collects at a time: idle instances would otherwise split the traffic
+            # into small batches. The others wait here and take the next batch in turn.
+            async with self._collecting:
+                batch = await self._collect()
             try:
                 await self._run_batch(loop, batch, self._runs[instance], self._executors[instance])
             except Exception as error:  # a bug here must not stop the worker: fail this batch, go on

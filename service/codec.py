@@ -69,7 +69,10 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             array = np.frombuffer(raw[index], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
         else:
             array = _typed(name, tensor, dtype, count)
-        array = array.reshape(shape)
+        try:
+            array = array.reshape(shape)
+        except ValueError as error:  # e.g. a zero-sized shape whose other dimensions overflow
+            raise InvalidInput(f"input '{name}': shape {list(shape)} is not usable ({error})") from None
         if dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidInput(f"input '{name}' holds NaN or infinite values")
         arrays[name] = array

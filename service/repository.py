@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,6 +25,8 @@ from service.settings import Settings
 from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class ModelNotFound(ServingError):
@@ -114,29 +117,47 @@ class Repository:
 
     # -- loading --------------------------------------------------------------------------
 
-    async def load_all(self) -> None:
-        """Load the latest version of every ensemble on disk; a failure is recorded, not raised."""
-        for name in self.names_on_disk():
+    async def load_all(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Load the latest version of every ensemble on disk; a failure is recorded, not raised.
+
+        Every ensemble is marked LOADING first, so none counts as ready (or unknown) before its
+        turn; `stopping` is asked between loads, so a shutdown does not wait for all of them.
+        """
+        names = self.names_on_disk()
+        for name in names:
+            slot = self._slots.setdefault(name, _Slot())
+            slot.state, slot.reason = State.LOADING, "waiting to load"
+        for name in names:
+            if stopping():
+                return
             try:
                 await self.load(name)
             except LoadFailed as error:
                 log.error("%s", error)
 
     async def load(self, name: str) -> ServedModel:
-        """Load (or reload) the latest version of `name` and swap it in once verified."""
+        """Load (or reload) the latest version of `name` and swap it in once verified.
+
+        Runs to the end even when the caller is cancelled (a client's deadline), so a load is
+        never left half done.
+        """
+        if not NAME.fullmatch(name):
+            raise ModelNotFound(f"no ensemble {name!r}: names are letters, digits and _ . - (not a path)")
         versions = self.versions_on_disk(name)
         if not versions:
-            raise ModelNotFound(f"no ensemble {name!r} in {self.root} (expected {self.root}/{name}/<version>/"
+            raise ModelNotFound(f"no ensemble {name!r} in the repository (expected <repository>/{name}/<version>/"
                                 f"{MANIFEST_FILE})")
+        return await asyncio.shield(self._load(name, versions[-1]))
+
+    async def _load(self, name: str, version: int) -> ServedModel:
         slot = self._slots.setdefault(name, _Slot())
         async with slot.lock:
-            version = versions[-1]
             slot.wanted = True
             if slot.served is None:
                 slot.state, slot.reason = State.LOADING, f"loading version {version}"
             try:
                 instances = await asyncio.to_thread(self._load_ensemble, name, self.root / name / str(version))
-            except (ManifestError, RuntimeError, OSError) as error:
+            except Exception as error:  # whatever the files do to onnxruntime, the version is refused
                 reason = f"version {version} of {name!r} was refused: {error}"
                 slot.refused[version] = str(error)
                 if slot.served is None:
@@ -180,10 +201,12 @@ class Repository:
         return served
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name`: new requests are refused, queued ones finish."""
-        slot = self._slots.get(name)
-        if slot is None and not self.versions_on_disk(name):
-            raise ModelNotFound(f"no ensemble {name!r} in {self.root}")
+        """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""
+        if name not in self._slots and not (NAME.fullmatch(name) and self.versions_on_disk(name)):
+            raise ModelNotFound(f"no ensemble {name!r} in the repository")
+        await asyncio.shield(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
         slot = self._slots.setdefault(name, _Slot())
         async with slot.lock:
             previous, slot.served = slot.served, None

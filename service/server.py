@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -94,7 +95,9 @@ class Server:
         await self.grpc.start()
         log.info("gRPC on %s:%d, metrics on http://%s:%d/metrics; loading ensembles from %s", settings.host,
                  grpc_port, settings.host, metrics_port, settings.repository)
-        await self.repository.load_all()
+        await self.repository.load_all(stopping=self._stopping.is_set)
+        if self._stopping.is_set():
+            return Ports(grpc_port, metrics_port)
         await self._server_state()
         ready = ", ".join(f"{m.name} v{m.version} ({m.ensemble.providers[0]})" for m in self.repository.served())
         log.info("ready: %s", ready or "no ensembles")
@@ -113,8 +116,12 @@ class Server:
         self.servicer.shutting_down = True
         await self._server_state()
         await self.health.enter_graceful_shutdown()
+        ends = time.monotonic() + self.settings.shutdown_grace_s
         await self.grpc.stop(self.settings.shutdown_grace_s)
-        await self.repository.close()
+        try:  # queued batches of unloaded models drain within what is left of the grace period
+            await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
+        except asyncio.TimeoutError:
+            log.warning("the grace period ended before every queued batch finished; exiting anyway")
         self._metrics_http.shutdown()
         log.info("stopped")
 
@@ -125,6 +132,6 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
-    await server.start()
+    await server.start()  # a signal during the loads ends them early (see load_all)
     await server.wait()
     await server.stop()

@@ -34,6 +34,7 @@ EXTENSIONS = ["model_repository", "statistics"]
 PLATFORM = "valley_ensemble"
 # Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
 DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "member_probabilities")
+STREAM_IN_FLIGHT = 256
 
 
 class ShuttingDown(ServingError):
@@ -72,6 +73,9 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
         return DEFAULT_OUTPUTS
     names = []
     for output in request.outputs:
+        if any(key.startswith("shared_memory") for key in output.parameters):
+            raise InvalidInput(f"output '{output.name}': shared-memory outputs are not supported; outputs come back "
+                               "in the response")
         if "classification" in output.parameters:
             raise InvalidInput(f"output '{output.name}': classification (class_count) is not supported; ask for "
                                "'predicted_class' and 'confidence', or 'probabilities'")
@@ -210,27 +214,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         A failed request answers with `error_message` and the stream goes on, as in Triton.
         """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        # Requests of one stream in flight at once: a client that sends without reading stops
+        # being read from, instead of growing the server's memory.
+        in_flight = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def serve(request: pb.ModelInferRequest) -> None:
             try:
-                answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request, None))
+                response = await self._infer(request, context)
+                final = request.parameters.get("triton_enable_empty_final_response")
+                if final is not None and final.bool_param:
+                    # One response per request: it is the final one (what such clients wait for).
+                    response.parameters["triton_final_response"].bool_param = True
+                answer = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
                 code, message = status_of(error)
                 answer = pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                          model_version=request.model_version, id=request.id))
+            finally:
+                in_flight.release()
             await answers.put(answer)
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
             try:
                 async for request in request_iterator:
+                    await in_flight.acquire()
                     task = asyncio.create_task(serve(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                await asyncio.gather(*tasks)
-            finally:
+            finally:  # answers already due go out before the stream ends, even if reading failed
+                await asyncio.gather(*tasks, return_exceptions=True)
                 await answers.put(None)
 
         reader = asyncio.create_task(read())

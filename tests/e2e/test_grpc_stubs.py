@@ -59,6 +59,8 @@ def test_typed_contents_give_the_same_answer_as_raw(stub: pb_grpc.GRPCInferenceS
     (lambda r: r.inputs[0].shape.__setitem__(0, -2), "negative dimension"),
     (lambda r: r.raw_input_contents.append(b"x"), "2 entries for 1 inputs"),
     (lambda r: r.__setattr__("model_name", ""), "names no model"),
+    (lambda r: (r.inputs[0].ClearField("shape"), r.inputs[0].shape.extend([0, 2**62, 2**62]),
+                r.raw_input_contents.__setitem__(0, b"")), "is not usable"),
 ])
 def test_malformed_requests_are_invalid_argument(stub: pb_grpc.GRPCInferenceServiceStub, reference: Reference,
                                                  mutate: object, words: str) -> None:

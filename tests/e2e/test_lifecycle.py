@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.manifest import OUTPUTS
+from service.manifest import OUTPUTS, sha256_of
 from tests.e2e.conftest import (
     MODEL,
     Gate,
@@ -212,12 +212,23 @@ def test_unload_and_load_again(own_repository: Path, reference: Reference) -> No
         server.close()
 
 
-def test_a_bad_ensemble_at_start_is_reported_and_the_rest_serve(own_repository: Path, reference: Reference) -> None:
+def _unreadable_graph(version_dir: Path) -> None:
+    """A graph onnxruntime cannot parse, with the sha256 the manifest records (so only loading fails)."""
+    graph = version_dir / "ensemble.onnx"
+    graph.write_bytes(b"not an onnx graph")
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest["fused"]["sha256"] = sha256_of(graph)
+    (version_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("damage", "reason"), [(_corrupt, "sha256"), (_unreadable_graph, "refused")])
+def test_a_bad_ensemble_at_start_is_reported_and_the_rest_serve(own_repository: Path, reference: Reference,
+                                                               damage: Callable[[Path], None], reason: str) -> None:
     broken = own_repository / "broken" / "1"
     shutil.copytree(own_repository / MODEL / "1", broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**manifest, "name": "broken"}))
-    _corrupt(broken)
+    damage(broken)
     server = ThreadServer(thread_settings(own_repository))
     try:
         client = triton.InferenceServerClient(server.url)
@@ -226,8 +237,26 @@ def test_a_bad_ensemble_at_start_is_reported_and_the_rest_serve(own_repository: 
         assert health_status(server.ports.grpc) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(InferenceServerException) as error:
             client.infer("broken", _inputs(reference.images(1, seed=7)))
-        assert error.value.status() == "StatusCode.UNAVAILABLE" and "sha256" in str(error.value.message())
+        assert error.value.status() == "StatusCode.UNAVAILABLE" and reason in str(error.value.message())
+        with pytest.raises(InferenceServerException) as error:
+            client.load_model("broken")
+        assert error.value.status() == "StatusCode.FAILED_PRECONDITION", error.value.message()
         client.infer(MODEL, _inputs(reference.images(1, seed=7)))
+        client.unload_model("broken")
+        assert client.is_server_ready(), "once the bad ensemble is unloaded the server is ready"
+    finally:
+        server.close()
+
+
+def test_load_takes_names_not_paths(own_repository: Path) -> None:
+    server = ThreadServer(thread_settings(own_repository))
+    try:
+        client = triton.InferenceServerClient(server.url)
+        for name in ("../repo/synth", str(own_repository / MODEL), ".hidden"):
+            with pytest.raises(InferenceServerException) as error:
+                client.load_model(name)
+            assert error.value.status() == "StatusCode.NOT_FOUND", name
+        assert client.is_server_ready()
     finally:
         server.close()
 

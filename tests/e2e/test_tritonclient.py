@@ -122,7 +122,8 @@ def test_streaming_answers_each_request_and_survives_a_bad_one(served: ServerPro
     try:
         for request_id, pixels in batches.items():
             client.async_stream_infer(MODEL, _inputs(pixels), request_id=request_id,
-                                      outputs=[triton.InferRequestedOutput("probabilities")])
+                                      outputs=[triton.InferRequestedOutput("probabilities")],
+                                      enable_empty_final_response=True)
         client.async_stream_infer(MODEL, _inputs(reference.images(1, 0), name="wrong"), request_id="bad")
         received = [answers.get(timeout=30) for _ in range(len(batches) + 1)]
     finally:
@@ -133,6 +134,7 @@ def test_streaming_answers_each_request_and_survives_a_bad_one(served: ServerPro
         if error is None:
             request_id = result.get_response().id
             _assert_matches(result, reference(batches[request_id]), ["probabilities"])
+            assert result.get_response().parameters["triton_final_response"].bool_param
     assert {result.get_response().id for result, error in received if error is None} == set(batches)
 
 
@@ -147,6 +149,12 @@ def test_statistics_count_images_runs_and_time(client: triton.InferenceServerCli
     assert any(int(b["batch_size"]) == 5 for b in after["batch_stats"])
     everything = client.get_inference_statistics(as_json=True)["model_stats"]
     assert [s["name"] for s in everything] == [MODEL]
+
+
+def _shared(name: str) -> triton.InferRequestedOutput:
+    output = triton.InferRequestedOutput(name)
+    output.set_shared_memory("region", 40)
+    return output
 
 
 def _code(call: Any) -> tuple[str, str]:
@@ -173,6 +181,8 @@ def test_errors_have_the_right_status_and_say_what_to_fix(client: triton.Inferen
                            "INVALID_ARGUMENT", "unknown output 'x'"),
         "classification": (lambda: client.infer(MODEL, _inputs(pixels), outputs=[
             triton.InferRequestedOutput("probabilities", class_count=3)]), "INVALID_ARGUMENT", "classification"),
+        "shared-memory output": (lambda: client.infer(MODEL, _inputs(pixels), outputs=[_shared("probabilities")]),
+                                 "INVALID_ARGUMENT", "shared-memory outputs"),
         "metadata of unknown model": (lambda: client.get_model_metadata("nope"), "NOT_FOUND", "unknown model"),
         "statistics of unknown model": (lambda: client.get_inference_statistics("nope"), "NOT_FOUND",
                                         "unknown model"),
