@@ -117,7 +117,13 @@ class Server:
         await self._server_state()
         await self.health.enter_graceful_shutdown()
         ends = time.monotonic() + self.settings.shutdown_grace_s
-        await self.grpc.stop(self.settings.shutdown_grace_s)
+        # While in-flight requests finish, the port stays open: new requests get a clear
+        # UNAVAILABLE from the servicer rather than a connection torn down under them.
+        try:
+            await asyncio.wait_for(self.servicer.drained(), self.settings.shutdown_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("requests still in flight when the grace period ended")
+        await self.grpc.stop(max(0.0, ends - time.monotonic()))
         try:  # queued batches of unloaded models drain within what is left of the grace period
             await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:

@@ -139,6 +139,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository = repository
         self.max_batch_size = max_batch_size
         self.shutting_down = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once no inference request is being served."""
+        await self._idle.wait()
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
         code, message = status_of(error)
@@ -186,6 +193,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                      ) -> pb.ModelInferResponse:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down: send the request to another replica")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._infer_model(request, context)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _infer_model(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
+                           ) -> pb.ModelInferResponse:
         model = self.repository.get(request.model_name, request.model_version)
         started = time.monotonic()
         try:
