@@ -51,6 +51,8 @@ class BatchRecord:
     requests: int
     queue_seconds: list[float]
     compute_seconds: float
+    outputs: dict[str, np.ndarray]
+    """Every output the run computed, for all its images."""
 
 
 class DynamicBatcher:
@@ -175,4 +177,5 @@ class DynamicBatcher:
             row += rows
         if self._on_batch is not None:
             self._on_batch(BatchRecord(images=int(pixels.shape[0]), requests=len(live),
-                                       queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute))
+                                       queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute,
+                                       outputs=results))

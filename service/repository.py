@@ -88,7 +88,8 @@ class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-StateListener = Callable[[str, bool], Awaitable[None]]
+# Called with the name, the version now serving (None: none) and the one it replaced (None: none).
+StateListener = Callable[[str, "ServedModel | None", "ServedModel | None"], Awaitable[None]]
 BatchListener = Callable[[ServedModel, BatchRecord], None]
 
 
@@ -162,7 +163,7 @@ class Repository:
                 slot.refused[version] = str(error)
                 if slot.served is None:
                     slot.state, slot.reason = State.UNAVAILABLE, reason
-                    await self._notify(name, False)
+                    await self._notify(name, None, None)
                 else:
                     reason += f" (version {slot.served.version} keeps serving)"
                 raise LoadFailed(reason) from error
@@ -170,7 +171,7 @@ class Repository:
             served = self._serve(instances[0], instances)
             previous, slot.served = slot.served, served
             slot.state, slot.reason = State.READY, ""
-            await self._notify(name, True)
+            await self._notify(name, served, previous)
         if previous is not None:
             await previous.batcher.stop()
         return served
@@ -211,7 +212,7 @@ class Repository:
         async with slot.lock:
             previous, slot.served = slot.served, None
             slot.state, slot.reason, slot.wanted = State.UNAVAILABLE, "unloaded", False
-            await self._notify(name, False)
+            await self._notify(name, None, previous)
         if previous is not None:
             await previous.batcher.stop()
 
@@ -220,9 +221,9 @@ class Repository:
         for name in list(self._slots):
             await self.unload(name)
 
-    async def _notify(self, name: str, ready: bool) -> None:
+    async def _notify(self, name: str, current: ServedModel | None, previous: ServedModel | None) -> None:
         if self._on_state is not None:
-            await self._on_state(name, ready)
+            await self._on_state(name, current, previous)
 
     # -- lookups --------------------------------------------------------------------------
 

@@ -23,7 +23,9 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from service.repository import Repository
+from service.batching import BatchRecord
+from service.metrics import ServingMetrics
+from service.repository import Repository, ServedModel
 from service.servicer import InferenceServicer
 from service.settings import Settings
 
@@ -60,8 +62,9 @@ class Server:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.health = HealthServicer()
-        self.repository = Repository(settings, on_state=self._model_state)
-        self.servicer = InferenceServicer(self.repository, settings.max_batch_size)
+        self.metrics = ServingMetrics(self.registry, self._queue_depths)
+        self.repository = Repository(settings, on_state=self._model_state, on_batch=self._batch_done)
+        self.servicer = InferenceServicer(self.repository, settings.max_batch_size, self.metrics)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
@@ -71,9 +74,21 @@ class Server:
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()
 
-    async def _model_state(self, name: str, ready: bool) -> None:
-        await self.health.set(name, SERVING if ready else NOT_SERVING)
+    async def _model_state(self, name: str, current: ServedModel | None, previous: ServedModel | None) -> None:
+        if previous is not None:
+            self.metrics.observe_unload(previous.name, previous.version)
+        if current is not None:
+            self.metrics.observe_load(current.ensemble)
+            for instance in current.instances:
+                instance.on_member_times = self.metrics.member_timer(current.name, current.version)
+        await self.health.set(name, SERVING if current is not None else NOT_SERVING)
         await self._server_state()
+
+    def _batch_done(self, served: ServedModel, record: BatchRecord) -> None:
+        self.metrics.observe_batch(served.name, served.version, served.ensemble.manifest.classes, record)
+
+    def _queue_depths(self) -> list[tuple[str, str, int]]:
+        return [(m.name, str(m.version), m.batcher.depth) for m in self.repository.served()]
 
     async def _server_state(self) -> None:
         ready = self.repository.ready and not self.servicer.shutting_down

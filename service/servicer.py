@@ -24,6 +24,7 @@ from service.batching import DeadlineExceeded, QueueFull
 from service.codec import decode_inputs, encode_outputs
 from service.errors import InvalidInput, ServingError
 from service.manifest import OUTPUTS
+from service.metrics import SIGNAL_OUTPUTS, ServingMetrics
 from service.repository import LoadFailed, ModelNotFound, ModelNotReady, Repository, ServedModel
 from service.statistics import Duration
 
@@ -135,9 +136,12 @@ def _statistics(model: ServedModel) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, max_batch_size: int) -> None:
+    def __init__(self, repository: Repository, max_batch_size: int, metrics: ServingMetrics | None = None) -> None:
         self.repository = repository
         self.max_batch_size = max_batch_size
+        self.metrics = metrics
+        # With metrics on, every run also computes the label-free signals for every image.
+        self._extra_outputs = SIGNAL_OUTPUTS if metrics is not None else ()
         self.shutting_down = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -209,21 +213,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             outputs = _requested_outputs(request)
             pixels = _pixels(request, model, self.max_batch_size)
-            results = await model.batcher.submit(pixels, outputs, _deadline(request, context))
+            computed = tuple(dict.fromkeys([*outputs, *self._extra_outputs]))
+            if self.metrics is None:
+                results = await model.batcher.submit(pixels, computed, _deadline(request, context))
+            else:
+                with self.metrics.in_flight.labels(model.name, str(model.version)).track_inprogress():
+                    results = await model.batcher.submit(pixels, computed, _deadline(request, context))
             response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
-            encode_outputs(results, response)
+            encode_outputs({name: results[name] for name in outputs}, response)
         except BaseException:
             model.statistics.record_request(time.monotonic() - started, ok=False)
             raise
         model.statistics.record_request(time.monotonic() - started, ok=True)
         return response
 
+    def _observe(self, request: pb.ModelInferRequest, code: grpc.StatusCode, started: float) -> None:
+        """Count one answered request; requests for unknown models share empty labels (bounded cardinality)."""
+        if self.metrics is None:
+            return
+        try:
+            model = self.repository.get(request.model_name, request.model_version)
+            name, version = model.name, str(model.version)
+        except ServingError:
+            name, version = "", ""
+        reached_model = code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+        self.metrics.observe_request(name, version, code.name, time.monotonic() - started if reached_model else None)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
+        started = time.monotonic()
         try:
-            return await self._infer(request, context)
+            response = await self._infer(request, context)
         except Exception as error:
-            await self._abort(context, error)
+            code, message = status_of(error)
+            self._observe(request, code, started)
+            await context.abort(code, message)
+            raise AssertionError("grpc's context.abort returned instead of raising") from error
+        self._observe(request, grpc.StatusCode.OK, started)
+        return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -237,8 +264,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         in_flight = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def serve(request: pb.ModelInferRequest) -> None:
+            started = time.monotonic()
             try:
                 response = await self._infer(request, context)
+                self._observe(request, grpc.StatusCode.OK, started)
                 final = request.parameters.get("triton_enable_empty_final_response")
                 if final is not None and final.bool_param:
                     # One response per request: it is the final one (what such clients wait for).
@@ -246,6 +275,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
                 code, message = status_of(error)
+                self._observe(request, code, started)
                 answer = pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name,

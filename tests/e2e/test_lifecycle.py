@@ -72,6 +72,9 @@ def test_a_full_queue_answers_unavailable_at_once(gated: tuple[ThreadServer, Gat
                 await asyncio.sleep(0.01)
             queued = [asyncio.ensure_future(client.infer(MODEL, _inputs(pixels))) for _ in range(2)]
             await asyncio.sleep(0.3)  # both are in the queue now (bound 2)
+            labels = {"model": MODEL, "version": "1"}
+            assert server.server.registry.get_sample_value("valley_queue_depth_requests", labels) == 2
+            assert server.server.registry.get_sample_value("valley_in_flight_requests", labels) == 3
             started = time.monotonic()
             with pytest.raises(InferenceServerException) as error:
                 await client.infer(MODEL, _inputs(pixels))

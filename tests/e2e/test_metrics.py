@@ -1,0 +1,104 @@
+"""The Prometheus metrics after real RPCs, read from the server's own (fresh) registry and its /metrics port."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings
+
+LABELS = {"model": MODEL, "version": "1"}
+
+
+def _inputs(pixels: np.ndarray) -> list[triton.InferInput]:
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    return [tensor]
+
+
+@pytest.fixture
+def server(repository: Path) -> Iterator[ThreadServer]:
+    running = ThreadServer(thread_settings(repository, execution="members"))
+    yield running
+    running.close()
+
+
+def _value(server: ThreadServer, name: str, **labels: str) -> float:
+    value = server.server.registry.get_sample_value(name, {**LABELS, **labels})
+    return 0.0 if value is None else value
+
+
+def test_requests_runs_and_signals_are_counted(server: ThreadServer, reference: Reference, exported: Path) -> None:
+    client = triton.InferenceServerClient(server.url)
+    batches = [reference.images(size, seed=size) for size in (1, 3, 8, 5)]
+    for pixels in batches:  # the clients ask only for probabilities: the signals are computed anyway
+        client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput("probabilities")])
+    images = np.concatenate(batches)
+    expected = reference(images)
+    runs = int(client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]["execution_count"])
+
+    assert _value(server, "valley_requests_total", code="OK") == len(batches)
+    assert _value(server, "valley_request_duration_seconds_count") == len(batches)
+    assert _value(server, "valley_queue_duration_seconds_count") == len(batches)
+    assert _value(server, "valley_compute_duration_seconds_count") == runs
+    assert _value(server, "valley_batch_images_count") == runs
+    assert _value(server, "valley_batch_images_sum") == len(images)
+    for histogram, output in (("valley_confidence_ratio", "confidence"), ("valley_predictive_entropy_nats", "entropy"),
+                              ("valley_mutual_information_nats", "mutual_information"),
+                              ("valley_member_disagreement_ratio", "member_disagreement")):
+        assert _value(server, f"{histogram}_count") == len(images), histogram
+        assert _value(server, f"{histogram}_sum") == pytest.approx(float(expected[output].sum()), abs=1e-4)
+    # The confidence buckets are ECE's 15 bins: the 1/15 bucket counts confidences <= 1/15.
+    top = float(np.sum(expected["confidence"] <= 1.0))
+    assert _value(server, "valley_confidence_ratio_bucket", le="1.0") == top
+    classes = json.loads((exported / "manifest.json").read_text())["classes"]
+    counts = np.bincount(expected["predicted_class"], minlength=len(classes))
+    for index, name in enumerate(classes):
+        assert _value(server, "valley_predicted_class_total", **{"class": name}) == counts[index], name
+    members = len(json.loads((exported / "manifest.json").read_text())["members"])
+    for member in range(members):
+        assert _value(server, "valley_member_compute_duration_seconds_count", member=str(member)) == runs
+    assert _value(server, "valley_in_flight_requests") == 0
+    assert _value(server, "valley_queue_depth_requests") == 0
+
+
+def test_errors_are_counted_by_code_with_bounded_labels(server: ThreadServer, reference: Reference) -> None:
+    client = triton.InferenceServerClient(server.url)
+    calls: list[Callable[[], object]] = [lambda: client.infer("unknown-model", _inputs(reference.images(1, 0))),
+                                         lambda: client.infer(MODEL, _inputs(reference.images(1, 0)[:, :, :4]))]
+    for call in calls:
+        with pytest.raises(InferenceServerException):
+            call()
+    registry = server.server.registry
+    assert registry.get_sample_value("valley_requests_total",
+                                     {"model": "", "version": "", "code": "NOT_FOUND"}) == 1
+    assert _value(server, "valley_requests_total", code="INVALID_ARGUMENT") == 1
+    assert _value(server, "valley_request_duration_seconds_count") == 0, "refused requests never reached a model"
+
+
+def test_model_state_provider_offline_quality_and_temperature(server: ThreadServer, exported: Path) -> None:
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert _value(server, "valley_model_ready") == 1
+    assert _value(server, "valley_execution_provider_info", provider="CPUExecutionProvider") == 1
+    assert _value(server, "valley_temperature") == pytest.approx(manifest["temperature"])
+    for calibrated, key in (("true", "calibrated"), ("false", "uncalibrated")):
+        for metric in ("accuracy", "ece", "nll", "brier"):
+            assert _value(server, "valley_offline_metric", metric=metric, calibrated=calibrated) == \
+                pytest.approx(manifest["metrics"][key][metric])
+    triton.InferenceServerClient(server.url).unload_model(MODEL)
+    assert _value(server, "valley_model_ready") == 0
+
+
+def test_the_metrics_port_serves_the_registry(server: ThreadServer, reference: Reference) -> None:
+    triton.InferenceServerClient(server.url).infer(MODEL, _inputs(reference.images(2, 1)))
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'valley_requests_total{code="OK",model="synth",version="1"} 1.0' in text
+    assert "# HELP valley_confidence_ratio" in text and "process_resident_memory_bytes" in text
