@@ -62,8 +62,9 @@ class Server:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.health = HealthServicer()
-        self.metrics = ServingMetrics(self.registry, self._queue_depths)
-        self.repository = Repository(settings, on_state=self._model_state, on_batch=self._batch_done)
+        self.metrics = ServingMetrics(self.registry, self._queue_depths) if settings.metrics else None
+        self.repository = Repository(settings, on_state=self._model_state,
+                                     on_batch=self._batch_done if settings.metrics else None)
         self.servicer = InferenceServicer(self.repository, settings.max_batch_size, self.metrics)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
@@ -75,16 +76,18 @@ class Server:
         self._stopping = asyncio.Event()
 
     async def _model_state(self, name: str, current: ServedModel | None, previous: ServedModel | None) -> None:
-        if previous is not None:
-            self.metrics.observe_unload(previous.name, previous.version)
-        if current is not None:
-            self.metrics.observe_load(current.ensemble)
-            for instance in current.instances:
-                instance.on_member_times = self.metrics.member_timer(current.name, current.version)
+        if self.metrics is not None:
+            if previous is not None:
+                self.metrics.observe_unload(previous.name, previous.version)
+            if current is not None:
+                self.metrics.observe_load(current.ensemble)
+                for instance in current.instances:
+                    instance.on_member_times = self.metrics.member_timer(current.name, current.version)
         await self.health.set(name, SERVING if current is not None else NOT_SERVING)
         await self._server_state()
 
     def _batch_done(self, served: ServedModel, record: BatchRecord) -> None:
+        assert self.metrics is not None  # only wired when metrics are on
         self.metrics.observe_batch(served.name, served.version, served.ensemble.manifest.classes, record)
 
     def _queue_depths(self) -> list[tuple[str, str, int]]:

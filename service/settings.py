@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest a request waits for others to join its batch")
     max_queue_size: int = Field(1024, ge=1, description="requests waiting per model; beyond it UNAVAILABLE at once")
     max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
+    metrics: bool = Field(True, description="request, latency and uncertainty metrics on /metrics (off: only "
+                          "process metrics, and runs compute only the outputs clients ask for)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
 

@@ -102,3 +102,15 @@ def test_the_metrics_port_serves_the_registry(server: ThreadServer, reference: R
         text = response.read().decode()
     assert 'valley_requests_total{code="OK",model="synth",version="1"} 1.0' in text
     assert "# HELP valley_confidence_ratio" in text and "process_resident_memory_bytes" in text
+
+
+def test_with_metrics_off_only_process_metrics_remain(repository: Path, reference: Reference) -> None:
+    server = ThreadServer(thread_settings(repository, metrics=False))
+    try:
+        pixels = reference.images(2, seed=3)
+        result = triton.InferenceServerClient(server.url).infer(MODEL, _inputs(pixels))
+        np.testing.assert_allclose(result.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
+        names = {metric.name for metric in server.server.registry.collect()}
+        assert not any(name.startswith("valley_") for name in names) and "process_resident_memory_bytes" in names
+    finally:
+        server.close()
