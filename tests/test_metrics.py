@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 
+from service.calibration import CalibrationWindow, confidence_bin, score
 from training.ensembles import ensemble_probabilities, prefix_metrics
 from training.metrics import (
     accuracy,
     brier,
     classification_metrics,
-    confidence_bin,
     ece,
     entropy,
     mutual_information,
@@ -68,3 +68,19 @@ def test_uncertainty_decomposition() -> None:
     assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
     assert mutual_information(agree)[0] == pytest.approx(0.0)
     assert mutual_information(disagree)[0] == pytest.approx(math.log(2))
+
+
+def test_the_serving_window_agrees_with_the_training_metrics() -> None:
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(10) * 0.3, size=500)
+    labels = rng.integers(0, 10, size=500)
+    window = CalibrationWindow(size=200)
+    for row, label in zip(probabilities, labels, strict=True):
+        window.add(score(row, int(label)))
+    summary, last = window.summary(), slice(300, 500)
+    assert len(window) == 200
+    assert summary["ece"] == pytest.approx(ece(probabilities[last], labels[last]), abs=1e-12)
+    assert summary["accuracy"] == pytest.approx(accuracy(probabilities[last], labels[last]), abs=1e-12)
+    assert summary["nll"] == pytest.approx(nll(probabilities[last], labels[last]), abs=1e-12)
+    assert summary["brier"] == pytest.approx(brier(probabilities[last], labels[last]), abs=1e-12)
+    assert CalibrationWindow(5).summary() == {}

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.calibration import ECE_BINS, confidence_bin
 from service.manifest import Metrics
 from service.uncertainty import LOG_FLOOR
 from service.uncertainty import entropy as _entropy
-
-ECE_BINS = 15
 
 
 def _check(probabilities: np.ndarray, labels: np.ndarray) -> None:
@@ -40,20 +39,6 @@ def brier(probabilities: np.ndarray, labels: np.ndarray) -> float:
     one_hot = np.zeros_like(probabilities, dtype=np.float64)
     one_hot[np.arange(len(labels)), labels] = 1.0
     return float(np.mean(np.sum((probabilities - one_hot) ** 2, axis=1)))
-
-
-def bin_upper_edges(bins: int = ECE_BINS) -> np.ndarray:
-    """Upper edges 1/bins, 2/bins, ..., 1 of the equal-width confidence bins."""
-    return np.linspace(0.0, 1.0, bins + 1)[1:]
-
-
-def confidence_bin(confidence: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
-    """Index of the bin (lower, upper] holding each confidence: the first upper edge >= it.
-
-    Comparing against the edges themselves (not `ceil(confidence * bins)`) puts a confidence
-    that equals an edge in the same bin as a Prometheus bucket with that `le` would.
-    """
-    return np.minimum(np.searchsorted(bin_upper_edges(bins), confidence, side="left"), bins - 1)
 
 
 def ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
