@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.errors import InvalidInput
+from service.feedback import AlreadyLabelled, Label, PredictionStore, UnknownPrediction
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _probabilities(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.ones(4), size=rows).astype(np.float32)
+
+
+def test_labels_join_the_prediction_served_for_them() -> None:
+    store = PredictionStore(max_predictions=100, ttl_seconds=60)
+    served = _probabilities(3)
+    store.remember("m", 2, "req-1", served)
+    joined = store.join([Label("m", "req-1", 2, 1), Label("m", "req-1", 0, 3)])
+    assert [(j.version, j.true_class) for j in joined] == [(2, 1), (2, 3)]
+    np.testing.assert_array_equal(joined[0].probabilities, served[2])
+    np.testing.assert_array_equal(joined[1].probabilities, served[0])
+
+
+def test_a_second_label_for_one_prediction_is_refused_and_nothing_of_that_report_counts() -> None:
+    store = PredictionStore(max_predictions=100, ttl_seconds=60)
+    store.remember("m", 1, "r", _probabilities(2))
+    store.join([Label("m", "r", 0, 1)])
+    with pytest.raises(AlreadyLabelled, match="already labelled"):
+        store.join([Label("m", "r", 1, 0), Label("m", "r", 0, 2)])
+    assert len(store.join([Label("m", "r", 1, 0)])) == 1, "position 1 was not marked by the refused report"
+    with pytest.raises(AlreadyLabelled):
+        store.join([Label("m", "r", 1, 0)])
+    store.remember("m", 1, "s", _probabilities(1))
+    with pytest.raises(AlreadyLabelled):
+        store.join([Label("m", "s", 0, 0), Label("m", "s", 0, 0)])
+
+
+@pytest.mark.parametrize(("label", "error", "words"), [
+    (Label("m", "nope", 0, 0), UnknownPrediction, "no prediction kept"),
+    (Label("other", "r", 0, 0), UnknownPrediction, "no prediction kept"),
+    (Label("m", "r", 5, 0), InvalidInput, "had 2 images"),
+    (Label("m", "r", 0, 4), InvalidInput, "not one of the model's 4 classes"),
+])
+def test_bad_labels_are_named(label: Label, error: type[Exception], words: str) -> None:
+    store = PredictionStore(max_predictions=100, ttl_seconds=60)
+    store.remember("m", 1, "r", _probabilities(2))
+    with pytest.raises(error, match=words):
+        store.join([label])
+
+
+def test_predictions_expire_and_the_oldest_go_when_full() -> None:
+    clock = Clock()
+    store = PredictionStore(max_predictions=5, ttl_seconds=10, clock=clock)
+    store.remember("m", 1, "old", _probabilities(2))
+    clock.now = 5
+    store.remember("m", 1, "mid", _probabilities(2))
+    store.remember("m", 1, "new", _probabilities(2))  # 6 > 5: "old" is pushed out
+    assert len(store) == 4
+    with pytest.raises(UnknownPrediction):
+        store.join([Label("m", "old", 0, 0)])
+    clock.now = 15.5  # "mid" and "new" were served at 5: expired
+    with pytest.raises(UnknownPrediction):
+        store.join([Label("m", "mid", 0, 0)])
+    assert len(store) == 0
+    store.remember("m", 1, "", _probabilities(1))
+    assert len(store) == 0, "a request without an id cannot be labelled, so it is not kept"
+
+
+def test_the_same_id_again_replaces_the_prediction() -> None:
+    store = PredictionStore(max_predictions=10, ttl_seconds=60)
+    store.remember("m", 1, "r", _probabilities(1, seed=1))
+    second = _probabilities(3, seed=2)
+    store.remember("m", 1, "r", second)
+    assert len(store) == 3
+    np.testing.assert_array_equal(store.join([Label("m", "r", 2, 0)])[0].probabilities, second[2])
