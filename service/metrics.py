@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from service.batching import BatchRecord
+from service.calibration import CalibrationWindow, Scored
 from service.ensemble import Ensemble
 from service.manifest import Manifest
 
@@ -29,9 +30,11 @@ RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 NATS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 MODEL = ("model", "version")
 
-# The outputs every model run computes so that the label-free signals cover every request,
-# whatever each client asked for (they are scalars: cheap next to the members' compute).
-SIGNAL_OUTPUTS = ("predicted_class", "confidence", "entropy", "mutual_information", "member_disagreement")
+# The outputs every model run computes so that the label-free signals cover every request and
+# the probabilities can be kept for feedback, whatever each client asked for (cheap next to the
+# members' compute).
+SIGNAL_OUTPUTS = ("probabilities", "predicted_class", "confidence", "entropy", "mutual_information",
+                  "member_disagreement")
 
 
 class _QueueCollector(Collector):
@@ -86,6 +89,20 @@ class ServingMetrics:
                              [*MODEL, "metric", "calibrated"], registry=registry)
         self.temperature = Gauge("valley_temperature", "The temperature the ensemble's softmax is divided by",
                                  MODEL, registry=registry)
+        self.feedback_labels = Counter("valley_feedback_labels_total", "Labelled predictions, by confidence bin "
+                                       "(15 equal-width bins, 0-14)", [*MODEL, "bin"], registry=registry)
+        self.feedback_correct = Counter("valley_feedback_correct_total", "Labelled predictions whose predicted "
+                                        "class was right, by confidence bin", [*MODEL, "bin"], registry=registry)
+        self.feedback_confidence = Counter("valley_feedback_confidence_total", "Sum of the confidence of labelled "
+                                           "predictions, by confidence bin", [*MODEL, "bin"], registry=registry)
+        self.feedback_nll = Counter("valley_feedback_nll_total", "Sum of the negative log-likelihood (nats) of "
+                                    "labelled predictions", MODEL, registry=registry)
+        self.feedback_brier = Counter("valley_feedback_brier_total", "Sum of the Brier score of labelled "
+                                      "predictions", MODEL, registry=registry)
+        self.live = Gauge("valley_live_metric", "ECE and accuracy (fractions), NLL and Brier over the last "
+                          "labelled predictions (the calibration window)", [*MODEL, "metric"], registry=registry)
+        self.live_count = Gauge("valley_live_window_predictions", "Labelled predictions in the calibration window",
+                                MODEL, registry=registry)
         registry.register(_QueueCollector(depths))
 
     # -- models ---------------------------------------------------------------------------
@@ -142,6 +159,20 @@ class ServingMetrics:
             predicted, counts = np.unique(outputs["predicted_class"], return_counts=True)
             for index, count in zip(predicted.tolist(), counts.tolist(), strict=True):
                 self.predicted.labels(*labels, classes[index]).inc(count)
+
+
+    def observe_feedback(self, name: str, version: int, scored: Scored, window: CalibrationWindow) -> None:
+        """One label joined to its prediction: the bin counters and sums, and the window's gauges."""
+        labels = (name, str(version))
+        bin_labels = (*labels, str(scored.bin))
+        self.feedback_labels.labels(*bin_labels).inc()
+        self.feedback_correct.labels(*bin_labels).inc(int(scored.correct))
+        self.feedback_confidence.labels(*bin_labels).inc(scored.confidence)
+        self.feedback_nll.labels(*labels).inc(scored.nll)
+        self.feedback_brier.labels(*labels).inc(scored.brier)
+        for metric, value in window.summary().items():
+            self.live.labels(*labels, metric).set(value)
+        self.live_count.labels(*labels).set(len(window))
 
 
 def _observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:

@@ -23,15 +23,19 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
 from service.batching import BatchRecord
+from service.feedback import PredictionStore
 from service.metrics import ServingMetrics
 from service.repository import Repository, ServedModel
-from service.servicer import InferenceServicer
+from service.servicer import FeedbackServicer, InferenceServicer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+FEEDBACK_SERVICE = feedback_pb.DESCRIPTOR.services_by_name["Feedback"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -49,7 +53,8 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
             POOL.FindFileByName(module.DESCRIPTOR.name)
         except KeyError:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = [INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    names = [INFERENCE_SERVICE, FEEDBACK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server, pool=POOL)
 
 
@@ -65,12 +70,16 @@ class Server:
         self.metrics = ServingMetrics(self.registry, self._queue_depths) if settings.metrics else None
         self.repository = Repository(settings, on_state=self._model_state,
                                      on_batch=self._batch_done if settings.metrics else None)
-        self.servicer = InferenceServicer(self.repository, settings.max_batch_size, self.metrics)
+        predictions = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s) \
+            if settings.metrics else None
+        self.servicer = InferenceServicer(self.repository, settings.max_batch_size, self.metrics, predictions)
+        self.feedback = FeedbackServicer(predictions, self.metrics, settings.calibration_window)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
                                              ("grpc.max_send_message_length", limit)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.grpc)  # type: ignore[no-untyped-call]
+        feedback_grpc.add_FeedbackServicer_to_server(self.feedback, self.grpc)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()

@@ -20,9 +20,13 @@ import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
 from service.batching import DeadlineExceeded, QueueFull
+from service.calibration import CalibrationWindow, score
 from service.codec import decode_inputs, encode_outputs
 from service.errors import InvalidInput, ServingError
+from service.feedback import AlreadyLabelled, Label, PredictionStore, UnknownPrediction
 from service.manifest import OUTPUTS
 from service.metrics import SIGNAL_OUTPUTS, ServingMetrics
 from service.repository import LoadFailed, ModelNotFound, ModelNotReady, Repository, ServedModel
@@ -42,7 +46,14 @@ class ShuttingDown(ServingError):
     """The server is draining before it exits: UNAVAILABLE, retry on another replica."""
 
 
+class FeedbackOff(ServingError):
+    """Feedback needs the metrics it feeds: FAILED_PRECONDITION."""
+
+
 STATUS: dict[type[ServingError], grpc.StatusCode] = {
+    UnknownPrediction: grpc.StatusCode.NOT_FOUND,
+    AlreadyLabelled: grpc.StatusCode.ALREADY_EXISTS,
+    FeedbackOff: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
@@ -136,10 +147,12 @@ def _statistics(model: ServedModel) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, max_batch_size: int, metrics: ServingMetrics | None = None) -> None:
+    def __init__(self, repository: Repository, max_batch_size: int, metrics: ServingMetrics | None = None,
+                 predictions: PredictionStore | None = None) -> None:
         self.repository = repository
         self.max_batch_size = max_batch_size
         self.metrics = metrics
+        self.predictions = predictions
         # With metrics on, every run also computes the label-free signals for every image.
         self._extra_outputs = SIGNAL_OUTPUTS if metrics is not None else ()
         self.shutting_down = False
@@ -219,6 +232,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 with self.metrics.in_flight.labels(model.name, str(model.version)).track_inprogress():
                     results = await model.batcher.submit(pixels, computed, _deadline(request, context))
+            if self.predictions is not None and request.id:
+                self.predictions.remember(model.name, model.version, request.id, results["probabilities"])
             response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
             encode_outputs({name: results[name] for name in outputs}, response)
         except BaseException:
@@ -344,3 +359,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ServingError as error:
             await self._abort(context, error)
         return pb.RepositoryModelUnloadResponse()
+
+
+class FeedbackServicer(feedback_grpc.FeedbackServicer):
+    """valley.v1.Feedback: labels joined to served predictions feed the calibration metrics."""
+
+    def __init__(self, predictions: PredictionStore | None, metrics: ServingMetrics | None, window: int) -> None:
+        self.predictions, self.metrics, self.window = predictions, metrics, window
+        self._windows: dict[tuple[str, int], CalibrationWindow] = {}
+
+    async def Report(self, request: feedback_pb.ReportRequest, context: grpc.aio.ServicerContext
+                     ) -> feedback_pb.ReportResponse:
+        try:
+            if self.predictions is None or self.metrics is None:
+                raise FeedbackOff("feedback is off because the server runs without metrics (--metrics false)")
+            if not request.labels:
+                raise InvalidInput("the report holds no labels")
+            joined = self.predictions.join([Label(label.model_name, label.request_id, label.position,
+                                                  label.true_class) for label in request.labels])
+        except ServingError as error:
+            code, message = status_of(error)
+            await context.abort(code, message)
+            raise AssertionError("grpc's context.abort returned instead of raising") from error
+        for label in joined:
+            window = self._windows.setdefault((label.model, label.version), CalibrationWindow(self.window))
+            scored = score(label.probabilities, label.true_class)
+            window.add(scored)
+            self.metrics.observe_feedback(label.model, label.version, scored, window)
+        return feedback_pb.ReportResponse(accepted=len(joined))

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
     metrics: bool = Field(True, description="request, latency and uncertainty metrics on /metrics (off: only "
                           "process metrics, and runs compute only the outputs clients ask for)")
+    feedback_max_predictions: int = Field(100_000, ge=1, description="served predictions (images) kept for "
+                                          "feedback labels; the oldest go first")
+    feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a served prediction can still be labelled")
+    calibration_window: int = Field(1000, ge=1, description="labelled predictions in the live ECE/accuracy/NLL/"
+                                    "Brier gauges")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
 

@@ -7,12 +7,16 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
 from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings
+from training.metrics import accuracy, brier, ece, nll
 
 LABELS = {"model": MODEL, "version": "1"}
 
@@ -114,3 +118,83 @@ def test_with_metrics_off_only_process_metrics_remain(repository: Path, referenc
         assert not any(name.startswith("valley_") for name in names) and "process_resident_memory_bytes" in names
     finally:
         server.close()
+
+
+def _report(server: ThreadServer, labels: list[tuple[str, int, int]], model: str = MODEL) -> int:
+    request = feedback_pb.ReportRequest(labels=[
+        feedback_pb.Label(model_name=model, request_id=request_id, position=position, true_class=true_class)
+        for request_id, position, true_class in labels])
+    with grpc.insecure_channel(server.url) as channel:
+        stub = feedback_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
+        return int(stub.Report(request, timeout=10).accepted)
+
+
+def test_feedback_gives_the_calibration_training_computes(repository: Path, reference: Reference) -> None:
+    server = ThreadServer(thread_settings(repository, calibration_window=12))
+    try:
+        client = triton.InferenceServerClient(server.url)
+        rng = np.random.default_rng(0)
+        served, labels, reports = [], [], []
+        for index in range(5):
+            pixels = reference.images(4, seed=30 + index)
+            result = client.infer(MODEL, _inputs(pixels), request_id=f"r{index}",
+                                  outputs=[triton.InferRequestedOutput("predicted_class")])
+            assert result.as_numpy("probabilities") is None, "the client gets only what it asked for"
+            served.append(reference(pixels)["probabilities"])
+            for position in range(4):
+                true_class = int(rng.integers(0, 10))
+                labels.append(true_class)
+                reports.append((f"r{index}", position, true_class))
+        client.infer(MODEL, _inputs(reference.images(1, seed=9)))  # no id: cannot be labelled, not kept
+        assert _report(server, reports[:7]) == 7
+        assert _report(server, reports[7:]) == 13
+        probabilities, truth = np.concatenate(served).astype(np.float64), np.array(labels)
+
+        def total(name: str) -> float:
+            return sum(_value(server, name, bin=str(b)) for b in range(15))
+
+        count = total("valley_feedback_labels_total")
+        assert count == len(truth)
+        # What the recording rule computes in PromQL, from the bin counters.
+        promql_ece = sum(abs(_value(server, "valley_feedback_confidence_total", bin=str(b))
+                             - _value(server, "valley_feedback_correct_total", bin=str(b))) for b in range(15)) / count
+        assert promql_ece == pytest.approx(ece(probabilities, truth), abs=1e-6)
+        assert total("valley_feedback_correct_total") / count == pytest.approx(accuracy(probabilities, truth))
+        assert _value(server, "valley_feedback_nll_total") / count == pytest.approx(nll(probabilities, truth), abs=1e-5)
+        assert _value(server, "valley_feedback_brier_total") / count == pytest.approx(brier(probabilities, truth),
+                                                                                      abs=1e-5)
+        window = slice(len(truth) - 12, len(truth))
+        assert _value(server, "valley_live_window_predictions") == 12
+        assert _value(server, "valley_live_metric", metric="ece") == pytest.approx(
+            ece(probabilities[window], truth[window]), abs=1e-6)
+        assert _value(server, "valley_live_metric", metric="accuracy") == pytest.approx(
+            accuracy(probabilities[window], truth[window]))
+    finally:
+        server.close()
+
+
+def test_bad_feedback_is_refused_with_the_right_status(repository: Path, reference: Reference) -> None:
+    server = ThreadServer(thread_settings(repository))
+    try:
+        triton.InferenceServerClient(server.url).infer(MODEL, _inputs(reference.images(2, seed=1)), request_id="a")
+        assert _report(server, [("a", 0, 3)]) == 1
+        cases = [([("a", 0, 3)], grpc.StatusCode.ALREADY_EXISTS, "already labelled"),
+                 ([("a", 1, 2), ("zzz", 0, 1)], grpc.StatusCode.NOT_FOUND, "no prediction kept"),
+                 ([("a", 1, 10)], grpc.StatusCode.INVALID_ARGUMENT, "not one of the model's 10 classes"),
+                 ([("a", 7, 1)], grpc.StatusCode.INVALID_ARGUMENT, "had 2 images"),
+                 ([], grpc.StatusCode.INVALID_ARGUMENT, "no labels")]
+        for labels, code, words in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                _report(server, labels)
+            assert error.value.code() == code and words in error.value.details(), labels
+        assert _report(server, [("a", 1, 2)]) == 1, "the refused reports counted nothing"
+        assert sum(_value(server, "valley_feedback_labels_total", bin=str(b)) for b in range(15)) == 2
+    finally:
+        server.close()
+    off = ThreadServer(thread_settings(repository, metrics=False))
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            _report(off, [("a", 0, 1)])
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        off.close()
