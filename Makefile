@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[train,serve,dev]'
 	touch $(STAMP)
 
-data: $(FASHION_MNIST)
+# Debian packages: the Fashion-MNIST data set, and Prometheus (promtool and a real server for the tests).
+DEB_PACKAGES := dataset-fashion-mnist prometheus
+data: $(FASHION_MNIST) /usr/bin/promtool
 
-$(FASHION_MNIST):
+$(FASHION_MNIST) /usr/bin/promtool:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
-	  echo "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root"; exit 1; fi; \
-	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist
+	  echo "missing Debian packages: run 'apt-get install $(DEB_PACKAGES)' as root"; exit 1; fi; \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(DEB_PACKAGES)
 
 demo: setup data
 	$(BIN)/valley-train train --dataset fashion-mnist --model cnn --epochs $(DEMO_EPOCHS) --out $(DEMO_DIR)/base --resume
