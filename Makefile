@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 DEB_PACKAGES := dataset-fashion-mnist prometheus
 data: $(FASHION_MNIST) /usr/bin/promtool
 
-$(FASHION_MNIST) /usr/bin/promtool:
+$(FASHION_MNIST) /usr/bin/promtool &:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
 	  echo "missing Debian packages: run 'apt-get install $(DEB_PACKAGES)' as root"; exit 1; fi; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(DEB_PACKAGES)
