@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
+import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
+import pytest
 import tritonclient.grpc as triton
 
-from tests.conftest import REPO
-from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings
+from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
+from tests.conftest import REPO, cli
+from tests.e2e.conftest import (
+    MODEL,
+    Reference,
+    ThreadServer,
+    free_port,
+    start_server_process,
+    stop_server_process,
+    thread_settings,
+)
+from training.data import read_idx
+from training.metrics import accuracy, ece
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 RULES = REPO / "deploy" / "prometheus"
 
@@ -41,3 +63,87 @@ def test_the_served_metrics_pass_promtool(repository: Path, reference: Reference
     linted = _promtool("check", "metrics", stdin=text)
     assert linted.returncode == 0 and not linted.stdout.strip() and not linted.stderr.strip(), \
         linted.stdout + linted.stderr
+
+
+@pytest.fixture(scope="module")
+def fashion_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real Fashion-MNIST FGE ensemble (2,000 training images, 2 members), exported."""
+    root = tmp_path_factory.mktemp("fashion")
+    cli("train", "--dataset", "fashion-mnist", "--subset", "2000", "--val-size", "500", "--epochs", "2",
+        "--save-epoch", "1", "--seed", "0", "--out", root / "base")
+    cli("fge", "--from", root / "base", "--start-epoch", "1", "--cycles", "2", "--cycle-epochs", "1", "--lr1", "0.05",
+        "--lr2", "0.005", "--out", root / "fge")
+    cli("export", "--from", root / "fge", "--name", "fashion", "--out", root / "repository")
+    return root / "repository"
+
+
+@contextmanager
+def prometheus(tmp: Path, metrics_port: int) -> Iterator[str]:
+    """A real Prometheus scraping valley every second and evaluating our rules every second."""
+    rules = (RULES / "rules.yml").read_text().replace("interval: 30s", "interval: 1s")
+    (tmp / "rules.yml").write_text(rules)
+    (tmp / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{tmp / 'rules.yml'}]\n"
+        f"scrape_configs: [{{job_name: valley, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
+    port = free_port()
+    with open(tmp / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _query(url: str, promql: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/api/v1/query?query={urllib.parse.quote(promql)}", timeout=10) as response:
+        return json.loads(response.read())["data"]["result"]  # type: ignore[no-any-return]
+
+
+def _until(url: str, promql: str, predicate: Callable[[float], bool], timeout: float = 90) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = _query(url, promql)
+        except OSError:  # Prometheus still starting
+            result = []
+        if result and predicate(float(result[0]["value"][1])):
+            return float(result[0]["value"][1])
+        time.sleep(0.5)
+    raise AssertionError(f"{promql} did not reach the expected value in {timeout} s")
+
+
+def test_prometheus_computes_the_ece_training_computes(fashion_repository: Path, tmp_path: Path) -> None:
+    """Predictions and labels for Fashion-MNIST test images; PromQL's ECE equals training.metrics.ece."""
+    images = read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:600, None]
+    labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")[:600].astype(np.int64)
+    server = start_server_process(fashion_repository)
+    try:
+        with prometheus(tmp_path, server.metrics_port) as url:
+            client = triton.InferenceServerClient(server.url)
+            served = []
+            for start in range(0, len(images), 50):
+                tensor = triton.InferInput("pixels", [50, 1, 28, 28], "UINT8")
+                tensor.set_data_from_numpy(np.ascontiguousarray(images[start:start + 50]))
+                result = client.infer("fashion", [tensor], request_id=f"batch-{start}",
+                                      outputs=[triton.InferRequestedOutput("probabilities")])
+                served.append(result.as_numpy("probabilities"))
+            report = feedback_pb.ReportRequest(labels=[
+                feedback_pb.Label(model_name="fashion", request_id=f"batch-{i - i % 50}", position=i % 50,
+                                  true_class=int(labels[i])) for i in range(len(labels))])
+            with grpc.insecure_channel(server.url) as channel:
+                assert feedback_grpc.FeedbackStub(channel).Report(report, timeout=30).accepted == len(labels)  # type: ignore[no-untyped-call]
+            _until(url, 'sum(valley_feedback_labels_total{model="fashion"})', lambda v: v == len(labels))
+            probabilities = np.concatenate(served).astype(np.float64)
+            expected = ece(probabilities, labels)
+            live = _until(url, 'valley:feedback_ece:ratio{model="fashion"}',
+                          lambda v: abs(v - expected) < 1e-6)
+            assert live == pytest.approx(expected, abs=1e-6)
+            accuracy_now = _until(url, 'valley:feedback_accuracy:ratio{model="fashion"}', lambda v: v > 0)
+            assert accuracy_now == pytest.approx(accuracy(probabilities, labels), abs=1e-9)
+            assert 0.5 < accuracy_now < 1.0, "a real, if small, Fashion-MNIST ensemble"
+    finally:
+        stop_server_process(server)
