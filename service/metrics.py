@@ -176,5 +176,19 @@ class ServingMetrics:
 
 
 def _observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
-    for value in np.asarray(values, dtype=np.float64).tolist():
-        histogram.observe(value)
+    """Observe many values at once: one numpy pass instead of a Python call per image.
+
+    Uses the histogram's bucket and sum cells (prometheus_client's own layout: per-bucket,
+    non-cumulative counts, `le` semantics); another layout falls back to `observe` per value.
+    """
+    array = np.asarray(values, dtype=np.float64).ravel()
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in array.tolist():
+            histogram.observe(value)
+        return
+    index = np.minimum(np.searchsorted(np.asarray(bounds, dtype=np.float64), array, side="left"), len(bounds) - 1)
+    counts = np.bincount(index, minlength=len(bounds))
+    for bucket in np.flatnonzero(counts).tolist():
+        buckets[bucket].inc(int(counts[bucket]))
+    total.inc(float(array.sum()))
