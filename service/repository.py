@@ -51,11 +51,15 @@ class State(str, Enum):
 class ServedModel:
     """One ensemble version taking requests: the loaded graphs, their batcher, their counters."""
 
-    ensemble: Ensemble
+    instances: list[Ensemble]
+    """Copies of the verified ensemble, each run by a compute thread of its own."""
     batcher: DynamicBatcher
     statistics: ModelStatistics
-    instances: list[Ensemble]
-    """Copies of `ensemble` (the first is itself), each run by a compute thread of its own."""
+
+    @property
+    def ensemble(self) -> Ensemble:
+        """The version's ensemble (its first instance): manifest, providers."""
+        return self.instances[0]
 
     @property
     def name(self) -> str:
@@ -168,7 +172,7 @@ class Repository:
                     reason += f" (version {slot.served.version} keeps serving)"
                 raise LoadFailed(reason) from error
             slot.refused.pop(version, None)
-            served = self._serve(instances[0], instances)
+            served = self._serve(instances)
             previous, slot.served = slot.served, served
             slot.state, slot.reason = State.READY, ""
             await self._notify(name, served, previous)
@@ -186,7 +190,7 @@ class Repository:
                                 f"the folder must be {manifest.name}/{manifest.version}")
         return [ensemble] + [ensemble.another_instance() for _ in range(settings.instances - 1)]
 
-    def _serve(self, ensemble: Ensemble, instances: list[Ensemble]) -> ServedModel:
+    def _serve(self, instances: list[Ensemble]) -> ServedModel:
         statistics = ModelStatistics()
         served: ServedModel
 
@@ -197,7 +201,7 @@ class Repository:
 
         batcher = DynamicBatcher([instance.infer for instance in instances], self._settings.max_batch_size,
                                  self._settings.max_queue_delay, self._settings.max_queue_size, on_batch)
-        served = ServedModel(ensemble, batcher, statistics, instances)
+        served = ServedModel(instances, batcher, statistics)
         batcher.start()
         return served
 

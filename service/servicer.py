@@ -73,6 +73,12 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error in the server (logged there); the request was not served"
 
 
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the call with this status; grpc's abort raises, and this says so to type checkers."""
+    await context.abort(code, message)
+    raise AssertionError("grpc's context.abort returned instead of raising")
+
+
 def _server_version() -> str:
     try:
         return version("valley-ensembles")
@@ -164,11 +170,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Return once no inference request is being served."""
         await self._idle.wait()
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
-        code, message = status_of(error)
-        await context.abort(code, message)
-        raise AssertionError("grpc's context.abort returned instead of raising")
-
     # -- health and metadata --------------------------------------------------------------
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -196,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self.repository.get(request.name, request.version)
         except ServingError as error:
-            await self._abort(context, error)
+            await _abort(context, *status_of(error))
         manifest = model.ensemble.manifest
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -242,8 +243,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model.statistics.record_request(time.monotonic() - started, ok=True)
         return response
 
-    def _observe(self, request: pb.ModelInferRequest, code: grpc.StatusCode, started: float) -> None:
-        """Count one answered request; requests for unknown models share empty labels (bounded cardinality)."""
+    def _observe(self, response: pb.ModelInferResponse, started: float) -> None:
+        """Count one served request, labelled with the model and version that answered it."""
+        if self.metrics is not None:
+            self.metrics.observe_request(response.model_name, response.model_version, grpc.StatusCode.OK.name,
+                                         time.monotonic() - started)
+
+    def _observe_failure(self, request: pb.ModelInferRequest, code: grpc.StatusCode, started: float) -> None:
+        """Count one failed request; requests for unknown models share empty labels (bounded cardinality)."""
         if self.metrics is None:
             return
         try:
@@ -251,7 +258,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name, version = model.name, str(model.version)
         except ServingError:
             name, version = "", ""
-        reached_model = code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+        reached_model = code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
         self.metrics.observe_request(name, version, code.name, time.monotonic() - started if reached_model else None)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -261,10 +268,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = await self._infer(request, context)
         except Exception as error:
             code, message = status_of(error)
-            self._observe(request, code, started)
-            await context.abort(code, message)
-            raise AssertionError("grpc's context.abort returned instead of raising") from error
-        self._observe(request, grpc.StatusCode.OK, started)
+            self._observe_failure(request, code, started)
+            await _abort(context, code, message)
+        self._observe(response, started)
         return response
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -282,7 +288,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             started = time.monotonic()
             try:
                 response = await self._infer(request, context)
-                self._observe(request, grpc.StatusCode.OK, started)
+                self._observe(response, started)
                 final = request.parameters.get("triton_enable_empty_final_response")
                 if final is not None and final.bool_param:
                     # One response per request: it is the final one (what such clients wait for).
@@ -290,7 +296,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
                 code, message = status_of(error)
-                self._observe(request, code, started)
+                self._observe_failure(request, code, started)
                 answer = pb.ModelStreamInferResponse(
                     error_message=f"{code.name}: {message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name,
@@ -327,7 +333,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name, version = request.name, request.version
             models = [self.repository.get(name, version)] if name else self.repository.served()
         except ServingError as error:
-            await self._abort(context, error)
+            await _abort(context, *status_of(error))
         return pb.ModelStatisticsResponse(model_stats=[_statistics(model) for model in models])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
@@ -335,7 +341,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             entries = self.repository.index()
         except ServingError as error:
-            await self._abort(context, error)
+            await _abort(context, *status_of(error))
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=e.name, version=e.version, state=e.state.value, reason=e.reason)
@@ -349,7 +355,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                    "the version into the repository folder, then load the model by name")
             await self.repository.load(request.model_name)
         except ServingError as error:
-            await self._abort(context, error)
+            await _abort(context, *status_of(error))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
@@ -357,7 +363,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             await self.repository.unload(request.model_name)
         except ServingError as error:
-            await self._abort(context, error)
+            await _abort(context, *status_of(error))
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -378,9 +384,7 @@ class FeedbackServicer(feedback_grpc.FeedbackServicer):
             joined = self.predictions.join([Label(label.model_name, label.request_id, label.position,
                                                   label.true_class) for label in request.labels])
         except ServingError as error:
-            code, message = status_of(error)
-            await context.abort(code, message)
-            raise AssertionError("grpc's context.abort returned instead of raising") from error
+            await _abort(context, *status_of(error))
         for label in joined:
             window = self._windows.setdefault((label.model, label.version), CalibrationWindow(self.window))
             scored = score(label.probabilities, label.true_class)
