@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 import onnxruntime
 import pytest
+import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.server import Ports, Server
@@ -34,6 +35,13 @@ from tests.conftest import REPO
 
 T = TypeVar("T")
 MODEL = "synth"
+
+
+def triton_inputs(pixels: np.ndarray, name: str = "pixels", datatype: str = "UINT8") -> list[triton.InferInput]:
+    """The one input tensor of a tritonclient request, holding `pixels`."""
+    tensor = triton.InferInput(name, list(pixels.shape), datatype)
+    tensor.set_data_from_numpy(pixels)
+    return [tensor]
 
 
 def free_port() -> int:

@@ -29,13 +29,8 @@ from tests.e2e.conftest import (
     start_server_process,
     stop_server_process,
     thread_settings,
+    triton_inputs,
 )
-
-
-def _inputs(pixels: np.ndarray) -> list[triton.InferInput]:
-    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
-    tensor.set_data_from_numpy(pixels)
-    return [tensor]
 
 
 @pytest.fixture
@@ -67,17 +62,17 @@ def test_a_full_queue_answers_unavailable_at_once(gated: tuple[ThreadServer, Gat
     async def main() -> tuple[list[object], float]:
         async with triton_aio.InferenceServerClient(server.url) as client:
             pixels = reference.images(1, seed=0)
-            running = asyncio.ensure_future(client.infer(MODEL, _inputs(pixels)))
+            running = asyncio.ensure_future(client.infer(MODEL, triton_inputs(pixels)))
             while not gate.entered.is_set():
                 await asyncio.sleep(0.01)
-            queued = [asyncio.ensure_future(client.infer(MODEL, _inputs(pixels))) for _ in range(2)]
+            queued = [asyncio.ensure_future(client.infer(MODEL, triton_inputs(pixels))) for _ in range(2)]
             await asyncio.sleep(0.3)  # both are in the queue now (bound 2)
             labels = {"model": MODEL, "version": "1"}
             assert server.server.registry.get_sample_value("valley_queue_depth_requests", labels) == 2
             assert server.server.registry.get_sample_value("valley_in_flight_requests", labels) == 3
             started = time.monotonic()
             with pytest.raises(InferenceServerException) as error:
-                await client.infer(MODEL, _inputs(pixels))
+                await client.infer(MODEL, triton_inputs(pixels))
             refused_after = time.monotonic() - started
             assert error.value.status() == "StatusCode.UNAVAILABLE" and "queue is full" in str(error.value.message())
             gate.open.set()
@@ -92,15 +87,15 @@ def test_a_request_past_its_deadline_is_dropped_before_compute(gated: tuple[Thre
                                                                reference: Reference) -> None:
     server, gate = gated
     client = triton.InferenceServerClient(server.url)
-    holder = threading.Thread(target=client.infer, args=(MODEL, _inputs(reference.images(1, seed=1))))
+    holder = threading.Thread(target=client.infer, args=(MODEL, triton_inputs(reference.images(1, seed=1))))
     holder.start()
     assert gate.entered.wait(10)
     with pytest.raises(InferenceServerException) as error:
-        client.infer(MODEL, _inputs(reference.images(5, seed=2)), client_timeout=0.3)
+        client.infer(MODEL, triton_inputs(reference.images(5, seed=2)), client_timeout=0.3)
     assert error.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     gate.open.set()
     holder.join(10)
-    client.infer(MODEL, _inputs(reference.images(2, seed=3)))
+    client.infer(MODEL, triton_inputs(reference.images(2, seed=3)))
     assert gate.batches == [1, 2], "the expired 5-image request must never reach the model"
     stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
     assert int(stats["inference_count"]) == 3 and int(stats["inference_stats"]["fail"]["count"]) == 1
@@ -112,7 +107,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(gated: tup
     client = triton.InferenceServerClient(server.url)
     pixels = reference.images(1, seed=4)
     results: list[triton.InferResult] = []
-    in_flight = threading.Thread(target=lambda: results.append(client.infer(MODEL, _inputs(pixels))))
+    in_flight = threading.Thread(target=lambda: results.append(client.infer(MODEL, triton_inputs(pixels))))
     in_flight.start()
     assert gate.entered.wait(10)
     stopping = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
@@ -120,7 +115,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(gated: tup
     while not server.server.servicer.shutting_down and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(InferenceServerException) as error:
-        client.infer(MODEL, _inputs(pixels))
+        client.infer(MODEL, triton_inputs(pixels))
     assert error.value.status() == "StatusCode.UNAVAILABLE"
     gate.open.set()
     in_flight.join(10)
@@ -135,7 +130,7 @@ def test_sigterm_drains_a_burst_and_exits_cleanly(own_repository: Path, referenc
 
     async def burst() -> list[object]:
         async with triton_aio.InferenceServerClient(server.url) as client:
-            requests = [asyncio.ensure_future(client.infer(MODEL, _inputs(pixels))) for pixels in batches]
+            requests = [asyncio.ensure_future(client.infer(MODEL, triton_inputs(pixels))) for pixels in batches]
             await asyncio.sleep(0.05)
             server.process.send_signal(signal.SIGTERM)
             return list(await asyncio.gather(*requests, return_exceptions=True))
@@ -178,14 +173,14 @@ def test_new_versions_swap_in_and_bad_ones_are_refused(own_repository: Path, ref
         _publish(own_repository / MODEL / "1", 2)
         client.load_model(MODEL)
         assert client.get_model_metadata(MODEL, as_json=True)["versions"] == ["2"]
-        assert client.infer(MODEL, _inputs(pixels)).get_response().model_version == "2"
+        assert client.infer(MODEL, triton_inputs(pixels)).get_response().model_version == "2"
 
         _corrupt(_publish(own_repository / MODEL / "2", 3))
         with pytest.raises(InferenceServerException) as error:
             client.load_model(MODEL)
         assert error.value.status() == "StatusCode.FAILED_PRECONDITION"
         assert "sha256" in str(error.value.message()) and "version 2 keeps serving" in str(error.value.message())
-        result = client.infer(MODEL, _inputs(pixels))
+        result = client.infer(MODEL, triton_inputs(pixels))
         assert result.get_response().model_version == "2"
         np.testing.assert_allclose(result.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
         index = {m["version"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
@@ -204,7 +199,7 @@ def test_unload_and_load_again(own_repository: Path, reference: Reference) -> No
         assert client.is_server_ready(), "an unloaded model does not make the server unready"
         assert health_status(server.ports.grpc, MODEL) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(InferenceServerException) as error:
-            client.infer(MODEL, _inputs(reference.images(1, seed=6)))
+            client.infer(MODEL, triton_inputs(reference.images(1, seed=6)))
         assert error.value.status() == "StatusCode.UNAVAILABLE" and "unloaded" in str(error.value.message())
         index = client.get_model_repository_index(as_json=True)["models"]
         assert [(m["name"], m["state"], m["reason"]) for m in index] == [(MODEL, "UNAVAILABLE", "unloaded")]
@@ -239,12 +234,12 @@ def test_a_bad_ensemble_at_start_is_reported_and_the_rest_serve(own_repository: 
         assert not client.is_server_ready(), "a refused ensemble keeps the server unready, as in Triton"
         assert health_status(server.ports.grpc) == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(InferenceServerException) as error:
-            client.infer("broken", _inputs(reference.images(1, seed=7)))
+            client.infer("broken", triton_inputs(reference.images(1, seed=7)))
         assert error.value.status() == "StatusCode.UNAVAILABLE" and reason in str(error.value.message())
         with pytest.raises(InferenceServerException) as error:
             client.load_model("broken")
         assert error.value.status() == "StatusCode.FAILED_PRECONDITION", error.value.message()
-        client.infer(MODEL, _inputs(reference.images(1, seed=7)))
+        client.infer(MODEL, triton_inputs(reference.images(1, seed=7)))
         client.unload_model("broken")
         assert client.is_server_ready(), "once the bad ensemble is unloaded the server is ready"
     finally:
@@ -274,7 +269,7 @@ def test_per_member_execution_gives_the_fused_answers(own_repository: Path, refe
             instance.on_member_times = times.append
         client = triton.InferenceServerClient(server.url)
         pixels = reference.images(9, seed=8)
-        result = client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS])
+        result = client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS])
         expected = reference(pixels)
         for name in OUTPUTS:
             np.testing.assert_allclose(result.as_numpy(name), expected[name], atol=1e-5, err_msg=name)

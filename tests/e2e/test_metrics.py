@@ -15,16 +15,10 @@ from tritonclient.utils import InferenceServerException
 
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
-from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings
+from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings, triton_inputs
 from training.metrics import accuracy, brier, ece, nll
 
 LABELS = {"model": MODEL, "version": "1"}
-
-
-def _inputs(pixels: np.ndarray) -> list[triton.InferInput]:
-    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
-    tensor.set_data_from_numpy(pixels)
-    return [tensor]
 
 
 @pytest.fixture
@@ -43,7 +37,7 @@ def test_requests_runs_and_signals_are_counted(server: ThreadServer, reference: 
     client = triton.InferenceServerClient(server.url)
     batches = [reference.images(size, seed=size) for size in (1, 3, 8, 5)]
     for pixels in batches:  # the clients ask only for probabilities: the signals are computed anyway
-        client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput("probabilities")])
+        client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput("probabilities")])
     images = np.concatenate(batches)
     expected = reference(images)
     runs = int(client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]["execution_count"])
@@ -75,8 +69,8 @@ def test_requests_runs_and_signals_are_counted(server: ThreadServer, reference: 
 
 def test_errors_are_counted_by_code_with_bounded_labels(server: ThreadServer, reference: Reference) -> None:
     client = triton.InferenceServerClient(server.url)
-    calls: list[Callable[[], object]] = [lambda: client.infer("unknown-model", _inputs(reference.images(1, 0))),
-                                         lambda: client.infer(MODEL, _inputs(reference.images(1, 0)[:, :, :4]))]
+    calls: list[Callable[[], object]] = [lambda: client.infer("unknown-model", triton_inputs(reference.images(1, 0))),
+                                         lambda: client.infer(MODEL, triton_inputs(reference.images(1, 0)[:, :, :4]))]
     for call in calls:
         with pytest.raises(InferenceServerException):
             call()
@@ -101,7 +95,7 @@ def test_model_state_provider_offline_quality_and_temperature(server: ThreadServ
 
 
 def test_the_metrics_port_serves_the_registry(server: ThreadServer, reference: Reference) -> None:
-    triton.InferenceServerClient(server.url).infer(MODEL, _inputs(reference.images(2, 1)))
+    triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(reference.images(2, 1)))
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
         text = response.read().decode()
     assert 'valley_requests_total{code="OK",model="synth",version="1"} 1.0' in text
@@ -112,7 +106,7 @@ def test_with_metrics_off_only_process_metrics_remain(repository: Path, referenc
     server = ThreadServer(thread_settings(repository, metrics=False))
     try:
         pixels = reference.images(2, seed=3)
-        result = triton.InferenceServerClient(server.url).infer(MODEL, _inputs(pixels))
+        result = triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels))
         np.testing.assert_allclose(result.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
         names = {metric.name for metric in server.server.registry.collect()}
         assert not any(name.startswith("valley_") for name in names) and "process_resident_memory_bytes" in names
@@ -137,7 +131,7 @@ def test_feedback_gives_the_calibration_training_computes(repository: Path, refe
         served, labels, reports = [], [], []
         for index in range(5):
             pixels = reference.images(4, seed=30 + index)
-            result = client.infer(MODEL, _inputs(pixels), request_id=f"r{index}",
+            result = client.infer(MODEL, triton_inputs(pixels), request_id=f"r{index}",
                                   outputs=[triton.InferRequestedOutput("predicted_class")])
             assert result.as_numpy("probabilities") is None, "the client gets only what it asked for"
             served.append(reference(pixels)["probabilities"])
@@ -145,7 +139,7 @@ def test_feedback_gives_the_calibration_training_computes(repository: Path, refe
                 true_class = int(rng.integers(0, 10))
                 labels.append(true_class)
                 reports.append((f"r{index}", position, true_class))
-        client.infer(MODEL, _inputs(reference.images(1, seed=9)))  # no id: cannot be labelled, not kept
+        client.infer(MODEL, triton_inputs(reference.images(1, seed=9)))  # no id: cannot be labelled, not kept
         assert _report(server, reports[:7]) == 7
         assert _report(server, reports[7:]) == 13
         probabilities, truth = np.concatenate(served).astype(np.float64), np.array(labels)
@@ -176,7 +170,8 @@ def test_feedback_gives_the_calibration_training_computes(repository: Path, refe
 def test_bad_feedback_is_refused_with_the_right_status(repository: Path, reference: Reference) -> None:
     server = ThreadServer(thread_settings(repository))
     try:
-        triton.InferenceServerClient(server.url).infer(MODEL, _inputs(reference.images(2, seed=1)), request_id="a")
+        pixels = reference.images(2, seed=1)
+        triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="a")
         assert _report(server, [("a", 0, 3)]) == 1
         cases = [([("a", 0, 3)], grpc.StatusCode.ALREADY_EXISTS, "already labelled"),
                  ([("a", 1, 2), ("zzz", 0, 1)], grpc.StatusCode.NOT_FOUND, "no prediction kept"),

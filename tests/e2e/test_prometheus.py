@@ -28,6 +28,7 @@ from tests.e2e.conftest import (
     start_server_process,
     stop_server_process,
     thread_settings,
+    triton_inputs,
 )
 from training.data import read_idx
 from training.metrics import accuracy, ece
@@ -52,9 +53,7 @@ def test_the_served_metrics_pass_promtool(repository: Path, reference: Reference
     server = ThreadServer(thread_settings(repository))
     try:
         pixels = reference.images(3, seed=0)
-        tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
-        tensor.set_data_from_numpy(np.ascontiguousarray(pixels))
-        triton.InferenceServerClient(server.url).infer(MODEL, [tensor], request_id="x")
+        triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="x")
         with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
             text = response.read().decode()
     finally:
@@ -126,9 +125,7 @@ def test_prometheus_computes_the_ece_training_computes(fashion_repository: Path,
             client = triton.InferenceServerClient(server.url)
             served = []
             for start in range(0, len(images), 50):
-                tensor = triton.InferInput("pixels", [50, 1, 28, 28], "UINT8")
-                tensor.set_data_from_numpy(np.ascontiguousarray(images[start:start + 50]))
-                result = client.infer("fashion", [tensor], request_id=f"batch-{start}",
+                result = client.infer("fashion", triton_inputs(images[start:start + 50]), request_id=f"batch-{start}",
                                       outputs=[triton.InferRequestedOutput("probabilities")])
                 served.append(result.as_numpy("probabilities"))
             report = feedback_pb.ReportRequest(labels=[

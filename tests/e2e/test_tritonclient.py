@@ -13,7 +13,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from service.manifest import OUTPUTS
-from tests.e2e.conftest import MODEL, Reference, ServerProcess
+from tests.e2e.conftest import MODEL, Reference, ServerProcess, triton_inputs
 
 DEFAULT_OUTPUTS = [name for name in OUTPUTS if name != "member_probabilities"]
 
@@ -21,12 +21,6 @@ DEFAULT_OUTPUTS = [name for name in OUTPUTS if name != "member_probabilities"]
 @pytest.fixture(scope="module")
 def client(served: ServerProcess) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(served.url)
-
-
-def _inputs(pixels: np.ndarray, name: str = "pixels", datatype: str = "UINT8") -> list[triton.InferInput]:
-    tensor = triton.InferInput(name, list(pixels.shape), datatype)
-    tensor.set_data_from_numpy(pixels)
-    return [tensor]
 
 
 def _assert_matches(result: triton.InferResult, expected: dict[str, np.ndarray], names: list[str]) -> None:
@@ -55,7 +49,7 @@ def test_every_output_at_every_batch_size(client: triton.InferenceServerClient, 
                                           batch: int) -> None:
     pixels = reference.images(batch, seed=batch)
     outputs = [triton.InferRequestedOutput(name) for name in OUTPUTS]
-    result = client.infer(MODEL, _inputs(pixels), outputs=outputs, request_id=f"batch-{batch}")
+    result = client.infer(MODEL, triton_inputs(pixels), outputs=outputs, request_id=f"batch-{batch}")
     assert result.get_response().id == f"batch-{batch}"
     assert result.get_response().model_version == "1"
     _assert_matches(result, reference(pixels), list(OUTPUTS))
@@ -64,14 +58,14 @@ def test_every_output_at_every_batch_size(client: triton.InferenceServerClient, 
 def test_without_requested_outputs_all_but_member_probabilities_come_back(client: triton.InferenceServerClient,
                                                                           reference: Reference) -> None:
     pixels = reference.images(3, seed=0)
-    result = client.infer(MODEL, _inputs(pixels))
+    result = client.infer(MODEL, triton_inputs(pixels))
     assert [o.name for o in result.get_response().outputs] == DEFAULT_OUTPUTS
     _assert_matches(result, reference(pixels), DEFAULT_OUTPUTS)
 
 
 def test_one_output_only(client: triton.InferenceServerClient, reference: Reference) -> None:
     pixels = reference.images(4, seed=1)
-    result = client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput("mutual_information")])
+    result = client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput("mutual_information")])
     assert [o.name for o in result.get_response().outputs] == ["mutual_information"]
     _assert_matches(result, reference(pixels), ["mutual_information"])
 
@@ -84,7 +78,7 @@ def test_a_concurrent_burst_matches_the_reference(served: ServerProcess, referen
         async with triton_aio.InferenceServerClient(served.url) as client:
             before = await client.get_inference_statistics(MODEL, as_json=True)
             results = await asyncio.gather(*(
-                client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput("probabilities"),
+                client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput("probabilities"),
                                                              triton.InferRequestedOutput("predicted_class")],
                              request_id=str(i)) for i, pixels in enumerate(batches)))
             after = await client.get_inference_statistics(MODEL, as_json=True)
@@ -121,10 +115,10 @@ def test_streaming_answers_each_request_and_survives_a_bad_one(served: ServerPro
     batches = {f"s{i}": reference.images(1 + i % 3, seed=200 + i) for i in range(10)}
     try:
         for request_id, pixels in batches.items():
-            client.async_stream_infer(MODEL, _inputs(pixels), request_id=request_id,
+            client.async_stream_infer(MODEL, triton_inputs(pixels), request_id=request_id,
                                       outputs=[triton.InferRequestedOutput("probabilities")],
                                       enable_empty_final_response=True)
-        client.async_stream_infer(MODEL, _inputs(reference.images(1, 0), name="wrong"), request_id="bad")
+        client.async_stream_infer(MODEL, triton_inputs(reference.images(1, 0), name="wrong"), request_id="bad")
         received = [answers.get(timeout=30) for _ in range(len(batches) + 1)]
     finally:
         client.stop_stream()
@@ -140,7 +134,7 @@ def test_streaming_answers_each_request_and_survives_a_bad_one(served: ServerPro
 
 def test_statistics_count_images_runs_and_time(client: triton.InferenceServerClient, reference: Reference) -> None:
     before = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
-    client.infer(MODEL, _inputs(reference.images(5, seed=3)))
+    client.infer(MODEL, triton_inputs(reference.images(5, seed=3)))
     after = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
     assert int(after["inference_count"]) == int(before.get("inference_count", 0)) + 5
     success_before = int(before["inference_stats"].get("success", {}).get("count", 0))
@@ -167,21 +161,22 @@ def test_errors_have_the_right_status_and_say_what_to_fix(client: triton.Inferen
                                                           reference: Reference) -> None:
     pixels = reference.images(2, seed=4)
     cases = {
-        "unknown model": (lambda: client.infer("nope", _inputs(pixels)), "NOT_FOUND", "unknown model 'nope'"),
-        "unknown version": (lambda: client.infer(MODEL, _inputs(pixels), model_version="9"), "NOT_FOUND",
+        "unknown model": (lambda: client.infer("nope", triton_inputs(pixels)), "NOT_FOUND", "unknown model 'nope'"),
+        "unknown version": (lambda: client.infer(MODEL, triton_inputs(pixels), model_version="9"), "NOT_FOUND",
                             "no version '9'"),
-        "input name": (lambda: client.infer(MODEL, _inputs(pixels, name="image")), "INVALID_ARGUMENT",
+        "input name": (lambda: client.infer(MODEL, triton_inputs(pixels, name="image")), "INVALID_ARGUMENT",
                        "exactly one input 'pixels'"),
-        "datatype": (lambda: client.infer(MODEL, _inputs(pixels.astype(np.float32), datatype="FP32")),
+        "datatype": (lambda: client.infer(MODEL, triton_inputs(pixels.astype(np.float32), datatype="FP32")),
                      "INVALID_ARGUMENT", "must be UINT8"),
-        "shape": (lambda: client.infer(MODEL, _inputs(pixels[:, :, :8])), "INVALID_ARGUMENT", "must have shape"),
-        "batch too large": (lambda: client.infer(MODEL, _inputs(reference.images(65, seed=5))), "INVALID_ARGUMENT",
-                            "at most 64"),
-        "unknown output": (lambda: client.infer(MODEL, _inputs(pixels), outputs=[triton.InferRequestedOutput("x")]),
+        "shape": (lambda: client.infer(MODEL, triton_inputs(pixels[:, :, :8])), "INVALID_ARGUMENT", "must have shape"),
+        "batch too large": (lambda: client.infer(MODEL, triton_inputs(reference.images(65, seed=5))),
+                            "INVALID_ARGUMENT", "at most 64"),
+        "unknown output": (lambda: client.infer(MODEL, triton_inputs(pixels),
+                                                outputs=[triton.InferRequestedOutput("x")]),
                            "INVALID_ARGUMENT", "unknown output 'x'"),
-        "classification": (lambda: client.infer(MODEL, _inputs(pixels), outputs=[
+        "classification": (lambda: client.infer(MODEL, triton_inputs(pixels), outputs=[
             triton.InferRequestedOutput("probabilities", class_count=3)]), "INVALID_ARGUMENT", "classification"),
-        "shared-memory output": (lambda: client.infer(MODEL, _inputs(pixels), outputs=[_shared("probabilities")]),
+        "shared-memory output": (lambda: client.infer(MODEL, triton_inputs(pixels), outputs=[_shared("probabilities")]),
                                  "INVALID_ARGUMENT", "shared-memory outputs"),
         "metadata of unknown model": (lambda: client.get_model_metadata("nope"), "NOT_FOUND", "unknown model"),
         "statistics of unknown model": (lambda: client.get_inference_statistics("nope"), "NOT_FOUND",
