@@ -7,11 +7,13 @@ series carries the ensemble's `model` and `version`. The transport and the repos
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from service.batching import BatchRecord
@@ -50,6 +52,110 @@ class _QueueCollector(Collector):
         yield family
 
 
+@dataclass(frozen=True)
+class _Signal:
+    output: str
+    name: str
+    documentation: str
+    buckets: tuple[float, ...]
+
+
+SIGNALS = (
+    _Signal("confidence", "valley_confidence_ratio", "Ensemble confidence (top probability) of each served image",
+            CONFIDENCE_BUCKETS),
+    _Signal("entropy", "valley_predictive_entropy_nats", "Predictive entropy of each served image", NATS_BUCKETS),
+    _Signal("mutual_information", "valley_mutual_information_nats", "Mutual information (members' disagreement, "
+            "epistemic) of each served image", NATS_BUCKETS),
+    _Signal("member_disagreement", "valley_member_disagreement_ratio", "Fraction of members whose top class differs "
+            "from the ensemble's, per served image", RATIO_BUCKETS),
+)
+_FOLDED = (*(signal.output for signal in SIGNALS), "predicted_class")
+# Batches are kept as they come and folded into the counts at scrape time, or once this many
+# images wait: the request path only appends, and the folding is one numpy pass for many runs.
+FOLD_IMAGES = 16_384
+
+
+class _SignalCounts:
+    """The label-free signals of one ensemble version: per-bucket counts and sums, classes served."""
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = list(classes)
+        self.buckets = [np.zeros(len(signal.buckets) + 1, dtype=np.int64) for signal in SIGNALS]  # last: +Inf
+        self.sums = np.zeros(len(SIGNALS), dtype=np.float64)
+        self.predicted = np.zeros(len(classes), dtype=np.int64)
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.pending_images = 0
+
+    def fold(self) -> None:
+        if not self.pending:
+            return
+        for index, signal in enumerate(SIGNALS):
+            values = np.concatenate([np.asarray(run[signal.output], dtype=np.float64).ravel()
+                                     for run in self.pending])
+            # `le` semantics: a value on an upper bound counts in that bucket; above the last, +Inf.
+            self.buckets[index] += np.bincount(np.searchsorted(np.asarray(signal.buckets), values, side="left"),
+                                               minlength=len(signal.buckets) + 1)
+            self.sums[index] += float(values.sum())
+        predicted = np.concatenate([run["predicted_class"].ravel() for run in self.pending])
+        self.predicted += np.bincount(predicted, minlength=len(self.classes))
+        self.pending, self.pending_images = [], 0
+
+
+class _SignalCollector(Collector):
+    """Histograms of the label-free signals and the predicted-class counter, rendered at scrape time.
+
+    prometheus_client's own Histogram takes a lock per observation; with every image of every
+    run observed four times that cost showed up in throughput, so the runs are kept and folded.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], _SignalCounts] = {}
+        self._lock = threading.Lock()
+
+    def add(self, labels: tuple[str, str], classes: Sequence[str], outputs: dict[str, np.ndarray]) -> None:
+        images = len(outputs["predicted_class"])
+        with self._lock:
+            counts = self._models.get(labels)
+            if counts is None:
+                counts = self._models[labels] = _SignalCounts(classes)
+            counts.pending.append({output: outputs[output] for output in _FOLDED})
+            counts.pending_images += images
+            if counts.pending_images >= FOLD_IMAGES:
+                counts.fold()
+
+    def collect(self) -> Iterable[HistogramMetricFamily | CounterMetricFamily]:
+        with self._lock:
+            for counts in self._models.values():
+                counts.fold()
+            snapshot = {labels: (counts.classes, [b.copy() for b in counts.buckets], counts.sums.copy(),
+                                 counts.predicted.copy()) for labels, counts in self._models.items()}
+        for index, signal in enumerate(SIGNALS):
+            family = HistogramMetricFamily(signal.name, signal.documentation, labels=MODEL)
+            edges = [*(repr(float(edge)) for edge in signal.buckets), "+Inf"]  # as Histogram writes `le`
+            for labels, (_, buckets, sums, _) in snapshot.items():
+                cumulative = np.cumsum(buckets[index]).tolist()
+                family.add_metric(list(labels), list(zip(edges, cumulative, strict=True)), float(sums[index]))
+            yield family
+        counter = CounterMetricFamily("valley_predicted_class", "Served images by predicted class (its name)",
+                                      labels=[*MODEL, "class"])
+        for labels, (classes, _, _, predicted) in snapshot.items():
+            for name, count in zip(classes, predicted.tolist(), strict=True):
+                counter.add_metric([*labels, name], count)
+        yield counter
+
+
+@dataclass(frozen=True)
+class _Series:
+    """One ensemble version's children of the request-path metrics, looked up once, not per request."""
+
+    ok: Counter
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    batch_images: Histogram
+    in_flight: Gauge
+
+
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry,
                  depths: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()) -> None:
@@ -72,18 +178,6 @@ class ServingMetrics:
                            registry=registry)
         self.provider = Gauge("valley_execution_provider_info", "The onnxruntime execution provider in use (1)",
                               [*MODEL, "provider"], registry=registry)
-        self.confidence = Histogram("valley_confidence_ratio", "Ensemble confidence (top probability) of each "
-                                    "served image", MODEL, buckets=CONFIDENCE_BUCKETS, registry=registry)
-        self.entropy = Histogram("valley_predictive_entropy_nats", "Predictive entropy of each served image", MODEL,
-                                 buckets=NATS_BUCKETS, registry=registry)
-        self.mutual_information = Histogram("valley_mutual_information_nats", "Mutual information (members' "
-                                            "disagreement, epistemic) of each served image", MODEL,
-                                            buckets=NATS_BUCKETS, registry=registry)
-        self.disagreement = Histogram("valley_member_disagreement_ratio", "Fraction of members whose top class "
-                                      "differs from the ensemble's, per served image", MODEL, buckets=RATIO_BUCKETS,
-                                      registry=registry)
-        self.predicted = Counter("valley_predicted_class_total", "Served images by predicted class (its name)",
-                                 [*MODEL, "class"], registry=registry)
         self.offline = Gauge("valley_offline_metric", "The ensemble's test-split quality measured at export "
                              "(accuracy, ece as fractions; nll, brier), before and after temperature scaling",
                              [*MODEL, "metric", "calibrated"], registry=registry)
@@ -103,7 +197,19 @@ class ServingMetrics:
                           "labelled predictions (the calibration window)", [*MODEL, "metric"], registry=registry)
         self.live_count = Gauge("valley_live_window_predictions", "Labelled predictions in the calibration window",
                                 MODEL, registry=registry)
+        self._signals = _SignalCollector()
+        registry.register(self._signals)
         registry.register(_QueueCollector(depths))
+        self._series: dict[tuple[str, str], _Series] = {}
+
+    def _of(self, name: str, version: str) -> _Series:
+        series = self._series.get((name, version))
+        if series is None:
+            series = self._series[(name, version)] = _Series(
+                self.requests.labels(name, version, "OK"), self.request_seconds.labels(name, version),
+                self.queue_seconds.labels(name, version), self.compute_seconds.labels(name, version),
+                self.batch_images.labels(name, version), self.in_flight.labels(name, version))
+        return series
 
     # -- models ---------------------------------------------------------------------------
 
@@ -135,8 +241,18 @@ class ServingMetrics:
 
     # -- requests and runs ----------------------------------------------------------------
 
+    def in_flight_of(self, name: str, version: str) -> Gauge:
+        """The in-flight gauge of one ensemble version (inc when a request starts, dec when it ends)."""
+        return self._of(name, version).in_flight
+
     def observe_request(self, name: str, version: str, code: str, seconds: float | None) -> None:
         """One answered request: its status code and, when it reached a model, its duration."""
+        if code == "OK":
+            series = self._of(name, version)
+            series.ok.inc()
+            if seconds is not None:
+                series.request_seconds.observe(seconds)
+            return
         self.requests.labels(name, version, code).inc()
         if seconds is not None:
             self.request_seconds.labels(name, version).observe(seconds)
@@ -144,22 +260,13 @@ class ServingMetrics:
     def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
         """One model run: its size and times, and the label-free signals of every image in it."""
         labels = (name, str(version))
-        self.batch_images.labels(*labels).observe(record.images)
-        self.compute_seconds.labels(*labels).observe(record.compute_seconds)
-        queue = self.queue_seconds.labels(*labels)
+        series = self._of(*labels)
+        series.batch_images.observe(record.images)
+        series.compute_seconds.observe(record.compute_seconds)
         for seconds in record.queue_seconds:
-            queue.observe(seconds)
-        outputs = record.outputs
-        for histogram, output in ((self.confidence, "confidence"), (self.entropy, "entropy"),
-                                  (self.mutual_information, "mutual_information"),
-                                  (self.disagreement, "member_disagreement")):
-            if output in outputs:
-                _observe_all(histogram.labels(*labels), outputs[output])
-        if "predicted_class" in outputs:
-            predicted, counts = np.unique(outputs["predicted_class"], return_counts=True)
-            for index, count in zip(predicted.tolist(), counts.tolist(), strict=True):
-                self.predicted.labels(*labels, classes[index]).inc(count)
-
+            series.queue_seconds.observe(seconds)
+        if all(output in record.outputs for output in SIGNAL_OUTPUTS):
+            self._signals.add(labels, classes, record.outputs)
 
     def observe_feedback(self, name: str, version: int, scored: Scored, window: CalibrationWindow) -> None:
         """One label joined to its prediction: the bin counters and sums, and the window's gauges."""
@@ -173,22 +280,3 @@ class ServingMetrics:
         for metric, value in window.summary().items():
             self.live.labels(*labels, metric).set(value)
         self.live_count.labels(*labels).set(len(window))
-
-
-def _observe_all(histogram: Histogram, values: Sequence[float] | np.ndarray) -> None:
-    """Observe many values at once: one numpy pass instead of a Python call per image.
-
-    Uses the histogram's bucket and sum cells (prometheus_client's own layout: per-bucket,
-    non-cumulative counts, `le` semantics); another layout falls back to `observe` per value.
-    """
-    array = np.asarray(values, dtype=np.float64).ravel()
-    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for value in array.tolist():
-            histogram.observe(value)
-        return
-    index = np.minimum(np.searchsorted(np.asarray(bounds, dtype=np.float64), array, side="left"), len(bounds) - 1)
-    counts = np.bincount(index, minlength=len(bounds))
-    for bucket in np.flatnonzero(counts).tolist():
-        buckets[bucket].inc(int(counts[bucket]))
-    total.inc(float(array.sum()))

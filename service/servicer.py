@@ -231,8 +231,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if self.metrics is None:
                 results = await model.batcher.submit(pixels, computed, _deadline(request, context))
             else:
-                with self.metrics.in_flight.labels(model.name, str(model.version)).track_inprogress():
+                in_flight = self.metrics.in_flight_of(model.name, str(model.version))
+                in_flight.inc()
+                try:
                     results = await model.batcher.submit(pixels, computed, _deadline(request, context))
+                finally:
+                    in_flight.dec()
             if self.predictions is not None and request.id:
                 self.predictions.remember(model.name, model.version, request.id, results["probabilities"])
             response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
