@@ -4,9 +4,10 @@ Times `service.metrics.ServingMetrics` as the server calls it, on a fresh regist
 - per request: the in-flight gauge up and down, the request counter and its duration;
 - per model run of B images (each its own request): batch size, compute and queue times, and
   the label-free signals (four histograms and the predicted-class counter) of every image.
-The baseline, timed in the same process, is the plain prometheus_client way: the labelled
-children looked up on every call and one `observe` per image and signal. A scrape (which
-folds the kept runs) is timed too, after the runs of one second at the given rate.
+The signals go into a buffer that is counted every `FOLD_IMAGES` images; each timing round
+spans at least two such folds. The baseline, timed in the same process, is the plain
+prometheus_client way: the labelled children looked up on every call and one `observe` per
+image and signal. A scrape is timed too, after the runs of one second at the given rate.
 
     python benchmarks/metrics_cost.py [--batches 1 8 64] [--classes 10] [--members 8] [--repeats 2000]
 """
@@ -21,6 +22,7 @@ from functools import partial
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service import metrics
 from service.batching import BatchRecord
 from service.metrics import SIGNALS, ServingMetrics
 from service.uncertainty import ensemble_outputs
@@ -108,7 +110,8 @@ def main() -> None:
     for batch in args.batches:
         record = BatchRecord(batch, batch, [0.001] * batch, 0.01, run_outputs(batch, args.members, args.classes, 0))
         valley, plain = ServingMetrics(CollectorRegistry()), PlainMetrics(CollectorRegistry())
-        repeats = max(50, args.repeats // batch)
+        # Every timing round spans at least two folds of the signal buffer, so their cost is in.
+        repeats = max(args.repeats // batch, 2 * metrics.FOLD_IMAGES // batch)
         ours = microseconds(partial(valley.observe_batch, "bench", 1, classes, record), repeats)
         theirs = microseconds(partial(plain.batch, classes, record), repeats)
         # Each run's images came as one request each (the record's queue times say so).

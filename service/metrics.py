@@ -69,43 +69,69 @@ SIGNALS = (
     _Signal("member_disagreement", "valley_member_disagreement_ratio", "Fraction of members whose top class differs "
             "from the ensemble's, per served image", RATIO_BUCKETS),
 )
-_FOLDED = (*(signal.output for signal in SIGNALS), "predicted_class")
-# Batches are kept as they come and folded into the counts at scrape time, or once this many
-# images wait: the request path only appends, and the folding is one numpy pass for many runs.
-FOLD_IMAGES = 16_384
+# Each run's signals are copied into a fixed buffer and counted once this many images wait (or
+# at scrape time): the request path does a few slice copies, the counting is one numpy pass, and
+# neither memory nor the time a fold holds the lock grows with the traffic.
+FOLD_IMAGES = 4096
 
 
 class _SignalCounts:
     """The label-free signals of one ensemble version: per-bucket counts and sums, classes served."""
 
     def __init__(self, classes: Sequence[str]) -> None:
-        self.classes = list(classes)
+        self.classes = classes
         self.buckets = [np.zeros(len(signal.buckets) + 1, dtype=np.int64) for signal in SIGNALS]  # last: +Inf
         self.sums = np.zeros(len(SIGNALS), dtype=np.float64)
-        self.predicted = np.zeros(len(classes), dtype=np.int64)
-        self.pending: list[dict[str, np.ndarray]] = []
-        self.pending_images = 0
+        self.predicted = dict.fromkeys(classes, 0)
+        self._values: np.ndarray | None = None  # [signal, image], allocated on the first run
+        self._predicted = np.zeros(0, dtype=np.int64)
+        self._waiting = 0
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        if self._values is None:
+            self._values = np.empty((len(SIGNALS), FOLD_IMAGES), dtype=np.float64)
+            self._predicted = np.empty(FOLD_IMAGES, dtype=np.int64)
+        images, done = len(outputs["predicted_class"]), 0
+        while done < images:
+            take = min(images - done, FOLD_IMAGES - self._waiting)
+            into = slice(self._waiting, self._waiting + take)
+            for index, signal in enumerate(SIGNALS):
+                self._values[index, into] = outputs[signal.output][done:done + take]
+            self._predicted[into] = outputs["predicted_class"][done:done + take]
+            self._waiting += take
+            done += take
+            if self._waiting == FOLD_IMAGES:
+                self.fold()
 
     def fold(self) -> None:
-        if not self.pending:
+        """Count the waiting images. They leave the buffer first: a failure loses them, never counts them twice."""
+        waiting, self._waiting = self._waiting, 0
+        if not waiting or self._values is None:
             return
-        for index, signal in enumerate(SIGNALS):
-            values = np.concatenate([np.asarray(run[signal.output], dtype=np.float64).ravel()
-                                     for run in self.pending])
-            # `le` semantics: a value on an upper bound counts in that bucket; above the last, +Inf.
-            self.buckets[index] += np.bincount(np.searchsorted(np.asarray(signal.buckets), values, side="left"),
-                                               minlength=len(signal.buckets) + 1)
-            self.sums[index] += float(values.sum())
-        predicted = np.concatenate([run["predicted_class"].ravel() for run in self.pending])
-        self.predicted += np.bincount(predicted, minlength=len(self.classes))
-        self.pending, self.pending_images = [], 0
+        values = self._values[:, :waiting]
+        # `le` semantics: a value on an upper bound counts in that bucket; above the last, +Inf.
+        buckets = [np.bincount(np.searchsorted(signal.buckets, values[index], side="left"),
+                               minlength=len(signal.buckets) + 1) for index, signal in enumerate(SIGNALS)]
+        sums = values.sum(axis=1)
+        predicted = np.bincount(self._predicted[:waiting], minlength=len(self.classes))
+        for index, counts in enumerate(buckets):
+            self.buckets[index] += counts
+        self.sums += sums
+        for name, count in zip(self.classes, predicted.tolist(), strict=False):
+            self.predicted[name] = self.predicted.get(name, 0) + count
+
+    def release(self) -> None:
+        """Count what waits and give the buffer back (the version stopped serving)."""
+        self.fold()
+        self._values, self._predicted = None, np.zeros(0, dtype=np.int64)
 
 
 class _SignalCollector(Collector):
     """Histograms of the label-free signals and the predicted-class counter, rendered at scrape time.
 
     prometheus_client's own Histogram takes a lock per observation; with every image of every
-    run observed four times that cost showed up in throughput, so the runs are kept and folded.
+    run observed four times that cost showed up in throughput, so the runs are buffered and
+    counted in bulk.
     """
 
     def __init__(self) -> None:
@@ -113,33 +139,38 @@ class _SignalCollector(Collector):
         self._lock = threading.Lock()
 
     def add(self, labels: tuple[str, str], classes: Sequence[str], outputs: dict[str, np.ndarray]) -> None:
-        images = len(outputs["predicted_class"])
         with self._lock:
             counts = self._models.get(labels)
             if counts is None:
                 counts = self._models[labels] = _SignalCounts(classes)
-            counts.pending.append({output: outputs[output] for output in _FOLDED})
-            counts.pending_images += images
-            if counts.pending_images >= FOLD_IMAGES:
+            elif counts.classes is not classes:  # the version was exported again and reloaded
                 counts.fold()
+                counts.classes = classes
+            counts.add(outputs)
+
+    def release(self, labels: tuple[str, str]) -> None:
+        with self._lock:
+            counts = self._models.get(labels)
+            if counts is not None:
+                counts.release()
 
     def collect(self) -> Iterable[HistogramMetricFamily | CounterMetricFamily]:
         with self._lock:
             for counts in self._models.values():
                 counts.fold()
-            snapshot = {labels: (counts.classes, [b.copy() for b in counts.buckets], counts.sums.copy(),
-                                 counts.predicted.copy()) for labels, counts in self._models.items()}
+            snapshot = {labels: ([b.copy() for b in counts.buckets], counts.sums.copy(), dict(counts.predicted))
+                        for labels, counts in self._models.items()}
         for index, signal in enumerate(SIGNALS):
             family = HistogramMetricFamily(signal.name, signal.documentation, labels=MODEL)
             edges = [*(repr(float(edge)) for edge in signal.buckets), "+Inf"]  # as Histogram writes `le`
-            for labels, (_, buckets, sums, _) in snapshot.items():
+            for labels, (buckets, sums, _) in snapshot.items():
                 cumulative = np.cumsum(buckets[index]).tolist()
                 family.add_metric(list(labels), list(zip(edges, cumulative, strict=True)), float(sums[index]))
             yield family
         counter = CounterMetricFamily("valley_predicted_class", "Served images by predicted class (its name)",
                                       labels=[*MODEL, "class"])
-        for labels, (classes, _, _, predicted) in snapshot.items():
-            for name, count in zip(classes, predicted.tolist(), strict=True):
+        for labels, (_, _, predicted) in snapshot.items():
+            for name, count in predicted.items():
                 counter.add_metric([*labels, name], count)
         yield counter
 
@@ -226,6 +257,7 @@ class ServingMetrics:
 
     def observe_unload(self, name: str, version: int) -> None:
         self.ready.labels(name, str(version)).set(0)
+        self._signals.release((name, str(version)))
 
     def member_timer(self, name: str, version: int) -> Callable[[list[float]], None]:
         """The callback an ensemble in per-member execution reports its members' times to."""

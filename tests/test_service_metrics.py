@@ -33,7 +33,7 @@ def _runs(seed: int, sizes: list[int]) -> list[dict[str, np.ndarray]]:
     return runs
 
 
-@pytest.mark.parametrize("fold_images", [1, 10, 16_384])
+@pytest.mark.parametrize("fold_images", [1, 10, 4096])
 def test_signals_render_exactly_as_one_observe_per_image(monkeypatch: pytest.MonkeyPatch, fold_images: int) -> None:
     """Folded at scrape time or on the way, the exposition equals prometheus_client's own per-value one."""
     monkeypatch.setattr(metrics, "FOLD_IMAGES", fold_images)
@@ -66,3 +66,31 @@ def test_runs_without_the_signal_outputs_are_not_counted() -> None:
     serving.observe_batch("m", 1, CLASSES, BatchRecord(2, 1, [0.0], 0.01, run))
     assert registry.get_sample_value("valley_batch_images_sum", {"model": "m", "version": "1"}) == 2
     assert registry.get_sample_value("valley_confidence_ratio_count", {"model": "m", "version": "1"}) is None
+
+
+def _count(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, {"model": "m", "version": "1", **labels})
+
+
+def test_a_version_exported_again_with_other_classes_keeps_counting_by_name() -> None:
+    registry = CollectorRegistry()
+    serving = ServingMetrics(registry)
+    first, second = _runs(0, [6])[0], _runs(1, [9])[0]
+    second["predicted_class"] = np.full(9, 3)
+    serving.observe_batch("m", 1, CLASSES, BatchRecord(6, 1, [0.0], 0.01, first))
+    serving.observe_batch("m", 1, [*CLASSES, "d"], BatchRecord(9, 1, [0.0], 0.01, second))
+    assert _count(registry, "valley_predicted_class_total", **{"class": "d"}) == 9
+    assert sum(_count(registry, "valley_predicted_class_total", **{"class": name}) or 0 for name in CLASSES) == 6
+    assert _count(registry, "valley_confidence_ratio_count") == 15
+
+
+def test_unloading_counts_what_waits_and_frees_the_buffer() -> None:
+    registry = CollectorRegistry()
+    serving = ServingMetrics(registry)
+    run = _runs(0, [7])[0]
+    serving.observe_batch("m", 1, CLASSES, BatchRecord(7, 1, [0.0], 0.01, run))
+    serving.observe_unload("m", 1)
+    assert serving._signals._models[("m", "1")]._values is None
+    assert _count(registry, "valley_predictive_entropy_nats_count") == 7
+    serving.observe_batch("m", 1, CLASSES, BatchRecord(7, 1, [0.0], 0.01, run))  # loaded again
+    assert _count(registry, "valley_predictive_entropy_nats_count") == 14
