@@ -9,7 +9,7 @@ DEMO_EPOCHS ?= 10
 DEMO_CYCLE ?= 1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup data demo test lint typecheck clean bench-serving
+.PHONY: setup data demo test lint typecheck clean bench-serving bench-metrics
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ $(PYTRITON_VENV)/.installed: benchmarks/pytriton-requirements.txt
 
 bench-serving: setup $(PYTRITON_VENV)/.installed
 	$(BIN)/python benchmarks/serving_throughput.py --json runs/serving-throughput.json
+
+# What the metrics cost: per call in process, then valley's throughput with metrics on vs off.
+bench-metrics: setup
+	$(BIN)/python benchmarks/metrics_cost.py
+	$(BIN)/python benchmarks/metrics_throughput.py --blocks 4
 
 lint: setup
 	$(BIN)/ruff check .
