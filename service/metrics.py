@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from service.batching import BatchRecord
-from service.calibration import CalibrationWindow, Scored
+from service.calibration import CalibrationWindow, Scored, bin_upper_edges
 from service.ensemble import Ensemble
 from service.manifest import Manifest
 
@@ -27,7 +27,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # The 15 equal-width confidence bins of ECE (upper edges, as `le`), so histogram buckets and
 # the feedback bins line up with training.metrics.ece.
-CONFIDENCE_BUCKETS = tuple(float(edge) for edge in np.linspace(1 / 15, 1.0, 15))
+CONFIDENCE_BUCKETS = tuple(float(edge) for edge in bin_upper_edges())
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 NATS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
 MODEL = ("model", "version")
