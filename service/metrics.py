@@ -300,8 +300,8 @@ class ServingMetrics:
         if all(output in record.outputs for output in SIGNAL_OUTPUTS):
             self._signals.add(labels, classes, record.outputs)
 
-    def observe_feedback(self, name: str, version: int, scored: Scored, window: CalibrationWindow) -> None:
-        """One label joined to its prediction: the bin counters and sums, and the window's gauges."""
+    def observe_label(self, name: str, version: int, scored: Scored) -> None:
+        """One label joined to its prediction: the bin counters and the sums."""
         labels = (name, str(version))
         bin_labels = (*labels, str(scored.bin))
         self.feedback_labels.labels(*bin_labels).inc()
@@ -309,6 +309,10 @@ class ServingMetrics:
         self.feedback_confidence.labels(*bin_labels).inc(scored.confidence)
         self.feedback_nll.labels(*labels).inc(scored.nll)
         self.feedback_brier.labels(*labels).inc(scored.brier)
+
+    def observe_window(self, name: str, version: int, window: CalibrationWindow) -> None:
+        """The calibration window's gauges, after labels were added to it."""
+        labels = (name, str(version))
         for metric, value in window.summary().items():
             self.live.labels(*labels, metric).set(value)
         self.live_count.labels(*labels).set(len(window))

@@ -389,9 +389,17 @@ class FeedbackServicer(feedback_grpc.FeedbackServicer):
                                                   label.true_class) for label in request.labels])
         except ServingError as error:
             await _abort(context, *status_of(error))
+        touched: dict[tuple[str, int], CalibrationWindow] = {}
         for label in joined:
-            window = self._windows.setdefault((label.model, label.version), CalibrationWindow(self.window))
+            key = (label.model, label.version)
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = CalibrationWindow(self.window)
             scored = score(label.probabilities, label.true_class)
             window.add(scored)
-            self.metrics.observe_feedback(label.model, label.version, scored, window)
+            self.metrics.observe_label(label.model, label.version, scored)
+            touched[key] = window
+        # The window's summary walks the whole window: once per model in the report, not per label.
+        for (model, model_version), window in touched.items():
+            self.metrics.observe_window(model, model_version, window)
         return feedback_pb.ReportResponse(accepted=len(joined))
