@@ -29,9 +29,9 @@ import onnxruntime
 import torch
 
 from service.manifest import OUTPUTS
+from service.uncertainty import softmax
 from training.base import build_model
 from training.data import FASHION_MNIST
-from training.engine import softmax
 from training.export import FusedEnsemble, PixelClassifier, export_graph
 
 

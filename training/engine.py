@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.manifest import Metrics
+from service.uncertainty import softmax
 from training import checkpoint
 from training.data import DataSplits, SizedDataset, make_batches
 from training.errors import UsageError
@@ -115,12 +116,6 @@ def predict_logits(
         logits.append(model(images).double().cpu())
         labels.append(targets)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -37,13 +37,13 @@ from service.manifest import (
     sha256_of,
     write_manifest,
 )
-from service.uncertainty import LOG_FLOOR
+from service.uncertainty import LOG_FLOOR, softmax
 from training import checkpoint
 from training.base import build_model, load_data, read_run_config
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import TrainConfig
 from training.data import DataSplits, SizedDataset, make_batches
-from training.engine import predict_logits, softmax
+from training.engine import predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
 
