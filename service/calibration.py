@@ -31,6 +31,13 @@ def confidence_bin(confidence: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
     return np.minimum(np.searchsorted(bin_upper_edges(bins), confidence, side="left"), bins - 1)
 
 
+def binned_ece(index: np.ndarray, confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """sum_b |correct_b - confidence sum_b| / N, from each prediction's bin, confidence and correctness (0/1)."""
+    confidence_sum = np.bincount(index, weights=confidence, minlength=bins)
+    correct_sum = np.bincount(index, weights=correct, minlength=bins)
+    return float(np.sum(np.abs(correct_sum - confidence_sum)) / len(index))
+
+
 @dataclass(frozen=True)
 class Scored:
     """One served prediction joined to its true class."""
@@ -70,14 +77,12 @@ class CalibrationWindow:
         if not self._scored:
             return {}
         count = len(self._scored)
-        confidence_sum = np.zeros(ECE_BINS)
-        correct_sum = np.zeros(ECE_BINS)
-        for scored in self._scored:
-            confidence_sum[scored.bin] += scored.confidence
-            correct_sum[scored.bin] += scored.correct
+        index = np.fromiter((s.bin for s in self._scored), dtype=np.int64, count=count)
+        confidence = np.fromiter((s.confidence for s in self._scored), dtype=np.float64, count=count)
+        correct = np.fromiter((s.correct for s in self._scored), dtype=np.float64, count=count)
         return {
-            "ece": float(np.sum(np.abs(correct_sum - confidence_sum)) / count),
-            "accuracy": float(correct_sum.sum() / count),
+            "ece": binned_ece(index, confidence, correct),
+            "accuracy": float(correct.sum() / count),
             "nll": sum(s.nll for s in self._scored) / count,
             "brier": sum(s.brier for s in self._scored) / count,
         }

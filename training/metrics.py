@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.calibration import ECE_BINS, confidence_bin
+from service.calibration import ECE_BINS, binned_ece, confidence_bin
 from service.manifest import Metrics
 from service.uncertainty import LOG_FLOOR
 from service.uncertainty import entropy as _entropy
@@ -46,10 +46,7 @@ def ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
     _check(probabilities, labels)
     confidence = probabilities.max(axis=1)
     correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
-    index = confidence_bin(confidence, bins)
-    confidence_sum = np.bincount(index, weights=confidence, minlength=bins)
-    correct_sum = np.bincount(index, weights=correct, minlength=bins)
-    return float(np.sum(np.abs(correct_sum - confidence_sum)) / len(labels))
+    return binned_ece(confidence_bin(confidence, bins), confidence, correct, bins)
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> Metrics:
