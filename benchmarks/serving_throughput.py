@@ -53,6 +53,7 @@ import onnxruntime
 import tritonclient.grpc as grpcclient
 from tqdm import tqdm
 
+from service.ensemble import create_session
 from service.manifest import Manifest, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,11 +116,8 @@ def load_images(count: int, seed: int) -> tuple[np.ndarray, str]:
 
 
 def fused_session(version_dir: Path, manifest: Manifest, threads: int = 0) -> onnxruntime.InferenceSession:
-    """The fused graph; `threads` 0 keeps onnxruntime's default, one spinning intra-op pool over the cores."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    return onnxruntime.InferenceSession(str(version_dir / manifest.fused.file), options,
-                                        providers=["CPUExecutionProvider"])
+    """The fused graph on the CPU; `threads` 0 keeps onnxruntime's default, one spinning pool over the cores."""
+    return create_session(version_dir / manifest.fused.file, "cpu", threads, spinning=True)
 
 
 def reference_probabilities(session: onnxruntime.InferenceSession, input_name: str, images: np.ndarray) -> np.ndarray:

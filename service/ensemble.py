@@ -89,10 +89,7 @@ class Ensemble:
 
     def another_instance(self) -> Ensemble:
         """The same verified graphs in sessions of their own, for a second compute thread."""
-        session = create_session(self.directory / self.manifest.fused.file, self.device, self.threads)
-        members = [create_session(self.directory / member.file, self.device, self.threads)
-                   for member in self.manifest.members] if self.member_sessions else []
-        return Ensemble(self.manifest, self.directory, session, members, self.device, self.threads)
+        return _open(self.manifest, self.directory, self.device, self.threads, self.execution)
 
     def check_input(self, pixels: np.ndarray) -> None:
         spec = self.manifest.input
@@ -142,16 +139,20 @@ class Ensemble:
         return difference
 
 
+def _open(manifest: Manifest, directory: Path, device: Device, threads: int, execution: Execution) -> Ensemble:
+    """Sessions for the fused graph and, in `members` execution, for every member."""
+    session = create_session(directory / manifest.fused.file, device, threads)
+    members = [create_session(directory / member.file, device, threads)
+               for member in manifest.members] if execution == "members" else []
+    return Ensemble(manifest, directory, session, members, device, threads)
+
+
 def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
                   execution: Execution = "fused") -> Ensemble:
     """Read the manifest, verify every file's sha256, open the graphs and check the samples."""
     manifest = load_manifest(version_dir)
     verify_files(manifest, version_dir)
-    session = create_session(version_dir / manifest.fused.file, device, threads)
-    members = []
-    if execution == "members":
-        members = [create_session(version_dir / member.file, device, threads) for member in manifest.members]
-    ensemble = Ensemble(manifest, version_dir, session, members, device, threads)
+    ensemble = _open(manifest, version_dir, device, threads, execution)
     difference = ensemble.check_samples()
     log.info("loaded %s version %d from %s on %s, %s execution (samples within %.1e)", manifest.name,
              manifest.version, version_dir, ensemble.providers[0], execution, difference)

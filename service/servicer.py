@@ -228,14 +228,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs = _requested_outputs(request)
             pixels = _pixels(request, model, self.max_batch_size)
             computed = tuple(dict.fromkeys([*outputs, *self._extra_outputs]))
-            if self.metrics is None:
-                results = await model.batcher.submit(pixels, computed, _deadline(request, context))
-            else:
-                in_flight = self.metrics.in_flight_of(model.name, str(model.version))
+            in_flight = self.metrics.in_flight_of(model.name, str(model.version)) if self.metrics else None
+            if in_flight is not None:
                 in_flight.inc()
-                try:
-                    results = await model.batcher.submit(pixels, computed, _deadline(request, context))
-                finally:
+            try:
+                results = await model.batcher.submit(pixels, computed, _deadline(request, context))
+            finally:
+                if in_flight is not None:
                     in_flight.dec()
             if self.predictions is not None and request.id:
                 self.predictions.remember(model.name, model.version, request.id, results["probabilities"])
