@@ -107,10 +107,13 @@ class Repository:
 
     # -- what is on disk ------------------------------------------------------------------
 
-    def names_on_disk(self) -> list[str]:
+    def on_disk(self) -> dict[str, list[int]]:
+        """Every ensemble folder that holds a version, by name (sorted), with its versions."""
         if not self.root.is_dir():
             raise ModelNotFound(f"the model repository {self.root} does not exist or is not a folder")
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions_on_disk(p.name))
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        found = {name: self.versions_on_disk(name) for name in names}
+        return {name: versions for name, versions in found.items() if versions}
 
     def versions_on_disk(self, name: str) -> list[int]:
         """Integer version folders that hold a manifest, ascending."""
@@ -128,7 +131,7 @@ class Repository:
         Every ensemble is marked LOADING first, so none counts as ready (or unknown) before its
         turn; `stopping` is asked between loads, so a shutdown does not wait for all of them.
         """
-        names = self.names_on_disk()
+        names = list(self.on_disk())
         for name in names:
             slot = self._slots.setdefault(name, _Slot())
             slot.state, slot.reason = State.LOADING, "waiting to load"
@@ -258,9 +261,8 @@ class Repository:
     def index(self) -> list[IndexEntry]:
         """Every version on disk with its state; only the served version is READY."""
         entries = []
-        for name in self.names_on_disk():
+        for name, versions in self.on_disk().items():
             slot = self._slots.get(name, _Slot())
-            versions = self.versions_on_disk(name)
             for version in versions:
                 if slot.served is not None and slot.served.version == version:
                     entry = IndexEntry(name, str(version), State.READY)
