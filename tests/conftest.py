@@ -1,16 +1,50 @@
-"""Shared helpers: run the real `valley-train` CLI in a subprocess."""
+"""Shared helpers: run the real `valley-train` CLI in a subprocess; hold a model run at a gate."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+Run = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+
+class Gate:
+    """Wraps a model run so a test can hold it: the worker blocks inside compute until `open` is set.
+
+    Records the size of every batch that passed.
+    """
+
+    def __init__(self, run: Run, opened: bool = False) -> None:
+        self._run, self.open, self.entered = run, threading.Event(), threading.Event()
+        self.batches: list[int] = []
+        if opened:
+            self.open.set()
+
+    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        self.entered.set()
+        assert self.open.wait(30), "the test never opened the gate"
+        self.batches.append(int(pixels.shape[0]))
+        return self._run(pixels, outputs)
+
+
+async def until_entered(gate: Gate) -> None:
+    """Wait until a worker is inside a run held at the gate."""
+    for _ in range(1000):
+        if gate.entered.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the worker never started the first batch")
 
 
 def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:

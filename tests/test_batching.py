@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 
 from service.batching import BatchRecord, DeadlineExceeded, DynamicBatcher, QueueFull
 from service.ensemble import Ensemble, load_ensemble
+from tests.conftest import Gate, until_entered
 
 
 @pytest.fixture(scope="module")
@@ -22,28 +21,16 @@ def _images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, 1, 16, 16), dtype=np.uint8)
 
 
-class GatedRun:
-    """The real ensemble, held at a gate so a test can keep the worker busy; records batch sizes."""
-
-    def __init__(self, ensemble: Ensemble) -> None:
-        self.ensemble, self.gate, self.entered = ensemble, threading.Event(), threading.Event()
-        self.batches: list[int] = []
-        self.gate.set()
-
-    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        self.entered.set()
-        self.gate.wait(10)
-        self.batches.append(pixels.shape[0])
-        return self.ensemble.infer(pixels, outputs)
+Answer = asyncio.Future[dict[str, np.ndarray]]
 
 
-async def _until_busy(run: GatedRun) -> None:
-    """Wait until the worker is inside a model run (held at the gate)."""
-    for _ in range(1000):
-        if run.entered.is_set():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the worker never started the first batch")
+async def _held(run: Gate, max_queue_size: int = 1024) -> tuple[DynamicBatcher, Answer]:
+    """A started one-image-per-batch batcher whose worker is held inside the run of a first request."""
+    batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0, max_queue_size=max_queue_size)
+    batcher.start()
+    busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
+    await until_entered(run)
+    return batcher, busy
 
 
 def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble) -> None:
@@ -66,7 +53,7 @@ def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble)
 
 
 def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ensemble) -> None:
-    run = GatedRun(ensemble)
+    run = Gate(ensemble.infer, opened=True)
 
     async def main() -> None:
         batcher = DynamicBatcher([run], max_batch_size=8, max_queue_delay=0.05)
@@ -80,21 +67,17 @@ def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ens
 
 
 def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
-    run = GatedRun(ensemble)
-    run.gate.clear()
+    run = Gate(ensemble.infer)
 
     async def main() -> None:
-        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0, max_queue_size=2)
-        batcher.start()
-        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
-        await _until_busy(run)
+        batcher, busy = await _held(run, max_queue_size=2)
         queued = [asyncio.ensure_future(batcher.submit(_images(1, s), ["confidence"])) for s in (1, 2)]
         await asyncio.sleep(0.01)
         started = time.monotonic()
         with pytest.raises(QueueFull, match="queue is full"):
             await batcher.submit(_images(1, 3), ["confidence"])
         assert time.monotonic() - started < 0.5
-        run.gate.set()
+        run.open.set()
         await asyncio.gather(busy, *queued)
         await batcher.stop()
 
@@ -102,17 +85,13 @@ def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
 
 
 def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> None:
-    run = GatedRun(ensemble)
-    run.gate.clear()
+    run = Gate(ensemble.infer)
 
     async def main() -> None:
-        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0)
-        batcher.start()
-        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
-        await _until_busy(run)
+        batcher, busy = await _held(run)
         late = asyncio.ensure_future(batcher.submit(_images(2, 1), ["confidence"], deadline=time.monotonic() + 0.02))
         await asyncio.sleep(0.1)
-        run.gate.set()
+        run.open.set()
         await busy
         with pytest.raises(DeadlineExceeded):
             await late
@@ -124,18 +103,14 @@ def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> Non
 
 def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble: Ensemble) -> None:
     """What a gRPC client's timeout does: the call is cancelled while queued, and its deadline passes."""
-    run = GatedRun(ensemble)
-    run.gate.clear()
+    run = Gate(ensemble.infer)
 
     async def main() -> None:
-        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0)
-        batcher.start()
-        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
-        await _until_busy(run)
+        batcher, busy = await _held(run)
         gone = asyncio.ensure_future(batcher.submit(_images(2, 1), ["confidence"], deadline=time.monotonic() + 0.02))
         await asyncio.sleep(0.05)
         gone.cancel()
-        run.gate.set()
+        run.open.set()
         await busy
         after = await asyncio.wait_for(batcher.submit(_images(3, 2), ["confidence"]), 10)
         assert after["confidence"].shape == (3,)
@@ -147,17 +122,16 @@ def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble
 
 def test_instances_compute_in_parallel(ensemble: Ensemble) -> None:
     """While one instance is held inside a run, the other takes the next batch."""
-    first, second = GatedRun(ensemble), GatedRun(ensemble)
-    first.gate.clear()
+    first, second = Gate(ensemble.infer), Gate(ensemble.infer, opened=True)
 
     async def main() -> None:
         batcher = DynamicBatcher([first, second], max_batch_size=4, max_queue_delay=0)
         batcher.start()
         held = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
-        await _until_busy(first)
+        await until_entered(first)
         passed = await asyncio.wait_for(batcher.submit(_images(3, 1), ["confidence"]), 10)
         assert passed["confidence"].shape == (3,) and not held.done()
-        first.gate.set()
+        first.open.set()
         await held
         await batcher.stop()
 

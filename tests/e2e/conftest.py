@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,17 +182,3 @@ class ThreadServer:
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
     return Settings(repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, shutdown_grace_s=5,
                     **overrides)
-
-
-class Gate:
-    """Wraps a served model's run so a test can hold it: the worker blocks inside compute."""
-
-    def __init__(self, run: Any) -> None:
-        self._run, self.open, self.entered = run, threading.Event(), threading.Event()
-        self.batches: list[int] = []
-
-    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        self.entered.set()
-        assert self.open.wait(30), "the test never opened the gate"
-        self.batches.append(int(pixels.shape[0]))
-        return self._run(pixels, outputs)  # type: ignore[no-any-return]

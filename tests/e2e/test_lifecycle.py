@@ -20,9 +20,9 @@ from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
 from service.manifest import OUTPUTS, sha256_of
+from tests.conftest import Gate, until_entered
 from tests.e2e.conftest import (
     MODEL,
-    Gate,
     Reference,
     ThreadServer,
     health_status,
@@ -63,8 +63,7 @@ def test_a_full_queue_answers_unavailable_at_once(gated: tuple[ThreadServer, Gat
         async with triton_aio.InferenceServerClient(server.url) as client:
             pixels = reference.images(1, seed=0)
             running = asyncio.ensure_future(client.infer(MODEL, triton_inputs(pixels)))
-            while not gate.entered.is_set():
-                await asyncio.sleep(0.01)
+            await until_entered(gate)
             queued = [asyncio.ensure_future(client.infer(MODEL, triton_inputs(pixels))) for _ in range(2)]
             await asyncio.sleep(0.3)  # both are in the queue now (bound 2)
             labels = {"model": MODEL, "version": "1"}
