@@ -29,6 +29,8 @@ import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
 from service.server import Ports, Server
 from service.settings import Settings
 from tests.conftest import REPO
@@ -182,3 +184,13 @@ class ThreadServer:
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
     return Settings(repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, shutdown_grace_s=5,
                     **overrides)
+
+
+def report(url: str, labels: list[tuple[str, int, int]], model: str = MODEL, timeout: float = 10) -> int:
+    """Send (request id, position, true class) labels through valley.v1.Feedback; the number accepted."""
+    request = feedback_pb.ReportRequest(labels=[
+        feedback_pb.Label(model_name=model, request_id=request_id, position=position, true_class=true_class)
+        for request_id, position, true_class in labels])
+    with grpc.insecure_channel(url) as channel:
+        stub = feedback_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
+        return int(stub.Report(request, timeout=timeout).accepted)

@@ -8,12 +8,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.conftest import MODEL, Reference, ServerProcess, ThreadServer, thread_settings
+from tests.e2e.conftest import MODEL, Reference, ServerProcess, ThreadServer, health_status, thread_settings
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +87,11 @@ def test_typed_values_out_of_range_and_non_finite_values(stub: pb_grpc.GRPCInfer
 
 
 def test_health_for_the_server_and_each_model(served: ServerProcess) -> None:
-    with grpc.insecure_channel(served.url) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "inference.GRPCInferenceService", MODEL):
-            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
-        with pytest.raises(grpc.RpcError) as error:
-            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
-        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    for service in ("", "inference.GRPCInferenceService", MODEL):
+        assert health_status(served.grpc_port, service) == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as error:
+        health_status(served.grpc_port, "nope")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_reflection_lists_and_describes_the_services(served: ServerProcess) -> None:

@@ -13,9 +13,7 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
-from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings, triton_inputs
+from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
 from training.metrics import accuracy, brier, ece, nll
 
 LABELS = {"model": MODEL, "version": "1"}
@@ -114,15 +112,6 @@ def test_with_metrics_off_only_process_metrics_remain(repository: Path, referenc
         server.close()
 
 
-def _report(server: ThreadServer, labels: list[tuple[str, int, int]], model: str = MODEL) -> int:
-    request = feedback_pb.ReportRequest(labels=[
-        feedback_pb.Label(model_name=model, request_id=request_id, position=position, true_class=true_class)
-        for request_id, position, true_class in labels])
-    with grpc.insecure_channel(server.url) as channel:
-        stub = feedback_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
-        return int(stub.Report(request, timeout=10).accepted)
-
-
 def test_feedback_gives_the_calibration_training_computes(repository: Path, reference: Reference) -> None:
     server = ThreadServer(thread_settings(repository, calibration_window=12))
     try:
@@ -140,8 +129,8 @@ def test_feedback_gives_the_calibration_training_computes(repository: Path, refe
                 labels.append(true_class)
                 reports.append((f"r{index}", position, true_class))
         client.infer(MODEL, triton_inputs(reference.images(1, seed=9)))  # no id: cannot be labelled, not kept
-        assert _report(server, reports[:7]) == 7
-        assert _report(server, reports[7:]) == 13
+        assert report(server.url, reports[:7]) == 7
+        assert report(server.url, reports[7:]) == 13
         probabilities, truth = np.concatenate(served).astype(np.float64), np.array(labels)
 
         def total(name: str) -> float:
@@ -172,7 +161,7 @@ def test_bad_feedback_is_refused_with_the_right_status(repository: Path, referen
     try:
         pixels = reference.images(2, seed=1)
         triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="a")
-        assert _report(server, [("a", 0, 3)]) == 1
+        assert report(server.url, [("a", 0, 3)]) == 1
         cases = [([("a", 0, 3)], grpc.StatusCode.ALREADY_EXISTS, "already labelled"),
                  ([("a", 1, 2), ("zzz", 0, 1)], grpc.StatusCode.NOT_FOUND, "no prediction kept"),
                  ([("a", 1, 10)], grpc.StatusCode.INVALID_ARGUMENT, "not one of the model's 10 classes"),
@@ -180,16 +169,16 @@ def test_bad_feedback_is_refused_with_the_right_status(repository: Path, referen
                  ([], grpc.StatusCode.INVALID_ARGUMENT, "no labels")]
         for labels, code, words in cases:
             with pytest.raises(grpc.RpcError) as error:
-                _report(server, labels)
+                report(server.url, labels)
             assert error.value.code() == code and words in error.value.details(), labels
-        assert _report(server, [("a", 1, 2)]) == 1, "the refused reports counted nothing"
+        assert report(server.url, [("a", 1, 2)]) == 1, "the refused reports counted nothing"
         assert sum(_value(server, "valley_feedback_labels_total", bin=str(b)) for b in range(15)) == 2
     finally:
         server.close()
     off = ThreadServer(thread_settings(repository, metrics=False))
     try:
         with pytest.raises(grpc.RpcError) as error:
-            _report(off, [("a", 0, 1)])
+            report(off.url, [("a", 0, 1)])
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         off.close()

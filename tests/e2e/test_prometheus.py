@@ -12,28 +12,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
 from tests.conftest import REPO, cli
 from tests.e2e.conftest import (
     MODEL,
     Reference,
     ThreadServer,
     free_port,
+    report,
     start_server_process,
     stop_server_process,
     thread_settings,
     triton_inputs,
 )
-from training.data import read_idx
+from training.data import FASHION_MNIST_DIR, read_idx
 from training.metrics import accuracy, ece
-
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 RULES = REPO / "deploy" / "prometheus"
 
@@ -117,8 +113,8 @@ def _until(url: str, promql: str, predicate: Callable[[float], bool], timeout: f
 
 def test_prometheus_computes_the_ece_training_computes(fashion_repository: Path, tmp_path: Path) -> None:
     """Predictions and labels for Fashion-MNIST test images; PromQL's ECE equals training.metrics.ece."""
-    images = read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[:600, None]
-    labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")[:600].astype(np.int64)
+    images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:600, None]
+    labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:600].astype(np.int64)
     server = start_server_process(fashion_repository)
     try:
         with prometheus(tmp_path, server.metrics_port) as url:
@@ -128,11 +124,8 @@ def test_prometheus_computes_the_ece_training_computes(fashion_repository: Path,
                 result = client.infer("fashion", triton_inputs(images[start:start + 50]), request_id=f"batch-{start}",
                                       outputs=[triton.InferRequestedOutput("probabilities")])
                 served.append(result.as_numpy("probabilities"))
-            report = feedback_pb.ReportRequest(labels=[
-                feedback_pb.Label(model_name="fashion", request_id=f"batch-{i - i % 50}", position=i % 50,
-                                  true_class=int(labels[i])) for i in range(len(labels))])
-            with grpc.insecure_channel(server.url) as channel:
-                assert feedback_grpc.FeedbackStub(channel).Report(report, timeout=30).accepted == len(labels)  # type: ignore[no-untyped-call]
+            sent = [(f"batch-{i - i % 50}", i % 50, int(labels[i])) for i in range(len(labels))]
+            assert report(server.url, sent, model="fashion", timeout=30) == len(labels)
             _until(url, 'sum(valley_feedback_labels_total{model="fashion"})', lambda v: v == len(labels))
             probabilities = np.concatenate(served).astype(np.float64)
             expected = ece(probabilities, labels)
