@@ -180,6 +180,12 @@ class ThreadServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
+    def __enter__(self) -> ThreadServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
     return Settings(repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, shutdown_grace_s=5,

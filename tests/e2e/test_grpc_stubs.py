@@ -104,14 +104,11 @@ def test_reflection_lists_and_describes_the_services(served: ServerProcess) -> N
 
 
 def test_messages_above_the_size_limit_are_refused(repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(repository, max_message_bytes=4096))
-    try:
-        with grpc.insecure_channel(server.url) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-            small = stub.ModelInfer(_raw_request(reference.images(1, seed=9), "predicted_class"), timeout=10)
-            assert _array(small, "predicted_class").shape == (1,)
-            with pytest.raises(grpc.RpcError) as error:
-                stub.ModelInfer(_raw_request(reference.images(64, seed=9)), timeout=10)
-            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    finally:
-        server.close()
+    with ThreadServer(thread_settings(repository, max_message_bytes=4096)) as server, \
+            grpc.insecure_channel(server.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        small = stub.ModelInfer(_raw_request(reference.images(1, seed=9), "predicted_class"), timeout=10)
+        assert _array(small, "predicted_class").shape == (1,)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(_raw_request(reference.images(64, seed=9)), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

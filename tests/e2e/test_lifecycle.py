@@ -165,8 +165,7 @@ def _corrupt(version_dir: Path) -> None:
 
 
 def test_new_versions_swap_in_and_bad_ones_are_refused(own_repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(own_repository))
-    try:
+    with ThreadServer(thread_settings(own_repository)) as server:
         client = triton.InferenceServerClient(server.url)
         pixels = reference.images(2, seed=5)
         _publish(own_repository / MODEL / "1", 2)
@@ -185,13 +184,10 @@ def test_new_versions_swap_in_and_bad_ones_are_refused(own_repository: Path, ref
         index = {m["version"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
         assert index["2"]["state"] == "READY" and index["3"]["state"] == "UNAVAILABLE"
         assert "sha256" in index["3"]["reason"] and index["1"]["state"] == "UNAVAILABLE"
-    finally:
-        server.close()
 
 
 def test_unload_and_load_again(own_repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(own_repository))
-    try:
+    with ThreadServer(thread_settings(own_repository)) as server:
         client = triton.InferenceServerClient(server.url)
         client.unload_model(MODEL)
         assert not client.is_model_ready(MODEL)
@@ -205,8 +201,6 @@ def test_unload_and_load_again(own_repository: Path, reference: Reference) -> No
         client.load_model(MODEL)
         assert client.is_model_ready(MODEL)
         assert health_status(server.ports.grpc, MODEL) == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        server.close()
 
 
 def _unreadable_graph(version_dir: Path) -> None:
@@ -226,8 +220,7 @@ def test_a_bad_ensemble_at_start_is_reported_and_the_rest_serve(own_repository: 
     manifest = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**manifest, "name": "broken"}))
     damage(broken)
-    server = ThreadServer(thread_settings(own_repository))
-    try:
+    with ThreadServer(thread_settings(own_repository)) as server:
         client = triton.InferenceServerClient(server.url)
         assert client.is_model_ready(MODEL) and not client.is_model_ready("broken")
         assert not client.is_server_ready(), "a refused ensemble keeps the server unready, as in Triton"
@@ -241,27 +234,21 @@ def test_a_bad_ensemble_at_start_is_reported_and_the_rest_serve(own_repository: 
         client.infer(MODEL, triton_inputs(reference.images(1, seed=7)))
         client.unload_model("broken")
         assert client.is_server_ready(), "once the bad ensemble is unloaded the server is ready"
-    finally:
-        server.close()
 
 
 def test_load_takes_names_not_paths(own_repository: Path) -> None:
-    server = ThreadServer(thread_settings(own_repository))
-    try:
+    with ThreadServer(thread_settings(own_repository)) as server:
         client = triton.InferenceServerClient(server.url)
         for name in ("../repo/synth", str(own_repository / MODEL), ".hidden"):
             with pytest.raises(InferenceServerException) as error:
                 client.load_model(name)
             assert error.value.status() == "StatusCode.NOT_FOUND", name
         assert client.is_server_ready()
-    finally:
-        server.close()
 
 
 def test_per_member_execution_gives_the_fused_answers(own_repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(own_repository, execution="members"))
     times: list[list[float]] = []
-    try:
+    with ThreadServer(thread_settings(own_repository, execution="members")) as server:
         model = server.server.repository.get(MODEL)
         assert len(model.instances) == 2 and all(i.execution == "members" for i in model.instances)
         for instance in model.instances:
@@ -274,8 +261,6 @@ def test_per_member_execution_gives_the_fused_answers(own_repository: Path, refe
             np.testing.assert_allclose(result.as_numpy(name), expected[name], atol=1e-5, err_msg=name)
         members = len(model.ensemble.manifest.members)
         assert len(times) == 1 and len(times[0]) == members and all(t > 0 for t in times[0])
-    finally:
-        server.close()
 
 
 def test_bad_settings_exit_2_with_the_flag_named(repository: Path) -> None:

@@ -101,20 +101,16 @@ def test_the_metrics_port_serves_the_registry(server: ThreadServer, reference: R
 
 
 def test_with_metrics_off_only_process_metrics_remain(repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(repository, metrics=False))
-    try:
+    with ThreadServer(thread_settings(repository, metrics=False)) as server:
         pixels = reference.images(2, seed=3)
         result = triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels))
         np.testing.assert_allclose(result.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
         names = {metric.name for metric in server.server.registry.collect()}
         assert not any(name.startswith("valley_") for name in names) and "process_resident_memory_bytes" in names
-    finally:
-        server.close()
 
 
 def test_feedback_gives_the_calibration_training_computes(repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(repository, calibration_window=12))
-    try:
+    with ThreadServer(thread_settings(repository, calibration_window=12)) as server:
         client = triton.InferenceServerClient(server.url)
         rng = np.random.default_rng(0)
         served, labels, reports = [], [], []
@@ -152,13 +148,10 @@ def test_feedback_gives_the_calibration_training_computes(repository: Path, refe
             ece(probabilities[window], truth[window]), abs=1e-6)
         assert _value(server, "valley_live_metric", metric="accuracy") == pytest.approx(
             accuracy(probabilities[window], truth[window]))
-    finally:
-        server.close()
 
 
 def test_bad_feedback_is_refused_with_the_right_status(repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(repository))
-    try:
+    with ThreadServer(thread_settings(repository)) as server:
         pixels = reference.images(2, seed=1)
         triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="a")
         assert report(server.url, [("a", 0, 3)]) == 1
@@ -173,12 +166,7 @@ def test_bad_feedback_is_refused_with_the_right_status(repository: Path, referen
             assert error.value.code() == code and words in error.value.details(), labels
         assert report(server.url, [("a", 1, 2)]) == 1, "the refused reports counted nothing"
         assert sum(_value(server, "valley_feedback_labels_total", bin=str(b)) for b in range(15)) == 2
-    finally:
-        server.close()
-    off = ThreadServer(thread_settings(repository, metrics=False))
-    try:
+    with ThreadServer(thread_settings(repository, metrics=False)) as off:
         with pytest.raises(grpc.RpcError) as error:
             report(off.url, [("a", 0, 1)])
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    finally:
-        off.close()

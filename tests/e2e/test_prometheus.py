@@ -46,14 +46,11 @@ def test_rules_are_valid_and_their_unit_tests_pass() -> None:
 
 
 def test_the_served_metrics_pass_promtool(repository: Path, reference: Reference) -> None:
-    server = ThreadServer(thread_settings(repository))
-    try:
+    with ThreadServer(thread_settings(repository)) as server:
         pixels = reference.images(3, seed=0)
         triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="x")
         with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
             text = response.read().decode()
-    finally:
-        server.close()
     assert "valley_confidence_ratio_bucket" in text
     linted = _promtool("check", "metrics", stdin=text)
     assert linted.returncode == 0 and not linted.stdout.strip() and not linted.stderr.strip(), \
