@@ -28,8 +28,8 @@ import numpy as np
 import onnxruntime
 import torch
 
-from service.manifest import OUTPUTS
-from service.uncertainty import softmax
+from artefact.manifest import OUTPUTS
+from artefact.uncertainty import softmax
 from training.base import build_model
 from training.data import FASHION_MNIST
 from training.export import FusedEnsemble, PixelClassifier, export_graph

@@ -53,8 +53,8 @@ import onnxruntime
 import tritonclient.grpc as grpcclient
 from tqdm import tqdm
 
+from artefact.manifest import Manifest, load_manifest
 from service.ensemble import create_session
-from service.manifest import Manifest, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

@@ -5,7 +5,8 @@ request, then keeps taking requests until the batch holds `max_batch_size` image
 `max_queue_delay` has passed since it started collecting; requests whose deadline has
 already passed are dropped before compute. Each instance runs in a thread of its own, so the
 event loop never blocks on compute, and while one instance computes another collects the
-next batch. A full queue is refused at once (`QueueFull`), never waited on.
+next batch. A full queue is refused at once (`QueueFull`), never waited on. Every finished
+run goes into the model's statistics and to the observer, as one `BatchRecord`.
 """
 
 from __future__ import annotations
@@ -19,19 +20,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import ServingError
+from service.errors import DeadlineExceeded, QueueFull
+from service.observer import NULL_OBSERVER, Observer
+from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What one model run returns: every output asked for, and each member's compute time when timed."""
+
+    outputs: dict[str, np.ndarray]
+    member_seconds: list[float] = field(default_factory=list)
 
 
-class QueueFull(ServingError):
-    """The queue is at its bound: UNAVAILABLE, try again later."""
+RunBatch = Callable[[np.ndarray, Sequence[str]], RunOutput]
 
 
-class DeadlineExceeded(ServingError):
-    """The request's deadline passed while it waited: it was dropped before compute."""
+@dataclass(frozen=True)
+class ModelKey:
+    """The ensemble version a batcher serves, as its reports name it."""
+
+    name: str = ""
+    version: int = 0
+    classes: Sequence[str] = ()
+
+
+NO_MODEL = ModelKey()
 
 
 @dataclass
@@ -53,15 +69,18 @@ class BatchRecord:
     compute_seconds: float
     outputs: dict[str, np.ndarray]
     """Every output the run computed, for all its images."""
+    member_seconds: list[float] = field(default_factory=list)
+    """Each member's compute time, in per-member execution."""
 
 
 class DynamicBatcher:
     def __init__(self, runs: Sequence[RunBatch], max_batch_size: int = 64, max_queue_delay: float = 0.002,
-                 max_queue_size: int = 1024, on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+                 max_queue_size: int = 1024, model: ModelKey = NO_MODEL, observer: Observer = NULL_OBSERVER) -> None:
         """`runs`: one callable per model instance; each gets a worker and a compute thread of its own."""
         if not runs or max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError("at least one run, max_batch_size and max_queue_size >= 1, max_queue_delay >= 0")
-        self._runs, self._on_batch = list(runs), on_batch
+        self._runs, self._model, self._observer = list(runs), model, observer
+        self.statistics = ModelStatistics()
         self.max_batch_size, self.max_queue_delay = max_batch_size, max_queue_delay
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue_size)
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"valley-compute-{i}") for i in range(len(runs))]
@@ -162,20 +181,23 @@ class DynamicBatcher:
         outputs = sorted({name for item in live for name in item.outputs})
         started = time.monotonic()
         try:
-            results = await loop.run_in_executor(executor, run, pixels, outputs)
+            computed = await loop.run_in_executor(executor, run, pixels, outputs)
         except Exception as error:  # the transport turns it into INTERNAL or INVALID_ARGUMENT
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
         compute = time.monotonic() - started
+        results = computed.outputs
         row = 0
         for item in live:
             rows = item.pixels.shape[0]
             if not item.future.done():
                 item.future.set_result({name: results[name][row:row + rows] for name in item.outputs})
             row += rows
-        if self._on_batch is not None:
-            self._on_batch(BatchRecord(images=int(pixels.shape[0]), requests=len(live),
-                                       queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute,
-                                       outputs=results))
+        record = BatchRecord(images=int(pixels.shape[0]), requests=len(live),
+                             queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute,
+                             outputs=results, member_seconds=computed.member_seconds)
+        self.statistics.record_batch(record)
+        model = self._model
+        self._observer.observe_batch(model.name, model.version, model.classes, record)

@@ -1,19 +1,20 @@
 """One ensemble version ready to run: verified files, an onnxruntime session, checked samples.
 
-No gRPC and no Prometheus here: the transport converts requests into `infer` calls, and this
-module only knows arrays. The CUDA execution provider is used when it really loads, the CPU
-one otherwise; which one runs is read back from the session, never assumed.
+No gRPC and no Prometheus here: the data plane checks a request once (`check`) and the
+batcher runs it (`run`); this module only knows arrays. The CUDA execution provider is used
+when it really loads, the CPU one otherwise; which one runs is read back from the session,
+never assumed.
 
 Two execution modes give the same outputs: `fused` runs the one graph that holds every
 member (the default, fastest), `members` runs one session per member and combines their
-probabilities in numpy (`service.uncertainty`), timing each member.
+probabilities in numpy (`artefact.uncertainty`), timing each member.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
+from artefact.manifest import Manifest, ManifestError, load_manifest, verify_files
+from artefact.uncertainty import ensemble_outputs, softmax
+from service.batching import RunOutput
 from service.errors import InvalidInput
-from service.manifest import Manifest, ManifestError, load_manifest, verify_files
 from service.settings import Device, Execution
-from service.uncertainty import ensemble_outputs, softmax
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,6 @@ def create_session(path: Path, device: Device = "auto", threads: int = 0,
     return session
 
 
-MemberTimes = Callable[[list[float]], None]
-
-
 @dataclass
 class Ensemble:
     """A loaded, verified ensemble version; `infer` runs the fused graph, or the members one by one."""
@@ -75,8 +74,6 @@ class Ensemble:
     member_sessions: list[onnxruntime.InferenceSession] = field(default_factory=list)
     device: Device = "auto"
     threads: int = 0
-    on_member_times: MemberTimes | None = None
-    """Called with each member's compute seconds after every run in `members` mode."""
 
     @property
     def execution(self) -> Execution:
@@ -91,7 +88,16 @@ class Ensemble:
         """The same verified graphs in sessions of their own, for a second compute thread."""
         return _open(self.manifest, self.directory, self.device, self.threads, self.execution)
 
-    def check_input(self, pixels: np.ndarray) -> None:
+    def check(self, pixels: np.ndarray, outputs: Sequence[str]) -> None:
+        """Raise `InvalidInput` unless `pixels` fit the input and every output is one of the ensemble's.
+
+        The data plane calls this once per request, before the request can join a batch: `run`
+        trusts its arguments.
+        """
+        known = [o.name for o in self.manifest.outputs]
+        unknown = [name for name in outputs if name not in known]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
         spec = self.manifest.input
         if pixels.dtype != np.uint8:
             raise InvalidInput(f"input '{spec.name}' must be UINT8 pixels (0..255), got {pixels.dtype}")
@@ -101,21 +107,22 @@ class Ensemble:
             raise InvalidInput(f"input '{spec.name}' must have shape [{shape}] (-1: batch of 1 or more), "
                                f"got {list(pixels.shape)}")
 
-    def infer(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run the fused graph on uint8 pixels [B, C, H, W]; returns the named outputs."""
-        self.check_input(pixels)
-        known = [o.name for o in self.manifest.outputs]
-        unknown = [name for name in outputs if name not in known]
-        if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
+    def run(self, pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
+        """The named outputs for uint8 pixels [B, C, H, W] (checked already), with member times in `members` mode."""
         if self.member_sessions:
-            everything = ensemble_outputs(self._member_probabilities(pixels))
-            return {name: everything[name] for name in outputs}
+            member_probabilities, seconds = self._member_probabilities(pixels)
+            everything = ensemble_outputs(member_probabilities)
+            return RunOutput({name: everything[name] for name in outputs}, seconds)
         values: list[Any] = self.session.run(list(outputs), {self.manifest.input.name: pixels})
-        return dict(zip(outputs, values, strict=True))
+        return RunOutput(dict(zip(outputs, values, strict=True)))
 
-    def _member_probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Tempered softmax of every member, [B, K, C]; reports each member's time."""
+    def infer(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Check and run one batch of pixels; returns the named outputs (for a caller outside the server)."""
+        self.check(pixels, outputs)
+        return self.run(pixels, outputs).outputs
+
+    def _member_probabilities(self, pixels: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        """Tempered softmax of every member, [B, K, C], and each member's compute seconds."""
         feeds = {self.manifest.input.name: pixels}
         probabilities, seconds = [], []
         for session in self.member_sessions:
@@ -123,9 +130,7 @@ class Ensemble:
             logits = session.run(None, feeds)[0]
             seconds.append(time.perf_counter() - started)
             probabilities.append(softmax(logits / np.float32(self.manifest.temperature)))
-        if self.on_member_times is not None:
-            self.on_member_times(seconds)
-        return np.stack(probabilities, axis=1)
+        return np.stack(probabilities, axis=1), seconds
 
     def check_samples(self) -> float:
         """Run the manifest's sample inputs; raise `ManifestError` unless they reproduce its outputs."""

@@ -1,4 +1,13 @@
-"""Errors the server answers with; the transport maps each to one gRPC status code."""
+"""Every error the server answers with, and the one table from error to gRPC status code.
+
+Codes are named as `grpc.StatusCode` names, so the core and the data plane stay free of gRPC
+(the metrics count requests by these names too); the servicer turns a name into the code.
+Anything that is not a `ServingError` is a fault of ours: INTERNAL, with a generic message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class ServingError(Exception):
@@ -6,4 +15,77 @@ class ServingError(Exception):
 
 
 class InvalidInput(ServingError, ValueError):
-    """A request's tensors do not fit the model (name, datatype, shape, size or values): INVALID_ARGUMENT."""
+    """A request's tensors or fields do not fit (name, datatype, shape, size or values): INVALID_ARGUMENT."""
+
+
+class ModelNotFound(ServingError):
+    """No such ensemble or version in the repository: NOT_FOUND."""
+
+
+class ModelNotReady(ServingError):
+    """The ensemble exists but is not serving (loading, failed, unloaded, shutting down): UNAVAILABLE."""
+
+
+class LoadFailed(ServingError):
+    """A version could not be loaded (bad manifest, changed file, wrong samples): FAILED_PRECONDITION."""
+
+
+class QueueFull(ServingError):
+    """The queue is at its bound: UNAVAILABLE, try again later."""
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed while it waited: it was dropped before compute."""
+
+
+class ShuttingDown(ServingError):
+    """The server is draining before it exits: UNAVAILABLE, retry on another replica."""
+
+
+class UnknownPrediction(ServingError):
+    """No kept prediction has that model, request id and position (never served, or expired): NOT_FOUND."""
+
+
+class AlreadyLabelled(ServingError):
+    """That prediction already has its label; it is not counted twice: ALREADY_EXISTS."""
+
+
+class FeedbackOff(ServingError):
+    """The server keeps no predictions to label (feedback is off): FAILED_PRECONDITION."""
+
+
+STATUS: dict[type[ServingError], str] = {
+    InvalidInput: "INVALID_ARGUMENT",
+    ModelNotFound: "NOT_FOUND",
+    ModelNotReady: "UNAVAILABLE",
+    LoadFailed: "FAILED_PRECONDITION",
+    QueueFull: "UNAVAILABLE",
+    DeadlineExceeded: "DEADLINE_EXCEEDED",
+    ShuttingDown: "UNAVAILABLE",
+    UnknownPrediction: "NOT_FOUND",
+    AlreadyLabelled: "ALREADY_EXISTS",
+    FeedbackOff: "FAILED_PRECONDITION",
+}
+INTERNAL = "INTERNAL"
+INTERNAL_MESSAGE = "internal error in the server (logged there); the request was not served"
+
+
+@dataclass(frozen=True)
+class Status:
+    """A gRPC status code's name and the message the client gets."""
+
+    code: str
+    message: str
+
+    @property
+    def internal(self) -> bool:
+        """A fault of the server, not of the request: log it with its traceback."""
+        return self.code == INTERNAL
+
+
+def status_of(error: BaseException) -> Status:
+    """The status a request that raised `error` is answered with; never the exception's text unless it is ours."""
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return Status(STATUS[kind], str(error))
+    return Status(INTERNAL, INTERNAL_MESSAGE)

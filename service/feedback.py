@@ -1,30 +1,26 @@
-"""Served predictions kept for a while, so labels reported later can be joined to them.
+"""Feedback: served predictions kept for a while, labels joined to them, live calibration from the labels.
 
 A prediction is named by (model, request id, position in that request's batch). Requests
 without an id cannot be labelled and are not kept. The store is bounded twice: at most
 `max_predictions` images (the oldest requests go first) and at most `ttl_seconds` old. A
-second request with the same id for the same model replaces the first.
+second request with the same id for the same model replaces the first. Every joined label is
+scored (`artefact.calibration`), counted by the observer and added to its model's window of
+the last labelled predictions.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import InvalidInput, ServingError
-
-
-class UnknownPrediction(ServingError):
-    """No kept prediction has that model, request id and position (never served, or expired): NOT_FOUND."""
-
-
-class AlreadyLabelled(ServingError):
-    """That prediction already has its label; it is not counted twice: ALREADY_EXISTS."""
+from artefact.calibration import Scored, binned_ece, score
+from service.errors import AlreadyLabelled, FeedbackOff, InvalidInput, UnknownPrediction
+from service.observer import Observer
 
 
 @dataclass(frozen=True)
@@ -126,3 +122,71 @@ class PredictionStore:
     def _drop(self, served: _Served | None) -> None:
         if served is not None:
             self._count -= len(served.labelled)
+
+
+class CalibrationWindow:
+    """ECE, accuracy, NLL and Brier over the last `size` labelled predictions."""
+
+    def __init__(self, size: int) -> None:
+        self._scored: deque[Scored] = deque(maxlen=size)
+
+    def add(self, scored: Scored) -> None:
+        self._scored.append(scored)
+
+    def __len__(self) -> int:
+        return len(self._scored)
+
+    def summary(self) -> dict[str, float]:
+        """The four metrics (accuracy and ECE as fractions); empty while nothing is labelled."""
+        if not self._scored:
+            return {}
+        count = len(self._scored)
+        index = np.fromiter((s.bin for s in self._scored), dtype=np.int64, count=count)
+        confidence = np.fromiter((s.confidence for s in self._scored), dtype=np.float64, count=count)
+        correct = np.fromiter((s.correct for s in self._scored), dtype=np.float64, count=count)
+        return {
+            "ece": binned_ece(index, confidence, correct),
+            "accuracy": float(correct.sum() / count),
+            "nll": sum(s.nll for s in self._scored) / count,
+            "brier": sum(s.brier for s in self._scored) / count,
+        }
+
+
+class Feedback:
+    """The server's feedback: its prediction store (None when feedback is off) and a window per model version."""
+
+    def __init__(self, store: PredictionStore | None, window: int, observer: Observer) -> None:
+        self.store, self.window, self._observer = store, window, observer
+        self._windows: dict[tuple[str, int], CalibrationWindow] = {}
+
+    def keeps(self, request_id: str) -> bool:
+        """Whether what a request is served is kept for labels: feedback is on and the request has an id."""
+        return self.store is not None and bool(request_id)
+
+    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray) -> None:
+        """Keep what a request with an id was served, to join labels to it later."""
+        if self.store is not None:
+            self.store.remember(model, version, request_id, probabilities)
+
+    def report(self, labels: Sequence[Label]) -> int:
+        """Join every label (all or none), count and score them; returns how many were accepted."""
+        if self.store is None:
+            raise FeedbackOff("feedback is off on this server (--feedback false, or --metrics false without "
+                              "--feedback true): no predictions are kept to label")
+        if not labels:
+            raise InvalidInput("the report holds no labels")
+        touched: dict[tuple[str, int], CalibrationWindow] = {}
+        joined = self.store.join(labels)
+        for label in joined:
+            key = (label.model, label.version)
+            window = self._windows.get(key)
+            if window is None:
+                window = self._windows[key] = CalibrationWindow(self.window)
+            scored = score(label.probabilities, label.true_class)
+            window.add(scored)
+            self._observer.observe_label(label.model, label.version, scored)
+            touched[key] = window
+        # The window's summary walks the whole window: once per model in the report, not per label.
+        for (model, model_version), window in touched.items():
+            self._observer.observe_window(model, model_version, window)
+        return len(joined)

@@ -1,8 +1,9 @@
 """Every Prometheus metric the server exports, defined once, on an injected registry.
 
 Names follow Prometheus conventions (base units, `_total` on counters, HELP on all), and every
-series carries the ensemble's `model` and `version`. The transport and the repository call the
-`observe_*` methods; nothing else in the server touches prometheus_client.
+series carries the ensemble's `model` and `version`. `ServingMetrics` is the server's observer
+(`service.observer`): the repository, the batchers, the data plane and the feedback report to
+its `observe_*` methods; nothing else in the server touches prometheus_client.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from artefact.calibration import Scored, bin_upper_edges
+from artefact.manifest import Manifest
 from service.batching import BatchRecord
-from service.calibration import CalibrationWindow, Scored, bin_upper_edges
 from service.ensemble import Ensemble
-from service.manifest import Manifest
+from service.feedback import CalibrationWindow
 
 # Latency buckets from 0.5 ms to 10 s: batch-1 CPU requests sit in the low milliseconds, big
 # batches on a busy server in the hundreds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # The 15 equal-width confidence bins of ECE (upper edges, as `le`), so histogram buckets and
-# the feedback bins line up with training.metrics.ece.
+# the feedback bins line up with the ECE training computes.
 CONFIDENCE_BUCKETS = tuple(float(edge) for edge in bin_upper_edges())
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 NATS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -39,17 +41,28 @@ SIGNAL_OUTPUTS = ("probabilities", "predicted_class", "confidence", "entropy", "
                   "member_disagreement")
 
 
-class _QueueCollector(Collector):
-    """Gauges read at scrape time from the live batchers (no bookkeeping on the request path)."""
+# (model, version, value) of every ensemble version being served, read at scrape time.
+LiveValues = Callable[[], Iterable[tuple[str, str, int]]]
 
-    def __init__(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
-        self._depths = depths
+
+def _nothing() -> Iterable[tuple[str, str, int]]:
+    return ()
+
+
+class _LiveCollector(Collector):
+    """Gauges read at scrape time from the live server (no bookkeeping on the request path)."""
+
+    def __init__(self, depths: LiveValues, in_flight: LiveValues) -> None:
+        self._depths, self._in_flight = depths, in_flight
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily("valley_queue_depth_requests", "Requests waiting for a model run", labels=MODEL)
-        for name, version, depth in self._depths():
-            family.add_metric([name, version], depth)
-        yield family
+        for name, documentation, values in (
+                ("valley_queue_depth_requests", "Requests waiting for a model run", self._depths),
+                ("valley_in_flight_requests", "Inference requests being served", self._in_flight)):
+            family = GaugeMetricFamily(name, documentation, labels=MODEL)
+            for model, version, value in values():
+                family.add_metric([model, version], value)
+            yield family
 
 
 @dataclass(frozen=True)
@@ -184,12 +197,17 @@ class _Series:
     queue_seconds: Histogram
     compute_seconds: Histogram
     batch_images: Histogram
-    in_flight: Gauge
+    member_seconds: list[Histogram]
+    """One child per member, added as members are first timed."""
 
 
 class ServingMetrics:
-    def __init__(self, registry: CollectorRegistry,
-                 depths: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()) -> None:
+    """Every valley metric on `registry`; `depths` and `in_flight` give the live gauges at scrape time."""
+
+    signal_outputs: tuple[str, ...] = SIGNAL_OUTPUTS
+
+    def __init__(self, registry: CollectorRegistry, depths: LiveValues = _nothing,
+                 in_flight: LiveValues = _nothing) -> None:
         self.requests = Counter("valley_requests_total", "Inference requests answered, by gRPC status code",
                                 [*MODEL, "code"], registry=registry)
         self.request_seconds = Histogram("valley_request_duration_seconds", "Time from a request's arrival to its "
@@ -203,8 +221,6 @@ class ServingMetrics:
                                         registry=registry)
         self.batch_images = Histogram("valley_batch_images", "Images in one model run (dynamic batching)", MODEL,
                                       buckets=BATCH_BUCKETS, registry=registry)
-        self.in_flight = Gauge("valley_in_flight_requests", "Inference requests being served", MODEL,
-                               registry=registry)
         self.ready = Gauge("valley_model_ready", "1 while the ensemble version serves, 0 once it stopped", MODEL,
                            registry=registry)
         self.provider = Gauge("valley_execution_provider_info", "The onnxruntime execution provider in use (1)",
@@ -230,7 +246,7 @@ class ServingMetrics:
                                 MODEL, registry=registry)
         self._signals = _SignalCollector()
         registry.register(self._signals)
-        registry.register(_QueueCollector(depths))
+        registry.register(_LiveCollector(depths, in_flight))
         self._series: dict[tuple[str, str], _Series] = {}
 
     def _of(self, name: str, version: str) -> _Series:
@@ -239,7 +255,7 @@ class ServingMetrics:
             series = self._series[(name, version)] = _Series(
                 self.requests.labels(name, version, "OK"), self.request_seconds.labels(name, version),
                 self.queue_seconds.labels(name, version), self.compute_seconds.labels(name, version),
-                self.batch_images.labels(name, version), self.in_flight.labels(name, version))
+                self.batch_images.labels(name, version), [])
         return series
 
     # -- models ---------------------------------------------------------------------------
@@ -259,23 +275,7 @@ class ServingMetrics:
         self.ready.labels(name, str(version)).set(0)
         self._signals.release((name, str(version)))
 
-    def member_timer(self, name: str, version: int) -> Callable[[list[float]], None]:
-        """The callback an ensemble in per-member execution reports its members' times to."""
-        children = {}
-
-        def observe(seconds: list[float]) -> None:
-            for member, value in enumerate(seconds):
-                if member not in children:
-                    children[member] = self.member_seconds.labels(name, str(version), str(member))
-                children[member].observe(value)
-
-        return observe
-
     # -- requests and runs ----------------------------------------------------------------
-
-    def in_flight_of(self, name: str, version: str) -> Gauge:
-        """The in-flight gauge of one ensemble version (inc when a request starts, dec when it ends)."""
-        return self._of(name, version).in_flight
 
     def observe_request(self, name: str, version: str, code: str, seconds: float | None) -> None:
         """One answered request: its status code and, when it reached a model, its duration."""
@@ -297,6 +297,11 @@ class ServingMetrics:
         series.compute_seconds.observe(record.compute_seconds)
         for seconds in record.queue_seconds:
             series.queue_seconds.observe(seconds)
+        members = series.member_seconds
+        for member, seconds in enumerate(record.member_seconds):
+            if member == len(members):
+                members.append(self.member_seconds.labels(*labels, str(member)))
+            members[member].observe(seconds)
         if all(output in record.outputs for output in SIGNAL_OUTPUTS):
             self._signals.add(labels, classes, record.outputs)
 

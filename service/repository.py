@@ -4,7 +4,8 @@ Layout: `ROOT/<name>/<version>/manifest.json` (integer versions). The latest ver
 ensemble is served. Loading reads and verifies a version in a worker thread (sha256s, the
 manifest's sample outputs) and only then swaps it in; a version that fails is refused with
 the reason, and the version already serving (if any) keeps serving. Unloading stops taking
-new requests and lets queued ones finish.
+new requests and lets queued ones finish. Loads and unloads are reported to the observer,
+and to the state listener (the server's health service).
 """
 
 from __future__ import annotations
@@ -17,28 +18,17 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from service.batching import BatchRecord, DynamicBatcher
+from artefact.manifest import MANIFEST_FILE, ManifestError
+from service.batching import DynamicBatcher, ModelKey
 from service.ensemble import Ensemble, load_ensemble
-from service.errors import ServingError
-from service.manifest import MANIFEST_FILE, ManifestError
+from service.errors import LoadFailed, ModelNotFound, ModelNotReady
+from service.observer import Observer
 from service.settings import Settings
 from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-
-
-class ModelNotFound(ServingError):
-    """No such ensemble or version in the repository: NOT_FOUND."""
-
-
-class ModelNotReady(ServingError):
-    """The ensemble exists but is not serving (loading, failed, unloaded, shutting down): UNAVAILABLE."""
-
-
-class LoadFailed(ServingError):
-    """A version could not be loaded (bad manifest, changed file, wrong samples): FAILED_PRECONDITION."""
 
 
 class State(str, Enum):
@@ -54,7 +44,11 @@ class ServedModel:
     instances: list[Ensemble]
     """Copies of the verified ensemble, each run by a compute thread of its own."""
     batcher: DynamicBatcher
-    statistics: ModelStatistics
+
+    @property
+    def statistics(self) -> ModelStatistics:
+        """What the version has done since it was loaded (the batcher counts its runs)."""
+        return self.batcher.statistics
 
     @property
     def ensemble(self) -> Ensemble:
@@ -92,17 +86,19 @@ class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-# Called with the name, the version now serving (None: none) and the one it replaced (None: none).
-StateListener = Callable[[str, "ServedModel | None", "ServedModel | None"], Awaitable[None]]
-BatchListener = Callable[[ServedModel, BatchRecord], None]
+# Called with the name and whether a version of it now serves, after every load, refusal and unload.
+StateListener = Callable[[str, bool], Awaitable[None]]
+
+
+async def _ignore_state(name: str, serving: bool) -> None:
+    pass
 
 
 class Repository:
-    def __init__(self, settings: Settings, on_state: StateListener | None = None,
-                 on_batch: BatchListener | None = None) -> None:
+    def __init__(self, settings: Settings, observer: Observer, on_state: StateListener = _ignore_state) -> None:
         self.root = settings.repository
         self._settings = settings
-        self._on_state, self._on_batch = on_state, on_batch
+        self._observer, self._on_state = observer, on_state
         self._slots: dict[str, _Slot] = {}
 
     # -- what is on disk ------------------------------------------------------------------
@@ -194,19 +190,13 @@ class Repository:
         return [ensemble] + [ensemble.another_instance() for _ in range(settings.instances - 1)]
 
     def _serve(self, instances: list[Ensemble]) -> ServedModel:
-        statistics = ModelStatistics()
-        served: ServedModel
-
-        def on_batch(record: BatchRecord) -> None:
-            statistics.record_batch(record)
-            if self._on_batch is not None:
-                self._on_batch(served, record)
-
-        batcher = DynamicBatcher([instance.infer for instance in instances], self._settings.max_batch_size,
-                                 self._settings.max_queue_delay, self._settings.max_queue_size, on_batch)
-        served = ServedModel(instances, batcher, statistics)
+        manifest = instances[0].manifest
+        settings = self._settings
+        batcher = DynamicBatcher([instance.run for instance in instances], settings.max_batch_size,
+                                 settings.max_queue_delay, settings.max_queue_size,
+                                 ModelKey(manifest.name, manifest.version, manifest.classes), self._observer)
         batcher.start()
-        return served
+        return ServedModel(instances, batcher)
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""
@@ -229,8 +219,11 @@ class Repository:
             await self.unload(name)
 
     async def _notify(self, name: str, current: ServedModel | None, previous: ServedModel | None) -> None:
-        if self._on_state is not None:
-            await self._on_state(name, current, previous)
+        if previous is not None:
+            self._observer.observe_unload(previous.name, previous.version)
+        if current is not None:
+            self._observer.observe_load(current.ensemble)
+        await self._on_state(name, current is not None)
 
     # -- lookups --------------------------------------------------------------------------
 

@@ -1,15 +1,19 @@
-"""The composition root: settings -> repository -> gRPC and metrics servers, and the shutdown.
+"""The composition root: settings -> observer -> repository -> data plane -> gRPC and metrics servers.
 
 The gRPC server starts before the ensembles load, so liveness answers at once while
 readiness (ServerReady, grpc.health.v1) stays NOT_SERVING until every ensemble is verified.
-On SIGTERM or SIGINT readiness goes NOT_SERVING, new requests are refused, in-flight ones
-finish (up to `shutdown_grace_s`), queued batches drain, then `serve` returns.
+Once the loads are done, `serve` prints one JSON line with the ports bound (and writes it to
+`ready_file`), so a caller that asked for port 0 learns them without racing. On SIGTERM or
+SIGINT readiness goes NOT_SERVING, new requests are refused, in-flight ones finish (up to
+`shutdown_grace_s`), queued batches drain, then `serve` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -22,20 +26,20 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
-from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
-from service.batching import BatchRecord
-from service.feedback import PredictionStore
+from service.dataplane import DataPlane
+from service.feedback import Feedback, PredictionStore
 from service.metrics import ServingMetrics
-from service.repository import Repository, ServedModel
-from service.servicer import FeedbackServicer, InferenceServicer
+from service.observer import NULL_OBSERVER, Observer
+from service.repository import Repository
+from service.servicer import FeedbackServicer, InferenceServicer, add_servicer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-FEEDBACK_SERVICE = feedback_pb.DESCRIPTOR.services_by_name["Feedback"].full_name
+INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+FEEDBACK = feedback_pb.DESCRIPTOR.services_by_name["Feedback"]
+INFERENCE_SERVICE = INFERENCE.full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -53,7 +57,7 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
             POOL.FindFileByName(module.DESCRIPTOR.name)
         except KeyError:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = [INFERENCE_SERVICE, FEEDBACK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    names = [INFERENCE_SERVICE, FEEDBACK.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server, pool=POOL)
 
@@ -67,43 +71,31 @@ class Server:
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         self.health = HealthServicer()
-        self.metrics = ServingMetrics(self.registry, self._queue_depths) if settings.metrics else None
-        self.repository = Repository(settings, on_state=self._model_state,
-                                     on_batch=self._batch_done if settings.metrics else None)
-        predictions = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s) \
-            if settings.metrics else None
-        self.servicer = InferenceServicer(self.repository, settings.max_batch_size, self.metrics, predictions)
-        self.feedback = FeedbackServicer(predictions, self.metrics, settings.calibration_window)
+        # The gauges read the data plane at scrape time, once it exists.
+        self.observer: Observer = ServingMetrics(self.registry, lambda: self.dataplane.queue_depths(),
+                                                 lambda: self.dataplane.in_flight()) \
+            if settings.metrics else NULL_OBSERVER
+        self.repository = Repository(settings, self.observer, on_state=self._model_state)
+        store = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s) \
+            if settings.feedback_on else None
+        feedback = Feedback(store, settings.calibration_window, self.observer)
+        self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
                                              ("grpc.max_send_message_length", limit)])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.grpc)  # type: ignore[no-untyped-call]
-        feedback_grpc.add_FeedbackServicer_to_server(self.feedback, self.grpc)  # type: ignore[no-untyped-call]
+        add_servicer(self.grpc, InferenceServicer(self.dataplane), INFERENCE)
+        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()
 
-    async def _model_state(self, name: str, current: ServedModel | None, previous: ServedModel | None) -> None:
-        if self.metrics is not None:
-            if previous is not None:
-                self.metrics.observe_unload(previous.name, previous.version)
-            if current is not None:
-                self.metrics.observe_load(current.ensemble)
-                for instance in current.instances:
-                    instance.on_member_times = self.metrics.member_timer(current.name, current.version)
-        await self.health.set(name, SERVING if current is not None else NOT_SERVING)
+    async def _model_state(self, name: str, serving: bool) -> None:
+        await self.health.set(name, SERVING if serving else NOT_SERVING)
         await self._server_state()
 
-    def _batch_done(self, served: ServedModel, record: BatchRecord) -> None:
-        assert self.metrics is not None  # only wired when metrics are on
-        self.metrics.observe_batch(served.name, served.version, served.ensemble.manifest.classes, record)
-
-    def _queue_depths(self) -> list[tuple[str, str, int]]:
-        return [(m.name, str(m.version), m.batcher.depth) for m in self.repository.served()]
-
     async def _server_state(self) -> None:
-        ready = self.repository.ready and not self.servicer.shutting_down
+        ready = self.dataplane.ready()
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, SERVING if ready else NOT_SERVING)
 
@@ -133,6 +125,11 @@ class Server:
     def request_stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (SIGTERM or SIGINT)."""
+        return self._stopping.is_set()
+
     async def wait(self) -> None:
         await self._stopping.wait()
 
@@ -140,14 +137,14 @@ class Server:
         """Refuse new work, let in-flight requests finish, drain the batchers, close the ports."""
         log.info("shutting down: readiness NOT_SERVING, finishing in-flight requests (grace %.0f s)",
                  self.settings.shutdown_grace_s)
-        self.servicer.shutting_down = True
+        self.dataplane.shutting_down = True
         await self._server_state()
         await self.health.enter_graceful_shutdown()
         ends = time.monotonic() + self.settings.shutdown_grace_s
         # While in-flight requests finish, the port stays open: new requests get a clear
         # UNAVAILABLE from the servicer rather than a connection torn down under them.
         try:
-            await asyncio.wait_for(self.servicer.drained(), self.settings.shutdown_grace_s)
+            await asyncio.wait_for(self.dataplane.drained(), self.settings.shutdown_grace_s)
         except asyncio.TimeoutError:
             log.warning("requests still in flight when the grace period ended")
         await self.grpc.stop(max(0.0, ends - time.monotonic()))
@@ -158,6 +155,17 @@ class Server:
         self._metrics_http.shutdown()
         log.info("stopped")
 
+    def announce(self, ports: Ports) -> None:
+        """Print the ports bound and the readiness as one JSON line, and write it to `ready_file` if set."""
+        line = json.dumps({"grpc_port": ports.grpc, "metrics_port": ports.metrics, "host": self.settings.host,
+                           "ready": self.dataplane.ready(), "pid": os.getpid()})
+        print(line, flush=True)
+        path = self.settings.ready_file
+        if path is not None:  # written aside and renamed: a reader never sees half a line
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary.write_text(line + "\n")
+            os.replace(temporary, path)
+
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
@@ -165,6 +173,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
-    await server.start()  # a signal during the loads ends them early (see load_all)
-    await server.wait()
-    await server.stop()
+    ports = await server.start()  # a signal during the loads ends them early (see load_all)
+    try:
+        if not server.stopping:
+            server.announce(ports)
+        await server.wait()
+        await server.stop()
+    finally:
+        if settings.ready_file is not None:
+            settings.ready_file.unlink(missing_ok=True)

@@ -1,95 +1,145 @@
-"""The Open Inference Protocol v2 over gRPC: protobuf in, repository and batcher calls, protobuf out.
+"""The Open Inference Protocol v2 and valley.v1.Feedback over gRPC: protobuf in, data plane calls, protobuf out.
 
-Thin on purpose: the models, batching and statistics live elsewhere; here are only the
-conversions and the one table from our errors to gRPC status codes. An exception that is
-not ours is a fault: logged with its traceback here, answered INTERNAL with a generic
-message there.
+Nothing else happens here. `add_servicer` registers every RPC of a service: it parses request
+bodies itself (a body that does not parse is INVALID_ARGUMENT, not grpc's default) and wraps each
+handler in `guarded`, which maps every exception through the one table in `service.errors`. An
+exception that is not ours is logged with its traceback here and answered INTERNAL with a
+generic message: no RPC answers UNKNOWN or carries a Python exception's text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
-from typing import NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
-import numpy as np
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
+from artefact.manifest import TensorSpec
 from service._proto.inference import grpc_service_pb2 as pb
-from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
-from service.batching import DeadlineExceeded, QueueFull
-from service.calibration import CalibrationWindow, score
 from service.codec import decode_inputs, encode_outputs
-from service.errors import InvalidInput, ServingError
-from service.feedback import AlreadyLabelled, Label, PredictionStore, UnknownPrediction
-from service.manifest import OUTPUTS
-from service.metrics import SIGNAL_OUTPUTS, ServingMetrics
-from service.repository import LoadFailed, ModelNotFound, ModelNotReady, Repository, ServedModel
+from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
+from service.errors import InvalidInput, Status, status_of
+from service.feedback import Label
 from service.statistics import Duration
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "valley"
-EXTENSIONS = ["model_repository", "statistics"]
-PLATFORM = "valley_ensemble"
-# Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
-DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "member_probabilities")
 STREAM_IN_FLIGHT = 256
 
-
-class ShuttingDown(ServingError):
-    """The server is draining before it exits: UNAVAILABLE, retry on another replica."""
-
-
-class FeedbackOff(ServingError):
-    """Feedback needs the metrics it feeds: FAILED_PRECONDITION."""
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+Context: TypeAlias = grpc.aio.ServicerContext
+Unary = Callable[[Request, Context], Awaitable[Response]]
+Streaming = Callable[[AsyncIterator[Request], Context], AsyncIterator[Response]]
 
 
-STATUS: dict[type[ServingError], grpc.StatusCode] = {
-    UnknownPrediction: grpc.StatusCode.NOT_FOUND,
-    AlreadyLabelled: grpc.StatusCode.ALREADY_EXISTS,
-    FeedbackOff: grpc.StatusCode.FAILED_PRECONDITION,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    QueueFull: grpc.StatusCode.UNAVAILABLE,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    LoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
-}
+# -- the one guard around every RPC ---------------------------------------------------------
 
 
-def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and client-safe message for an error raised while serving a request."""
-    for kind in type(error).__mro__:
-        if kind in STATUS:
-            return STATUS[kind], str(error)
-    log.error("internal error while serving a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, "internal error in the server (logged there); the request was not served"
+@dataclass(frozen=True)
+class _Unparsed:
+    """What the deserializer hands on for a body that is not a valid message of its type."""
+
+    type_name: str
 
 
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """End the call with this status; grpc's abort raises, and this says so to type checkers."""
-    await context.abort(code, message)
+def _parser(message_class: type[Message]) -> Callable[[bytes], Message | _Unparsed]:
+    def parse(body: bytes) -> Message | _Unparsed:
+        try:
+            return message_class.FromString(body)
+        except Exception:  # DecodeError, and whatever else a hostile body makes protobuf raise
+            return _Unparsed(message_class.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Unparsed):
+        raise InvalidInput(f"the request body does not parse as a {request.type_name} message")
+    return request
+
+
+async def _parsed_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _parsed(request)
+
+
+def answer_of(error: BaseException) -> Status:
+    """The status an exception is answered with; a fault of ours is logged here with its traceback."""
+    status = status_of(error)
+    if status.internal:
+        log.error("internal error while serving a request", exc_info=error)
+    return status
+
+
+async def _abort(context: Context, error: BaseException) -> NoReturn:
+    status = answer_of(error)
+    await context.abort(grpc.StatusCode[status.code], status.message)
     raise AssertionError("grpc's context.abort returned instead of raising")
 
 
-def _server_version() -> str:
-    try:
-        return version("valley-ensembles")
-    except PackageNotFoundError:
-        return "unknown"
+def guarded(handler: Unary[Request, Response]) -> Unary[Request, Response]:
+    """`handler` answering every exception through the error table (INTERNAL for what is not ours)."""
+
+    @functools.wraps(handler)
+    async def call(request: Request, context: Context) -> Response:
+        try:
+            return await handler(_parsed(request), context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, error)
+
+    return call
 
 
-def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
-    if not request.outputs:
-        return DEFAULT_OUTPUTS
-    names = []
+def guarded_stream(handler: Streaming[Request, Response]) -> Streaming[Request, Response]:
+    """`guarded` for a bidirectional stream: a failure that ends the stream ends it with a mapped status."""
+
+    @functools.wraps(handler)
+    async def call(requests: AsyncIterator[Request], context: Context) -> AsyncIterator[Response]:
+        try:
+            async for response in handler(_parsed_stream(requests), context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(context, error)
+
+    return call
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Serve every method of `service` with the `servicer` method of its name, parsed and guarded."""
+    handlers = {}
+    for method in service.methods:
+        handler = getattr(servicer, method.name)  # a missing method fails at start, not at the first call
+        request_class, response_class = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
+        options = {"request_deserializer": _parser(request_class),
+                   "response_serializer": response_class.SerializeToString}
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(guarded_stream(handler), **options)
+        elif not method.client_streaming and not method.server_streaming:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded(handler), **options)
+        else:
+            raise NotImplementedError(f"{service.full_name}/{method.name}: only unary and bidirectional RPCs")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+# -- protobuf <-> data plane --------------------------------------------------------------
+
+
+def _tensors(request: pb.ModelInferRequest) -> Tensors:
+    """The request's input arrays and the names of the outputs it asks for."""
     for output in request.outputs:
         if any(key.startswith("shared_memory") for key in output.parameters):
             raise InvalidInput(f"output '{output.name}': shared-memory outputs are not supported; outputs come back "
@@ -97,37 +147,17 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
         if "classification" in output.parameters:
             raise InvalidInput(f"output '{output.name}': classification (class_count) is not supported; ask for "
                                "'predicted_class' and 'confidence', or 'probabilities'")
-        if output.name not in OUTPUTS:
-            raise InvalidInput(f"unknown output {output.name!r}; outputs are {', '.join(OUTPUTS)}")
-        if output.name in names:
-            raise InvalidInput(f"output {output.name!r} is asked for twice")
-        names.append(output.name)
-    return tuple(names)
-
-
-def _pixels(request: pb.ModelInferRequest, model: ServedModel, max_batch_size: int) -> np.ndarray:
-    spec = model.ensemble.manifest.input
     for tensor in request.inputs:
         if any(key.startswith("shared_memory") for key in tensor.parameters):
             raise InvalidInput(f"input '{tensor.name}': shared-memory inputs are not supported; send the data in "
                                "the request")
-    arrays = decode_inputs(request)
-    if list(arrays) != [spec.name]:
-        shape = ", ".join(str(d) for d in spec.shape)
-        raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} [{shape}]), "
-                           f"got {list(arrays) or 'none'}")
-    pixels = arrays[spec.name]
-    model.ensemble.check_input(pixels)
-    if pixels.shape[0] > max_batch_size:
-        raise InvalidInput(f"input '{spec.name}' has a batch of {pixels.shape[0]} images; this server takes at most "
-                           f"{max_batch_size} per request (split the request)")
-    return pixels
+    return Tensors(decode_inputs(request), tuple(output.name for output in request.outputs))
 
 
-def _deadline(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None) -> float | None:
+def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
     """The monotonic instant after which the answer is useless: the gRPC deadline or the `timeout` parameter."""
     deadlines = []
-    remaining = context.time_remaining() if context is not None else None
+    remaining = context.time_remaining()
     if remaining is not None:
         deadlines.append(time.monotonic() + remaining)
     if "timeout" in request.parameters:
@@ -137,14 +167,29 @@ def _deadline(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext |
     return min(deadlines) if deadlines else None
 
 
+def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
+    return InferenceRequest(request.model_name, request.model_version, request.id,
+                            functools.partial(_tensors, request), _deadline(request, context))
+
+
+def _response(answer: InferenceResponse) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=answer.model, model_version=answer.version, id=answer.id)
+    encode_outputs(answer.outputs, response)
+    return response
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+
+
 def _duration(duration: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=duration.count, ns=duration.ns)
 
 
-def _statistics(model: ServedModel) -> pb.ModelStatistics:
-    stats = model.statistics.snapshot()
+def _model_statistics(named: NamedStatistics) -> pb.ModelStatistics:
+    stats = named.statistics
     return pb.ModelStatistics(
-        name=model.name, version=str(model.version), last_inference=stats.last_inference_ms,
+        name=named.name, version=named.version, last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count, execution_count=stats.execution_count,
         inference_stats=pb.InferStatistics(success=_duration(stats.success), fail=_duration(stats.fail),
                                            queue=_duration(stats.queue), compute_infer=_duration(stats.compute)),
@@ -152,132 +197,38 @@ def _statistics(model: ServedModel) -> pb.ModelStatistics:
                      for size, runs in sorted(stats.batches.items())])
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, max_batch_size: int, metrics: ServingMetrics | None = None,
-                 predictions: PredictionStore | None = None) -> None:
-        self.repository = repository
-        self.max_batch_size = max_batch_size
-        self.metrics = metrics
-        self.predictions = predictions
-        # With metrics on, every run also computes the label-free signals for every image.
-        self._extra_outputs = SIGNAL_OUTPUTS if metrics is not None else ()
-        self.shutting_down = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+class InferenceServicer:
+    """inference.GRPCInferenceService, answered by the data plane."""
 
-    async def drained(self) -> None:
-        """Return once no inference request is being served."""
-        await self._idle.wait()
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
-    # -- health and metadata --------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.dataplane.live())
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
-                          ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.shutting_down and self.repository.ready)
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ModelReadyResponse:
-        try:
-            self.repository.get(request.name, request.version)
-        except ServingError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self.shutting_down)
-
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context
                              ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
+        metadata = self.dataplane.server_metadata()
+        return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version,
+                                         extensions=list(metadata.extensions))
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ModelMetadataResponse:
-        try:
-            model = self.repository.get(request.name, request.version)
-        except ServingError as error:
-            await _abort(context, *status_of(error))
-        manifest = model.ensemble.manifest
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name, versions=[str(model.version)], platform=PLATFORM,
-            inputs=[tensor(name=manifest.input.name, datatype=manifest.input.datatype, shape=manifest.input.shape)],
-            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in manifest.outputs])
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        metadata = self.dataplane.model_metadata(request.name, request.version)
+        return pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions, platform=metadata.platform,
+                                        inputs=[_tensor_metadata(spec) for spec in metadata.inputs],
+                                        outputs=[_tensor_metadata(spec) for spec in metadata.outputs])
 
-    # -- inference ------------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return _response(await self.dataplane.infer(_inference_request(request, context)))
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
-                     ) -> pb.ModelInferResponse:
-        if self.shutting_down:
-            raise ShuttingDown("the server is shutting down: send the request to another replica")
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            return await self._infer_model(request, context)
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-
-    async def _infer_model(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext | None
-                           ) -> pb.ModelInferResponse:
-        model = self.repository.get(request.model_name, request.model_version)
-        started = time.monotonic()
-        try:
-            outputs = _requested_outputs(request)
-            pixels = _pixels(request, model, self.max_batch_size)
-            computed = tuple(dict.fromkeys([*outputs, *self._extra_outputs]))
-            in_flight = self.metrics.in_flight_of(model.name, str(model.version)) if self.metrics else None
-            if in_flight is not None:
-                in_flight.inc()
-            try:
-                results = await model.batcher.submit(pixels, computed, _deadline(request, context))
-            finally:
-                if in_flight is not None:
-                    in_flight.dec()
-            if self.predictions is not None and request.id:
-                self.predictions.remember(model.name, model.version, request.id, results["probabilities"])
-            response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
-            encode_outputs({name: results[name] for name in outputs}, response)
-        except BaseException:
-            model.statistics.record_request(time.monotonic() - started, ok=False)
-            raise
-        model.statistics.record_request(time.monotonic() - started, ok=True)
-        return response
-
-    def _observe(self, response: pb.ModelInferResponse, started: float) -> None:
-        """Count one served request, labelled with the model and version that answered it."""
-        if self.metrics is not None:
-            self.metrics.observe_request(response.model_name, response.model_version, grpc.StatusCode.OK.name,
-                                         time.monotonic() - started)
-
-    def _observe_failure(self, request: pb.ModelInferRequest, code: grpc.StatusCode, started: float) -> None:
-        """Count one failed request; requests for unknown models share empty labels (bounded cardinality)."""
-        if self.metrics is None:
-            return
-        try:
-            model = self.repository.get(request.model_name, request.model_version)
-            name, version = model.name, str(model.version)
-        except ServingError:
-            name, version = "", ""
-        reached_model = code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
-        self.metrics.observe_request(name, version, code.name, time.monotonic() - started if reached_model else None)
-
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ModelInferResponse:
-        started = time.monotonic()
-        try:
-            response = await self._infer(request, context)
-        except Exception as error:
-            code, message = status_of(error)
-            self._observe_failure(request, code, started)
-            await _abort(context, code, message)
-        self._observe(response, started)
-        return response
-
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream are served concurrently; each answer carries its request's id.
 
         A failed request answers with `error_message` and the stream goes on, as in Triton.
@@ -288,20 +239,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         in_flight = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def serve(request: pb.ModelInferRequest) -> None:
-            started = time.monotonic()
             try:
-                response = await self._infer(request, context)
-                self._observe(response, started)
+                response = _response(await self.dataplane.infer(_inference_request(request, context)))
                 final = request.parameters.get("triton_enable_empty_final_response")
                 if final is not None and final.bool_param:
                     # One response per request: it is the final one (what such clients wait for).
                     response.parameters["triton_final_response"].bool_param = True
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as error:
-                code, message = status_of(error)
-                self._observe_failure(request, code, started)
+                status = answer_of(error)
                 answer = pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
+                    error_message=f"{status.code}: {status.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                          model_version=request.model_version, id=request.id))
             finally:
@@ -311,7 +259,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
             try:
-                async for request in request_iterator:
+                async for request in requests:
                     await in_flight.acquire()
                     task = asyncio.create_task(serve(request))
                     tasks.add(task)
@@ -328,77 +276,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
 
-    # -- statistics and repository --------------------------------------------------------
-
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
                               ) -> pb.ModelStatisticsResponse:
-        try:
-            name, version = request.name, request.version
-            models = [self.repository.get(name, version)] if name else self.repository.served()
-        except ServingError as error:
-            await _abort(context, *status_of(error))
-        return pb.ModelStatisticsResponse(model_stats=[_statistics(model) for model in models])
+        return pb.ModelStatisticsResponse(model_stats=[
+            _model_statistics(named) for named in self.dataplane.statistics(request.name, request.version)])
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
                               ) -> pb.RepositoryIndexResponse:
-        try:
-            entries = self.repository.index()
-        except ServingError as error:
-            await _abort(context, *status_of(error))
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=e.name, version=e.version, state=e.state.value, reason=e.reason)
-            for e in entries if not request.ready or e.state.value == "READY"])
+            for e in self.dataplane.index(ready_only=request.ready)])
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
-        try:
-            if request.parameters:
-                raise InvalidInput(f"load parameters ({', '.join(request.parameters)}) are not supported: publish "
-                                   "the version into the repository folder, then load the model by name")
-            await self.repository.load(request.model_name)
-        except ServingError as error:
-            await _abort(context, *status_of(error))
+        await self.dataplane.load(request.model_name, list(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
-        try:
-            await self.repository.unload(request.model_name)
-        except ServingError as error:
-            await _abort(context, *status_of(error))
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-class FeedbackServicer(feedback_grpc.FeedbackServicer):
-    """valley.v1.Feedback: labels joined to served predictions feed the calibration metrics."""
+class FeedbackServicer:
+    """valley.v1.Feedback: labels for served predictions, joined and counted by the data plane."""
 
-    def __init__(self, predictions: PredictionStore | None, metrics: ServingMetrics | None, window: int) -> None:
-        self.predictions, self.metrics, self.window = predictions, metrics, window
-        self._windows: dict[tuple[str, int], CalibrationWindow] = {}
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
-    async def Report(self, request: feedback_pb.ReportRequest, context: grpc.aio.ServicerContext
-                     ) -> feedback_pb.ReportResponse:
-        try:
-            if self.predictions is None or self.metrics is None:
-                raise FeedbackOff("feedback is off because the server runs without metrics (--metrics false)")
-            if not request.labels:
-                raise InvalidInput("the report holds no labels")
-            joined = self.predictions.join([Label(label.model_name, label.request_id, label.position,
-                                                  label.true_class) for label in request.labels])
-        except ServingError as error:
-            await _abort(context, *status_of(error))
-        touched: dict[tuple[str, int], CalibrationWindow] = {}
-        for label in joined:
-            key = (label.model, label.version)
-            window = self._windows.get(key)
-            if window is None:
-                window = self._windows[key] = CalibrationWindow(self.window)
-            scored = score(label.probabilities, label.true_class)
-            window.add(scored)
-            self.metrics.observe_label(label.model, label.version, scored)
-            touched[key] = window
-        # The window's summary walks the whole window: once per model in the report, not per label.
-        for (model, model_version), window in touched.items():
-            self.metrics.observe_window(model, model_version, window)
-        return feedback_pb.ReportResponse(accepted=len(joined))
+    async def Report(self, request: feedback_pb.ReportRequest, context: Context) -> feedback_pb.ReportResponse:
+        labels = [Label(label.model_name, label.request_id, label.position, label.true_class)
+                  for label in request.labels]
+        return feedback_pb.ReportResponse(accepted=self.dataplane.report(labels))

@@ -26,8 +26,11 @@ class Settings(BaseSettings):
 
     repository: Path = Field(description="folder holding <ensemble>/<version>/manifest.json")
     host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind to")
-    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one and log it)")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one; the ready line and "
+                           "--ready-file say which)")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)")
+    ready_file: Path | None = Field(None, description="once the ensembles are loaded, write the ports bound and "
+                                    "the readiness here as JSON (the line printed on stdout); removed on exit")
     device: Device = Field("auto", description="auto: CUDA when onnxruntime's CUDA provider really loads, else CPU")
     execution: Execution = Field(
         "fused", description="fused: one graph runs every member (fastest); members: one session per member, "
@@ -43,6 +46,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
     metrics: bool = Field(True, description="request, latency and uncertainty metrics on /metrics (off: only "
                           "process metrics, and runs compute only the outputs clients ask for)")
+    feedback: bool | None = Field(None, description="keep served predictions of requests with an id and take "
+                                  "their labels through valley.v1.Feedback (default: on when --metrics is on, "
+                                  "whose calibration metrics the labels feed)")
     feedback_max_predictions: int = Field(100_000, ge=1, description="served predictions (images) kept for "
                                           "feedback labels; the oldest go first")
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a served prediction can still be labelled")
@@ -50,6 +56,11 @@ class Settings(BaseSettings):
                                     "Brier gauges")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
+
+    @property
+    def feedback_on(self) -> bool:
+        """`feedback`, or by default whether metrics are on."""
+        return self.metrics if self.feedback is None else self.feedback
 
     @property
     def threads_per_instance(self) -> int:

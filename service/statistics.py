@@ -9,8 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from service.batching import BatchRecord
+if TYPE_CHECKING:
+    from service.batching import BatchRecord
 
 
 @dataclass

@@ -8,15 +8,15 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from service.batching import RunBatch, RunOutput
 
-Run = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Gate:
@@ -25,13 +25,13 @@ class Gate:
     Records the size of every batch that passed.
     """
 
-    def __init__(self, run: Run, opened: bool = False) -> None:
+    def __init__(self, run: RunBatch, opened: bool = False) -> None:
         self._run, self.open, self.entered = run, threading.Event(), threading.Event()
         self.batches: list[int] = []
         if opened:
             self.open.set()
 
-    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
         self.entered.set()
         assert self.open.wait(30), "the test never opened the gate"
         self.batches.append(int(pixels.shape[0]))

@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.batching import BatchRecord, DeadlineExceeded, DynamicBatcher, QueueFull
+from service.batching import BatchRecord, DynamicBatcher
 from service.ensemble import Ensemble, load_ensemble
+from service.errors import DeadlineExceeded, QueueFull
+from service.observer import NullObserver
 from tests.conftest import Gate, until_entered
 
 
@@ -22,6 +25,16 @@ def _images(count: int, seed: int) -> np.ndarray:
 
 
 Answer = asyncio.Future[dict[str, np.ndarray]]
+
+
+class Recorder(NullObserver):
+    """Keeps every run the batcher reports."""
+
+    def __init__(self, records: list[BatchRecord]) -> None:
+        self.records = records
+
+    def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
+        self.records.append(record)
 
 
 async def _held(run: Gate, max_queue_size: int = 1024) -> tuple[DynamicBatcher, Answer]:
@@ -38,7 +51,7 @@ def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble)
     inputs = [_images(1, seed) for seed in range(16)]
 
     async def main() -> list[dict[str, np.ndarray]]:
-        batcher = DynamicBatcher([ensemble.infer], max_batch_size=64, max_queue_delay=0.05, on_batch=records.append)
+        batcher = DynamicBatcher([ensemble.run], max_batch_size=64, max_queue_delay=0.05, observer=Recorder(records))
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(x, ["probabilities", "predicted_class"]) for x in inputs))
         await batcher.stop()
@@ -53,7 +66,7 @@ def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble)
 
 
 def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ensemble) -> None:
-    run = Gate(ensemble.infer, opened=True)
+    run = Gate(ensemble.run, opened=True)
 
     async def main() -> None:
         batcher = DynamicBatcher([run], max_batch_size=8, max_queue_delay=0.05)
@@ -67,7 +80,7 @@ def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ens
 
 
 def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
-    run = Gate(ensemble.infer)
+    run = Gate(ensemble.run)
 
     async def main() -> None:
         batcher, busy = await _held(run, max_queue_size=2)
@@ -85,7 +98,7 @@ def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
 
 
 def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> None:
-    run = Gate(ensemble.infer)
+    run = Gate(ensemble.run)
 
     async def main() -> None:
         batcher, busy = await _held(run)
@@ -103,7 +116,7 @@ def test_an_expired_request_is_dropped_before_compute(ensemble: Ensemble) -> Non
 
 def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble: Ensemble) -> None:
     """What a gRPC client's timeout does: the call is cancelled while queued, and its deadline passes."""
-    run = Gate(ensemble.infer)
+    run = Gate(ensemble.run)
 
     async def main() -> None:
         batcher, busy = await _held(run)
@@ -122,7 +135,7 @@ def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble
 
 def test_instances_compute_in_parallel(ensemble: Ensemble) -> None:
     """While one instance is held inside a run, the other takes the next batch."""
-    first, second = Gate(ensemble.infer), Gate(ensemble.infer, opened=True)
+    first, second = Gate(ensemble.run), Gate(ensemble.run, opened=True)
 
     async def main() -> None:
         batcher = DynamicBatcher([first, second], max_batch_size=4, max_queue_delay=0)
@@ -141,7 +154,7 @@ def test_instances_compute_in_parallel(ensemble: Ensemble) -> None:
 
 def test_stop_finishes_queued_work(ensemble: Ensemble) -> None:
     async def main() -> None:
-        batcher = DynamicBatcher([ensemble.infer], max_batch_size=2, max_queue_delay=0.01)
+        batcher = DynamicBatcher([ensemble.run], max_batch_size=2, max_queue_delay=0.01)
         batcher.start()
         futures = [asyncio.ensure_future(batcher.submit(_images(1, s), ["entropy"])) for s in range(5)]
         await asyncio.sleep(0.01)  # every submit is queued

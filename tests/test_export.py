@@ -9,7 +9,7 @@ import onnxruntime
 import pytest
 import torch
 
-from service.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
+from artefact.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
 from tests.conftest import cli
 from training import checkpoint
 from training.base import build_model, load_data, read_run_config

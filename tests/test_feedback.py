@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.errors import InvalidInput
-from service.feedback import AlreadyLabelled, Label, PredictionStore, UnknownPrediction
+from service.errors import AlreadyLabelled, InvalidInput, UnknownPrediction
+from service.feedback import Label, PredictionStore
 
 
 class Clock:

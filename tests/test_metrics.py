@@ -5,17 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from service.calibration import CalibrationWindow, confidence_bin, score
+from artefact.calibration import confidence_bin, score
+from artefact.uncertainty import entropy, mutual_information
+from service.feedback import CalibrationWindow
 from training.ensembles import ensemble_probabilities, prefix_metrics
-from training.metrics import (
-    accuracy,
-    brier,
-    classification_metrics,
-    ece,
-    entropy,
-    mutual_information,
-    nll,
-)
+from training.metrics import accuracy, brier, classification_metrics, ece, nll
 
 PROBABILITIES = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8]])
 LABELS = np.array([0, 0, 2])
@@ -63,8 +57,8 @@ def test_ensembles_average_probabilities_not_logits() -> None:
 
 
 def test_uncertainty_decomposition() -> None:
-    agree = np.array([[[0.5, 0.5]], [[0.5, 0.5]]])
-    disagree = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+    agree = np.array([[[0.5, 0.5], [0.5, 0.5]]])  # one image [K = 2 members, C = 2 classes]
+    disagree = np.array([[[1.0, 0.0], [0.0, 1.0]]])
     assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
     assert mutual_information(agree)[0] == pytest.approx(0.0)
     assert mutual_information(disagree)[0] == pytest.approx(math.log(2))

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from artefact.manifest import OUTPUTS, ManifestError
 from service.ensemble import CPU, load_ensemble
 from service.errors import InvalidInput
-from service.manifest import OUTPUTS, ManifestError
 
 
 def test_loads_verifies_and_runs_on_the_cpu_here(exported: Path) -> None:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from service.manifest import Metrics
-from service.uncertainty import softmax
+from artefact.manifest import Metrics
+from artefact.uncertainty import softmax
 from training import checkpoint
 from training.data import DataSplits, SizedDataset, make_batches
 from training.errors import UsageError

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.manifest import Metrics
+from artefact.manifest import Metrics
 from training.metrics import classification_metrics
 
 

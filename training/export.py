@@ -2,7 +2,7 @@
 
 Writes `REPO/NAME/VERSION/` with one graph per member (`member-XX.onnx`: uint8 pixels in,
 logits out), one fused graph (`ensemble.onnx`: every member, the fitted temperature, the
-mean and the uncertainty outputs), and `manifest.json` (schema in `service.manifest`).
+mean and the uncertainty outputs), and `manifest.json` (schema in `artefact.manifest`).
 Every graph passes `onnx.checker`'s full check and matches PyTorch within 1e-4 on real
 validation images before the version directory appears; it appears by a single rename.
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.manifest import (
+from artefact.manifest import (
     OUTPUTS,
     SCHEMA_VERSION,
     EnsembleMetrics,
@@ -37,7 +37,7 @@ from service.manifest import (
     sha256_of,
     write_manifest,
 )
-from service.uncertainty import LOG_FLOOR, softmax
+from artefact.uncertainty import LOG_FLOOR, softmax
 from training import checkpoint
 from training.base import build_model, load_data, read_run_config
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
@@ -69,7 +69,7 @@ class PixelClassifier(nn.Module):
 class FusedEnsemble(nn.Module):
     """All members in one graph: tempered softmax per member, their mean, and uncertainty.
 
-    Outputs, in `service.manifest.OUTPUTS` order: probabilities [B, C], predicted_class [B]
+    Outputs, in `artefact.manifest.OUTPUTS` order: probabilities [B, C], predicted_class [B]
     (int64), confidence [B], entropy [B] (nats), mutual_information [B] (entropy of the mean
     minus mean member entropy), member_disagreement [B] (fraction of members whose own top
     class differs from the ensemble's), member_probabilities [B, K, C].

@@ -1,19 +1,18 @@
-"""Classification and uncertainty metrics on predicted probabilities (numpy, no torch).
+"""Classification metrics of predicted probabilities (numpy, no torch): accuracy, NLL, ECE, Brier.
 
 Definitions follow ../ALGORITHMS.md: NLL is the mean -log p(true class), Brier the mean over
 images of the squared error summed over classes, ECE uses 15 equal-width confidence bins
 where bin b holds confidences in (b/15, (b+1)/15] (the same edges as a Prometheus `le`
-histogram, so live ECE can be computed the same way).
+histogram, so live ECE can be computed the same way; the bins live in `artefact.calibration`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from service.calibration import ECE_BINS, binned_ece, confidence_bin
-from service.manifest import Metrics
-from service.uncertainty import LOG_FLOOR
-from service.uncertainty import entropy as _entropy
+from artefact.calibration import ECE_BINS, binned_ece, confidence_bin
+from artefact.manifest import Metrics
+from artefact.uncertainty import LOG_FLOOR
 
 
 def _check(probabilities: np.ndarray, labels: np.ndarray) -> None:
@@ -61,13 +60,3 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray) -> Met
         count=len(labels),
     )
 
-
-def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Entropy (nats) of each row of probabilities [..., C], in float64."""
-    return _entropy(np.asarray(probabilities, dtype=np.float64))
-
-
-def mutual_information(member_probabilities: np.ndarray) -> np.ndarray:
-    """Epistemic uncertainty H(mean_k p_k) - mean_k H(p_k) for member probabilities [K, N, C]."""
-    result: np.ndarray = entropy(member_probabilities.mean(axis=0)) - entropy(member_probabilities).mean(axis=0)
-    return result

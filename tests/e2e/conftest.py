@@ -1,21 +1,18 @@
 """Real valley servers for end-to-end tests: a `valley-serve` process, or a `Server` in a thread.
 
-The process is what users run (flags, env vars, signals). The in-thread server is the same
-`service.server.Server` on a real port, for tests that must hold a model run at a gate to
-fill the queue or pass a deadline.
+The process is what users run (flags, env vars, signals), started on port 0 through
+`service.launch`. The in-thread server is the same `service.server.Server` on real ports (port 0
+too), for tests that must hold a model run at a gate to fill the queue or pass a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
+import signal
+import tempfile
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
+from service.launch import ServerProcess, start_server
 from service.server import Ports, Server
 from service.settings import Settings
 from tests.conftest import REPO
@@ -46,31 +44,10 @@ def triton_inputs(pixels: np.ndarray, name: str = "pixels", datatype: str = "UIN
     return [tensor]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def health_status(port: int, service: str = "") -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status)
-
-
-def wait_until_serving(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
-    """Poll grpc.health.v1 until the server says SERVING."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"valley-serve exited with {process.returncode} before it was ready")
-        try:
-            if health_status(port) == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the server on port {port} did not become ready in {timeout} s")
 
 
 @pytest.fixture(scope="session")
@@ -105,43 +82,22 @@ def reference(exported: Path) -> Reference:
     return Reference(session, tuple(manifest["input"]["shape"][1:]), [o["name"] for o in manifest["outputs"]])
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-
 def start_server_process(repository: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """`valley-serve` on free ports, its log in a file beside the repository (a pipe could fill and block it)."""
-    grpc_port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--host", "127.0.0.1",
-               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), *flags]
-    log = repository.parent / f"valley-serve-{grpc_port}.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
-    try:
-        wait_until_serving(grpc_port, process)
-    except BaseException as error:
-        process.kill()
-        raise AssertionError(f"{error}; its log:\n{log.read_text()}") from None
-    return ServerProcess(process, grpc_port, metrics_port, log)
+    """`valley-serve` on port 0, ready; its log in a file beside the repository (a pipe could fill and block it)."""
+    log = Path(tempfile.mkstemp(prefix="valley-serve-", suffix=".log", dir=repository.parent)[1])
+    server = start_server(repository, *flags, log=log, cwd=REPO, env={"OMP_NUM_THREADS": "2", **(env or {})},
+                          timeout=60)
+    if not server.ready:
+        server.stop()
+        raise AssertionError(f"valley-serve loaded its repository but is not ready; its log:\n{log.read_text()}")
+    return server
 
 
 def stop_server_process(server: ServerProcess) -> str:
     """SIGTERM, wait for the exit, and return what the server logged."""
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        raise AssertionError("valley-serve did not exit within 60 s of SIGTERM") from None
+    assert server.log is not None
+    if server.stop(timeout=60) == -signal.SIGKILL:
+        raise AssertionError(f"valley-serve did not exit within 60 s of SIGTERM; its log:\n{server.log.read_text()}")
     return server.log.read_text()
 
 

@@ -13,7 +13,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.e2e.conftest import MODEL, Reference, ServerProcess, ThreadServer, health_status, thread_settings
+from service.launch import ServerProcess
+from tests.e2e.conftest import MODEL, Reference, ThreadServer, health_status, thread_settings
 
 
 @pytest.fixture(scope="module")

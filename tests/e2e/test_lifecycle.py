@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
-from service.manifest import OUTPUTS, sha256_of
+from artefact.manifest import OUTPUTS, sha256_of
+from service.batching import BatchRecord
 from tests.conftest import Gate, until_entered
 from tests.e2e.conftest import (
     MODEL,
@@ -111,7 +112,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(gated: tup
     assert gate.entered.wait(10)
     stopping = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
     deadline = time.monotonic() + 10
-    while not server.server.servicer.shutting_down and time.monotonic() < deadline:
+    while not server.server.dataplane.shutting_down and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(InferenceServerException) as error:
         client.infer(MODEL, triton_inputs(pixels))
@@ -246,13 +247,19 @@ def test_load_takes_names_not_paths(own_repository: Path) -> None:
         assert client.is_server_ready()
 
 
-def test_per_member_execution_gives_the_fused_answers(own_repository: Path, reference: Reference) -> None:
+def test_per_member_execution_gives_the_fused_answers(own_repository: Path, reference: Reference,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     times: list[list[float]] = []
     with ThreadServer(thread_settings(own_repository, execution="members")) as server:
         model = server.server.repository.get(MODEL)
         assert len(model.instances) == 2 and all(i.execution == "members" for i in model.instances)
-        for instance in model.instances:
-            instance.on_member_times = times.append
+        observe = server.server.observer.observe_batch
+
+        def record(name: str, version: int, classes: Sequence[str], batch: BatchRecord) -> None:
+            times.append(batch.member_seconds)  # each member's time comes back in the run's record
+            observe(name, version, classes, batch)
+
+        monkeypatch.setattr(server.server.observer, "observe_batch", record)
         client = triton.InferenceServerClient(server.url)
         pixels = reference.images(9, seed=8)
         result = client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS])

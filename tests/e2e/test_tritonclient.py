@@ -12,8 +12,9 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from service.manifest import OUTPUTS
-from tests.e2e.conftest import MODEL, Reference, ServerProcess, triton_inputs
+from artefact.manifest import OUTPUTS
+from service.launch import ServerProcess
+from tests.e2e.conftest import MODEL, Reference, triton_inputs
 
 DEFAULT_OUTPUTS = [name for name in OUTPUTS if name != "member_probabilities"]
 

@@ -1,10 +1,12 @@
 """The ensemble's outputs from its members' probabilities, in numpy.
 
-The fused graph computes the same quantities inside onnxruntime (`training.export.FusedEnsemble`);
-this module is what the per-member execution mode uses, and the definitions are the same:
-entropy in nats with probabilities floored at `LOG_FLOOR` before the log, mutual information
-as the entropy of the mean minus the mean member entropy (clipped at 0), disagreement as the
-fraction of members whose own top class differs from the ensemble's.
+The fused graph computes the same quantities inside onnxruntime (training's `FusedEnsemble`,
+in torch); this module is what the server's per-member execution and training's evaluation
+use, and the definitions are the same: entropy in nats with probabilities floored at
+`LOG_FLOOR` before the log, mutual information as the entropy of the mean minus the mean
+member entropy (clipped at 0), disagreement as the fraction of members whose own top class
+differs from the ensemble's. Member probabilities are laid out [..., K, C] (members, then
+classes), the layout of the `member_probabilities` output.
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ def entropy(probabilities: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (classes), in the logits' float precision."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     result: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+    return result
+
+
+def mutual_information(member_probabilities: np.ndarray) -> np.ndarray:
+    """Epistemic uncertainty H(mean_k p_k) - mean_k H(p_k) (nats, clipped at 0) of member probabilities [..., K, C]."""
+    total = entropy(member_probabilities.mean(axis=-2))
+    result: np.ndarray = np.maximum(total - entropy(member_probabilities).mean(axis=-1), 0.0)
     return result
 
 
@@ -33,15 +43,13 @@ def ensemble_outputs(member_probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Every ensemble output for member probabilities [B, K, C] (float32), by output name."""
     probabilities = member_probabilities.mean(axis=1)
     predicted = probabilities.argmax(axis=-1).astype(np.int64)
-    total = entropy(probabilities)
-    mutual_information = np.maximum(total - entropy(member_probabilities).mean(axis=1), 0.0)
     disagreement = (member_probabilities.argmax(axis=-1) != predicted[:, None]).mean(axis=1)
     return {
         "probabilities": probabilities,
         "predicted_class": predicted,
         "confidence": probabilities.max(axis=-1),
-        "entropy": total,
-        "mutual_information": mutual_information.astype(np.float32),
+        "entropy": entropy(probabilities),
+        "mutual_information": mutual_information(member_probabilities).astype(np.float32),
         "member_disagreement": disagreement.astype(np.float32),
         "member_probabilities": member_probabilities,
     }

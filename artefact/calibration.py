@@ -1,18 +1,17 @@
-"""Calibration from labelled predictions: the ECE bins shared with training, and a sliding window.
+"""Calibration of labelled predictions: the ECE bins, and one prediction scored against its label.
 
 ECE uses 15 equal-width confidence bins where bin b holds confidences in (b/15, (b+1)/15]:
 the same edges as a Prometheus `le` histogram, so the ECE the server's bin counters give in
-PromQL equals the one `training.metrics.ece` computes on the same predictions.
+PromQL equals the one training computes on the same predictions (both use these bins).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from service.uncertainty import LOG_FLOOR
+from artefact.uncertainty import LOG_FLOOR
 
 ECE_BINS = 15
 
@@ -58,31 +57,3 @@ def score(probabilities: np.ndarray, true_class: int) -> Scored:
     return Scored(confidence=confidence, correct=int(p.argmax()) == true_class,
                   nll=float(-np.log(max(p[true_class], LOG_FLOOR))), brier=float(np.sum((p - one_hot) ** 2)),
                   bin=int(confidence_bin(np.array([confidence]))[0]))
-
-
-class CalibrationWindow:
-    """ECE, accuracy, NLL and Brier over the last `size` labelled predictions."""
-
-    def __init__(self, size: int) -> None:
-        self._scored: deque[Scored] = deque(maxlen=size)
-
-    def add(self, scored: Scored) -> None:
-        self._scored.append(scored)
-
-    def __len__(self) -> int:
-        return len(self._scored)
-
-    def summary(self) -> dict[str, float]:
-        """The four metrics (accuracy and ECE as fractions); empty while nothing is labelled."""
-        if not self._scored:
-            return {}
-        count = len(self._scored)
-        index = np.fromiter((s.bin for s in self._scored), dtype=np.int64, count=count)
-        confidence = np.fromiter((s.confidence for s in self._scored), dtype=np.float64, count=count)
-        correct = np.fromiter((s.correct for s in self._scored), dtype=np.float64, count=count)
-        return {
-            "ece": binned_ece(index, confidence, correct),
-            "accuracy": float(correct.sum() / count),
-            "nll": sum(s.nll for s in self._scored) / count,
-            "brier": sum(s.brier for s in self._scored) / count,
-        }

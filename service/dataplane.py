@@ -1,0 +1,240 @@
+"""The data plane: everything the server answers, without gRPC.
+
+Inference, feedback labels, metadata, statistics, readiness and repository control live
+here; the servicer only turns protobuf into these calls and their results back into protobuf.
+A request is checked once, here, before it can join a batch; in-flight requests are counted
+once, here (the drain on shutdown and the metrics' gauge read the same count); every answered
+request goes to the model's statistics and to the observer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+
+from artefact.manifest import OUTPUTS, TensorSpec
+from service.errors import InvalidInput, ServingError, ShuttingDown, status_of
+from service.feedback import Feedback, Label
+from service.observer import Observer
+from service.repository import IndexEntry, Repository, ServedModel, State
+from service.statistics import ModelStatistics
+
+SERVER_NAME = "valley"
+EXTENSIONS = ("model_repository", "statistics")
+PLATFORM = "valley_ensemble"
+# Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
+DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "member_probabilities")
+# Failures that happened after the request reached its model: their duration is worth a latency sample.
+_REACHED_MODEL = ("DEADLINE_EXCEEDED", "INTERNAL")
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """A request's input arrays by name, and the outputs it asks for (empty: the defaults)."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    model: str
+    version: str
+    """"" means the version being served."""
+    id: str
+    decode: Callable[[], Tensors]
+    """Turns the wire tensors into arrays; called once the model is known, so a request for an unknown
+    model is NOT_FOUND whatever its tensors hold."""
+    deadline: float | None = None
+    """The `time.monotonic()` instant after which the answer is useless."""
+
+
+@dataclass(frozen=True)
+class InferenceResponse:
+    model: str
+    version: str
+    id: str
+    outputs: dict[str, np.ndarray]
+    """The outputs asked for, in the order asked."""
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass(frozen=True)
+class NamedStatistics:
+    name: str
+    version: str
+    statistics: ModelStatistics
+
+
+def _server_version() -> str:
+    try:
+        return version("valley-ensembles")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class DataPlane:
+    def __init__(self, repository: Repository, max_batch_size: int, observer: Observer, feedback: Feedback) -> None:
+        self.repository, self.max_batch_size = repository, max_batch_size
+        self.observer, self.feedback = observer, feedback
+        self.shutting_down = False
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- health and metadata --------------------------------------------------------------
+
+    def live(self) -> bool:
+        """The process answers: true as soon as the port is open, while ensembles still load."""
+        return True
+
+    def ready(self) -> bool:
+        """Every ensemble that was asked to load serves, and the server is not shutting down."""
+        return not self.shutting_down and self.repository.ready
+
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            self.repository.get(name, version)
+        except ServingError:
+            return False
+        return not self.shutting_down
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, _server_version(), EXTENSIONS)
+
+    def model_metadata(self, name: str, version: str) -> ModelMetadata:
+        model = self.repository.get(name, version)
+        manifest = model.ensemble.manifest
+        return ModelMetadata(model.name, [str(model.version)], PLATFORM, [manifest.input], list(manifest.outputs))
+
+    # -- inference ------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        """Check the request, queue it for its model's next batch, keep what it was served for feedback."""
+        started = time.monotonic()
+        try:
+            if self.shutting_down:
+                raise ShuttingDown("the server is shutting down: send the request to another replica")
+            model = self.repository.get(request.model, request.version)
+            with self._serving(model):
+                response = await self._infer(model, request, started)
+        except Exception as error:
+            self._observe_failure(request, status_of(error).code, started)
+            raise
+        self.observer.observe_request(response.model, response.version, "OK", time.monotonic() - started)
+        return response
+
+    async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
+        try:
+            pixels, outputs = self._checked(model, request.decode())
+            keep = self.feedback.keeps(request.id)
+            # What the observer and the feedback need is computed for every image, whatever the client asked.
+            needed = [*outputs, *self.observer.signal_outputs, *(["probabilities"] if keep else [])]
+            results = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), request.deadline)
+            if keep:
+                self.feedback.remember(model.name, model.version, request.id, results["probabilities"])
+        except BaseException:
+            model.statistics.record_request(time.monotonic() - started, ok=False)
+            raise
+        model.statistics.record_request(time.monotonic() - started, ok=True)
+        return InferenceResponse(model.name, str(model.version), request.id, {name: results[name] for name in outputs})
+
+    def _checked(self, model: ServedModel, tensors: Tensors) -> tuple[np.ndarray, tuple[str, ...]]:
+        """The request's pixels and outputs, or `InvalidInput` naming what does not fit: the one place requests
+        are checked before they can join a batch."""
+        outputs = tensors.outputs or DEFAULT_OUTPUTS
+        for index, name in enumerate(outputs):
+            if name not in OUTPUTS:
+                raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(OUTPUTS)}")
+            if name in outputs[:index]:
+                raise InvalidInput(f"output {name!r} is asked for twice")
+        spec = model.ensemble.manifest.input
+        if list(tensors.inputs) != [spec.name]:
+            shape = ", ".join(str(d) for d in spec.shape)
+            raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
+                               f"[{shape}]), got {list(tensors.inputs) or 'none'}")
+        pixels = tensors.inputs[spec.name]
+        model.ensemble.check(pixels, outputs)
+        if pixels.shape[0] > self.max_batch_size:
+            raise InvalidInput(f"input '{spec.name}' has a batch of {pixels.shape[0]} images; this server takes at "
+                               f"most {self.max_batch_size} per request (split the request)")
+        return pixels, outputs
+
+    @contextmanager
+    def _serving(self, model: ServedModel) -> Iterator[None]:
+        """Count the request in flight for its model version while the block runs."""
+        key = (model.name, str(model.version))
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight[key] -= 1
+            if not any(self._in_flight.values()):
+                self._idle.set()
+
+    def _observe_failure(self, request: InferenceRequest, code: str, started: float) -> None:
+        """Count one failed request; requests for unknown models share empty labels (bounded cardinality)."""
+        try:
+            model = self.repository.get(request.model, request.version)
+            name, model_version = model.name, str(model.version)
+        except ServingError:
+            name, model_version = "", ""
+        seconds = time.monotonic() - started if code in _REACHED_MODEL else None
+        self.observer.observe_request(name, model_version, code, seconds)
+
+    def in_flight(self) -> list[tuple[str, str, int]]:
+        """(model, version, requests being served) for every version that served or serves requests."""
+        return [(name, model_version, count) for (name, model_version), count in self._in_flight.items()]
+
+    def queue_depths(self) -> list[tuple[str, str, int]]:
+        """(model, version, requests waiting) for every version being served."""
+        return [(m.name, str(m.version), m.batcher.depth) for m in self.repository.served()]
+
+    async def drained(self) -> None:
+        """Return once no inference request is being served."""
+        await self._idle.wait()
+
+    # -- feedback, statistics and repository ----------------------------------------------
+
+    def report(self, labels: Sequence[Label]) -> int:
+        """Join labels to the predictions served for them (all or none); returns how many were accepted."""
+        return self.feedback.report(labels)
+
+    def statistics(self, name: str, version: str) -> list[NamedStatistics]:
+        """A consistent copy of the statistics of one model (`name`), or of every model served."""
+        models = [self.repository.get(name, version)] if name else self.repository.served()
+        return [NamedStatistics(m.name, str(m.version), m.statistics.snapshot()) for m in models]
+
+    def index(self, ready_only: bool) -> list[IndexEntry]:
+        return [entry for entry in self.repository.index() if not ready_only or entry.state == State.READY]
+
+    async def load(self, name: str, parameters: Sequence[str] = ()) -> None:
+        if parameters:
+            raise InvalidInput(f"load parameters ({', '.join(parameters)}) are not supported: publish the version "
+                               "into the repository folder, then load the model by name")
+        await self.repository.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self.repository.unload(name)

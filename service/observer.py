@@ -1,0 +1,68 @@
+"""What the serving core reports while it works, and the observer that ignores all of it.
+
+The repository (loads and unloads), the batchers (model runs), the data plane (answered
+requests) and the feedback (labels) report to one `Observer`. `ServingMetrics` turns the
+reports into Prometheus series; `NullObserver` stands in when metrics are off, so the core
+never asks whether anybody listens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from artefact.calibration import Scored
+    from service.batching import BatchRecord
+    from service.ensemble import Ensemble
+    from service.feedback import CalibrationWindow
+
+
+class Observer(Protocol):
+    signal_outputs: tuple[str, ...]
+    """Outputs every model run must compute for this observer, whatever the client asked for."""
+
+    def observe_load(self, ensemble: Ensemble) -> None:
+        """A version started serving."""
+
+    def observe_unload(self, name: str, version: int) -> None:
+        """A version stopped serving."""
+
+    def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
+        """One model run finished."""
+
+    def observe_request(self, name: str, version: str, code: str, seconds: float | None) -> None:
+        """One inference request was answered with `code`; `seconds` when it reached a model."""
+
+    def observe_label(self, name: str, version: int, scored: Scored) -> None:
+        """One label was joined to the prediction served for it."""
+
+    def observe_window(self, name: str, version: int, window: CalibrationWindow) -> None:
+        """A model's calibration window took new labels."""
+
+
+class NullObserver:
+    """The observer when metrics are off: runs compute only what clients ask for, nothing is recorded."""
+
+    signal_outputs: tuple[str, ...] = ()
+
+    def observe_load(self, ensemble: Ensemble) -> None:
+        pass
+
+    def observe_unload(self, name: str, version: int) -> None:
+        pass
+
+    def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
+        pass
+
+    def observe_request(self, name: str, version: str, code: str, seconds: float | None) -> None:
+        pass
+
+    def observe_label(self, name: str, version: int, scored: Scored) -> None:
+        pass
+
+    def observe_window(self, name: str, version: int, window: CalibrationWindow) -> None:
+        pass
+
+
+NULL_OBSERVER = NullObserver()
