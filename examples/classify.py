@@ -4,21 +4,16 @@
     python examples/classify.py --serve runs/demo/ensembles --model fashion-mnist   # starts and stops valley-serve
 
 Prints the accuracy and the mean of each uncertainty output. Needs only tritonclient[grpc] and
-numpy (no torch): it is what a client team's code looks like.
+numpy (no torch): it is what a client team's code looks like. `--serve` also needs valley itself
+installed: it starts `valley-serve` on port 0 through `service.launch`, which learns the ports the
+server bound from its ready file.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,40 +31,6 @@ def read_idx(path: Path) -> np.ndarray:
     dims = data[3]
     shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def serving(repository: Path) -> Iterator[str]:
-    """`valley-serve` on free local ports until the block ends, then a graceful SIGTERM."""
-    port = _free_port()
-    command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--host", "127.0.0.1",
-               "--grpc-port", str(port), "--metrics-port", str(_free_port()), "--log-level", "WARNING"]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    url = f"127.0.0.1:{port}"
-    try:
-        client = triton.InferenceServerClient(url)
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"valley-serve exited with {process.returncode}")
-            try:
-                if client.is_server_ready():
-                    break
-            except Exception:  # not listening yet
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("valley-serve did not become ready in 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
 
 
 def classify(url: str, model: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
@@ -110,9 +71,13 @@ def main() -> None:
     labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz")[:args.images].astype(np.int64)
     if args.url:
         classify(args.url, args.model, images, labels, args.batch_size)
-    else:
-        with serving(args.serve) as url:
-            classify(url, args.model, images, labels, args.batch_size)
+        return
+    from service.launch import start_server  # only --serve needs valley itself
+
+    with start_server(args.serve, "--log-level", "WARNING", cwd=Path(__file__).resolve().parents[1]) as server:
+        if not server.ready:
+            raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
+        classify(server.url, args.model, images, labels, args.batch_size)
 
 
 if __name__ == "__main__":

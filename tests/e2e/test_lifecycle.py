@@ -297,3 +297,32 @@ def test_bad_settings_exit_2_with_the_flag_named(repository: Path) -> None:
                                                                                "PATH": "/usr/bin"})
     assert env_port.stdout.strip() == "9123", env_port.stderr
 
+
+
+def test_port_0_is_announced_on_stdout_and_in_the_ready_file(repository: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.conftest import REPO
+
+    ready_file = tmp_path / "ready.json"
+    command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--host", "127.0.0.1",
+               "--grpc-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready_file.is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "valley-serve wrote no ready file"
+            time.sleep(0.05)
+        assert process.stdout is not None
+        line = process.stdout.readline()  # printed before the file is written
+        announced = json.loads(line)
+        assert ready_file.read_text() == line and announced["ready"] is True and announced["pid"] == process.pid
+        assert health_status(announced["grpc_port"]) == health_pb2.HealthCheckResponse.SERVING
+        with urllib.request.urlopen(f"http://127.0.0.1:{announced['metrics_port']}/metrics", timeout=10) as answer:
+            assert b"valley_model_ready" in answer.read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    assert process.returncode == 0 and not ready_file.exists(), "the ready file goes with the server"

@@ -170,3 +170,19 @@ def test_bad_feedback_is_refused_with_the_right_status(repository: Path, referen
         with pytest.raises(grpc.RpcError) as error:
             report(off.url, [("a", 0, 1)])
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_feedback_has_a_setting_of_its_own(repository: Path, reference: Reference) -> None:
+    pixels = reference.images(2, seed=2)
+    with ThreadServer(thread_settings(repository, metrics=False, feedback=True)) as server:
+        triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="a",
+                                                       outputs=[triton.InferRequestedOutput("confidence")])
+        assert report(server.url, [("a", 1, 4)]) == 1, "labels are taken without metrics"
+        assert not any(metric.name.startswith("valley_") for metric in server.server.registry.collect())
+    with ThreadServer(thread_settings(repository, feedback=False)) as server:
+        triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="a")
+        with pytest.raises(grpc.RpcError) as error:
+            report(server.url, [("a", 0, 1)])
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--feedback" in error.value.details()
+        assert _value(server, "valley_requests_total", code="OK") == 1, "metrics stay on"
+        assert server.server.dataplane.feedback.store is None, "no predictions are kept"
