@@ -206,7 +206,8 @@ class DataPlane:
 
     def in_flight(self) -> list[tuple[str, str, int]]:
         """(model, version, requests being served) for every version that served or serves requests."""
-        return [(name, model_version, count) for (name, model_version), count in self._in_flight.items()]
+        # Read from the metrics server's thread: list() copies the items in one step under the GIL.
+        return [(name, model_version, count) for (name, model_version), count in list(self._in_flight.items())]
 
     def queue_depths(self) -> list[tuple[str, str, int]]:
         """(model, version, requests waiting) for every version being served."""

@@ -244,7 +244,8 @@ class Repository:
         return served
 
     def served(self) -> list[ServedModel]:
-        return [slot.served for slot in self._slots.values() if slot.served is not None]
+        """Every version being served; safe to call from another thread (the metrics server's)."""
+        return [served for slot in list(self._slots.values()) if (served := slot.served) is not None]
 
     @property
     def ready(self) -> bool:
