@@ -119,10 +119,10 @@ def start_server(repository: Path, *flags: str, host: str = "127.0.0.1", log: Pa
                 raise ServerStartError(f"valley-serve wrote no ready file in {timeout:.0f} s; its log:\n{_tail(log)}")
             time.sleep(0.05)
         announced = json.loads(ready_file.read_text())
-    except BaseException:
+        return ServerProcess(process, host, int(announced["grpc_port"]), int(announced["metrics_port"]),
+                             bool(announced["ready"]), log, folder)
+    except BaseException:  # whatever went wrong, no server is left running
         _kill(process)
         process.wait()
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return ServerProcess(process, host, int(announced["grpc_port"]), int(announced["metrics_port"]),
-                         bool(announced["ready"]), log, folder)

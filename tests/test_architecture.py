@@ -32,7 +32,7 @@ def _modules(package: str) -> list[Path]:
 
 def _imported(path: Path) -> set[str]:
     """Top-level names of every module `path` imports, anywhere in the file."""
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
