@@ -19,9 +19,8 @@ from statistics import median
 
 import torch
 
-from training.base import build_model, make_optimizer
 from training.data import load_splits, make_batches
-from training.engine import resolve_device, train_epoch
+from training.engine import build_model, make_optimizer, resolve_device, train_epoch
 from training.schedules import BaseSchedule, FGECycle, Schedule
 
 

@@ -20,25 +20,26 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
-from typing import Any
 
 from tqdm import tqdm
 
+from artefact.manifest import Metrics
 from training.plots import plot_ensemble_sizes
+from training.runs import FGEReport, RunDir, SingleNetwork, TrainReport
 
 METRICS = ("accuracy", "nll", "ece", "brier")
 
 
 def run_all(commands: list[tuple[Path, list[str]]], jobs: int, desc: str) -> None:
     """Run the `valley-train` commands whose run has no report yet, `jobs` at a time."""
-    pending = [(out, args) for out, args in commands if not (out / "report.json").is_file()]
+    pending = [(out, args) for out, args in commands if not RunDir(out).report_file.is_file()]
     threads = str(max(1, (os.cpu_count() or 2) // jobs))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
     def run(item: tuple[Path, list[str]]) -> None:
         out, args = item
         out.parent.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (out / "checkpoints").is_dir() else []
+        resume = ["--resume"] if RunDir(out).checkpoints.is_dir() else []
         with open(out.parent / f"{out.name}.log", "a") as log:
             subprocess.run([sys.executable, "-m", "training.cli", *args, "--out", str(out), *resume],
                            stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
@@ -47,13 +48,27 @@ def run_all(commands: list[tuple[Path, list[str]]], jobs: int, desc: str) -> Non
         list(tqdm(pool.map(run, pending), total=len(pending), desc=desc, unit="run"))
 
 
-def mean_metrics(entries: list[dict[str, float]]) -> dict[str, float]:
-    return {key: mean(entry[key] for entry in entries) for key in METRICS}
+def mean_metrics(entries: list[Metrics]) -> Metrics:
+    """The mean of each metric over runs evaluated on the same images."""
+    means = {key: mean(getattr(entry, key) for entry in entries) for key in METRICS}
+    return Metrics(**means, count=entries[0].count)
 
 
-def row(name: str, metrics: dict[str, float]) -> str:
-    return (f"| {name} | {100 * metrics['accuracy']:.2f} | {metrics['nll']:.4f} | {100 * metrics['ece']:.2f} | "
-            f"{metrics['brier']:.4f} |")
+def summary(metrics: Metrics) -> dict[str, float]:
+    """The metrics study.json records (the image count is the dataset's, not a result)."""
+    return metrics.model_dump(include=set(METRICS))
+
+
+def required_val(metrics: Metrics | None) -> Metrics:
+    """Validation metrics: the study selects on them, so every run needs a validation split."""
+    if metrics is None:
+        raise SystemExit("fge_study: a run has no validation split; the study selects on it (do not pass --val-size 0)")
+    return metrics
+
+
+def row(name: str, metrics: Metrics) -> str:
+    return (f"| {name} | {100 * metrics.accuracy:.2f} | {metrics.nll:.4f} | {100 * metrics.ece:.2f} | "
+            f"{metrics.brier:.4f} |")
 
 
 def main() -> None:
@@ -90,22 +105,19 @@ def main() -> None:
                                    "--lr2", str(lr2), "--device", args.device]))
     run_all(commands, args.jobs, "FGE runs")
 
-    base_reports = {seed: json.loads((out / "report.json").read_text()) for seed, out in bases.items()}
-    fge_reports = {key: {seed: json.loads((out / "report.json").read_text()) for seed, out in runs.items()}
+    base_reports = {seed: RunDir(out).read_report(TrainReport) for seed, out in bases.items()}
+    fge_reports = {key: {seed: RunDir(out).read_report(FGEReport) for seed, out in runs.items()}
                    for key, runs in fge_runs.items()}
 
-    def full_ensemble(report: dict[str, Any], split: str) -> dict[str, float]:
-        return report["ensembles"][-1][split]  # type: ignore[no-any-return]
-
-    validation = {key: mean_metrics([full_ensemble(r, "val") for r in reports.values()])
+    validation = {key: mean_metrics([required_val(r.ensembles[-1].val) for r in reports.values()])
                   for key, reports in fge_reports.items()}
-    chosen = min(validation, key=lambda key: (validation[key]["nll"], -validation[key]["accuracy"]))
+    chosen = min(validation, key=lambda key: (validation[key].nll, -validation[key].accuracy))
 
-    single_test = mean_metrics([r["test"] for r in base_reports.values()])
-    single_val = mean_metrics([r["val"] for r in base_reports.values()])
-    chosen_test = mean_metrics([full_ensemble(r, "test") for r in fge_reports[chosen].values()])
+    single_test = mean_metrics([r.test for r in base_reports.values()])
+    single_val = mean_metrics([required_val(r.val) for r in base_reports.values()])
+    chosen_test = mean_metrics([r.ensembles[-1].test for r in fge_reports[chosen].values()])
     c, lr1, lr2 = chosen
-    members = len(next(iter(fge_reports[chosen].values()))["ensembles"])
+    members = len(next(iter(fge_reports[chosen].values())).ensembles)
     lines = [
         f"Budget {args.epochs} epochs, {args.model} on {args.dataset}, seeds {args.seeds}; "
         f"FGE from epoch {round(0.8 * args.epochs)}. Chosen on validation NLL: c={c}, lr1={lr1:g}, lr2={lr2:g} "
@@ -124,8 +136,8 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for seed in args.seeds:
-        lines.append(row(f"seed {seed}: single", base_reports[seed]["test"]))
-        lines.append(row(f"seed {seed}: FGE", full_ensemble(fge_reports[chosen][seed], "test")))
+        lines.append(row(f"seed {seed}: single", base_reports[seed].test))
+        lines.append(row(f"seed {seed}: FGE", fge_reports[chosen][seed].ensembles[-1].test))
     lines += ["", "Validation split, mean over seeds (the selection criterion):", "",
               "| model | accuracy % | NLL | ECE % | Brier |", "|---|---|---|---|---|",
               row("single network", single_val)]
@@ -133,18 +145,19 @@ def main() -> None:
     chosen_reports = list(fge_reports[chosen].values())
     lines += ["", "Test split by ensemble size (chosen FGE configuration, mean over seeds):", "",
               "| model | accuracy % | NLL | ECE % | Brier |", "|---|---|---|---|---|"]
-    mean_report = {
-        "config": chosen_reports[0]["config"],
-        "single": {"epochs": args.epochs, "test": single_test},
-        "ensembles": [{"size": k + 1, "test": mean_metrics([r["ensembles"][k]["test"] for r in chosen_reports])}
-                      for k in range(members)],
-        "members": [{"index": k, "test": mean_metrics([r["members"][k]["test"] for r in chosen_reports])}
-                    for k in range(members)],
-    }
-    lines += [row(f"FGE, first {e['size']}", e["test"]) for e in mean_report["ensembles"]]
-    base_seconds = mean(r["train_seconds_total"] for r in base_reports.values())
-    fge_seconds = mean(r["train_seconds_total"] for r in chosen_reports)
-    device = base_reports[args.seeds[0]]["device"]
+    # The first seed's report with every test metric replaced by the mean over seeds (what the plot shows).
+    first = chosen_reports[0]
+    mean_report = first.model_copy(update={
+        "single": SingleNetwork(run=args.out, epochs=args.epochs, test=single_test, val=single_val),
+        "ensembles": [entry.model_copy(update={"test": mean_metrics([r.ensembles[k].test for r in chosen_reports]),
+                                               "val": None}) for k, entry in enumerate(first.ensembles)],
+        "members": [entry.model_copy(update={"test": mean_metrics([r.members[k].test for r in chosen_reports]),
+                                             "val": None}) for k, entry in enumerate(first.members)],
+    })
+    lines += [row(f"FGE, first {e.size}", e.test) for e in mean_report.ensembles]
+    base_seconds = mean(r.train_seconds_total for r in base_reports.values())
+    fge_seconds = mean(r.train_seconds_total for r in chosen_reports)
+    device = base_reports[args.seeds[0]].device
     lines += ["", f"Training time per seed on {device} (mean): base run {base_seconds:.0f} s for {args.epochs} epochs "
               f"(the single network); FGE {fge_seconds:.0f} s for its {args.epochs - round(0.8 * args.epochs)} epochs "
               "after the base run's 80% checkpoint."]
@@ -152,9 +165,9 @@ def main() -> None:
     text = "\n".join(lines)
     (args.out / "study.md").write_text(text + "\n")
     (args.out / "study.json").write_text(json.dumps({
-        "chosen": {"cycle_epochs": c, "lr1": lr1, "lr2": lr2}, "single_test": single_test,
-        "fge_test": chosen_test, "single_val": single_val,
-        "validation": {f"c{k[0]}-{k[1]:g}-{k[2]:g}": v for k, v in validation.items()},
+        "chosen": {"cycle_epochs": c, "lr1": lr1, "lr2": lr2}, "single_test": summary(single_test),
+        "fge_test": summary(chosen_test), "single_val": summary(single_val),
+        "validation": {f"c{k[0]}-{k[1]:g}-{k[2]:g}": summary(v) for k, v in validation.items()},
     }, indent=2))
     print(text)
 

@@ -30,8 +30,8 @@ import torch
 
 from artefact.manifest import OUTPUTS
 from artefact.uncertainty import softmax
-from training.base import build_model
 from training.data import FASHION_MNIST
+from training.engine import build_model
 from training.export import FusedEnsemble, PixelClassifier, export_graph
 
 

@@ -12,11 +12,13 @@ import torch
 from artefact.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
 from tests.conftest import cli
 from training import checkpoint
-from training.base import build_model, load_data, read_run_config
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
-from training.engine import predict_logits
+from training.config import ExportConfig
+from training.data import load_data
+from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.export import export_ensemble
+from training.runs import RunDir
 
 
 def _session(path: Path) -> onnxruntime.InferenceSession:
@@ -34,8 +36,8 @@ def test_round_trip_matches_manifest_and_pytorch(exported: Path, fge_run: Path) 
     assert np.max(np.abs(replayed - np.asarray(manifest.samples.probabilities))) <= 1e-4
 
     # The PyTorch ensemble, rebuilt from the FGE snapshots with the manifest's temperature.
-    config = read_run_config(fge_run)
-    splits = load_data(config)
+    config = RunDir(fge_run).read_config()
+    splits = load_data(config.data)
     logits = []
     for member in json.loads((fge_run / "report.json").read_text())["members"]:
         model = build_model(config.model, splits.info, torch.device("cpu"))
@@ -73,8 +75,8 @@ def test_fused_outputs_are_consistent(exported: Path, batch: int) -> None:
 
 
 def test_temperature_never_worsens_validation_nll(fge_run: Path) -> None:
-    config = read_run_config(fge_run)
-    splits = load_data(config)
+    config = RunDir(fge_run).read_config()
+    splits = load_data(config.data)
     rng = np.random.default_rng(0)
     labels = splits.val.labels.numpy()  # type: ignore[attr-defined]
     logits = rng.normal(size=(2, len(labels), 10)) * 4
@@ -108,29 +110,30 @@ def test_failed_export_leaves_nothing(fge_run: Path, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(export, "_check_parity", broken)
     with pytest.raises(RuntimeError, match="parity broken"):
-        export_ensemble([fge_run], "synth", tmp_path)
+        export_ensemble(ExportConfig(runs=[fge_run], name="synth", repository=tmp_path))
     assert list((tmp_path / "synth").iterdir()) == []
 
 
 def test_bad_sources(synthetic_run: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a run directory"):
-        export_ensemble([tmp_path], "x", tmp_path / "repo")
+        export_ensemble(ExportConfig(runs=[tmp_path], name="x", repository=tmp_path / "repo"))
     unfinished = tmp_path / "unfinished"
     shutil.copytree(synthetic_run, unfinished)
     for path in (unfinished / "checkpoints").iterdir():
         path.unlink()
     with pytest.raises(UsageError, match="no final checkpoint"):
-        export_ensemble([unfinished], "x", tmp_path / "repo")
+        export_ensemble(ExportConfig(runs=[unfinished], name="x", repository=tmp_path / "repo"))
     other = tmp_path / "other"
     cli("train", "--dataset", "synthetic", "--model", "preresnet20", "--epochs", "1", "--out", other)
     with pytest.raises(UsageError, match=r"one architecture.*'cnn'.*'preresnet20'"):
-        export_ensemble([synthetic_run, other], "x", tmp_path / "repo")
+        export_ensemble(ExportConfig(runs=[synthetic_run, other], name="x", repository=tmp_path / "repo"))
 
 
 def test_independent_ensemble_of_base_runs(synthetic_run: Path, tmp_path: Path) -> None:
     second = tmp_path / "second"
     cli("train", "--dataset", "synthetic", "--epochs", "2", "--seed", "9", "--out", second)
-    target, manifest = export_ensemble([synthetic_run, second], "independent", tmp_path / "repo")
+    target, manifest = export_ensemble(ExportConfig(runs=[synthetic_run, second], name="independent",
+                                                    repository=tmp_path / "repo"))
     assert manifest.method == "independent" and [m.provenance["seed"] for m in manifest.members] == [3, 9]
     verify_files(manifest, target)
 

@@ -2,17 +2,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.conftest import cli
 from training import checkpoint
-from training.engine import epoch_checkpoint
+from training.config import FGEConfig
 from training.fge import run_fge
+from training.runs import RunDir
 
 # Synthetic: 1000 training images, batch 128 -> 8 steps per epoch.
 STEPS = 8
+
+
+def _run_fge(base_run: Path, out: Path, **options: Any) -> dict[str, Any]:
+    """Run FGE in this process; the report as the JSON it is written as."""
+    return run_fge(FGEConfig(base_run=base_run, **options), out).model_dump(mode="json")
 
 
 @pytest.mark.parametrize(("cycles", "cycle_epochs", "positions"), [
@@ -24,8 +31,8 @@ STEPS = 8
 ])
 def test_snapshot_count_and_positions(synthetic_run: Path, tmp_path: Path, cycles: int, cycle_epochs: int,
                                       positions: list[float]) -> None:
-    report = run_fge(synthetic_run, tmp_path / "fge", cycles=cycles, cycle_epochs=cycle_epochs,
-                     lr1=0.02, lr2=0.002, device="cpu")
+    report = _run_fge(synthetic_run, tmp_path / "fge", cycles=cycles, cycle_epochs=cycle_epochs,
+                      lr1=0.02, lr2=0.002, device="cpu")
     assert report["start"]["epoch"] == 4, "FGE starts at 80% of the 5-epoch budget by default"
     assert [m["epoch"] for m in report["members"]] == pytest.approx(positions)
     assert all(m["lr"] == pytest.approx(0.002) for m in report["members"])
@@ -36,8 +43,8 @@ def test_snapshot_count_and_positions(synthetic_run: Path, tmp_path: Path, cycle
 
 
 def test_fge_continues_from_the_checkpoint_with_momentum(synthetic_run: Path, tmp_path: Path) -> None:
-    run_fge(synthetic_run, tmp_path / "fge", cycles=1, cycle_epochs=1, lr1=0.02, lr2=0.002, device="cpu")
-    start = checkpoint.load(epoch_checkpoint(synthetic_run, 4))
+    _run_fge(synthetic_run, tmp_path / "fge", cycles=1, cycle_epochs=1, lr1=0.02, lr2=0.002, device="cpu")
+    start = checkpoint.load(RunDir(synthetic_run).epoch_checkpoint(4))
     member = checkpoint.load(tmp_path / "fge" / "snapshots" / "member-00.pt")
     assert member["provenance"]["epoch"] == pytest.approx(4.625)
     moved = [not torch.equal(start["model"][k], member["model"][k]) for k in start["model"] if "weight" in k]

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from training.base import train_network
     from training.config import DataConfig, TrainConfig
+    from training.train import train_network
 
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, val_size=args.val_size,
                       subset=args.subset, image_size=args.image_size, batch_size=args.batch_size,
@@ -81,28 +81,25 @@ def _train(args: argparse.Namespace) -> None:
                          weight_decay=args.weight_decay, seed=args.seed, device=args.device,
                          save_epochs=args.save_epochs)
     report = train_network(config, args.out, resume=args.resume)
-    print(json.dumps({"run": str(args.out), "test": report["test"]}))
+    print(json.dumps({"run": str(args.out), "test": report.test.model_dump()}))
 
 
 def _fge(args: argparse.Namespace) -> None:
-    from training.fge import run_fge
+    from training.config import FGEConfig
+    from training.fge import run_fge, summary_table
 
-    report = run_fge(args.base_run, args.out, start_epoch=args.start_epoch, cycles=args.cycles,
-                     cycle_epochs=args.cycle_epochs, lr1=args.lr1, lr2=args.lr2, seed=args.seed,
-                     device=args.device, resume=args.resume)
-    from training.fge import summary_table
-
-    print(summary_table(report))
+    config = FGEConfig(base_run=args.base_run, start_epoch=args.start_epoch, cycles=args.cycles,
+                       cycle_epochs=args.cycle_epochs, lr1=args.lr1, lr2=args.lr2, seed=args.seed, device=args.device)
+    print(summary_table(run_fge(config, args.out, resume=args.resume)))
 
 
 def _export(args: argparse.Namespace) -> None:
+    from training.config import ExportConfig
     from training.export import export_ensemble
 
-    target, manifest = export_ensemble(args.runs, args.name, args.out, version=args.version, overwrite=args.overwrite)
-    metrics = manifest.metrics
-    print(json.dumps({"exported": str(target), "members": len(manifest.members), "temperature": manifest.temperature,
-                      "test_nll": {"uncalibrated": metrics.uncalibrated.nll, "calibrated": metrics.calibrated.nll},
-                      "test_ece": {"uncalibrated": metrics.uncalibrated.ece, "calibrated": metrics.calibrated.ece}}))
+    config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
+                          overwrite=args.overwrite)
+    print(export_ensemble(config).report().model_dump_json())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

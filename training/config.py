@@ -1,4 +1,4 @@
-"""Resolved run configurations; saved as config.json beside every run's outputs."""
+"""Run configurations: what a user asks for, and the resolved form saved as config.json beside a run's outputs."""
 
 from __future__ import annotations
 
@@ -36,8 +36,32 @@ class TrainConfig(BaseModel):
     save_epochs: list[int] = Field(default_factory=list, description="Epochs whose checkpoint is kept.")
 
 
+def fge_start_epoch(epochs: int) -> int:
+    """The epoch FGE starts from by default: 80% of the base budget (a base run always keeps its checkpoint)."""
+    return max(1, round(0.8 * epochs))
+
+
 class FGEConfig(BaseModel):
-    """Fast Geometric Ensembling from a base run's checkpoint."""
+    """Fast Geometric Ensembling from a base run, as asked for; None means "derive it from the base run".
+
+    No bounds are checked here: `training.fge` checks them once the base run is read, so that a wrong
+    `--from` is reported before anything else, and in the words the CLI has always used.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_run: Path
+    start_epoch: int | None = Field(None, description="Base checkpoint to start from; default 80% of its budget.")
+    cycles: int | None = Field(None, description="Number of cycles K; default: the rest of the base budget.")
+    cycle_epochs: int = Field(2, description="Cycle length c in epochs.")
+    lr1: float = Field(0.01, description="High learning rate, at the cycle's ends.")
+    lr2: float = Field(0.0005, description="Low learning rate, at the snapshot.")
+    seed: int | None = Field(None, description="Batch-order seed; default: the base run's.")
+    device: str = "auto"
+
+
+class FGERunConfig(BaseModel):
+    """An FGE run's resolved configuration, every default filled in, with the base run's own configuration."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,5 +71,18 @@ class FGEConfig(BaseModel):
     cycle_epochs: int = Field(ge=1)
     lr1: float = Field(gt=0)
     lr2: float = Field(gt=0)
-    seed: int = 0
-    device: str = "auto"
+    seed: int
+    device: str
+    base: TrainConfig
+
+
+class ExportConfig(BaseModel):
+    """Export of an ensemble: one FGE run's snapshots, or the final networks of one or more base runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[Path] = Field(min_length=1)
+    name: str = Field(description="Ensemble name in the model repository.")
+    repository: Path = Field(description="Model repository directory.")
+    version: int | None = Field(None, description="Version number; default: the next free one.")
+    overwrite: bool = Field(False, description="Replace an existing version directory.")

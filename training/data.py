@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from training.config import DataConfig
 from training.errors import UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -255,6 +256,12 @@ def load_splits(
             raise UsageError(f"--subset must be a positive number of images, got {subset}")
         train, val, test = (s.take(torch.arange(min(subset, len(s)))) for s in (train, val, test))
     return DataSplits(info, train, val, test)
+
+
+def load_data(config: DataConfig) -> DataSplits:
+    """The splits a run's data configuration names (every run of one dataset sees the same validation images)."""
+    return load_splits(config.dataset, config.data_dir, config.val_size, config.subset, config.download,
+                       config.image_size)
 
 
 # --------------------------------------------------------------------------- batching

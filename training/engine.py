@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,14 +21,14 @@ from tqdm import tqdm
 from artefact.manifest import Metrics
 from artefact.uncertainty import softmax
 from training import checkpoint
-from training.data import DataSplits, SizedDataset, make_batches
+from training.data import DatasetInfo, DataSplits, SizedDataset, make_batches
 from training.errors import UsageError
 from training.metrics import classification_metrics
+from training.models import Classifier, create_model
+from training.runs import RunDir
 from training.schedules import Schedule
 
 log = logging.getLogger(__name__)
-
-LAST_CHECKPOINT = "last.pt"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,6 +42,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for, but no CUDA GPU is usable here: use --device cpu")
     return device
+
+
+def build_model(name: str, info: DatasetInfo, device: torch.device) -> Classifier:
+    """A fresh registered model for `info`'s images, on `device`, in the memory format training uses."""
+    model = create_model(name, info.num_classes, info.in_channels, info.image_size, info.mean, info.std)
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with momentum and weight decay, the paper's optimizer for base runs and FGE alike."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,11 +146,11 @@ def evaluate(model: nn.Module, data: SizedDataset, splits: DataSplits, device: t
 class Trainer:
     """Runs epochs with checkpoints after each, and resumes from the last one.
 
-    The run directory holds `config.json`, `log.jsonl` (one JSON line per epoch) and
-    `checkpoints/` (`last.pt` plus `epoch-XXX.pt` for every epoch in `keep_epochs`).
+    After every epoch it appends to the run's log and rewrites its last checkpoint; it keeps the
+    checkpoint of every epoch in `keep_epochs` and of the last one.
     """
 
-    run_dir: Path
+    run: RunDir
     model: nn.Module
     model_name: str
     optimizer: torch.optim.Optimizer
@@ -159,10 +169,6 @@ class Trainer:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     on_snapshot: Callable[[Trainer, int, int], dict[str, Any]] | None = None
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
     def state(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
@@ -179,7 +185,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the last checkpoint of this run directory; False when there is none."""
-        path = self.checkpoint_dir / LAST_CHECKPOINT
+        path = self.run.last_checkpoint
         if not path.is_file():
             return False
         state = checkpoint.load(path)
@@ -188,18 +194,18 @@ class Trainer:
         try:
             self.schedule.load_state_dict(state["schedule"])
         except ValueError as error:
-            message = f"cannot resume {self.run_dir}: {error}; use the original options or a new --out"
+            message = f"cannot resume {self.run.path}: {error}; use the original options or a new --out"
             raise UsageError(message) from error
         torch.set_rng_state(state["rng"])
         self.epoch, self.history, self.snapshots = state["epoch"], state["history"], state["snapshots"]
         # The log may hold lines of an epoch whose checkpoint never landed: rewrite it from the checkpoint.
         self._write_log()
-        log.info("resumed %s after epoch %d", self.run_dir, self.epoch_offset + self.epoch)
+        log.info("resumed %s after epoch %d", self.run.path, self.epoch_offset + self.epoch)
         return True
 
     def _write_log(self) -> None:
         lines = "".join(json.dumps(record) + "\n" for record in self.history)
-        (self.run_dir / "log.jsonl").write_text(lines)
+        self.run.log_file.write_text(lines)
 
     def _step_hook(self, epoch: int, iteration: int) -> None:
         if self.on_snapshot is not None and self.schedule.snapshot_due(epoch, iteration):
@@ -207,7 +213,7 @@ class Trainer:
 
     def fit(self, epochs: int, validate: bool = True) -> None:
         """Train until `epochs` epochs of this schedule are done, checkpointing after each."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run.path.mkdir(parents=True, exist_ok=True)
         for epoch in tqdm(range(self.epoch, epochs), desc="training", unit="epoch", disable=None,
                           initial=self.epoch, total=epochs):
             # Batches depend on the absolute epoch: FGE from epoch E sees what the base run saw after E.
@@ -223,18 +229,11 @@ class Trainer:
             self.epoch = epoch + 1
             self.history.append(record)
             state = self.state()
-            checkpoint.save_atomic(state, self.checkpoint_dir / LAST_CHECKPOINT)
+            checkpoint.save_atomic(state, self.run.last_checkpoint)
             absolute = self.epoch_offset + self.epoch
             if absolute in self.keep_epochs or self.epoch == epochs:
-                checkpoint.save_atomic(state, self.checkpoint_dir / f"epoch-{absolute:03d}.pt")
-            with open(self.run_dir / "log.jsonl", "a") as handle:
+                checkpoint.save_atomic(state, self.run.epoch_checkpoint(absolute))
+            with open(self.run.log_file, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", absolute, record)
 
-
-def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch-{epoch:03d}.pt"
-
-
-def available_epochs(run_dir: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("epoch-*.pt"))

@@ -9,7 +9,6 @@ validation images before the version directory appears; it appears by a single r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,10 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from artefact.manifest import (
@@ -39,13 +39,13 @@ from artefact.manifest import (
 )
 from artefact.uncertainty import LOG_FLOOR, softmax
 from training import checkpoint
-from training.base import build_model, load_data, read_run_config
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
-from training.config import TrainConfig
-from training.data import DataSplits, SizedDataset, make_batches
-from training.engine import predict_logits
+from training.config import ExportConfig, TrainConfig
+from training.data import DataSplits, SizedDataset, load_data, make_batches
+from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
+from training.runs import FGEReport, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +111,32 @@ class Sources:
 
 def collect_sources(runs: list[Path]) -> Sources:
     """One FGE run (its snapshots) or one or more base runs (their final checkpoints)."""
-    if len(runs) == 1 and (runs[0] / "snapshots").is_dir():
-        run = runs[0]
-        report = run / "report.json"
-        if not report.is_file():
-            raise UsageError(f"FGE run {run} has no report.json: finish it first (valley-train fge ... --resume)")
-        members = [MemberSource(run / m["file"], {"run": str(run), **{k: m[k] for k in ("index", "epoch", "lr")}})
-                   for m in json.loads(report.read_text())["members"]]
-        return Sources("fge", read_run_config(run), members)
+    dirs = [RunDir(path) for path in runs]
+    if len(dirs) == 1 and dirs[0].is_fge:
+        run = dirs[0]
+        if not run.report_file.is_file():
+            raise UsageError(f"FGE run {run.path} has no {run.report_file.name}: finish it first "
+                             "(valley-train fge ... --resume)")
+        members = [MemberSource(run.path / m.file, {"run": str(run.path), "index": m.index, "epoch": m.epoch,
+                                                    "lr": m.lr})
+                   for m in run.read_report(FGEReport).members]
+        return Sources("fge", run.read_config(), members)
 
-    configs = [read_run_config(run) for run in runs]
+    configs = [run.read_config() for run in dirs]
     members = []
-    for run, config in zip(runs, configs, strict=True):
-        final = run / "checkpoints" / f"epoch-{config.epochs:03d}.pt"
+    for run, config in zip(dirs, configs, strict=True):
+        final = run.epoch_checkpoint(config.epochs)
         if not final.is_file():
-            raise UsageError(f"{run} has no final checkpoint ({final.name}): finish the run with --resume first")
-        members.append(MemberSource(final, {"run": str(run), "epoch": config.epochs, "seed": config.seed}))
+            raise UsageError(f"{run.path} has no final checkpoint ({final.name}): finish the run with --resume first")
+        members.append(MemberSource(final, {"run": str(run.path), "epoch": config.epochs, "seed": config.seed}))
     first = configs[0]
-    for run, config in zip(runs[1:], configs[1:], strict=True):
+    for run, config in zip(dirs[1:], configs[1:], strict=True):
         if config.model != first.model:
-            raise UsageError(f"members must share one architecture: {runs[0]} is {first.model!r}, "
-                             f"{run} is {config.model!r}")
+            raise UsageError(f"members must share one architecture: {dirs[0].path} is {first.model!r}, "
+                             f"{run.path} is {config.model!r}")
         if config.data.dataset != first.data.dataset:
-            raise UsageError(f"members must share one dataset: {runs[0]} is {first.data.dataset!r}, "
-                             f"{run} is {config.data.dataset!r}")
+            raise UsageError(f"members must share one dataset: {dirs[0].path} is {first.data.dataset!r}, "
+                             f"{run.path} is {config.data.dataset!r}")
     return Sources("independent", first, members)
 
 
@@ -184,12 +186,45 @@ def _next_version(name_dir: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def export_ensemble(runs: list[Path], name: str, repository: Path, version: int | None = None,
-                    overwrite: bool = False) -> tuple[Path, Manifest]:
-    """Export the ensemble of `runs` to `repository/name/version`; returns that directory and its manifest."""
-    sources = collect_sources(runs)
+class CalibrationEffect(BaseModel):
+    """One test metric of the ensemble before and after temperature scaling."""
+
+    uncalibrated: float
+    calibrated: float
+
+
+class ExportReport(BaseModel):
+    """What `valley-train export` prints (one JSON line): where the version went and what calibration did."""
+
+    exported: Path
+    members: int
+    temperature: float
+    test_nll: CalibrationEffect
+    test_ece: CalibrationEffect
+
+
+class Exported(NamedTuple):
+    """The version directory written, and its manifest."""
+
+    target: Path
+    manifest: Manifest
+
+    def report(self) -> ExportReport:
+        """The summary the CLI prints."""
+        metrics = self.manifest.metrics
+        return ExportReport(
+            exported=self.target, members=len(self.manifest.members), temperature=self.manifest.temperature,
+            test_nll=CalibrationEffect(uncalibrated=metrics.uncalibrated.nll, calibrated=metrics.calibrated.nll),
+            test_ece=CalibrationEffect(uncalibrated=metrics.uncalibrated.ece, calibrated=metrics.calibrated.ece),
+        )
+
+
+def export_ensemble(export: ExportConfig) -> Exported:
+    """Export the ensemble of `export.runs` to `repository/name/version`; returns that directory and its manifest."""
+    sources = collect_sources(export.runs)
     config = sources.config
-    splits = load_data(config)
+    name = export.name
+    splits = load_data(config.data)
     if len(splits.val) == 0:
         raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
     device = torch.device("cpu")
@@ -199,10 +234,10 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
         checkpoint.load_model_weights(model, checkpoint.load(source.checkpoint), config.model, source.checkpoint)
         models.append(model.eval())
 
-    name_dir = repository / name
-    version = _next_version(name_dir) if version is None else version
+    name_dir = export.repository / name
+    version = _next_version(name_dir) if export.version is None else export.version
     target = name_dir / str(version)
-    if target.exists() and not overwrite:
+    if target.exists() and not export.overwrite:
         raise UsageError(f"{target} already exists: pass --overwrite to replace it, or another --version")
 
     val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, device) for m in models), strict=True)
@@ -265,7 +300,7 @@ def export_ensemble(runs: list[Path], name: str, repository: Path, version: int 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target, manifest
+    return Exported(target, manifest)
 
 
 def _output_specs(members: int, classes: int) -> list[TensorSpec]:

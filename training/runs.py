@@ -1,0 +1,213 @@
+"""The run directory of `valley-train train` and `valley-train fge`: where every file lives, and the typed reports.
+
+This module is the only one that knows the layout (docs/training.md, "What a run directory holds");
+`training.checkpoint` does the atomic writing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from artefact.manifest import Metrics
+from training import checkpoint
+from training.config import FGERunConfig, TrainConfig
+from training.errors import UsageError
+
+REPORT_FORMAT: Final = "valley.report/1"
+
+_CONFIG = "config.json"
+_LOG = "log.jsonl"
+_CHECKPOINTS = "checkpoints"
+_LAST = "last.pt"
+_SNAPSHOTS = "snapshots"
+_REPORT = "report.json"
+_PLOT = "plots/ensemble_size.png"
+
+
+# --------------------------------------------------------------------------- reports (report.json)
+
+
+class _Report(BaseModel):
+    # Readers ignore keys they do not know: new keys may be added while `format` stays the same.
+    model_config = ConfigDict(extra="ignore")
+
+
+class DatasetSummary(_Report):
+    name: str
+    classes: list[str]
+    train: int
+    val: int
+    test: int
+    preprocessing: dict[str, Any] = Field(description="the evaluation preprocessing, `DatasetInfo.preprocessing()`")
+
+
+class ModelSummary(_Report):
+    name: str
+    parameters: int
+
+
+class TrainReport(_Report):
+    """report.json of a base run: its configuration, data, and the final network's metrics."""
+
+    format: Literal["valley.report/1"] = REPORT_FORMAT
+    kind: Literal["train"] = "train"
+    config: TrainConfig
+    dataset: DatasetSummary
+    model: ModelSummary
+    device: str
+    epochs: int
+    train_seconds_this_process: float
+    train_seconds_total: float
+    val: Metrics | None = Field(description="null when the run holds out no validation images")
+    test: Metrics
+
+
+class _OmitsMissingVal(_Report):
+    @model_serializer(mode="wrap")
+    def _omit_missing_val(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Members and ensembles have always left `val` out, rather than writing null, without a validation split.
+        data: dict[str, Any] = handler(self)
+        if data.get("val") is None:
+            data.pop("val", None)
+        return data
+
+
+class FGEMember(_OmitsMissingVal):
+    """One snapshot: where it is and when in training it was taken, then its metrics alone."""
+
+    index: int
+    file: str = Field(description="relative to the FGE run directory, e.g. snapshots/member-00.pt")
+    epoch: float = Field(description="fractional epoch, counted from the base run's start, after the snapshot step")
+    cycle: int
+    lr: float | None
+    test: Metrics
+    val: Metrics | None = None
+
+
+class FGEEnsemble(_OmitsMissingVal):
+    """The ensemble of members 0..size-1 (probabilities averaged)."""
+
+    size: int
+    test: Metrics
+    val: Metrics | None = None
+
+
+class SingleNetwork(_Report):
+    """The base run's own network at its full budget: FGE's equal-budget competitor."""
+
+    run: Path
+    epochs: int
+    test: Metrics
+    val: Metrics | None
+
+
+class StartPoint(_Report):
+    epoch: int
+
+
+class FGEReport(_Report):
+    """report.json of an FGE run: every member and every ensemble prefix, next to the single network."""
+
+    format: Literal["valley.report/1"] = REPORT_FORMAT
+    kind: Literal["fge"] = "fge"
+    config: FGERunConfig
+    single: SingleNetwork | None = Field(description="null when the base run has no report (unfinished)")
+    start: StartPoint
+    members: list[FGEMember]
+    ensembles: list[FGEEnsemble]
+    device: str
+    train_seconds_this_process: float
+    train_seconds_total: float
+    evaluation_seconds: float
+
+
+ReportT = TypeVar("ReportT", TrainReport, FGEReport)
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+def snapshot_name(index: int) -> str:
+    """The file of FGE member `index`, relative to its run directory, as reports and provenance record it."""
+    return f"{_SNAPSHOTS}/member-{index:02d}.pt"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A base or FGE run directory: its files, and its configuration and report read and written typed."""
+
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / _CONFIG
+
+    @property
+    def log_file(self) -> Path:
+        """One JSON line per epoch."""
+        return self.path / _LOG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / _CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Rewritten after every epoch; what `--resume` continues from."""
+        return self.checkpoints / _LAST
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        """The kept checkpoint of `epoch` (absolute, counted from the base run's start)."""
+        return self.checkpoints / f"epoch-{epoch:03d}.pt"
+
+    def available_epochs(self) -> list[int]:
+        """The epochs that have a kept checkpoint, in order."""
+        return sorted(int(path.stem.split("-")[1]) for path in self.checkpoints.glob("epoch-*.pt"))
+
+    @property
+    def snapshots(self) -> Path:
+        return self.path / _SNAPSHOTS
+
+    def snapshot(self, index: int) -> Path:
+        return self.path / snapshot_name(index)
+
+    @property
+    def is_fge(self) -> bool:
+        """Only FGE runs hold snapshots."""
+        return self.snapshots.is_dir()
+
+    @property
+    def report_file(self) -> Path:
+        """Written when the run is finished."""
+        return self.path / _REPORT
+
+    @property
+    def plot_file(self) -> Path:
+        """FGE: test error and NLL against ensemble size."""
+        return self.path / _PLOT
+
+    def read_config(self) -> TrainConfig:
+        """The training configuration of a base run, or of the base run an FGE run started from."""
+        if not self.config_file.is_file():
+            raise UsageError(f"{self.path} is not a run directory (no {_CONFIG}): "
+                             "pass the --out of `valley-train train`")
+        payload = json.loads(self.config_file.read_text())
+        return TrainConfig.model_validate(payload.get("base", payload))
+
+    def write_config(self, config: TrainConfig | FGERunConfig) -> None:
+        """Save the resolved configuration beside the run's outputs (creating the directory)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(self.config_file, config.model_dump(mode="json"))
+
+    def read_report(self, model: type[ReportT]) -> ReportT:
+        """The run's report.json as a `TrainReport` or an `FGEReport` (check `report_file` exists first)."""
+        return model.model_validate_json(self.report_file.read_text())
+
+    def write_report(self, report: TrainReport | FGEReport) -> None:
+        # Through `json`, as ever, so report.json stays byte-compatible (float spelling, ASCII escapes).
+        checkpoint.write_json(self.report_file, report.model_dump(mode="json"))
