@@ -1,9 +1,12 @@
 """`valley-serve`: serve every ensemble in a model repository over gRPC.
 
     valley-serve --repository runs/ensembles [--grpc-port 8001] [--metrics-port 8002]
+    valley-serve --repository runs/ensembles --grpc-port 0 --metrics-port 0 --ready-file ready.json
 
-Every flag can also come from a `VALLEY_*` environment variable (`VALLEY_GRPC_PORT=8001`);
-`valley-serve --help` lists them. Exits 0 after a graceful SIGTERM/SIGINT shutdown, 2 on
+Once the ensembles are loaded, one JSON line on stdout (and in `--ready-file`) gives the ports
+bound and the readiness: with port 0 that is how a caller learns them. Every flag can also
+come from a `VALLEY_*` environment variable (`VALLEY_GRPC_PORT=8001`); `valley-serve --help`
+lists them. Exits 0 after a graceful SIGTERM/SIGINT shutdown, 2 on
 bad settings, 1 when the server cannot start.
 """
 
@@ -40,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.repository.is_dir():
         print(f"valley-serve: --repository {settings.repository} is not a folder", file=sys.stderr)
+        raise SystemExit(2)
+    if settings.ready_file is not None and not settings.ready_file.parent.is_dir():
+        print(f"valley-serve: --ready-file {settings.ready_file}: its folder does not exist", file=sys.stderr)
         raise SystemExit(2)
     try:
         asyncio.run(serve(settings))
