@@ -99,7 +99,7 @@ def _export(args: argparse.Namespace) -> None:
 
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
                           overwrite=args.overwrite)
-    print(export_ensemble(config).report().model_dump_json())
+    print(json.dumps(export_ensemble(config).report().model_dump(mode="json")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
