@@ -34,8 +34,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def mutual_information(member_probabilities: np.ndarray) -> np.ndarray:
     """Epistemic uncertainty H(mean_k p_k) - mean_k H(p_k) (nats, clipped at 0) of member probabilities [..., K, C]."""
-    total = entropy(member_probabilities.mean(axis=-2))
-    result: np.ndarray = np.maximum(total - entropy(member_probabilities).mean(axis=-1), 0.0)
+    return _epistemic(entropy(member_probabilities.mean(axis=-2)), member_probabilities)
+
+
+def _epistemic(total_entropy: np.ndarray, member_probabilities: np.ndarray) -> np.ndarray:
+    """Mutual information from the entropy of the members' mean, already computed."""
+    result: np.ndarray = np.maximum(total_entropy - entropy(member_probabilities).mean(axis=-1), 0.0)
     return result
 
 
@@ -43,13 +47,14 @@ def ensemble_outputs(member_probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Every ensemble output for member probabilities [B, K, C] (float32), by output name."""
     probabilities = member_probabilities.mean(axis=1)
     predicted = probabilities.argmax(axis=-1).astype(np.int64)
+    total = entropy(probabilities)
     disagreement = (member_probabilities.argmax(axis=-1) != predicted[:, None]).mean(axis=1)
     return {
         "probabilities": probabilities,
         "predicted_class": predicted,
         "confidence": probabilities.max(axis=-1),
-        "entropy": entropy(probabilities),
-        "mutual_information": mutual_information(member_probabilities).astype(np.float32),
+        "entropy": total,
+        "mutual_information": _epistemic(total, member_probabilities).astype(np.float32),
         "member_disagreement": disagreement.astype(np.float32),
         "member_probabilities": member_probabilities,
     }

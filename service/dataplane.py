@@ -133,6 +133,7 @@ class DataPlane:
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         """Check the request, queue it for its model's next batch, keep what it was served for feedback."""
         started = time.monotonic()
+        model: ServedModel | None = None
         try:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down: send the request to another replica")
@@ -140,7 +141,7 @@ class DataPlane:
             with self._serving(model):
                 response = await self._infer(model, request, started)
         except Exception as error:
-            self._observe_failure(request, status_of(error).code, started)
+            self._observe_failure(request, model, status_of(error).code, started)
             raise
         self.observer.observe_request(response.model, response.version, "OK", time.monotonic() - started)
         return response
@@ -175,7 +176,7 @@ class DataPlane:
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
                                f"[{shape}]), got {list(tensors.inputs) or 'none'}")
         pixels = tensors.inputs[spec.name]
-        model.ensemble.check(pixels, outputs)
+        model.ensemble.check_input(pixels)
         if pixels.shape[0] > self.max_batch_size:
             raise InvalidInput(f"input '{spec.name}' has a batch of {pixels.shape[0]} images; this server takes at "
                                f"most {self.max_batch_size} per request (split the request)")
@@ -194,10 +195,13 @@ class DataPlane:
             if not any(self._in_flight.values()):
                 self._idle.set()
 
-    def _observe_failure(self, request: InferenceRequest, code: str, started: float) -> None:
-        """Count one failed request; requests for unknown models share empty labels (bounded cardinality)."""
+    def _observe_failure(self, request: InferenceRequest, model: ServedModel | None, code: str,
+                         started: float) -> None:
+        """Count one failed request under its model (looked up if it was not yet); requests for unknown models
+        share empty labels (bounded cardinality)."""
         try:
-            model = self.repository.get(request.model, request.version)
+            if model is None:
+                model = self.repository.get(request.model, request.version)
             name, model_version = model.name, str(model.version)
         except ServingError:
             name, model_version = "", ""

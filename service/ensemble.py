@@ -1,6 +1,6 @@
 """One ensemble version ready to run: verified files, an onnxruntime session, checked samples.
 
-No gRPC and no Prometheus here: the data plane checks a request once (`check`) and the
+No gRPC and no Prometheus here: the data plane checks a request once (`check_input`) and the
 batcher runs it (`run`); this module only knows arrays. The CUDA execution provider is used
 when it really loads, the CPU one otherwise; which one runs is read back from the session,
 never assumed.
@@ -88,16 +88,12 @@ class Ensemble:
         """The same verified graphs in sessions of their own, for a second compute thread."""
         return _open(self.manifest, self.directory, self.device, self.threads, self.execution)
 
-    def check(self, pixels: np.ndarray, outputs: Sequence[str]) -> None:
-        """Raise `InvalidInput` unless `pixels` fit the input and every output is one of the ensemble's.
+    def check_input(self, pixels: np.ndarray) -> None:
+        """Raise `InvalidInput` unless `pixels` fit the ensemble's input.
 
-        The data plane calls this once per request, before the request can join a batch: `run`
-        trusts its arguments.
+        The data plane calls this once per request, before the request can join a batch (it checks
+        the output names itself): `run` trusts its arguments.
         """
-        known = [o.name for o in self.manifest.outputs]
-        unknown = [name for name in outputs if name not in known]
-        if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
         spec = self.manifest.input
         if pixels.dtype != np.uint8:
             raise InvalidInput(f"input '{spec.name}' must be UINT8 pixels (0..255), got {pixels.dtype}")
@@ -118,7 +114,11 @@ class Ensemble:
 
     def infer(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Check and run one batch of pixels; returns the named outputs (for a caller outside the server)."""
-        self.check(pixels, outputs)
+        self.check_input(pixels)
+        known = [o.name for o in self.manifest.outputs]
+        unknown = [name for name in outputs if name not in known]
+        if unknown:
+            raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
         return self.run(pixels, outputs).outputs
 
     def _member_probabilities(self, pixels: np.ndarray) -> tuple[np.ndarray, list[float]]:
