@@ -44,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not settings.repository.is_dir():
         print(f"valley-serve: --repository {settings.repository} is not a folder", file=sys.stderr)
         raise SystemExit(2)
-    if settings.ready_file is not None and not settings.ready_file.parent.is_dir():
-        print(f"valley-serve: --ready-file {settings.ready_file}: its folder does not exist", file=sys.stderr)
+    ready_file = settings.ready_file
+    if ready_file is not None and (ready_file.is_dir() or not ready_file.parent.is_dir()):
+        print(f"valley-serve: --ready-file {ready_file}: name a file in an existing folder", file=sys.stderr)
         raise SystemExit(2)
     try:
         asyncio.run(serve(settings))

@@ -282,9 +282,10 @@ def test_bad_settings_exit_2_with_the_flag_named(repository: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", "/nonexistent"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not a folder" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", str(repository), "--ready-file",
-                             "/nonexistent/ready.json"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "--ready-file" in result.stderr and "Traceback" not in result.stderr
+    for ready_file in ("/nonexistent/ready.json", str(repository), ""):
+        result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", str(repository),
+                                 "--ready-file", ready_file], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "--ready-file" in result.stderr and "Traceback" not in result.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
