@@ -60,14 +60,45 @@ def build_parser() -> argparse.ArgumentParser:
     fge.add_argument("--out", type=Path, required=True, help="FGE run directory")
     fge.add_argument("--resume", action="store_true")
 
+    curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
+    curve.add_argument("--start", dest="start_run", type=Path, required=True, help="base run at t = 0")
+    curve.add_argument("--end", dest="end_run", type=Path, required=True, help="base run at t = 1")
+    curve.add_argument("--curve", choices=["bezier", "polychain"], default="bezier")
+    curve.add_argument("--bends", type=int, default=1, help="trainable control points between the endpoints")
+    curve.add_argument("--epochs", type=int, help="budget (default: the start run's)")
+    curve.add_argument("--lr", type=float, default=0.03, help="initial learning rate of the base schedule")
+    curve.add_argument("--momentum", type=float, help="default: the start run's")
+    curve.add_argument("--weight-decay", type=float, help="L2 on the weights at t (default: the start run's)")
+    curve.add_argument("--seed", type=int, default=0, help="seed of the t's and the batch order")
+    curve.add_argument("--device", default="auto")
+    curve.add_argument("--out", type=Path, required=True, help="curve run directory")
+    curve.add_argument("--resume", action="store_true")
+
+    curve_eval = commands.add_parser("curve-eval", parents=[common],
+                                     help="loss and error along a trained curve and along the straight line")
+    curve_eval.add_argument("curve_dir", type=Path, help="curve run directory")
+    curve_eval.add_argument("--points", type=int, default=21, help="evenly spaced t from 0 to 1")
+    curve_eval.add_argument("--device", default="auto")
+
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
     export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
-                        help="one FGE run directory, or one or more base run directories (independent ensemble)")
+                        help="one FGE run directory, one curve run directory, or one or more base run directories "
+                             "(independent ensemble)")
     export.add_argument("--name", required=True, help="ensemble name in the repository")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
     export.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
+    points = export.add_mutually_exclusive_group()
+    points.add_argument("--points", type=_t_list, help="curve runs: the members' t, e.g. 0.25,0.5,0.75")
+    points.add_argument("--num-points", type=int, help="curve runs: K members at evenly spaced t")
     return parser
+
+
+def _t_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -93,13 +124,41 @@ def _fge(args: argparse.Namespace) -> None:
     print(summary_table(run_fge(config, args.out, resume=args.resume)))
 
 
+def _curve(args: argparse.Namespace) -> None:
+    from training.config import CurveConfig
+    from training.curve_train import run_curve
+
+    config = CurveConfig(start_run=args.start_run, end_run=args.end_run, curve=args.curve, bends=args.bends,
+                         epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                         seed=args.seed, device=args.device)
+    report = run_curve(config, args.out, resume=args.resume)
+    print(json.dumps({"run": str(args.out), "curve": report.config.curve, "bends": report.config.bends,
+                      "epochs": report.config.epochs, "train_seconds_total": report.train_seconds_total,
+                      "next": f"valley-train curve-eval {args.out}"}))
+
+
+def _curve_eval(args: argparse.Namespace) -> None:
+    from training.curve_eval import evaluate_curve, summary_table
+    from training.runs import RunDir
+
+    report = evaluate_curve(args.curve_dir, points=args.points, device=args.device)
+    print(summary_table(report))
+    evaluation = report.evaluation
+    assert evaluation is not None
+    print(f"test error: endpoints {100 * evaluation.endpoint_test_error[0]:.2f}% and "
+          f"{100 * evaluation.endpoint_test_error[1]:.2f}%, curve max {100 * evaluation.curve_max_test_error:.2f}%, "
+          f"line max {100 * evaluation.line_max_test_error:.2f}%")
+    run = RunDir(args.curve_dir)
+    print(f"report: {run.report_file}  plot: {run.curve_plot_file}")
+
+
 def _export(args: argparse.Namespace) -> None:
     from training.config import ExportConfig
     from training.export import export_ensemble
 
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
-                          overwrite=args.overwrite)
-    print(json.dumps(export_ensemble(config).report().model_dump(mode="json")))
+                          overwrite=args.overwrite, points=args.points, num_points=args.num_points)
+    print(json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The ONNX exporter logs every optimisation pass at INFO.
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        {"train": _train, "fge": _fge, "export": _export}[args.command](args)
+        commands = {"train": _train, "fge": _fge, "curve": _curve, "curve-eval": _curve_eval, "export": _export}
+        commands[args.command](args)
     except UsageError as error:
         print(f"valley-train: error: {error}", file=sys.stderr)
         return 2

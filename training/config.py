@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,8 +77,46 @@ class FGERunConfig(BaseModel):
     base: TrainConfig
 
 
+CurveKind = Literal["bezier", "polychain"]
+
+
+class CurveConfig(BaseModel):
+    """A curve between two finished base runs, as asked for; None means "take it from the start run"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_run: Path
+    end_run: Path
+    curve: CurveKind = "bezier"
+    bends: int = Field(1, ge=1, description="Control points between the endpoints.")
+    epochs: int | None = Field(None, ge=1, description="Budget; default: the start run's.")
+    lr: float = Field(0.03, gt=0, description="Initial learning rate of the base schedule.")
+    momentum: float | None = Field(None, ge=0)
+    weight_decay: float | None = Field(None, ge=0, description="L2 on w(t) in the loss; default: the start run's.")
+    seed: int = 0
+    device: str = "auto"
+
+
+class CurveRunConfig(BaseModel):
+    """A curve run's resolved configuration, with the start run's own configuration (data, model) as `base`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_run: Path
+    end_run: Path
+    curve: CurveKind
+    bends: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    seed: int
+    device: str
+    base: TrainConfig
+
+
 class ExportConfig(BaseModel):
-    """Export of an ensemble: one FGE run's snapshots, or the final networks of one or more base runs."""
+    """Export of an ensemble: one FGE run's snapshots, points of one curve run, or the final networks of base runs."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,3 +125,5 @@ class ExportConfig(BaseModel):
     repository: Path = Field(description="Model repository directory.")
     version: int | None = Field(None, description="Version number; default: the next free one.")
     overwrite: bool = Field(False, description="Replace an existing version directory.")
+    points: list[float] | None = Field(None, min_length=1, max_length=256, description="Curve runs: the t of each member.")
+    num_points: int | None = Field(None, ge=1, le=256, description="Curve runs: K members at evenly spaced t.")

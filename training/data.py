@@ -91,6 +91,14 @@ class DataSplits:
     train: SizedDataset
     val: SizedDataset
     test: SizedDataset
+    # The training images without the augmentation of a dataset whose transform augments (ImageFolder);
+    # None where `train` is plain pixels and only `make_batches(train=True)` augments.
+    plain_train: SizedDataset | None = None
+
+    @property
+    def train_without_augmentation(self) -> SizedDataset:
+        """The training images as evaluation sees them: for batch-norm statistics and training loss."""
+        return self.train if self.plain_train is None else self.plain_train
 
 
 # --------------------------------------------------------------------------- loading
@@ -219,7 +227,8 @@ def _image_folder(data_dir: Path | None, image_size: int, val_size: int | None) 
     if not 0 <= val_size < len(train_aug):
         raise UsageError(f"--val-size must be between 0 and {len(train_aug) - 1}, got {val_size}")
     order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    return DataSplits(info, Subset(train_aug, order[val_size:]), Subset(train_plain, order[:val_size]), test)
+    return DataSplits(info, Subset(train_aug, order[val_size:]), Subset(train_plain, order[:val_size]), test,
+                      plain_train=Subset(train_plain, order[val_size:]))
 
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")

@@ -1,7 +1,7 @@
-"""The training loop shared by base runs and FGE: epochs, checkpoints, resume, evaluation.
+"""The training loop shared by base runs, FGE and curves: epochs, checkpoints, resume, evaluation.
 
-Base training and FGE differ only in their schedule (and FGE's snapshots), so both run the
-same `Trainer.fit`; an FGE epoch therefore costs what a base epoch costs.
+Base training and FGE differ only in their schedule (and FGE's snapshots), curves in their model
+(a `training.curves.Curve`) and a weight-decay penalty, so all run the same `Trainer.fit`.
 """
 
 from __future__ import annotations
@@ -86,8 +86,13 @@ def train_epoch(
     device: torch.device,
     on_step: Callable[[int, int], None] | None = None,
     workers: int = 0,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> EpochResult:
-    """One pass over the training split; `schedule` sets the lr before every step of `epoch`."""
+    """One pass over the training split; `schedule` sets the lr before every step of `epoch`.
+
+    `penalty`, called after each forward pass, is added to that step's loss (curves put their weight
+    decay there); the logged loss is the cross-entropy alone, comparable across run kinds.
+    """
     model.train()
     batches = make_batches(splits.train, splits.info, batch_size, train=True, seed=batch_seed,
                            workers=workers)
@@ -102,8 +107,9 @@ def train_epoch(
         images, labels = _to_device(images, labels, device)
         logits = model(images)
         loss = nn.functional.cross_entropy(logits, labels)
+        objective = loss if penalty is None else loss + penalty()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        objective.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(dim=1) == labels).sum()
@@ -168,6 +174,7 @@ class Trainer:
     history: list[dict[str, Any]] = field(default_factory=list)
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     on_snapshot: Callable[[Trainer, int, int], dict[str, Any]] | None = None
+    penalty: Callable[[], torch.Tensor] | None = None
 
     def state(self) -> dict[str, Any]:
         return {
@@ -219,7 +226,8 @@ class Trainer:
             # Batches depend on the absolute epoch: FGE from epoch E sees what the base run saw after E.
             batch_seed = epoch_seed(self.seed, self.epoch_offset + epoch)
             result = train_epoch(self.model, self.splits, self.optimizer, self.schedule, epoch, batch_seed,
-                                 self.batch_size, self.device, on_step=self._step_hook, workers=self.workers)
+                                 self.batch_size, self.device, on_step=self._step_hook, workers=self.workers,
+                                 penalty=self.penalty)
             record: dict[str, Any] = {"epoch": self.epoch_offset + result.epoch, "lr": result.lr,
                                       "train_loss": result.loss, "train_accuracy": result.accuracy,
                                       "seconds": round(result.seconds, 3)}

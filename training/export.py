@@ -13,16 +13,17 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
+from tqdm import tqdm
 
 from artefact.manifest import (
     OUTPUTS,
@@ -32,6 +33,7 @@ from artefact.manifest import (
     InputSpec,
     Manifest,
     Member,
+    Metrics,
     Samples,
     TensorSpec,
     sha256_of,
@@ -41,6 +43,7 @@ from artefact.uncertainty import LOG_FLOOR, softmax
 from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig, TrainConfig
+from training.curve_train import TrainedCurve, open_curve
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
@@ -98,37 +101,96 @@ class FusedEnsemble(nn.Module):
 
 @dataclass
 class MemberSource:
-    checkpoint: Path
+    """One member: where it comes from, and how to build its network (eval mode, on the CPU) for the data."""
+
     provenance: dict[str, Any]
+    build: Callable[[DataSplits], nn.Module]
 
 
 @dataclass
 class Sources:
-    method: Literal["fge", "independent"]
+    method: Literal["fge", "curve", "independent"]
     config: TrainConfig
     members: list[MemberSource]
+    # Curves: the two base runs' own networks, the baselines the export report compares the curve ensemble with.
+    endpoints: list[MemberSource] = field(default_factory=list)
 
 
-def collect_sources(runs: list[Path]) -> Sources:
-    """One FGE run (its snapshots) or one or more base runs (their final checkpoints)."""
-    dirs = [RunDir(path) for path in runs]
+def _from_checkpoint(path: Path, model_name: str, provenance: dict[str, Any]) -> MemberSource:
+    def build(splits: DataSplits) -> nn.Module:
+        model = build_model(model_name, splits.info, torch.device("cpu"))
+        checkpoint.load_model_weights(model, checkpoint.load(path), model_name, path)
+        return model.eval()
+
+    return MemberSource(provenance, build)
+
+
+def _final_network(run: RunDir, config: TrainConfig) -> MemberSource:
+    final = run.epoch_checkpoint(config.epochs)
+    if not final.is_file():
+        raise UsageError(f"{run.path} has no final checkpoint ({final.name}): finish the run with --resume first")
+    return _from_checkpoint(final, config.model, {"run": str(run.path), "epoch": config.epochs, "seed": config.seed})
+
+
+def curve_points(points: list[float] | None, num_points: int | None) -> list[float]:
+    """The members' t: as listed, or K evenly spaced from 0 to 1 (both endpoints included; K = 1 is t = 0.5)."""
+    if points is None and num_points is None:
+        raise UsageError("a curve export needs the members' t: --points t1,t2,... or --num-points K")
+    if points is None:
+        assert num_points is not None
+        return [0.5] if num_points == 1 else [index / (num_points - 1) for index in range(num_points)]
+    outside = [t for t in points if not 0.0 <= t <= 1.0]
+    if outside:
+        raise UsageError(f"--points must lie in [0, 1] (0 is --start, 1 is --end), got {outside[0]}")
+    if len(set(points)) != len(points):
+        raise UsageError(f"--points lists a t twice ({','.join(map(str, points))}): each member needs its own t")
+    return points
+
+
+def _curve_sources(run: RunDir, export: ExportConfig) -> Sources:
+    config = run.read_curve_config()
+    ts = curve_points(export.points, export.num_points)
+    opened: list[TrainedCurve] = []
+
+    def network(t: float) -> Callable[[DataSplits], nn.Module]:
+        def build(splits: DataSplits) -> nn.Module:
+            if not opened:  # read the curve once, for all its members
+                opened.append(open_curve(run.path, "cpu", splits))
+            return opened[0].network_at(t)
+
+        return build
+
+    members = [MemberSource({"run": str(run.path), "t": t, "curve": config.curve, "bends": config.bends},
+                            network(t)) for t in ts]
+    endpoints = [_final_network(RunDir(path), RunDir(path).read_config()) for path in (config.start_run,
+                                                                                        config.end_run)]
+    return Sources("curve", config.base, members, endpoints)
+
+
+def collect_sources(export: ExportConfig) -> Sources:
+    """One FGE run (its snapshots), one curve run (points on it) or one or more base runs (their final networks)."""
+    dirs = [RunDir(path) for path in export.runs]
+    is_curve = [run.is_curve for run in dirs]
+    if any(is_curve):
+        if len(dirs) > 1:
+            raise UsageError("export one curve run at a time: --from CURVE_DIR with --points or --num-points")
+        return _curve_sources(dirs[0], export)
+    if export.points is not None or export.num_points is not None:
+        raise UsageError("--points and --num-points choose points on a curve: --from must be a curve run "
+                         "(`valley-train curve --out`)")
     if len(dirs) == 1 and dirs[0].is_fge:
         run = dirs[0]
         if not run.report_file.is_file():
             raise UsageError(f"FGE run {run.path} has no {run.report_file.name}: finish it first "
                              "(valley-train fge ... --resume)")
-        members = [MemberSource(run.path / m.file, {"run": str(run.path), "index": m.index, "epoch": m.epoch,
-                                                    "lr": m.lr})
+        config = run.read_config()
+        members = [_from_checkpoint(run.path / m.file, config.model,
+                                    {"run": str(run.path), "index": m.index, "epoch": m.epoch, "lr": m.lr})
                    for m in run.read_report(FGEReport).members]
-        return Sources("fge", run.read_config(), members)
+        return Sources("fge", config, members)
 
     configs = [run.read_config() for run in dirs]
-    members = []
-    for run, config in zip(dirs, configs, strict=True):
-        final = run.epoch_checkpoint(config.epochs)
-        if not final.is_file():
-            raise UsageError(f"{run.path} has no final checkpoint ({final.name}): finish the run with --resume first")
-        members.append(MemberSource(final, {"run": str(run.path), "epoch": config.epochs, "seed": config.seed}))
+    members = [_final_network(run, config) for run, config in zip(dirs, configs, strict=True)]
     first = configs[0]
     for run, config in zip(dirs[1:], configs[1:], strict=True):
         if config.model != first.model:
@@ -193,6 +255,15 @@ class CalibrationEffect(BaseModel):
     calibrated: float
 
 
+class Comparison(BaseModel):
+    """An ensemble or a network scored on the same images as the exported ensemble (probabilities averaged)."""
+
+    name: str
+    members: int
+    test: Metrics
+    val: Metrics
+
+
 class ExportReport(BaseModel):
     """What `valley-train export` prints (one JSON line): where the version went and what calibration did."""
 
@@ -201,13 +272,20 @@ class ExportReport(BaseModel):
     temperature: float
     test_nll: CalibrationEffect
     test_ece: CalibrationEffect
+    comparison: list[Comparison] | None = Field(None, description="curves: the ensemble against its endpoints")
 
 
-class Exported(NamedTuple):
-    """The version directory written, and its manifest."""
+@dataclass(frozen=True)
+class Exported:
+    """The version directory written, its manifest, and (curves) the comparison with the endpoints."""
 
     target: Path
     manifest: Manifest
+    comparison: list[Comparison] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as `target, manifest`, as the earlier two-field tuple did."""
+        return iter((self.target, self.manifest))
 
     def report(self) -> ExportReport:
         """The summary the CLI prints."""
@@ -216,29 +294,52 @@ class Exported(NamedTuple):
             exported=self.target, members=len(self.manifest.members), temperature=self.manifest.temperature,
             test_nll=CalibrationEffect(uncalibrated=metrics.uncalibrated.nll, calibrated=metrics.calibrated.nll),
             test_ece=CalibrationEffect(uncalibrated=metrics.uncalibrated.ece, calibrated=metrics.calibrated.ece),
+            comparison=self.comparison,
         )
+
+
+def compare_with_endpoints(sources: Sources, splits: DataSplits, member_val: np.ndarray,
+                           member_test: np.ndarray, temperature: float) -> list[Comparison] | None:
+    """Curves: the exported ensemble (before and after temperature scaling) against the ensemble of its two
+    endpoints and each endpoint alone, every one with its own trained batch-norm statistics."""
+    if not sources.endpoints:
+        return None
+    device = torch.device("cpu")
+    val_labels = predict_logits(sources.endpoints[0].build(splits), splits.val, splits, device)[1]
+    test_labels = predict_logits(sources.endpoints[0].build(splits), splits.test, splits, device)[1]
+    ends_val = np.stack([predict_logits(e.build(splits), splits.val, splits, device)[0] for e in sources.endpoints])
+    ends_test = np.stack([predict_logits(e.build(splits), splits.test, splits, device)[0] for e in sources.endpoints])
+
+    def row(name: str, val: np.ndarray, test: np.ndarray, t: float = 1.0) -> Comparison:
+        return Comparison(name=name, members=len(val),
+                          test=classification_metrics(tempered_ensemble_probabilities(test, t), test_labels),
+                          val=classification_metrics(tempered_ensemble_probabilities(val, t), val_labels))
+
+    count = len(member_val)
+    return [
+        row(f"curve ensemble ({count} points)", member_val, member_test),
+        row(f"curve ensemble ({count} points), temperature {temperature:.3f}", member_val, member_test, temperature),
+        row("endpoint ensemble (2 networks)", ends_val, ends_test),
+        row("start network alone", ends_val[:1], ends_test[:1]),
+        row("end network alone", ends_val[1:], ends_test[1:]),
+    ]
 
 
 def export_ensemble(export: ExportConfig) -> Exported:
     """Export the ensemble of `export.runs` to `repository/name/version`; returns that directory and its manifest."""
-    sources = collect_sources(export.runs)
+    sources = collect_sources(export)
     config = sources.config
     name = export.name
-    splits = load_data(config.data)
-    if len(splits.val) == 0:
-        raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
-    device = torch.device("cpu")
-    models = []
-    for source in sources.members:
-        model = build_model(config.model, splits.info, device)
-        checkpoint.load_model_weights(model, checkpoint.load(source.checkpoint), config.model, source.checkpoint)
-        models.append(model.eval())
-
     name_dir = export.repository / name
     version = _next_version(name_dir) if export.version is None else export.version
     target = name_dir / str(version)
     if target.exists() and not export.overwrite:
         raise UsageError(f"{target} already exists: pass --overwrite to replace it, or another --version")
+    splits = load_data(config.data)
+    if len(splits.val) == 0:
+        raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
+    device = torch.device("cpu")
+    models = [source.build(splits) for source in tqdm(sources.members, desc="members", unit="member", disable=None)]
 
     val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, device) for m in models), strict=True)
     test_logits, test_labels = zip(*(predict_logits(m, splits.test, splits, device) for m in models), strict=True)
@@ -248,6 +349,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
     calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
     log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
              calibrated.nll, uncalibrated.ece, calibrated.ece)
+    comparison = compare_with_endpoints(sources, splits, member_val, member_test, temperature)
 
     name_dir.mkdir(parents=True, exist_ok=True)
     staging = name_dir / f".staging-{version}-{os.getpid()}"
@@ -300,7 +402,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Exported(target, manifest)
+    return Exported(target, manifest, comparison)
 
 
 def _output_specs(members: int, classes: int) -> list[TensorSpec]:

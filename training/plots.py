@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from artefact.manifest import Metrics
-from training.runs import FGEReport
+from training.runs import CurveReport, CurveSide, FGEReport
 
 
 def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
@@ -37,6 +37,38 @@ def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
     config = report.config
     figure.suptitle(f"FGE from epoch {config.start_epoch}: {config.cycles} cycles of {config.cycle_epochs} "
                     f"epochs, lr {config.lr1} -> {config.lr2}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_curve(report: CurveReport, path: Path) -> None:
+    """Training loss and test error along t: the trained curve against the straight line."""
+    evaluation = report.evaluation
+    if evaluation is None:
+        raise ValueError("the curve has no evaluation to plot")
+    ts = [point.t for point in evaluation.points]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    config = report.config
+
+    def train_loss(side: CurveSide) -> float:
+        return side.train_loss
+
+    def test_error(side: CurveSide) -> float:
+        return 100 * (1 - side.test.accuracy)
+
+    for axis, label, value in ((axes[0], "training loss", train_loss), (axes[1], "test error (%)", test_error)):
+        axis.plot(ts, [value(point.curve) for point in evaluation.points], "o-", markersize=3,
+                  label=f"{config.curve} curve, {config.bends} bend{'s' if config.bends > 1 else ''}")
+        axis.plot(ts, [value(point.line) for point in evaluation.points], "s--", markersize=3, color="C3",
+                  label="straight line")
+        axis.set_xlabel("t")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(loc="best", fontsize="small")
+    figure.suptitle(f"{config.base.model} on {config.base.data.dataset}: {config.start_run.name} (t=0) to "
+                    f"{config.end_run.name} (t=1), batch norm recomputed at every t")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -1,4 +1,4 @@
-"""The run directory of `valley-train train` and `valley-train fge`: where every file lives, and the typed reports.
+"""The run directory of `valley-train train`, `fge` and `curve`: where every file lives, and the typed reports.
 
 This module is the only one that knows the layout (docs/training.md, "What a run directory holds");
 `training.checkpoint` does the atomic writing.
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from artefact.manifest import Metrics
 from training import checkpoint
-from training.config import FGERunConfig, TrainConfig
+from training.config import CurveRunConfig, FGERunConfig, TrainConfig
 from training.errors import UsageError
 
 REPORT_FORMAT: Final = "valley.report/1"
@@ -27,6 +27,7 @@ _LAST = "last.pt"
 _SNAPSHOTS = "snapshots"
 _REPORT = "report.json"
 _PLOT = "plots/ensemble_size.png"
+_CURVE_PLOT = "plots/curve.png"
 
 
 # --------------------------------------------------------------------------- reports (report.json)
@@ -126,7 +127,59 @@ class FGEReport(_Report):
     evaluation_seconds: float
 
 
-ReportT = TypeVar("ReportT", TrainReport, FGEReport)
+class Endpoint(_Report):
+    """One end of a curve: the base run and its trained network's own metrics (its batch-norm statistics)."""
+
+    run: Path
+    epochs: int
+    test: Metrics
+    val: Metrics | None
+
+
+class CurveSide(_Report):
+    """A network at one t (batch norm recomputed): training-split loss and error, and its test and val metrics."""
+
+    train_loss: float
+    train_error: float
+    test: Metrics
+    val: Metrics | None
+
+
+class CurvePoint(_Report):
+    """One t, on the trained curve and on the straight line between the same endpoints."""
+
+    t: float
+    curve: CurveSide
+    line: CurveSide
+
+
+class CurveEvaluation(_Report):
+    """`valley-train curve-eval`: the curve and the line at evenly spaced t, and their worst test error."""
+
+    points: list[CurvePoint]
+    endpoint_test_error: list[float] = Field(description="test error at t = 0 and t = 1, batch norm recomputed")
+    curve_max_test_error: float
+    line_max_test_error: float
+    batch_norm_images: int = Field(description="training images each point's batch-norm statistics average over")
+    evaluation_seconds: float
+
+
+class CurveReport(_Report):
+    """report.json of a curve run: training, the endpoints, and (after curve-eval) the evaluation along t."""
+
+    format: Literal["valley.report/1"] = REPORT_FORMAT
+    kind: Literal["curve"] = "curve"
+    config: CurveRunConfig
+    start: Endpoint | None = Field(description="null when the start run has no report")
+    end: Endpoint | None
+    parameters: int = Field(description="of the network; the curve trains bends x parameters")
+    device: str
+    train_seconds_this_process: float
+    train_seconds_total: float
+    evaluation: CurveEvaluation | None = None
+
+
+ReportT = TypeVar("ReportT", TrainReport, FGEReport, CurveReport)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -139,7 +192,7 @@ def snapshot_name(index: int) -> str:
 
 @dataclass(frozen=True)
 class RunDir:
-    """A base or FGE run directory: its files, and its configuration and report read and written typed."""
+    """A base, FGE or curve run directory: its files, and its configuration and report read and written typed."""
 
     path: Path
 
@@ -182,6 +235,11 @@ class RunDir:
         return self.snapshots.is_dir()
 
     @property
+    def is_curve(self) -> bool:
+        """Curve runs are told by their configuration, which names two endpoints."""
+        return self.config_file.is_file() and "end_run" in json.loads(self.config_file.read_text())
+
+    @property
     def report_file(self) -> Path:
         """Written when the run is finished."""
         return self.path / _REPORT
@@ -191,23 +249,34 @@ class RunDir:
         """FGE: test error and NLL against ensemble size."""
         return self.path / _PLOT
 
+    @property
+    def curve_plot_file(self) -> Path:
+        """Curves: training loss and test error along t, on the curve and on the line."""
+        return self.path / _CURVE_PLOT
+
     def read_config(self) -> TrainConfig:
-        """The training configuration of a base run, or of the base run an FGE run started from."""
+        """The training configuration of a base run, or of the base run an FGE or curve run started from."""
         if not self.config_file.is_file():
             raise UsageError(f"{self.path} is not a run directory (no {_CONFIG}): "
                              "pass the --out of `valley-train train`")
         payload = json.loads(self.config_file.read_text())
         return TrainConfig.model_validate(payload.get("base", payload))
 
-    def write_config(self, config: TrainConfig | FGERunConfig) -> None:
+    def read_curve_config(self) -> CurveRunConfig:
+        """The resolved configuration of a curve run."""
+        if not self.is_curve:
+            raise UsageError(f"{self.path} is not a curve run: pass the --out of `valley-train curve`")
+        return CurveRunConfig.model_validate_json(self.config_file.read_text())
+
+    def write_config(self, config: TrainConfig | FGERunConfig | CurveRunConfig) -> None:
         """Save the resolved configuration beside the run's outputs (creating the directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(self.config_file, config.model_dump(mode="json"))
 
     def read_report(self, model: type[ReportT]) -> ReportT:
-        """The run's report.json as a `TrainReport` or an `FGEReport` (check `report_file` exists first)."""
+        """The run's report.json as a `TrainReport`, `FGEReport` or `CurveReport` (check `report_file` exists first)."""
         return model.model_validate_json(self.report_file.read_text())
 
-    def write_report(self, report: TrainReport | FGEReport) -> None:
+    def write_report(self, report: TrainReport | FGEReport | CurveReport) -> None:
         # Through `json`, as ever, so report.json stays byte-compatible (float spelling, ASCII escapes).
         checkpoint.write_json(self.report_file, report.model_dump(mode="json"))
