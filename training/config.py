@@ -125,5 +125,5 @@ class ExportConfig(BaseModel):
     repository: Path = Field(description="Model repository directory.")
     version: int | None = Field(None, description="Version number; default: the next free one.")
     overwrite: bool = Field(False, description="Replace an existing version directory.")
-    points: list[float] | None = Field(None, min_length=1, max_length=256, description="Curve runs: the t of each member.")
+    points: list[float] | None = Field(None, min_length=1, max_length=256, description="Curve runs: each member's t.")
     num_points: int | None = Field(None, ge=1, le=256, description="Curve runs: K members at evenly spaced t.")
