@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 from artefact.manifest import Metrics
 from training.runs import CurveReport, CurveSide, FGEReport
@@ -65,7 +66,10 @@ def plot_curve(report: CurveReport, path: Path) -> None:
         axis.set_xlabel("t")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    # Log scale: the line's barrier is many times the curve's error; plain numbers on the ticks.
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axes[1].yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     axes[0].legend(loc="best", fontsize="small")
     figure.suptitle(f"{config.base.model} on {config.base.data.dataset}: {config.start_run.name} (t=0) to "
                     f"{config.end_run.name} (t=1), batch norm recomputed at every t")
