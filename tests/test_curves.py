@@ -245,3 +245,19 @@ def test_a_torchvision_resnet18_curve_trains_and_exports(tmp_path: Path) -> None
     assert manifest.model == "torchvision:resnet18" and len(manifest.members) == 2
     assert load_ensemble(version).check_samples() <= 1e-4
     assert load_data(RunDir(curve).read_config().data).info.name == "synthetic"
+
+
+def test_runs_of_the_wrong_kind_are_one_line_errors(curve_run: Path, synthetic_run: Path, tmp_path: Path) -> None:
+    cases = [
+        (["fge", "--from", curve_run, "--cycles", "1", "--out", tmp_path / "fge"], "is a curve run"),
+        (["curve", "--start", curve_run, "--end", synthetic_run, "--out", tmp_path / "c"], "is a curve run"),
+        (["curve-eval", synthetic_run], "is not a curve run"),
+        (["curve-eval", tmp_path / "nowhere"], "is not a curve run"),
+        (["curve-eval", curve_run, "--points", "1"], "--points must be between 2"),
+        (["curve", "--start", synthetic_run, "--end", curve_run, "--bends", "0", "--out", tmp_path / "c"],
+         "--bends"),
+    ]
+    for args, message in cases:
+        result = cli(*args, check=False)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr

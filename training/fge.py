@@ -65,6 +65,8 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     base = base_run.read_config()
     if base_run.is_fge:
         raise UsageError(f"{config.base_run} is an FGE run: pass the base run it started from")
+    if base_run.is_curve:
+        raise UsageError(f"{config.base_run} is a curve run: FGE starts from a base run (`valley-train train --out`)")
     resolved = resolve_fge_config(config, base)
     start_path = base_run.epoch_checkpoint(resolved.start_epoch)
     if not start_path.is_file():
