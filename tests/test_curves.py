@@ -248,7 +248,7 @@ def test_a_torchvision_resnet18_curve_trains_and_exports(tmp_path: Path) -> None
 
 
 def test_runs_of_the_wrong_kind_are_one_line_errors(curve_run: Path, synthetic_run: Path, tmp_path: Path) -> None:
-    cases = [
+    cases: list[tuple[list[str | Path], str]] = [
         (["fge", "--from", curve_run, "--cycles", "1", "--out", tmp_path / "fge"], "is a curve run"),
         (["curve", "--start", curve_run, "--end", synthetic_run, "--out", tmp_path / "c"], "is a curve run"),
         (["curve-eval", synthetic_run], "is not a curve run"),
