@@ -54,10 +54,10 @@ def test_bends_start_on_the_line_and_gradients_reach_only_them() -> None:
     start, end = _network(1).state_dict(), _network(2).state_dict()
     curve = Curve(_network(3), start, end, "polychain", bends=3).train()
     for k, share in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]):
-        weight = curve._point(k)[0]
+        weight = curve.control_point(k)["0.weight"]
         assert torch.allclose(weight, (1 - share) * start["0.weight"] + share * end["0.weight"], atol=1e-7)
     curve(torch.rand(5, 1, 8, 8)).sum().backward()
-    ends = [*curve._point(0), *curve._point(4)]
+    ends = [*curve.control_point(0).values(), *curve.control_point(4).values()]
     assert all(p.grad is None and not p.requires_grad for p in ends)
     assert all(p.grad is None for p in curve.network.parameters()), "the template's own weights are never used"
     bends = curve.bend_parameters()
@@ -70,10 +70,10 @@ def test_weights_at_t_are_the_control_points_combined() -> None:
     start, end = _network(1).state_dict(), _network(2).state_dict()
     curve = Curve(_network(3), start, end, "bezier", bends=1)
     with torch.no_grad():
-        curve._point(1)[0].add_(1.0)  # move the bend off the line
+        curve.control_point(1)["0.weight"].add_(1.0)  # move the bend off the line
     for t in (0.0, 0.3, 1.0):
         (a, b, c) = curve_coefficients("bezier", t, 3).tolist()
-        expected = a * start["0.weight"] + b * curve._point(1)[0] + c * end["0.weight"]
+        expected = a * start["0.weight"] + b * curve.control_point(1)["0.weight"] + c * end["0.weight"]
         assert torch.allclose(curve.weights(t)["0.weight"], expected, atol=1e-6)
     assert torch.equal(curve.weights(0.0)["0.weight"], start["0.weight"]), "t = 0 is the start, bit for bit"
     assert torch.equal(curve.weights(1.0)["4.bias"], end["4.bias"])
@@ -233,8 +233,7 @@ def test_a_torchvision_resnet18_curve_trains_and_exports(tmp_path: Path) -> None
         runs.append(run)
     curve = _curve_run(runs[0], runs[1], tmp_path / "curve", "--epochs", "1")
     before = checkpoint.load(RunDir(curve).epoch_checkpoint(1))["model"]
-    bend = [key for key in before if key.startswith("points.1.")]
-    assert bend, "the checkpoint holds the bend's parameters by name"
+    assert "points.1.network:fc:weight" in before, "the checkpoint holds the bend's parameters by name"
     middle = open_curve(curve, "cpu")
     line = middle.curve.line().weights(0.5)
     assert any(not torch.allclose(middle.curve.weights(0.5)[n], line[n]) for n in line), "the bend trained"

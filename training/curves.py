@@ -53,6 +53,12 @@ def curve_coefficients(kind: CurveKind, t: float, points: int) -> torch.Tensor:
     raise ValueError(f"unknown curve {kind!r}: choose one of {', '.join(CURVE_KINDS)}")
 
 
+def _key(name: str) -> str:
+    """A parameter's name as a key of a control point (module names may not hold dots): checkpoints keep
+    every control point's parameters by the network's own names, `points.K.layer1:0:conv1:weight`."""
+    return name.replace(".", ":")
+
+
 class ParameterMismatch(ValueError):
     """Two endpoint state dicts that do not hold the same parameters (names or shapes)."""
 
@@ -98,7 +104,7 @@ class Curve(nn.Module):
         for k in range(count):
             # Bends start on the straight line: w_k = (k/(n-1)) w_end + (1 - k/(n-1)) w_start.
             share = k / (count - 1)
-            point = nn.ParameterList()
+            point = nn.ParameterDict()
             for name in self.names:
                 if k == 0:
                     value = start[name]
@@ -109,7 +115,7 @@ class Curve(nn.Module):
                 # The template's exact strides: a channels_last conv weight stays channels_last even where
                 # its layout is ambiguous (one input channel), or every activation would change layout.
                 tensor = torch.empty_like(like[name]).copy_(value.detach())
-                point.append(nn.Parameter(tensor, requires_grad=0 < k < count - 1))
+                point[_key(name)] = nn.Parameter(tensor, requires_grad=0 < k < count - 1)
             points.append(point)
         self.points = nn.ModuleList(points)
         # Buffers (batch-norm statistics, constants) at each endpoint, to place them along t.
@@ -121,13 +127,14 @@ class Curve(nn.Module):
     def bends(self) -> int:
         return len(self.points) - 2
 
-    def _point(self, k: int) -> nn.ParameterList:
-        point: nn.ParameterList = self.points[k]  # type: ignore[assignment]  # ModuleList items are Modules
-        return point
+    def control_point(self, k: int) -> dict[str, nn.Parameter]:
+        """Control point k (0 is the start, bends + 1 the end): its parameters by the network's names."""
+        point: nn.ParameterDict = self.points[k]  # type: ignore[assignment]  # ModuleList items are Modules
+        return {name: point[_key(name)] for name in self.names}
 
     def bend_parameters(self) -> list[nn.Parameter]:
         """What the optimizer trains: the bends' parameters (the endpoints stay fixed)."""
-        return [parameter for point in list(self.points)[1:-1] for parameter in point.parameters()]
+        return [parameter for k in range(1, len(self.points) - 1) for parameter in self.control_point(k).values()]
 
     def coefficients(self, t: float) -> torch.Tensor:
         return curve_coefficients(self.kind, t, len(self.points))
@@ -135,11 +142,12 @@ class Curve(nn.Module):
     def weights(self, t: float) -> dict[str, torch.Tensor]:
         """w(t) for every parameter, by name (differentiable in the bends)."""
         coefficients = self.coefficients(t).tolist()
+        points = [self.control_point(k) for k in range(len(self.points))]
         weights = {}
-        for index, name in enumerate(self.names):
+        for name in self.names:
             # Control points with a zero coefficient are skipped: at t = 0 and t = 1 the weights are the
             # endpoint's own, bit for bit, and a polychain step touches two points only.
-            terms = [c * self._point(k)[index] for k, c in enumerate(coefficients) if c != 0.0]
+            terms = [c * points[k][name] for k, c in enumerate(coefficients) if c != 0.0]
             weight = terms[0]
             for term in terms[1:]:
                 weight = weight + term
@@ -187,9 +195,8 @@ class Curve(nn.Module):
 
     def endpoint_state(self, which: Literal["start", "end"]) -> dict[str, torch.Tensor]:
         """An endpoint's full state dict: its parameters (a control point) and its buffers."""
-        point, buffers = ((self._point(0), self._start_buffers) if which == "start"
-                          else (self._point(len(self.points) - 1), self._end_buffers))
-        state = {name: parameter.detach() for name, parameter in zip(self.names, point, strict=True)}
+        k, buffers = (0, self._start_buffers) if which == "start" else (len(self.points) - 1, self._end_buffers)
+        state = {name: parameter.detach() for name, parameter in self.control_point(k).items()}
         return {**state, **buffers}
 
     def line(self) -> Curve:
