@@ -24,12 +24,10 @@ from tqdm import tqdm
 
 from artefact.manifest import Metrics
 from artefact.uncertainty import softmax
-from training import checkpoint
 from training.curve_train import open_curve
-from training.engine import build_model, predict_logits
+from training.engine import predict_logits
 from training.ensembles import ensemble_probabilities
 from training.metrics import classification_metrics
-from training.runs import RunDir
 
 
 def candidates(max_points: int) -> dict[str, list[float]]:
@@ -69,11 +67,8 @@ def main() -> None:
 
     # The endpoint networks as trained (their own batch-norm statistics).
     ends_val, ends_test = [], []
-    for path in (trained.config.start_run, trained.config.end_run):
-        run = RunDir(path)
-        final = run.epoch_checkpoint(run.read_config().epochs)
-        model = build_model(trained.config.base.model, splits.info, device)
-        checkpoint.load_model_weights(model, checkpoint.load(final), trained.config.base.model, final)
+    for which in ("start", "end"):
+        model = trained.curve.endpoint_network(which)
         ends_val.append(softmax(predict_logits(model, splits.val, splits, device)[0]))
         ends_test.append(softmax(predict_logits(model, splits.test, splits, device)[0]))
     baselines = {

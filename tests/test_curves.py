@@ -95,6 +95,17 @@ def test_buffers_other_than_batch_norm_follow_the_endpoints() -> None:
     assert [float(curve.network_at(t).get_buffer("scale")) for t in (0.0, 0.5, 1.0)] == [2.0, 3.0, 4.0]
 
 
+def test_batch_norm_recomputation_keeps_dropout_off() -> None:
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(3)).train()
+    images = torch.rand(64, 3) + 1.0
+    recompute_batch_norm(network, [images[:32], images[32:]])
+    layer = network[1]
+    assert isinstance(layer, nn.BatchNorm1d) and layer.running_mean is not None
+    assert torch.allclose(layer.running_mean, images.mean(dim=0), atol=1e-6), "dropout must not thin the pass"
+    assert network.training and network[0].training, "the modes are restored"
+
+
 def test_batch_norm_is_the_exact_average_over_uneven_batches() -> None:
     layer = nn.BatchNorm2d(2)
     network = nn.Sequential(layer, nn.Flatten()).eval()
@@ -255,8 +266,35 @@ def test_runs_of_the_wrong_kind_are_one_line_errors(curve_run: Path, synthetic_r
         (["curve-eval", curve_run, "--points", "1"], "--points must be between 2"),
         (["curve", "--start", synthetic_run, "--end", curve_run, "--bends", "0", "--out", tmp_path / "c"],
          "--bends"),
+        (["curve", "--start", synthetic_run, "--end", curve_run, "--bends", "33", "--out", tmp_path / "c"],
+         "--bends"),
+        (["curve", "--start", synthetic_run, "--end", curve_run, "--lr", "inf", "--out", tmp_path / "c"],
+         "--lr: Input should be a finite number"),
+        (["curve-eval", curve_run, "--device", "meta"], "unsupported device 'meta'"),
+        (["curve-eval", tmp_path / "garbage"], "holds no JSON object"),
+        (["export", "--from", tmp_path / "garbage", "--name", "x", "--out", tmp_path / "repo"], "holds no JSON object"),
     ]
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "config.json").write_text("[1, 2]")
     for args, message in cases:
         result = cli(*args, check=False)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_trained_curve_needs_nothing_of_its_endpoint_runs(tmp_path: Path) -> None:
+    import shutil
+
+    for seed in (1, 2):
+        cli("train", "--dataset", "synthetic", "--epochs", "2", "--seed", str(seed), "--out", tmp_path / f"b{seed}")
+    curve = _curve_run(tmp_path / "b1", tmp_path / "b2", tmp_path / "curve", "--epochs", "1")
+    before = open_curve(curve, "cpu")
+    expected = predict_logits(before.network_at(0.5), before.splits.test, before.splits, torch.device("cpu"))[0]
+    shutil.rmtree(tmp_path / "b1")
+    shutil.rmtree(tmp_path / "b2")
+    after = open_curve(curve, "cpu")
+    actual = predict_logits(after.network_at(0.5), after.splits.test, after.splits, torch.device("cpu"))[0]
+    assert np.array_equal(actual, expected)
+    result = cli("export", "--from", curve, "--num-points", "2", "--name", "c", "--out", tmp_path / "repo")
+    rows = {row["name"]: row for row in json.loads(result.stdout)["comparison"]}
+    assert rows["start network alone"]["test"]["count"] == 500

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dataset: str = "fashion-mnist"
     data_dir: Path | None = Field(None, description="Folder holding the dataset; each dataset has a default.")
@@ -24,7 +24,7 @@ class DataConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Training of one network with the paper's base schedule."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: str = "cnn"
@@ -49,7 +49,7 @@ class FGEConfig(BaseModel):
     `--from` is reported before anything else, and in the words the CLI has always used.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_run: Path
     start_epoch: int | None = Field(None, description="Base checkpoint to start from; default 80% of its budget.")
@@ -64,7 +64,7 @@ class FGEConfig(BaseModel):
 class FGERunConfig(BaseModel):
     """An FGE run's resolved configuration, every default filled in, with the base run's own configuration."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base_run: Path
     start_epoch: int
@@ -83,12 +83,13 @@ CurveKind = Literal["bezier", "polychain"]
 class CurveConfig(BaseModel):
     """A curve between two finished base runs, as asked for; None means "take it from the start run"."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     start_run: Path
     end_run: Path
     curve: CurveKind = "bezier"
-    bends: int = Field(1, ge=1, description="Control points between the endpoints.")
+    # Each bend is a full copy of the network's parameters, trained: a handful is what the paper uses.
+    bends: int = Field(1, ge=1, le=32, description="Control points between the endpoints.")
     epochs: int | None = Field(None, ge=1, description="Budget; default: the start run's.")
     lr: float = Field(0.03, gt=0, description="Initial learning rate of the base schedule.")
     momentum: float | None = Field(None, ge=0)
@@ -100,12 +101,12 @@ class CurveConfig(BaseModel):
 class CurveRunConfig(BaseModel):
     """A curve run's resolved configuration, with the start run's own configuration (data, model) as `base`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     start_run: Path
     end_run: Path
     curve: CurveKind
-    bends: int = Field(ge=1)
+    bends: int = Field(ge=1, le=32)
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0)
@@ -118,7 +119,7 @@ class CurveRunConfig(BaseModel):
 class ExportConfig(BaseModel):
     """Export of an ensemble: one FGE run's snapshots, points of one curve run, or the final networks of base runs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     runs: list[Path] = Field(min_length=1)
     name: str = Field(description="Ensemble name in the model repository.")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from training import checkpoint
@@ -45,10 +46,18 @@ def _base_run(path: Path, option: str) -> tuple[RunDir, TrainConfig]:
     return run, run.read_config()
 
 
+def _split(data: DataConfig) -> dict[str, Any]:
+    """What fixes a run's images and split: the dataset, its folder (resolved), validation size, subset, size."""
+    fields = {field: getattr(data, field) for field in _SPLIT_FIELDS}
+    fields["data_dir"] = None if data.data_dir is None else str(data.data_dir.resolve())
+    return fields
+
+
 def _same_data(start: DataConfig, end: DataConfig) -> str | None:
     """The first data setting in which two runs differ, described; None when they saw the same split."""
+    first_split, second_split = _split(start), _split(end)
     for field in _SPLIT_FIELDS:
-        first, second = getattr(start, field), getattr(end, field)
+        first, second = first_split[field], second_split[field]
         if first != second:
             return f"{field.replace('_', '-')} {first!r} vs {second!r}"
     return None
@@ -68,8 +77,9 @@ def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
     if difference is not None:
         raise UsageError(f"the endpoints must be trained on the same dataset and split: {config.start_run} and "
                          f"{config.end_run} differ in {difference}")
+    # Absolute: the curve is read back (curve-eval, export, --resume) from wherever the user stands.
     return CurveRunConfig(
-        start_run=config.start_run, end_run=config.end_run, curve=config.curve, bends=config.bends,
+        start_run=start_run.path.resolve(), end_run=end_run.path.resolve(), curve=config.curve, bends=config.bends,
         epochs=start.epochs if config.epochs is None else config.epochs, lr=config.lr,
         momentum=start.momentum if config.momentum is None else config.momentum,
         weight_decay=start.weight_decay if config.weight_decay is None else config.weight_decay,
@@ -87,17 +97,19 @@ def _final_weights(path: Path, option: str, model_name: str) -> dict[str, torch.
     state = checkpoint.load(final)
     if state.get("model_name") != model_name:
         raise UsageError(f"{final} holds a {state.get('model_name')!r} model, not {model_name!r}")
-    weights: dict[str, torch.Tensor] = state["model"]
+    weights = state.get("model")
+    if not isinstance(weights, dict):
+        raise UsageError(f"{final} holds no model weights: is it a checkpoint of `valley-train train`?")
     return weights
 
 
-def build_curve(config: CurveRunConfig, splits: DataSplits, device: torch.device, bends: int | None = None) -> Curve:
-    """The curve between the two runs' final networks, bends on the straight line (`bends=0`: the line)."""
+def build_curve(config: CurveRunConfig, splits: DataSplits, device: torch.device) -> Curve:
+    """A new curve between the two runs' final networks, its bends on the straight line."""
     network = build_model(config.base.model, splits.info, device)
     start = _final_weights(config.start_run, "--start", config.base.model)
     end = _final_weights(config.end_run, "--end", config.base.model)
     try:
-        return Curve(network, start, end, config.curve, config.bends if bends is None else bends)
+        return Curve(network, start, end, config.curve, config.bends)
     except ParameterMismatch as error:
         raise UsageError(f"the endpoints do not fit one {config.base.model!r} network: {error}") from error
 
@@ -125,13 +137,27 @@ def _endpoint(path: Path) -> Endpoint | None:
     return Endpoint(run=path, epochs=report.epochs, test=report.test, val=report.val)
 
 
+def _recipe(config: CurveRunConfig) -> dict[str, Any]:
+    """What a resumed curve must share with its checkpoint: endpoints, curve, schedule, model, data split.
+
+    Not the device, and not settings of the start run that change no number (workers, kept epochs).
+    """
+    return {"start": str(Path(config.start_run).resolve()), "end": str(Path(config.end_run).resolve()),
+            "curve": config.curve, "bends": config.bends, "epochs": config.epochs, "lr": config.lr,
+            "momentum": config.momentum, "weight decay": config.weight_decay, "seed": config.seed,
+            "model": config.base.model, "batch size": config.base.data.batch_size, **_split(config.base.data)}
+
+
 def _check_resumable(run: RunDir, resolved: CurveRunConfig) -> None:
     """A resumed curve must be the one the checkpoint holds: same endpoints, curve and recipe."""
-    stored = checkpoint.load(run.last_checkpoint).get("config", {})
-    wanted = resolved.model_dump(mode="json")
-    changed = [key for key in wanted if key != "device" and stored.get(key) != wanted[key]]
+    try:
+        stored = _recipe(CurveRunConfig.model_validate(checkpoint.load(run.last_checkpoint).get("config")))
+    except ValidationError as error:
+        raise UsageError(f"cannot resume {run.path}: its last checkpoint is not a curve's") from error
+    wanted = _recipe(resolved)
+    changed = [key for key in wanted if stored[key] != wanted[key]]
     if changed:
-        details = ", ".join(f"{key}: {stored.get(key)!r} vs {wanted[key]!r}" for key in changed[:3])
+        details = ", ".join(f"{key} {stored[key]!r} vs now {wanted[key]!r}" for key in changed[:3])
         raise UsageError(f"cannot resume {run.path}: it was started with other options ({details}); "
                          "use the original options or a new --out")
 
@@ -203,7 +229,7 @@ class TrainedCurve:
 
 
 def open_curve(path: Path, device: str = "auto", splits: DataSplits | None = None) -> TrainedCurve:
-    """Read a finished curve run (its final checkpoint) for evaluation or export."""
+    """Read a finished curve run (its final checkpoint alone: the endpoints are in it) for evaluation or export."""
     run = RunDir(path)
     config = run.read_curve_config()
     final = run.epoch_checkpoint(config.epochs)
@@ -211,8 +237,14 @@ def open_curve(path: Path, device: str = "auto", splits: DataSplits | None = Non
         raise UsageError(f"curve run {path} is not finished (no {final.name}): continue it with "
                          "`valley-train curve ... --resume`")
     torch_device = resolve_device(device)
-    splits = load_data(config.base.data) if splits is None else splits
-    curve = build_curve(config, splits, torch_device)
     state: dict[str, Any] = checkpoint.load(final)
-    checkpoint.load_model_weights(curve, state, config.base.model, final)
+    if state.get("model_name") != config.base.model or not isinstance(state.get("model"), dict):
+        raise UsageError(f"{final} is not the checkpoint of this {config.base.model!r} curve")
+    splits = load_data(config.base.data) if splits is None else splits
+    network = build_model(config.base.model, splits.info, torch_device)
+    try:
+        curve = Curve.from_state_dict(network, state["model"], config.curve, config.bends)
+    except ParameterMismatch as error:
+        raise UsageError(f"{final} does not hold a {config.bends}-bend curve of this {config.base.model!r} "
+                         f"network: {error}") from error
     return TrainedCurve(run, config, curve.eval(), splits, torch_device)

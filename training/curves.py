@@ -60,17 +60,35 @@ def _key(name: str) -> str:
 
 
 class ParameterMismatch(ValueError):
-    """Two endpoint state dicts that do not hold the same parameters (names or shapes)."""
+    """An endpoint state dict that does not hold the architecture's parameters and buffers (names or shapes)."""
 
 
-def _check_endpoint(names: Mapping[str, torch.Size], weights: Mapping[str, torch.Tensor], which: str) -> None:
-    missing = [name for name in names if name not in weights]
+def _check_endpoint(network: nn.Module, state: Mapping[str, torch.Tensor], which: str) -> None:
+    expected = {**dict(network.named_parameters()), **dict(network.named_buffers())}
+    missing = [name for name in expected if name not in state]
     if missing:
-        raise ParameterMismatch(f"the {which} network has no parameter {missing[0]!r}")
-    for name, shape in names.items():
-        if weights[name].shape != shape:
-            raise ParameterMismatch(f"the {which} network's {name!r} is {tuple(weights[name].shape)}, "
-                                    f"the architecture's is {tuple(shape)}")
+        raise ParameterMismatch(f"the {which} network has no {missing[0]!r}")
+    extra = [name for name in state if name not in expected]
+    if extra:
+        raise ParameterMismatch(f"the {which} network has {extra[0]!r}, which the architecture has not")
+    for name, like in expected.items():
+        if state[name].shape != like.shape:
+            raise ParameterMismatch(f"the {which} network's {name!r} is {tuple(state[name].shape)}, "
+                                    f"the architecture's is {tuple(like.shape)}")
+
+
+class _Buffers(nn.Module):
+    """One endpoint's buffers (batch-norm statistics, constants) under the network's names: saved with the
+    curve, so a trained curve needs nothing of the runs it joined."""
+
+    def __init__(self, network: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = [name for name, _ in network.named_buffers()]
+        for name, like in network.named_buffers():
+            self.register_buffer(_key(name), state[name].detach().to(like.device).clone())
+
+    def by_name(self) -> dict[str, torch.Tensor]:
+        return {name: self.get_buffer(_key(name)) for name in self.names}
 
 
 class Curve(nn.Module):
@@ -93,9 +111,8 @@ class Curve(nn.Module):
         self.network = network
         self.names = [name for name, _ in network.named_parameters()]
         self._strides = {name: parameter.stride() for name, parameter in network.named_parameters()}
-        shapes = {name: parameter.shape for name, parameter in network.named_parameters()}
-        _check_endpoint(shapes, start, "start")
-        _check_endpoint(shapes, end, "end")
+        _check_endpoint(network, start, "start")
+        _check_endpoint(network, end, "end")
         for parameter in network.parameters():
             parameter.requires_grad_(False)
         like = dict(network.named_parameters())
@@ -119,9 +136,30 @@ class Curve(nn.Module):
             points.append(point)
         self.points = nn.ModuleList(points)
         # Buffers (batch-norm statistics, constants) at each endpoint, to place them along t.
-        self._start_buffers = {name: value.detach().clone() for name, value in start.items() if name not in shapes}
-        self._end_buffers = {name: value.detach().clone() for name, value in end.items() if name not in shapes}
+        self.start_buffers = _Buffers(network, start)
+        self.end_buffers = _Buffers(network, end)
         self.last_l2: torch.Tensor | None = None
+
+    @classmethod
+    def from_state_dict(cls, network: nn.Module, state: Mapping[str, torch.Tensor], kind: CurveKind,
+                        bends: int) -> Curve:
+        """The curve a `state_dict()` of a `bends`-bend curve of `network`'s architecture holds."""
+        parameters = [name for name, _ in network.named_parameters()]
+        buffers = [name for name, _ in network.named_buffers()]
+
+        def endpoint(k: int, holder: str) -> dict[str, torch.Tensor]:
+            try:
+                return {**{name: state[f"points.{k}.{_key(name)}"] for name in parameters},
+                        **{name: state[f"{holder}.{_key(name)}"] for name in buffers}}
+            except KeyError as error:
+                raise ParameterMismatch(f"the checkpoint has no {error.args[0]!r}") from None
+
+        curve = cls(network, endpoint(0, "start_buffers"), endpoint(bends + 1, "end_buffers"), kind, bends)
+        try:
+            curve.load_state_dict(state)
+        except RuntimeError as error:
+            raise ParameterMismatch(str(error).splitlines()[-1].strip()) from error
+        return curve
 
     @property
     def bends(self) -> int:
@@ -181,8 +219,9 @@ class Curve(nn.Module):
         Batch-norm statistics placed so are a starting point only: `recompute_batch_norm` replaces them.
         """
         placed = {}
-        for name, first in self._start_buffers.items():
-            last = self._end_buffers.get(name, first)
+        ends = self.end_buffers.by_name()
+        for name, first in self.start_buffers.by_name().items():
+            last = ends[name]
             if torch.equal(first, last) or t == 0.0:
                 placed[name] = first
             elif t == 1.0:
@@ -195,9 +234,18 @@ class Curve(nn.Module):
 
     def endpoint_state(self, which: Literal["start", "end"]) -> dict[str, torch.Tensor]:
         """An endpoint's full state dict: its parameters (a control point) and its buffers."""
-        k, buffers = (0, self._start_buffers) if which == "start" else (len(self.points) - 1, self._end_buffers)
+        k, buffers = (0, self.start_buffers) if which == "start" else (len(self.points) - 1, self.end_buffers)
         state = {name: parameter.detach() for name, parameter in self.control_point(k).items()}
-        return {**state, **buffers}
+        return {**state, **buffers.by_name()}
+
+    @torch.no_grad()
+    def endpoint_network(self, which: Literal["start", "end"]) -> nn.Module:
+        """A plain copy of an endpoint network as it was trained (its own batch-norm statistics), in eval mode."""
+        network = copy.deepcopy(self.network)
+        network.load_state_dict({name: value.clone() for name, value in self.endpoint_state(which).items()})
+        for parameter in network.parameters():
+            parameter.requires_grad_(True)
+        return network.eval()
 
     def line(self) -> Curve:
         """The straight line between this curve's endpoints (a curve with no bends), for comparison."""
@@ -224,7 +272,7 @@ def has_batch_norm(network: nn.Module) -> bool:
 def recompute_batch_norm(network: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Replace every batch-norm layer's running statistics by their exact average over `batches`.
 
-    One forward pass in training mode, with each batch weighted by its size (momentum
+    One forward pass with batch norm in training mode, each batch weighted by its size (momentum
     b / (seen + b)), so the result is the cumulative average over the data, not an exponential
     one. `torch.optim.swa_utils.update_bn` averages per batch (a short last batch counts as much as
     a full one) and calls `model(x)` only; this takes the images a caller prepared (no augmentation)
@@ -236,9 +284,11 @@ def recompute_batch_norm(network: nn.Module, batches: Iterable[torch.Tensor]) ->
         return 0
     momenta = {layer: layer.momentum for layer in layers}
     was_training = network.training
+    # Only batch norm in training mode: dropout and stochastic depth stay off, as in evaluation.
+    network.eval()
     for layer in layers:
         layer.reset_running_stats()
-    network.train()
+        layer.train()
     seen = 0
     try:
         for images in batches:

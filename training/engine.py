@@ -39,8 +39,13 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as error:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UsageError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} asked for, but no CUDA GPU is usable here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s): "
+                         "use cuda:0 .. cuda:N-1")
     return device
 
 
@@ -185,6 +190,8 @@ class Trainer:
             "epoch": self.epoch,
             "epoch_offset": self.epoch_offset,
             "rng": torch.get_rng_state(),
+            # Dropout on a GPU draws from the CUDA generators: a resumed run needs them too.
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "config": self.config,
             "history": self.history,
             "snapshots": self.snapshots,
@@ -204,6 +211,8 @@ class Trainer:
             message = f"cannot resume {self.run.path}: {error}; use the original options or a new --out"
             raise UsageError(message) from error
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
         self.epoch, self.history, self.snapshots = state["epoch"], state["history"], state["snapshots"]
         # The log may hold lines of an epoch whose checkpoint never landed: rewrite it from the checkpoint.
         self._write_log()

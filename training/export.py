@@ -154,16 +154,25 @@ def _curve_sources(run: RunDir, export: ExportConfig) -> Sources:
 
     def network(t: float) -> Callable[[DataSplits], nn.Module]:
         def build(splits: DataSplits) -> nn.Module:
-            if not opened:  # read the curve once, for all its members
+            if not opened:  # read the curve once, for all its members and endpoints
                 opened.append(open_curve(run.path, "cpu", splits))
             return opened[0].network_at(t)
 
         return build
 
+    def endpoint(which: Literal["start", "end"]) -> Callable[[DataSplits], nn.Module]:
+        def build(splits: DataSplits) -> nn.Module:
+            if not opened:
+                opened.append(open_curve(run.path, "cpu", splits))
+            return opened[0].curve.endpoint_network(which)
+
+        return build
+
     members = [MemberSource({"run": str(run.path), "t": t, "curve": config.curve, "bends": config.bends},
                             network(t)) for t in ts]
-    endpoints = [_final_network(RunDir(path), RunDir(path).read_config()) for path in (config.start_run,
-                                                                                        config.end_run)]
+    # The endpoints as trained, from the curve's own checkpoint: their runs need not be around any more.
+    endpoints = [MemberSource({"run": str(config.start_run)}, endpoint("start")),
+                 MemberSource({"run": str(config.end_run)}, endpoint("end"))]
     return Sources("curve", config.base, members, endpoints)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from artefact.manifest import Metrics
 from training import checkpoint
@@ -237,7 +237,7 @@ class RunDir:
     @property
     def is_curve(self) -> bool:
         """Curve runs are told by their configuration, which names two endpoints."""
-        return self.config_file.is_file() and "end_run" in json.loads(self.config_file.read_text())
+        return self.config_file.is_file() and "end_run" in self._config_payload()
 
     @property
     def report_file(self) -> Path:
@@ -259,14 +259,32 @@ class RunDir:
         if not self.config_file.is_file():
             raise UsageError(f"{self.path} is not a run directory (no {_CONFIG}): "
                              "pass the --out of `valley-train train`")
-        payload = json.loads(self.config_file.read_text())
-        return TrainConfig.model_validate(payload.get("base", payload))
+        payload = self._config_payload()
+        try:
+            return TrainConfig.model_validate(payload.get("base", payload))
+        except ValidationError as error:
+            raise UsageError(f"{self.config_file} is not a run configuration valley can read: "
+                             f"{error.errors()[0]['msg']}") from error
+
+    def _config_payload(self) -> dict[str, Any]:
+        """config.json as a JSON object; anything else is a `UsageError` naming the file."""
+        try:
+            payload = json.loads(self.config_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{self.config_file} cannot be read as JSON ({error}): is it a valley run?") from error
+        if not isinstance(payload, dict):
+            raise UsageError(f"{self.config_file} holds no JSON object: is it a valley run?")
+        return payload
 
     def read_curve_config(self) -> CurveRunConfig:
         """The resolved configuration of a curve run."""
         if not self.is_curve:
             raise UsageError(f"{self.path} is not a curve run: pass the --out of `valley-train curve`")
-        return CurveRunConfig.model_validate_json(self.config_file.read_text())
+        try:
+            return CurveRunConfig.model_validate(self._config_payload())
+        except ValidationError as error:
+            raise UsageError(f"{self.config_file} is not a curve configuration valley can read: "
+                             f"{error.errors()[0]['msg']}") from error
 
     def write_config(self, config: TrainConfig | FGERunConfig | CurveRunConfig) -> None:
         """Save the resolved configuration beside the run's outputs (creating the directory)."""
