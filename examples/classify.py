@@ -1,7 +1,7 @@
 """Classify Fashion-MNIST test images with a running valley server, through the unmodified tritonclient.
 
-    python examples/classify.py --url localhost:8001 --model fashion-mnist
-    python examples/classify.py --serve runs/demo/ensembles --model fashion-mnist   # starts and stops valley-serve
+    python examples/classify.py --url localhost:8001 --model fashion-mnist-fge
+    python examples/classify.py --serve runs/demo/ensembles --model fashion-mnist-fge   # starts and stops valley-serve
 
 Prints the accuracy and the mean of each uncertainty output. Needs only tritonclient[grpc] and
 numpy (no torch): it is what a client team's code looks like. `--serve` also needs valley itself
@@ -62,7 +62,7 @@ def main() -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, HOST:PORT")
     where.add_argument("--serve", type=Path, metavar="REPOSITORY", help="start valley-serve on this repository")
-    parser.add_argument("--model", default="fashion-mnist")
+    parser.add_argument("--model", default="fashion-mnist-fge", help="an ensemble the server serves")
     parser.add_argument("--images", type=int, default=10_000, help="how many test images (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data-dir", type=Path, default=FASHION_MNIST)

@@ -1,0 +1,93 @@
+"""Serve several ensembles side by side and compare them on the Fashion-MNIST test split, as served.
+
+    python examples/compare_ensembles.py --serve runs/demo/ensembles \\
+        --model fashion-mnist-single --model fashion-mnist-fge --model fashion-mnist-curve \\
+        --budget fashion-mnist-single=30 --budget fashion-mnist-fge=30 --budget fashion-mnist-curve=90
+
+Starts `valley-serve` on the repository, sends every test image to every model through the
+unmodified tritonclient, and prints one table: accuracy, NLL, ECE and Brier of the probabilities
+the server returned (each ensemble's fitted temperature applied), next to NLL and ECE before
+temperature scaling (from each manifest's offline metrics). `--budget NAME=EPOCHS` adds the
+training epochs each model cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton
+from tqdm import tqdm
+
+from artefact.manifest import Metrics, load_manifest
+from service.launch import start_server
+from training.data import read_idx
+from training.metrics import classification_metrics
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def served_probabilities(url: str, model: str, images: np.ndarray, batch_size: int) -> np.ndarray:
+    client = triton.InferenceServerClient(url)
+    output = [triton.InferRequestedOutput("probabilities")]
+    parts = []
+    for start in tqdm(range(0, len(images), batch_size), desc=model, unit="batch", leave=False):
+        pixels = images[start:start + batch_size]
+        tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        parts.append(client.infer(model, [tensor], outputs=output).as_numpy("probabilities"))
+    return np.concatenate(parts)
+
+
+def _latest_version(repository: Path, model: str) -> Path:
+    versions = sorted((p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    if not versions:
+        raise SystemExit(f"{repository / model} holds no version")
+    return versions[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", type=Path, required=True, metavar="REPOSITORY")
+    parser.add_argument("--model", action="append", required=True, dest="models", help="repeatable")
+    parser.add_argument("--budget", action="append", default=[], metavar="NAME=EPOCHS",
+                        help="training epochs a model cost, for the table (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per request (the server takes up to 64)")
+    parser.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
+    args = parser.parse_args()
+    budgets = dict(item.split("=", 1) for item in args.budget)
+    images = read_idx(args.data_dir / "t10k-images-idx3-ubyte.gz")[:, None]
+    labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+
+    rows = ["| model | method | members | epochs | accuracy % | NLL | ECE % | Brier | NLL, ECE % before temperature |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    results = {}
+    with start_server(args.serve, "--log-level", "WARNING", cwd=Path(__file__).resolve().parents[1]) as server:
+        if not server.ready:
+            raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
+        for model in args.models:
+            manifest = load_manifest(_latest_version(args.serve, model))
+            served = classification_metrics(served_probabilities(server.url, model, images, args.batch_size), labels)
+            results[model] = served
+            before = manifest.metrics.uncalibrated
+            rows.append(f"| {model} | {manifest.method} | {len(manifest.members)} | {budgets.get(model, '?')} | "
+                        f"{100 * served.accuracy:.2f} | {served.nll:.4f} | {100 * served.ece:.2f} | "
+                        f"{served.brier:.4f} | {before.nll:.4f}, {100 * before.ece:.2f} |")
+    print(f"\nFashion-MNIST test split ({len(labels)} images), as served by valley (temperature applied):\n")
+    print("\n".join(rows))
+    baseline, *others = args.models
+    for model in others:
+        worse = [name for name in ("accuracy", "nll", "ece") if _worse(results[model], results[baseline], name)]
+        verdict = ("beats" if not worse else f"does not beat ({', '.join(worse)} worse than)")
+        print(f"{model} {verdict} {baseline} on accuracy, NLL and ECE")
+    print("(one seed, one budget: docs/results.md has the measured studies behind these budgets)")
+
+
+def _worse(candidate: Metrics, baseline: Metrics, name: str) -> bool:
+    value, reference = getattr(candidate, name), getattr(baseline, name)
+    return bool(value < reference) if name == "accuracy" else bool(value > reference)
+
+
+if __name__ == "__main__":
+    main()
