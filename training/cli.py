@@ -63,22 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
     curve.add_argument("--start", dest="start_run", type=Path, required=True, help="base run at t = 0")
     curve.add_argument("--end", dest="end_run", type=Path, required=True, help="base run at t = 1")
-    curve.add_argument("--curve", choices=["bezier", "polychain"], default="bezier")
-    curve.add_argument("--bends", type=int, default=1, help="trainable control points between the endpoints")
+    curve.add_argument("--curve", choices=["bezier", "polychain"], default="bezier",
+                       help="Bezier curve (Bernstein polynomials) or polygonal chain (default bezier)")
+    curve.add_argument("--bends", type=int, default=1, help="trainable control points between the endpoints (1..32, "
+                                                            "default 1)")
     curve.add_argument("--epochs", type=int, help="budget (default: the start run's)")
-    curve.add_argument("--lr", type=float, default=0.03, help="initial learning rate of the base schedule")
+    curve.add_argument("--lr", type=float, default=0.03, help="initial learning rate of the base schedule (0.03)")
     curve.add_argument("--momentum", type=float, help="default: the start run's")
     curve.add_argument("--weight-decay", type=float, help="L2 on the weights at t (default: the start run's)")
     curve.add_argument("--seed", type=int, default=0, help="seed of the t's and the batch order")
-    curve.add_argument("--device", default="auto")
+    curve.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     curve.add_argument("--out", type=Path, required=True, help="curve run directory")
-    curve.add_argument("--resume", action="store_true")
+    curve.add_argument("--resume", action="store_true", help="continue the curve in --out from its last checkpoint")
 
     curve_eval = commands.add_parser("curve-eval", parents=[common],
                                      help="loss and error along a trained curve and along the straight line")
     curve_eval.add_argument("curve_dir", type=Path, help="curve run directory")
     curve_eval.add_argument("--points", type=int, default=21, help="evenly spaced t from 0 to 1")
-    curve_eval.add_argument("--device", default="auto")
+    curve_eval.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
     export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
@@ -90,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
     points = export.add_mutually_exclusive_group()
     points.add_argument("--points", type=_t_list, help="curve runs: the members' t, e.g. 0.25,0.5,0.75")
-    points.add_argument("--num-points", type=int, help="curve runs: K members at evenly spaced t")
+    points.add_argument("--num-points", type=int,
+                        help="curve runs: K members at evenly spaced t from 0 to 1, both ends included")
     return parser
 
 
