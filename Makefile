@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The demo's budgets, chosen on the validation split (docs/results.md, "The demo's budgets"): two
 # networks on a 10000-image training subset, FGE from the first one's epoch 20 (so FGE and that
@@ -17,29 +18,43 @@ DEMO_CURVE_EPOCHS ?= 40
 DEMO_CURVE_POINTS ?= 6
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup data demo test lint typecheck clean bench-serving bench-metrics
+.PHONY: setup setup-demo data data-demo demo test lint typecheck clean bench-serving bench-metrics
 
-setup: $(STAMP)
-
-$(STAMP): pyproject.toml constraints.txt
+# pip runs without -q where it downloads gigabytes (torch): its progress bars show the set-up is alive.
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[train,serve,dev]'
-	touch $(STAMP)
 
-# Debian packages: the Fashion-MNIST data set, and Prometheus (promtool and a real server for the tests).
-DEB_PACKAGES := dataset-fashion-mnist prometheus
+# Everything: training, serving, the client, and the test and lint tools.
+setup: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -c constraints.txt -e '.[train,serve,client,dev]'
+	touch $(STAMP) $(DEMO_STAMP)
+
+# What the demo runs: training, serving and the client, no test tools.
+setup-demo: $(DEMO_STAMP)
+$(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -c constraints.txt -e '.[train,serve,client]'
+	touch $(DEMO_STAMP)
+
+# $(call apt_install,PACKAGES): one apt-get update, then the Debian packages without their recommends.
+apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
+  echo "missing Debian packages: run 'apt-get install --no-install-recommends $(1)' as root"; exit 1; fi; \
+  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(1)
+
+# The tests: the Fashion-MNIST data set, and Prometheus (promtool and a real server).
 data: $(FASHION_MNIST) /usr/bin/promtool
-
 $(FASHION_MNIST) /usr/bin/promtool &:
-	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
-	  echo "missing Debian packages: run 'apt-get install $(DEB_PACKAGES)' as root"; exit 1; fi; \
-	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(DEB_PACKAGES)
+	@$(call apt_install,dataset-fashion-mnist prometheus)
+
+# The demo: the data set alone.
+data-demo:
+	@[ -f $(FASHION_MNIST) ] || { $(call apt_install,dataset-fashion-mnist); }
 
 DEMO_TRAIN := --dataset fashion-mnist --model cnn --subset $(DEMO_SUBSET) --epochs $(DEMO_EPOCHS) \
   --save-epoch $(DEMO_FGE_START) --resume
 DEMO_MODELS := fashion-mnist-single fashion-mnist-fge fashion-mnist-curve
-demo: setup data
+demo: setup-demo data-demo
 	$(BIN)/valley-train train $(DEMO_TRAIN) --seed 0 --out $(DEMO_DIR)/base
 	$(BIN)/valley-train train $(DEMO_TRAIN) --seed 1 --out $(DEMO_DIR)/base-2
 	$(BIN)/valley-train fge --from $(DEMO_DIR)/base --start-epoch $(DEMO_FGE_START) --cycle-epochs $(DEMO_CYCLE) \

@@ -3,10 +3,10 @@
     python examples/classify.py --url localhost:8001 --model fashion-mnist-fge
     python examples/classify.py --serve runs/demo/ensembles --model fashion-mnist-fge   # starts and stops valley-serve
 
-Prints the accuracy and the mean of each uncertainty output. Needs only tritonclient[grpc] and
-numpy (no torch): it is what a client team's code looks like. `--serve` also needs valley itself
-installed: it starts `valley-serve` on port 0 through `service.launch`, which learns the ports the
-server bound from its ready file.
+Prints the accuracy and the mean of each uncertainty output. Needs only valley's `client` extra
+(`pip install 'valley-ensembles[client]'`: tritonclient[grpc], numpy, tqdm; no torch): it is what a
+client team's code looks like. `--serve` also needs valley's `serve` extra: it starts `valley-serve`
+on port 0 through `service.launch`, which learns the ports the server bound from its ready file.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Starts `valley-serve` on the repository, sends every test image to every model t
 unmodified tritonclient, and prints one table: accuracy, NLL, ECE and Brier of the probabilities
 the server returned (each ensemble's fitted temperature applied), next to NLL and ECE before
 temperature scaling (from each manifest's offline metrics). `--budget NAME=EPOCHS` adds the
-training epochs each model cost.
+training epochs each model cost. Needs valley with its `train`, `serve` and `client` extras
+(what `make setup-demo` installs).
 """
 
 from __future__ import annotations
