@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
+from service.logs import configure as configure_logging
 from service.server import serve
 from service.settings import Settings
 
@@ -40,7 +41,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.repository.is_dir():
         print(f"valley-serve: --repository {settings.repository} is not a folder", file=sys.stderr)
         raise SystemExit(2)

@@ -1,7 +1,9 @@
 """The composition root: settings -> observer -> repository -> data plane -> gRPC and metrics servers.
 
-The gRPC server starts before the ensembles load, so liveness answers at once while
-readiness (ServerReady, grpc.health.v1) stays NOT_SERVING until every ensemble is verified.
+The gRPC server starts before the ensembles load, so liveness (grpc.health.v1 service
+"liveness") answers SERVING at once while readiness ("", inference.GRPCInferenceService and
+ServerReady) stays NOT_SERVING until every ensemble is verified.
+
 Once the loads are done, `serve` prints one JSON line with the ports bound (and writes it to
 `ready_file`), so a caller that asked for port 0 learns them without racing. On SIGTERM or
 SIGINT readiness goes NOT_SERVING, new requests are refused, in-flight ones finish (up to
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 FEEDBACK = feedback_pb.DESCRIPTOR.services_by_name["Feedback"]
 INFERENCE_SERVICE = INFERENCE.full_name
+LIVENESS_SERVICE = "liveness"
+"""The grpc.health.v1 service name of liveness; "" and inference.GRPCInferenceService are readiness."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -103,6 +107,9 @@ class Server:
         settings = self.settings
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, NOT_SERVING)
+        # Liveness answers as soon as the port is open, while ensembles load: a liveness probe must not
+        # restart a server that is busy loading a large repository. Readiness ("") waits for them.
+        await self.health.set(LIVENESS_SERVICE, SERVING)
         address = f"{settings.host}:{settings.grpc_port}"
         try:
             grpc_port = self.grpc.add_insecure_port(address)

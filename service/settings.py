@@ -6,12 +6,13 @@ over environment variables, which win over the defaults here.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cpus import usable_cpus
 
 Device = Literal["auto", "cpu", "cuda"]
 Execution = Literal["fused", "members"]
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
     instances: int = Field(2, ge=1, description="copies of each ensemble, each with its own sessions and compute "
                            "thread: while one computes, the next batch is collected and runs on another")
     session_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per instance (0: the usable "
-                                 "cores divided among the instances; set it where a CPU limit applies)")
+                                 "cores, affinity capped by the container's CPU quota, divided among the instances)")
     max_batch_size: int = Field(64, ge=1, description="most images merged into one model run; larger requests are "
                                 "refused")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest a request waits for others to join its batch")
@@ -56,6 +57,8 @@ class Settings(BaseSettings):
                                     "Brier gauges")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
+                                                "(time, level, logger, message) for log collectors")
 
     @property
     def feedback_on(self) -> bool:
@@ -67,7 +70,7 @@ class Settings(BaseSettings):
         """`session_threads`, or the cores this process may use shared among the instances."""
         if self.session_threads:
             return self.session_threads
-        return max(1, len(os.sched_getaffinity(0)) // self.instances)
+        return max(1, usable_cpus() // self.instances)
 
     @property
     def max_queue_delay(self) -> float:
