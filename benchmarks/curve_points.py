@@ -25,13 +25,14 @@ from tqdm import tqdm
 from artefact.manifest import Metrics
 from artefact.uncertainty import softmax
 from training.curve_train import open_curve
+from training.curves import evenly_spaced
 from training.engine import predict_logits
 from training.ensembles import ensemble_probabilities
 from training.metrics import classification_metrics
 
 
 def candidates(max_points: int) -> dict[str, list[float]]:
-    sets = {f"{k} evenly spaced, ends included": [i / (k - 1) for i in range(k)] for k in range(2, max_points + 1)}
+    sets = {f"{k} evenly spaced, ends included": evenly_spaced(k) for k in range(2, max_points + 1)}
     sets.update({f"{k} interior": [(i + 0.5) / k for i in range(k)] for k in range(1, max_points + 1)})
     return sets
 

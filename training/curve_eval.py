@@ -14,18 +14,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from training.curve_train import TrainedCurve, network_at, open_curve
-from training.curves import Curve
+from training.curves import Curve, evenly_spaced
 from training.engine import evaluate
 from training.errors import UsageError
 from training.plots import plot_curve
 from training.runs import CurveEvaluation, CurvePoint, CurveReport, CurveSide
 
 MAX_POINTS = 1001
-
-
-def grid(points: int) -> list[float]:
-    """`points` evenly spaced t from 0 to 1, both included."""
-    return [index / (points - 1) for index in range(points)]
 
 
 def _side(trained: TrainedCurve, curve: Curve, t: float) -> tuple[CurveSide, int]:
@@ -50,7 +45,7 @@ def evaluate_curve(curve_dir: Path, points: int = 21, device: str = "auto") -> C
     started = time.perf_counter()
     results: list[CurvePoint] = []
     images = 0
-    for t in tqdm(grid(points), desc="points along t", unit="point", disable=None):
+    for t in tqdm(evenly_spaced(points), desc="points along t", unit="point", disable=None):
         on_curve, images = _side(trained, trained.curve, t)
         # At the endpoints curve and line are the same network: evaluate it once.
         on_line = on_curve if t in (0.0, 1.0) else _side(trained, line, t)[0]

@@ -87,13 +87,9 @@ def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
     )
 
 
-def _final_weights(path: Path, option: str, model_name: str) -> dict[str, torch.Tensor]:
+def _final_weights(path: Path, model_name: str) -> dict[str, torch.Tensor]:
     run = RunDir(path)
-    config = run.read_config()
-    final = run.epoch_checkpoint(config.epochs)
-    if not final.is_file():
-        raise UsageError(f"{option} {path} has no final checkpoint ({final.name}): finish it with "
-                         "`valley-train train ... --resume` first")
+    final = run.final_checkpoint(run.read_config())
     state = checkpoint.load(final)
     if state.get("model_name") != model_name:
         raise UsageError(f"{final} holds a {state.get('model_name')!r} model, not {model_name!r}")
@@ -106,8 +102,8 @@ def _final_weights(path: Path, option: str, model_name: str) -> dict[str, torch.
 def build_curve(config: CurveRunConfig, splits: DataSplits, device: torch.device) -> Curve:
     """A new curve between the two runs' final networks, its bends on the straight line."""
     network = build_model(config.base.model, splits.info, device)
-    start = _final_weights(config.start_run, "--start", config.base.model)
-    end = _final_weights(config.end_run, "--end", config.base.model)
+    start = _final_weights(config.start_run, config.base.model)
+    end = _final_weights(config.end_run, config.base.model)
     try:
         return Curve(network, start, end, config.curve, config.bends)
     except ParameterMismatch as error:

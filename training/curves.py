@@ -27,6 +27,11 @@ from training.config import CurveKind
 CURVE_KINDS: Final[tuple[str, ...]] = get_args(CurveKind)
 
 
+def evenly_spaced(count: int) -> list[float]:
+    """`count` >= 2 evenly spaced t from 0 to 1, both ends included: curve-eval's grid, export's --num-points."""
+    return [index / (count - 1) for index in range(count)]
+
+
 def bezier_coefficients(t: float, points: int) -> torch.Tensor:
     """Bernstein polynomials c_k(t) = C(n-1, k) t^k (1-t)^(n-1-k), k = 0..n-1 (float64)."""
     degree = points - 1

@@ -44,6 +44,7 @@ from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig, TrainConfig
 from training.curve_train import TrainedCurve, open_curve
+from training.curves import evenly_spaced
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
@@ -126,10 +127,8 @@ def _from_checkpoint(path: Path, model_name: str, provenance: dict[str, Any]) ->
 
 
 def _final_network(run: RunDir, config: TrainConfig) -> MemberSource:
-    final = run.epoch_checkpoint(config.epochs)
-    if not final.is_file():
-        raise UsageError(f"{run.path} has no final checkpoint ({final.name}): finish the run with --resume first")
-    return _from_checkpoint(final, config.model, {"run": str(run.path), "epoch": config.epochs, "seed": config.seed})
+    provenance = {"run": str(run.path), "epoch": config.epochs, "seed": config.seed}
+    return _from_checkpoint(run.final_checkpoint(config), config.model, provenance)
 
 
 def curve_points(points: list[float] | None, num_points: int | None) -> list[float]:
@@ -138,7 +137,7 @@ def curve_points(points: list[float] | None, num_points: int | None) -> list[flo
         raise UsageError("a curve export needs the members' t: --points t1,t2,... or --num-points K")
     if points is None:
         assert num_points is not None
-        return [0.5] if num_points == 1 else [index / (num_points - 1) for index in range(num_points)]
+        return [0.5] if num_points == 1 else evenly_spaced(num_points)
     outside = [t for t in points if not 0.0 <= t <= 1.0]
     if outside:
         raise UsageError(f"--points must lie in [0, 1] (0 is --start, 1 is --end), got {outside[0]}")
@@ -307,17 +306,17 @@ class Exported:
         )
 
 
-def compare_with_endpoints(sources: Sources, splits: DataSplits, member_val: np.ndarray,
-                           member_test: np.ndarray, temperature: float) -> list[Comparison] | None:
+def compare_with_endpoints(sources: Sources, splits: DataSplits, member_val: np.ndarray, member_test: np.ndarray,
+                           val_labels: np.ndarray, test_labels: np.ndarray,
+                           temperature: float) -> list[Comparison] | None:
     """Curves: the exported ensemble (before and after temperature scaling) against the ensemble of its two
     endpoints and each endpoint alone, every one with its own trained batch-norm statistics."""
     if not sources.endpoints:
         return None
     device = torch.device("cpu")
-    val_labels = predict_logits(sources.endpoints[0].build(splits), splits.val, splits, device)[1]
-    test_labels = predict_logits(sources.endpoints[0].build(splits), splits.test, splits, device)[1]
-    ends_val = np.stack([predict_logits(e.build(splits), splits.val, splits, device)[0] for e in sources.endpoints])
-    ends_test = np.stack([predict_logits(e.build(splits), splits.test, splits, device)[0] for e in sources.endpoints])
+    networks = [endpoint.build(splits) for endpoint in sources.endpoints]
+    ends_val = np.stack([predict_logits(network, splits.val, splits, device)[0] for network in networks])
+    ends_test = np.stack([predict_logits(network, splits.test, splits, device)[0] for network in networks])
 
     def row(name: str, val: np.ndarray, test: np.ndarray, t: float = 1.0) -> Comparison:
         return Comparison(name=name, members=len(val),
@@ -358,7 +357,8 @@ def export_ensemble(export: ExportConfig) -> Exported:
     calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
     log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
              calibrated.nll, uncalibrated.ece, calibrated.ece)
-    comparison = compare_with_endpoints(sources, splits, member_val, member_test, temperature)
+    comparison = compare_with_endpoints(sources, splits, member_val, member_test, val_labels[0], test_labels[0],
+                                        temperature)
 
     name_dir.mkdir(parents=True, exist_ok=True)
     staging = name_dir / f".staging-{version}-{os.getpid()}"

@@ -218,6 +218,14 @@ class RunDir:
         """The kept checkpoint of `epoch` (absolute, counted from the base run's start)."""
         return self.checkpoints / f"epoch-{epoch:03d}.pt"
 
+    def final_checkpoint(self, config: TrainConfig) -> Path:
+        """A base run's checkpoint at the end of its budget; a `UsageError` saying how to finish the run if absent."""
+        final = self.epoch_checkpoint(config.epochs)
+        if not final.is_file():
+            raise UsageError(f"{self.path} has no final checkpoint ({final.name}): finish the run with "
+                             "`valley-train train ... --resume` first")
+        return final
+
     def available_epochs(self) -> list[int]:
         """The epochs that have a kept checkpoint, in order."""
         return sorted(int(path.stem.split("-")[1]) for path in self.checkpoints.glob("epoch-*.pt"))
