@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     assert "\nUSER 10001" in text, "the image runs as a non-root user"
     assert not any(line.startswith("HEALTHCHECK") for line in text.splitlines()), "health is left to Kubernetes"
     serving = dockerfile.name.startswith("serve")
-    assert ("[train]" in text) == (not serving), "serving images install no training stack (torch)"
+    extras = re.search(r"valley-ensembles\[([a-z,]+)\]", text)
+    assert extras, "the image installs valley with its extras"
+    assert ("train" in extras[1].split(",")) == (not serving), "serving images install no training stack (torch)"
 
 
 def test_every_file_an_image_copies_survives_dockerignore() -> None:

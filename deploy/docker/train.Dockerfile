@@ -1,4 +1,5 @@
-# valley-train with PyTorch (CUDA wheels; they run on the CPU too), for Jobs under torchrun.
+# valley-train with PyTorch (CUDA wheels; they run on the CPU too), for Jobs under torchrun; with the
+# serving extra for valley-reload, which makes running servers load the version a Job exported.
 #   docker build -f deploy/docker/train.Dockerfile -t valley-train .
 # Datasets and run directories are volumes: /data (read-only) and /runs.
 
@@ -19,7 +20,7 @@ COPY deploy/docker/constraints-serve.txt deploy/docker/constraints-train.txt /tm
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     python -m venv /opt/valley \
     && /opt/valley/bin/pip install --no-cache-dir -c /tmp/constraints-serve.txt -c /tmp/constraints-train.txt \
-       --find-links /wheels "valley-ensembles[train]==0.1.0" \
+       --find-links /wheels "valley-ensembles[train,serve]==0.1.0" \
     && rm /tmp/constraints-serve.txt /tmp/constraints-train.txt \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin valley
 USER 10001:10001

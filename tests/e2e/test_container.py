@@ -1,4 +1,4 @@
-"""What a container runtime relies on: liveness before the models load, JSON logs."""
+"""What a container runtime relies on: the Deployment's probes while models load, JSON logs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import tritonclient.grpc as triton
+
 from tests.conftest import REPO
-from tests.e2e.conftest import MODEL, health_status, start_server_process, stop_server_process
+from tests.e2e.conftest import (
+    MODEL,
+    Reference,
+    health_status,
+    start_server_process,
+    stop_server_process,
+    triton_inputs,
+)
+from tests.kube import find, pod_spec, render
 
 SERVING, NOT_SERVING = 1, 2
 
@@ -23,34 +34,51 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_liveness_answers_while_ensembles_load_and_readiness_waits(exported: Path, tmp_path: Path) -> None:
+def _deployment_probes() -> dict[str, str]:
+    """The grpc.health.v1 service each probe of the rendered Deployment asks for."""
+    container = pod_spec(find(render("overlays/cpu"), "Deployment"))["containers"][0]
+    return {probe: container[probe]["grpc"]["service"] for probe in ("startupProbe", "livenessProbe",
+                                                                     "readinessProbe")}
+
+
+def test_the_deployments_probes_pass_while_ensembles_load_and_readiness_waits_until_it_serves(
+        exported: Path, reference: Reference, tmp_path: Path) -> None:
+    probes = _deployment_probes()
     repository = tmp_path / "repository"
-    for copy in range(12):  # enough ensembles that loading them takes a second or more
-        version = repository / f"{MODEL}-{copy:02d}" / "1"
+    names = [f"{MODEL}-{copy:02d}" for copy in range(12)]  # enough ensembles that loading takes a second or more
+    for name in names:
+        version = repository / name / "1"
         shutil.copytree(exported, version)
         manifest = json.loads((version / "manifest.json").read_text())
-        (version / "manifest.json").write_text(json.dumps({**manifest, "name": f"{MODEL}-{copy:02d}"}))
+        (version / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
     port = _free_port()
     command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--grpc-port", str(port),
                "--metrics-port", "0", "--instances", "1", "--log-level", "WARNING"]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                live, ready = health_status(port, "liveness"), health_status(port, "")
+                states = (health_status(port, probes["startupProbe"]), health_status(port, probes["livenessProbe"]),
+                          health_status(port, probes["readinessProbe"]))
             except Exception:  # the port is not open yet
                 time.sleep(0.02)
                 continue
-            seen.append((live, ready))
-            if ready == SERVING:
+            seen.append(states)
+            if states[2] == SERVING:
                 break
             time.sleep(0.02)
-        assert (SERVING, NOT_SERVING) in seen, f"never seen alive while loading: {seen[:5]}"
-        assert seen[-1] == (SERVING, SERVING), "ready once every ensemble is loaded, and still alive"
-        assert all(live == SERVING for live, _ in seen), "liveness never waits for the models"
+        assert (SERVING, SERVING, NOT_SERVING) in seen, f"never seen started and alive while loading: {seen[:5]}"
+        assert seen[-1] == (SERVING, SERVING, SERVING), "ready once every ensemble is loaded, and still alive"
+        assert all(start == live == SERVING for start, live, _ in seen), "startup and liveness never wait for models"
+        # Ready means serving: every ensemble answers at once, right after the first ready probe.
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        pixels = reference.images(2, seed=3)
+        for name in names:
+            answer = client.infer(name, triton_inputs(pixels)).as_numpy("probabilities")
+            np.testing.assert_allclose(answer, reference(pixels)["probabilities"], rtol=1e-5, atol=1e-6)
     finally:
         process.terminate()
         process.wait(60)

@@ -1,4 +1,4 @@
-"""The Grafana dashboard and the Prometheus rules query only metrics a real server exports."""
+"""The Grafana dashboard, the Prometheus rules and the autoscaler's adapter query only metrics a real server exports."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tritonclient.grpc as triton
 
 from tests.conftest import REPO
 from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
+from tests.kube import adapter_expressions
 
 DASHBOARD = REPO / "deploy" / "grafana" / "valley-dashboard.json"
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
@@ -28,7 +29,7 @@ def _rule_expressions() -> list[str]:
     return [line.split("#")[0] for line in RULES.read_text().splitlines() if not line.lstrip().startswith("#")]
 
 
-def test_every_metric_the_dashboard_and_rules_query_is_exported(repository: Path, reference: Reference) -> None:
+def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(repository: Path, reference: Reference) -> None:
     # Per-member times exist only where members run one by one; every other metric is there either way.
     with ThreadServer(thread_settings(repository, execution="members")) as server:
         pixels = reference.images(4, seed=1)
@@ -38,7 +39,7 @@ def test_every_metric_the_dashboard_and_rules_query_is_exported(repository: Path
         with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
             text = response.read().decode()
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-    expressions = _dashboard_expressions() + _rule_expressions()
+    expressions = _dashboard_expressions() + _rule_expressions() + adapter_expressions()
     assert len(_dashboard_expressions()) >= 14
     queried = {name for expression in expressions for name in METRIC.findall(expression)}
     missing = sorted(queried - exported)
