@@ -14,8 +14,8 @@ from tests.conftest import REPO
 
 K8S = REPO / "deploy" / "k8s"
 # Every kustomization an operator applies (deploy/README.md).
-KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu", "kserve", "train/indexed-job", "train/pytorchjob",
-                  "tools")
+KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu", "kserve", "train/base", "train/indexed-job",
+                  "train/pytorchjob", "tools")
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
 
 Object = dict[str, Any]

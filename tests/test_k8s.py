@@ -257,7 +257,7 @@ def _pod_security(document: Object) -> Object:
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_container_runs_non_root_read_only_without_privileges(kustomization: str) -> None:
     workloads = [document for document in render(kustomization) if _containers(document)]
-    assert workloads
+    assert workloads or kustomization == "train/base", "only the training volumes and recipe run nothing"
     for workload in workloads:
         pod = _pod_security(workload)
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 10001 and pod["seccompProfile"]["type"] == \
