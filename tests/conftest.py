@@ -47,9 +47,9 @@ async def until_entered(gate: Gate) -> None:
     raise AssertionError("the worker never started the first batch")
 
 
-def cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `valley-train ARGS` as a user would, with a fixed thread count for reproducibility."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+def cli(*args: str | Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `valley-train ARGS` as a user would, with a fixed thread count for reproducibility (and `env` added)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
     result = subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], capture_output=True,
                             text=True, env=env, cwd=REPO, timeout=600)
     if check and result.returncode != 0:

@@ -1,4 +1,8 @@
-"""`valley-train`: thin command line over the training library."""
+"""`valley-train`: thin command line over the training library.
+
+`train`, `fge` and `curve` also run as several processes under `torchrun` (`training.distributed`):
+`torchrun --nproc_per_node=N -m training.cli train ...`; rank 0 alone logs events and prints.
+"""
 
 from __future__ import annotations
 
@@ -61,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     fge.add_argument("--resume", action="store_true")
 
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
-    curve.add_argument("--start", dest="start_run", type=Path, required=True, help="base run at t = 0")
-    curve.add_argument("--end", dest="end_run", type=Path, required=True, help="base run at t = 1")
+    # --start-run also: torchrun's own parser takes a bare --start for an abbreviation of its --start-method.
+    curve.add_argument("--start", "--start-run", dest="start_run", type=Path, required=True,
+                       help="base run at t = 0")
+    curve.add_argument("--end", "--end-run", dest="end_run", type=Path, required=True, help="base run at t = 1")
     curve.add_argument("--curve", choices=["bezier", "polychain"], default="bezier",
                        help="Bezier curve (Bernstein polynomials) or polygonal chain (default bezier)")
     curve.add_argument("--bends", type=int, default=1, help="trainable control points between the endpoints (1..32, "
@@ -104,7 +110,7 @@ def _t_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> str:
     from training.config import DataConfig, TrainConfig
     from training.train import train_network
 
@@ -115,19 +121,19 @@ def _train(args: argparse.Namespace) -> None:
                          weight_decay=args.weight_decay, seed=args.seed, device=args.device,
                          save_epochs=args.save_epochs)
     report = train_network(config, args.out, resume=args.resume)
-    print(json.dumps({"run": str(args.out), "test": report.test.model_dump()}))
+    return json.dumps({"run": str(args.out), "test": report.test.model_dump()})
 
 
-def _fge(args: argparse.Namespace) -> None:
+def _fge(args: argparse.Namespace) -> str:
     from training.config import FGEConfig
     from training.fge import run_fge, summary_table
 
     config = FGEConfig(base_run=args.base_run, start_epoch=args.start_epoch, cycles=args.cycles,
                        cycle_epochs=args.cycle_epochs, lr1=args.lr1, lr2=args.lr2, seed=args.seed, device=args.device)
-    print(summary_table(run_fge(config, args.out, resume=args.resume)))
+    return summary_table(run_fge(config, args.out, resume=args.resume))
 
 
-def _curve(args: argparse.Namespace) -> None:
+def _curve(args: argparse.Namespace) -> str:
     from training.config import CurveConfig
     from training.curve_train import run_curve
 
@@ -135,45 +141,60 @@ def _curve(args: argparse.Namespace) -> None:
                          epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          seed=args.seed, device=args.device)
     report = run_curve(config, args.out, resume=args.resume)
-    print(json.dumps({"run": str(args.out), "curve": report.config.curve, "bends": report.config.bends,
-                      "epochs": report.config.epochs, "train_seconds_total": report.train_seconds_total,
-                      "next": f"valley-train curve-eval {args.out}"}))
+    return json.dumps({"run": str(args.out), "curve": report.config.curve, "bends": report.config.bends,
+                       "epochs": report.config.epochs, "train_seconds_total": report.train_seconds_total,
+                       "next": f"valley-train curve-eval {args.out}"})
 
 
-def _curve_eval(args: argparse.Namespace) -> None:
+def _curve_eval(args: argparse.Namespace) -> str:
     from training.curve_eval import evaluate_curve, summary_table
     from training.runs import RunDir
 
     report = evaluate_curve(args.curve_dir, points=args.points, device=args.device)
-    print(summary_table(report))
     evaluation = report.evaluation
     assert evaluation is not None
-    print(f"test error: endpoints {100 * evaluation.endpoint_test_error[0]:.2f}% and "
-          f"{100 * evaluation.endpoint_test_error[1]:.2f}%, curve max {100 * evaluation.curve_max_test_error:.2f}%, "
-          f"line max {100 * evaluation.line_max_test_error:.2f}%")
     run = RunDir(args.curve_dir)
-    print(f"report: {run.report_file}  plot: {run.curve_plot_file}")
+    return "\n".join([
+        summary_table(report),
+        f"test error: endpoints {100 * evaluation.endpoint_test_error[0]:.2f}% and "
+        f"{100 * evaluation.endpoint_test_error[1]:.2f}%, curve max {100 * evaluation.curve_max_test_error:.2f}%, "
+        f"line max {100 * evaluation.line_max_test_error:.2f}%",
+        f"report: {run.report_file}  plot: {run.curve_plot_file}",
+    ])
 
 
-def _export(args: argparse.Namespace) -> None:
+def _export(args: argparse.Namespace) -> str:
     from training.config import ExportConfig
     from training.export import export_ensemble
 
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
                           overwrite=args.overwrite, points=args.points, num_points=args.num_points)
-    print(json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True)))
+    return json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True))
+
+
+# What runs as several processes under torchrun; the others read a run and write one output.
+DISTRIBUTED_COMMANDS = ("train", "fge", "curve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    from training import distributed
+
+    # The other ranks repeat rank 0's events: they log errors only.
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level if distributed.is_main() else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
         # The ONNX exporter logs every optimisation pass at INFO.
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+            raise UsageError(f"{args.command} runs as one process: run it without torchrun "
+                             f"(only {', '.join(DISTRIBUTED_COMMANDS)} run under torchrun)")
         commands = {"train": _train, "fge": _fge, "curve": _curve, "curve-eval": _curve_eval, "export": _export}
-        commands[args.command](args)
+        output = commands[args.command](args)
+        if distributed.is_main():
+            print(output)
     except UsageError as error:
         print(f"valley-train: error: {error}", file=sys.stderr)
         return 2
@@ -184,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("valley-train: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()
     return 0
 
 

@@ -20,10 +20,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from training import checkpoint
+from training import checkpoint, distributed
 from training.config import CurveConfig, CurveRunConfig, DataConfig, TrainConfig
 from training.curves import Curve, ParameterMismatch, has_batch_norm, recompute_batch_norm
-from training.data import DataSplits, load_data, make_batches
+from training.data import DataSplits, load_data, make_batches, subset
 from training.engine import Trainer, build_model, resolve_device
 from training.errors import UsageError
 from training.runs import CurveReport, Endpoint, RunDir, TrainReport
@@ -111,8 +111,13 @@ def build_curve(config: CurveRunConfig, splits: DataSplits, device: torch.device
 
 
 def batch_norm_batches(splits: DataSplits, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """The training images, in order and without augmentation, on `device`: what batch norm averages over."""
+    """The training images, in order and without augmentation, on `device`: what batch norm averages over.
+
+    In a process group, this process's contiguous run of those batches (`recompute_batch_norm` combines them).
+    """
     data = splits.train_without_augmentation
+    if distributed.active():
+        data = subset(data, distributed.shard().whole_batches(len(data), batch_size))
     for images, _ in make_batches(data, splits.info, batch_size, train=False):
         yield images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
@@ -166,8 +171,8 @@ def run_curve(config: CurveConfig, out: Path, resume: bool = False) -> CurveRepo
         if not resume:
             raise UsageError(f"{out} already holds a curve run: pass --resume to continue it, or choose another --out")
         _check_resumable(run, resolved)
-    device = resolve_device(resolved.device)
     base = resolved.base
+    device = distributed.setup(resolve_device(resolved.device), base.data.batch_size)
     splits = load_data(base.data)
     torch.manual_seed(resolved.seed)
     curve = build_curve(resolved, splits, device)
@@ -183,11 +188,12 @@ def run_curve(config: CurveConfig, out: Path, resume: bool = False) -> CurveRepo
     trainer = Trainer(
         run=run, model=curve, model_name=base.model, optimizer=optimizer, schedule=schedule, splits=splits,
         batch_size=base.data.batch_size, seed=resolved.seed, device=device, config=resolved.model_dump(mode="json"),
-        workers=base.data.workers, penalty=weight_decay,
+        workers=base.data.workers, penalty=weight_decay, find_unused_parameters=True,
     )
     if resume and not trainer.resume():
         log.info("nothing to resume in %s: starting afresh", out)
-    run.write_config(resolved)
+    if distributed.is_main():
+        run.write_config(resolved)
     started = time.perf_counter()
     # No per-epoch validation: a point's batch-norm statistics mean nothing until recomputed (curve-eval does).
     trainer.fit(resolved.epochs, validate=False)
@@ -201,7 +207,8 @@ def run_curve(config: CurveConfig, out: Path, resume: bool = False) -> CurveRepo
         # A finished run asked to --resume again keeps its evaluation.
         evaluation=previous.evaluation if previous is not None else None,
     )
-    run.write_report(report)
+    if distributed.is_main():
+        run.write_report(report)
     return report
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from training import distributed
 from training.config import CurveKind
 
 CURVE_KINDS: Final[tuple[str, ...]] = get_args(CurveKind)
@@ -283,6 +284,9 @@ def recompute_batch_norm(network: nn.Module, batches: Iterable[torch.Tensor]) ->
     a full one) and calls `model(x)` only; this takes the images a caller prepared (no augmentation)
     for a network already at its t. Momenta and the training flag are restored; returns the
     number of images seen.
+
+    In a process group each process passes its own share of the batches and the averages are
+    combined weighted by images seen: the average a single process computes over all the batches.
     """
     layers = [module for module in network.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     if not layers:
@@ -306,4 +310,4 @@ def recompute_batch_norm(network: nn.Module, batches: Iterable[torch.Tensor]) ->
         for layer in layers:
             layer.momentum = momenta[layer]
         network.train(was_training)
-    return seen
+    return distributed.combine_batch_norm(network, seen)

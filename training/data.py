@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset
 
 from training.config import DataConfig
 from training.errors import UsageError
@@ -276,6 +276,44 @@ def load_data(config: DataConfig) -> DataSplits:
 # --------------------------------------------------------------------------- batching
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One process's share of a data-parallel run (`training.distributed`): process `rank` of `count`."""
+
+    rank: int = 0
+    count: int = 1
+
+    def slice_of(self, batch: int) -> slice:
+        """This process's contiguous part of a batch of `batch` items, the same size in every process.
+
+        The global batch is a multiple of `count`; only a short last batch can leave up to `count - 1`
+        items out, and a last batch shorter than `count` gives every process nothing.
+        """
+        size = batch // self.count
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def batches(self, items: int, batch_size: int) -> int:
+        """How many batches of an `items`-long pass give this process something."""
+        full, rest = divmod(items, batch_size)
+        return full + (1 if rest // self.count > 0 else 0)
+
+    def whole_batches(self, items: int, batch_size: int) -> range:
+        """The items of this process when a pass is split by whole batches, not within them: a contiguous run
+        of batches (as even as possible), so each process forms exactly the batches a single process would."""
+        batches = -(-items // batch_size)
+        per_process, extra = divmod(batches, self.count)
+        first = self.rank * per_process + min(self.rank, extra)
+        last = first + per_process + (1 if self.rank < extra else 0)
+        return range(min(first * batch_size, items), min(last * batch_size, items))
+
+
+def subset(data: SizedDataset, items: range) -> SizedDataset:
+    """The items `items` of `data` (a contiguous range), in order."""
+    if isinstance(data, ImageTensors):
+        return data.take(torch.arange(items.start, items.stop))
+    return Subset(data, list(items))  # type: ignore[arg-type]
+
+
 def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random crop (after zero padding) and horizontal flip, drawn independently per image.
 
@@ -299,13 +337,19 @@ def augment_batch(images: torch.Tensor, padding: int, flip: bool, generator: tor
 
 
 class TensorBatches:
-    """Batches of an in-memory split: seeded shuffling and augmentation, float pixels out."""
+    """Batches of an in-memory split: seeded shuffling and augmentation, float pixels out.
 
-    def __init__(self, data: ImageTensors, batch_size: int, info: DatasetInfo, train: bool, seed: int = 0) -> None:
+    With a `shard` of several processes, every process draws the same order and augmentation
+    from the same seed and keeps its own slice of each batch (`Shard.slice_of`).
+    """
+
+    def __init__(self, data: ImageTensors, batch_size: int, info: DatasetInfo, train: bool, seed: int = 0,
+                 shard: Shard | None = None) -> None:
         self.data, self.batch_size, self.info, self.train, self.seed = data, batch_size, info, train, seed
+        self.shard = shard or Shard()
 
     def __len__(self) -> int:
-        return -(-len(self.data) // self.batch_size)
+        return self.shard.batches(len(self.data), self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed)
@@ -315,8 +359,16 @@ class TensorBatches:
             index = order[start : start + self.batch_size]
             images = self.data.images[index]
             if self.train:
+                # The whole batch, as in a single process: every process draws the same crops and flips, so
+                # the slices of one step are together the single process's batch.
                 images = augment_batch(images, self.info.crop_padding, self.info.flip, generator)
-            yield images.float().div_(255.0), self.data.labels[index]
+            labels = self.data.labels[index]
+            if self.shard.count > 1:
+                part = self.shard.slice_of(len(index))
+                if part.start == part.stop:
+                    return
+                images, labels = images[part], labels[part]
+            yield images.float().div_(255.0), labels
 
 
 class FloatBatches:
@@ -333,16 +385,48 @@ class FloatBatches:
             yield images.float().div_(255.0), labels
 
 
+class ShardedBatchSampler(Sampler[list[int]]):
+    """The indices of this process's slice of every batch a single process's loader would form."""
+
+    def __init__(self, sampler: Sampler[int], items: int, batch_size: int, shard: Shard) -> None:
+        self.sampler, self.items, self.batch_size, self.shard = sampler, items, batch_size, shard
+
+    def __len__(self) -> int:
+        return self.shard.batches(self.items, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in BatchSampler(self.sampler, self.batch_size, drop_last=False):
+            part = self.shard.slice_of(len(batch))
+            if part.start == part.stop:
+                return
+            yield batch[part]
+
+
 Batches = TensorBatches | FloatBatches
 
 
 def make_batches(
-    data: SizedDataset, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0, workers: int = 0
+    data: SizedDataset, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0, workers: int = 0,
+    shard: Shard | None = None,
 ) -> Batches:
-    """Batches for one pass over `data`; with `train`, shuffled and augmented from `seed`."""
+    """Batches for one pass over `data`; with `train`, shuffled and augmented from `seed`.
+
+    With a `shard` of several processes, this process's slice of each of those batches.
+    """
     if isinstance(data, ImageTensors):
-        return TensorBatches(data, batch_size, info, train, seed)
+        return TensorBatches(data, batch_size, info, train, seed, shard)
     generator = torch.Generator().manual_seed(seed)
-    loader: DataLoader[Any] = DataLoader(data, batch_size=batch_size, shuffle=train, generator=generator,  # type: ignore[arg-type]
-                                         num_workers=workers, persistent_workers=False)
-    return FloatBatches(loader)
+    if shard is None or shard.count == 1:
+        loader: DataLoader[Any] = DataLoader(data, batch_size=batch_size, shuffle=train, generator=generator,  # type: ignore[arg-type]
+                                             num_workers=workers, persistent_workers=False)
+        return FloatBatches(loader)
+    if train and workers == 0:
+        # Its transforms would draw from the global generator, each process for its own images: the processes'
+        # generators, which must agree (a curve's t, the state a checkpoint saves), would drift apart.
+        raise UsageError(f"{info.name} is augmented as it is read: with several processes, pass --workers 1 or more")
+    # The order a single process's loader draws: the same sampler on the same generator. The loader's workers
+    # augment each process's own images with random draws of their own.
+    sampler: Sampler[int] = RandomSampler(data, generator=generator) if train else SequentialSampler(data)
+    batches = ShardedBatchSampler(sampler, len(data), batch_size, shard)
+    return FloatBatches(DataLoader(data, batch_sampler=batches, generator=generator,  # type: ignore[arg-type]
+                                   num_workers=workers, persistent_workers=False))

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from artefact.manifest import Metrics
 from artefact.uncertainty import softmax
-from training import checkpoint
-from training.data import DatasetInfo, DataSplits, SizedDataset, make_batches
+from training import checkpoint, distributed
+from training.data import DatasetInfo, DataSplits, Shard, SizedDataset, make_batches, subset
 from training.errors import UsageError
 from training.metrics import classification_metrics
 from training.models import Classifier, create_model
@@ -97,17 +97,20 @@ def train_epoch(
 
     `penalty`, called after each forward pass, is added to that step's loss (curves put their weight
     decay there); the logged loss is the cross-entropy alone, comparable across run kinds.
+
+    In a process group `model` is the DistributedDataParallel wrapper and each process trains on its
+    slice of every batch; the loss and accuracy returned are over all processes' images.
     """
     model.train()
     batches = make_batches(splits.train, splits.info, batch_size, train=True, seed=batch_seed,
-                           workers=workers)
+                           workers=workers, shard=distributed.shard())
     # Sums stay on the device so a GPU step never waits for the host.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
     started = time.perf_counter()
     for iteration, (images, labels) in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", leave=False,
-                                                      disable=None, unit="batch")):
+                                                      disable=_progress_disabled(), unit="batch")):
         schedule.step(optimizer, epoch, iteration)
         images, labels = _to_device(images, labels, device)
         logits = model(images)
@@ -121,22 +124,47 @@ def train_epoch(
         seen += int(labels.shape[0])
         if on_step is not None:
             on_step(epoch, iteration)
+    loss_sum, correct = distributed.sum_over_processes(loss_sum), distributed.sum_over_processes(correct)
+    if distributed.active():
+        seen = int(distributed.sum_over_processes(torch.tensor(seen, device=device)))
     return EpochResult(epoch=epoch + 1, loss=float(loss_sum) / seen, accuracy=float(correct) / seen,
                        lr=float(schedule.last_lr or 0.0), seconds=time.perf_counter() - started)
 
 
+def _progress_disabled() -> bool | None:
+    # tqdm's None: a bar where stderr is a terminal. Only rank 0 draws one.
+    return None if distributed.is_main() else True
+
+
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module, data: SizedDataset, splits: DataSplits, device: torch.device, batch_size: int = 512
-) -> tuple[np.ndarray, np.ndarray]:
-    """Logits [N, C] (float64) and labels [N] of `model` in eval mode over `data`, in order."""
+def _predict(model: nn.Module, data: SizedDataset, info: DatasetInfo, device: torch.device,
+             batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
-    logits, labels = [], []
-    for images, targets in make_batches(data, splits.info, batch_size, train=False):
+    logits = [torch.empty(0, info.num_classes, dtype=torch.float64)]
+    labels = [torch.empty(0, dtype=torch.int64)]
+    for images, targets in make_batches(data, info, batch_size, train=False):
         images, _ = _to_device(images, targets, device)
         logits.append(model(images).double().cpu())
         labels.append(targets)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    return torch.cat(logits), torch.cat(labels)
+
+
+def predict_logits(
+    model: nn.Module, data: SizedDataset, splits: DataSplits, device: torch.device, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [N, C] (float64) and labels [N] of `model` in eval mode over `data`, in order.
+
+    In a process group each process predicts a contiguous run of whole batches (the batches a single
+    process forms) and every process gets all the rows back: the same arrays, up to float error.
+    """
+    if not distributed.active():
+        logits, labels = _predict(model, data, splits.info, device, batch_size)
+        return logits.numpy(), labels.numpy()
+    processes = distributed.world_size()
+    shares = [Shard(rank, processes).whole_batches(len(data), batch_size) for rank in range(processes)]
+    logits, labels = _predict(model, subset(data, shares[distributed.rank()]), splits.info, device, batch_size)
+    counts = [len(share) for share in shares]
+    return distributed.gather_rows(logits, counts).numpy(), distributed.gather_rows(labels, counts).numpy()
 
 
 @dataclass
@@ -158,7 +186,8 @@ class Trainer:
     """Runs epochs with checkpoints after each, and resumes from the last one.
 
     After every epoch it appends to the run's log and rewrites its last checkpoint; it keeps the
-    checkpoint of every epoch in `keep_epochs` and of the last one.
+    checkpoint of every epoch in `keep_epochs` and of the last one. In a process group
+    (`training.distributed`) every process trains and only rank 0 writes.
     """
 
     run: RunDir
@@ -180,6 +209,9 @@ class Trainer:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     on_snapshot: Callable[[Trainer, int, int], dict[str, Any]] | None = None
     penalty: Callable[[], torch.Tensor] | None = None
+    # DistributedDataParallel must search each step's graph for parameters it left out (a curve's bends with a
+    # zero coefficient at that step's t), or it waits for their gradients forever.
+    find_unused_parameters: bool = False
 
     def state(self) -> dict[str, Any]:
         return {
@@ -191,11 +223,19 @@ class Trainer:
             "epoch_offset": self.epoch_offset,
             "rng": torch.get_rng_state(),
             # Dropout on a GPU draws from the CUDA generators: a resumed run needs them too.
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "cuda_rng": self._cuda_rng_state(),
             "config": self.config,
             "history": self.history,
             "snapshots": self.snapshots,
         }
+
+    def _cuda_rng_state(self) -> list[torch.Tensor] | None:
+        if self.device.type != "cuda":
+            return None
+        if distributed.active():
+            # Its own GPU's generator only: asking for every GPU's would open a context on each from every process.
+            return [torch.cuda.get_rng_state(self.device)]
+        return torch.cuda.get_rng_state_all()
 
     def resume(self) -> bool:
         """Restore the last checkpoint of this run directory; False when there is none."""
@@ -212,10 +252,14 @@ class Trainer:
             raise UsageError(message) from error
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
+            if distributed.active():
+                torch.cuda.set_rng_state(state["cuda_rng"][0], self.device)
+            else:
+                torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
         self.epoch, self.history, self.snapshots = state["epoch"], state["history"], state["snapshots"]
         # The log may hold lines of an epoch whose checkpoint never landed: rewrite it from the checkpoint.
-        self._write_log()
+        if distributed.is_main():
+            self._write_log()
         log.info("resumed %s after epoch %d", self.run.path, self.epoch_offset + self.epoch)
         return True
 
@@ -225,18 +269,24 @@ class Trainer:
 
     def _step_hook(self, epoch: int, iteration: int) -> None:
         if self.on_snapshot is not None and self.schedule.snapshot_due(epoch, iteration):
+            distributed.average_batch_norm(self.model)
             self.snapshots.append(self.on_snapshot(self, epoch, iteration))
 
     def fit(self, epochs: int, validate: bool = True) -> None:
         """Train until `epochs` epochs of this schedule are done, checkpointing after each."""
-        self.run.path.mkdir(parents=True, exist_ok=True)
-        for epoch in tqdm(range(self.epoch, epochs), desc="training", unit="epoch", disable=None,
+        main = distributed.is_main()
+        if main:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+        network = distributed.wrap(self.model, self.device, self.find_unused_parameters)
+        for epoch in tqdm(range(self.epoch, epochs), desc="training", unit="epoch", disable=_progress_disabled(),
                           initial=self.epoch, total=epochs):
             # Batches depend on the absolute epoch: FGE from epoch E sees what the base run saw after E.
             batch_seed = epoch_seed(self.seed, self.epoch_offset + epoch)
-            result = train_epoch(self.model, self.splits, self.optimizer, self.schedule, epoch, batch_seed,
+            result = train_epoch(network, self.splits, self.optimizer, self.schedule, epoch, batch_seed,
                                  self.batch_size, self.device, on_step=self._step_hook, workers=self.workers,
                                  penalty=self.penalty)
+            # What is evaluated and saved is the processes' average statistic (identical weights everywhere).
+            distributed.average_batch_norm(self.model)
             record: dict[str, Any] = {"epoch": self.epoch_offset + result.epoch, "lr": result.lr,
                                       "train_loss": result.loss, "train_accuracy": result.accuracy,
                                       "seconds": round(result.seconds, 3)}
@@ -245,12 +295,20 @@ class Trainer:
                 record.update(val_accuracy=metrics.accuracy, val_nll=metrics.nll)
             self.epoch = epoch + 1
             self.history.append(record)
-            state = self.state()
-            checkpoint.save_atomic(state, self.run.last_checkpoint)
             absolute = self.epoch_offset + self.epoch
-            if absolute in self.keep_epochs or self.epoch == epochs:
-                checkpoint.save_atomic(state, self.run.epoch_checkpoint(absolute))
-            with open(self.run.log_file, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            if main:
+                self._save(self.state(), keep=absolute in self.keep_epochs or self.epoch == epochs)
+                with open(self.run.log_file, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", absolute, record)
+        # Every process may now read what rank 0 wrote (checkpoints, snapshots).
+        distributed.barrier()
+
+    def _save(self, state: dict[str, Any], keep: bool) -> None:
+        absolute = self.epoch_offset + self.epoch
+        # The kept checkpoint first: a process killed between the two resumes from the previous epoch and
+        # writes this one again, so a kept epoch is never skipped.
+        if keep:
+            checkpoint.save_atomic(state, self.run.epoch_checkpoint(absolute))
+        checkpoint.save_atomic(state, self.run.last_checkpoint)
 

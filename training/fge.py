@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from artefact.manifest import Metrics
-from training import checkpoint
+from training import checkpoint, distributed
 from training.config import FGEConfig, FGERunConfig, TrainConfig, fge_start_epoch
 from training.data import DataSplits, load_data
 from training.engine import Trainer, build_model, evaluate, make_optimizer, resolve_device
@@ -78,7 +78,7 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     if not resume and run.last_checkpoint.exists():
         raise UsageError(f"{out} already holds an FGE run: pass --resume to continue it, or choose another --out")
 
-    torch_device = resolve_device(resolved.device)
+    torch_device = distributed.setup(resolve_device(resolved.device), base.data.batch_size)
     splits = load_data(base.data)
     model = build_model(base.model, splits.info, torch_device)
     optimizer = make_optimizer(model, resolved.lr1, base.momentum, base.weight_decay)
@@ -100,8 +100,9 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
             "cycle": epoch // resolved.cycle_epochs,
             "lr": trainer.schedule.last_lr,
         }
-        checkpoint.save_atomic({"model_name": base.model, "model": trainer.model.state_dict(),
-                                "provenance": provenance}, run.snapshot(index))
+        if distributed.is_main():
+            checkpoint.save_atomic({"model_name": base.model, "model": trainer.model.state_dict(),
+                                    "provenance": provenance}, run.snapshot(index))
         return provenance
 
     trainer = Trainer(
@@ -112,7 +113,8 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     )
     if resume:
         trainer.resume()
-    run.write_config(resolved)
+    if distributed.is_main():
+        run.write_config(resolved)
     started = time.perf_counter()
     trainer.fit(resolved.cycles * resolved.cycle_epochs)
     train_seconds = time.perf_counter() - started
@@ -130,8 +132,9 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
         train_seconds_total=round(sum(record["seconds"] for record in trainer.history), 2),
         evaluation_seconds=round(time.perf_counter() - started, 2),
     )
-    run.write_report(report)
-    plot_ensemble_sizes(report, run.plot_file)
+    if distributed.is_main():
+        run.write_report(report)
+        plot_ensemble_sizes(report, run.plot_file)
     return report
 
 

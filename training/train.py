@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from training import distributed
 from training.config import TrainConfig, fge_start_epoch
 from training.data import load_data, make_batches
 from training.engine import Trainer, build_model, evaluate, make_optimizer, resolve_device
@@ -23,7 +24,7 @@ def train_network(config: TrainConfig, run_dir: Path, resume: bool = False) -> T
     run = RunDir(run_dir)
     if not resume and run.last_checkpoint.exists():
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    device = resolve_device(config.device)
+    device = distributed.setup(resolve_device(config.device), config.data.batch_size)
     splits = load_data(config.data)
     torch.manual_seed(config.seed)
     model = build_model(config.model, splits.info, device)
@@ -38,7 +39,8 @@ def train_network(config: TrainConfig, run_dir: Path, resume: bool = False) -> T
     )
     if resume and not trainer.resume():
         log.info("nothing to resume in %s: starting afresh", run_dir)
-    run.write_config(config)
+    if distributed.is_main():
+        run.write_config(config)
     started = time.perf_counter()
     trainer.fit(config.epochs)
     seconds = time.perf_counter() - started
@@ -57,5 +59,6 @@ def train_network(config: TrainConfig, run_dir: Path, resume: bool = False) -> T
         val=val_metrics,
         test=test_metrics,
     )
-    run.write_report(report)
+    if distributed.is_main():
+        run.write_report(report)
     return report
