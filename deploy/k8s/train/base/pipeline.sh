@@ -14,6 +14,9 @@ run_dir=${VALLEY_RUN_DIR:?VALLEY_RUN_DIR: the run folder, shared by every pod of
 ensemble=${VALLEY_ENSEMBLE:?VALLEY_ENSEMBLE: the ensemble name in the model repository}
 repository=${VALLEY_MODELS:-/models}
 node=${JOB_COMPLETION_INDEX:-${PET_NODE_RANK:-0}}
+# A restarted worker group must not reuse the store of the group it replaces (pytorch/pytorch#135712):
+# with the shared store, restarts after a killed worker sometimes fail to connect.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 read -r -a train_args <<< "${VALLEY_TRAIN_ARGS:-}"
 read -r -a fge_args <<< "${VALLEY_FGE_ARGS:-}"
 
