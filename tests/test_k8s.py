@@ -377,11 +377,20 @@ def test_the_training_job_runs_the_pipeline_with_a_recipe_valley_train_accepts(k
         headless = find(objects, "Service", spec["subdomain"])
         assert headless["spec"]["clusterIP"] == "None"
         assert _selects(headless["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"])
-        assert env["PET_MASTER_ADDR"]["value"] == f"{job['metadata']['name']}-0.{spec['subdomain']}"
-        assert "job-completion-index" in env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+        host, port = env["PET_RDZV_ENDPOINT"]["value"].split(":")
+        assert host == f"{job['metadata']['name']}-0.{spec['subdomain']}", "the rendezvous is at pod 0"
+        assert int(port) in {p["containerPort"] for p in container["ports"]}
+        assert int(port) in {p["port"] for p in headless["spec"]["ports"]}
+        assert env["PET_RDZV_ID"]["value"] == "$(JOB_UID)"
     else:
         assert container["name"] == "pytorch", "the training operator finds the container by this name"
         assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
+        assert env["PET_RDZV_ENDPOINT"]["value"].startswith("$(JOB_NAME)-master-0:"), "the master's Service"
+    assert env["PET_RDZV_BACKEND"]["value"] == "c10d", "the rendezvous that survives a pod's restart"
+    names = [item["name"] for item in container["env"]]
+    for variable in ("JOB_UID", "JOB_NAME"):
+        if variable in names:  # $(VAR) expands only from variables defined before it
+            assert names.index(variable) < names.index("VALLEY_RUN_DIR") < names.index("PET_RDZV_ID")
 
 
 def test_the_adapter_queries_are_promql(tmp_path: Path) -> None:

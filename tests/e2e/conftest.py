@@ -11,6 +11,7 @@ import asyncio
 import json
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
@@ -42,6 +43,13 @@ def triton_inputs(pixels: np.ndarray, name: str = "pixels", datatype: str = "UIN
     tensor = triton.InferInput(name, list(pixels.shape), datatype)
     tensor.set_data_from_numpy(pixels)
     return [tensor]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for programs that must be told a port, not pick one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def health_status(port: int, service: str = "") -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from tests.conftest import REPO
 from tests.e2e.conftest import (
     MODEL,
     Reference,
+    free_port,
     health_status,
     start_server_process,
     stop_server_process,
@@ -26,12 +26,6 @@ from tests.e2e.conftest import (
 from tests.kube import find, pod_spec, render
 
 SERVING, NOT_SERVING = 1, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _deployment_probes() -> dict[str, str]:
@@ -51,7 +45,7 @@ def test_the_deployments_probes_pass_while_ensembles_load_and_readiness_waits_un
         shutil.copytree(exported, version)
         manifest = json.loads((version / "manifest.json").read_text())
         (version / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--grpc-port", str(port),
                "--metrics-port", "0", "--instances", "1", "--log-level", "WARNING"]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -22,6 +21,7 @@ from tests.e2e.conftest import (
     MODEL,
     Reference,
     ThreadServer,
+    free_port,
     report,
     start_server_process,
     stop_server_process,
@@ -69,13 +69,6 @@ def fashion_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "repository"
 
 
-def _free_port() -> int:
-    """A port for Prometheus, which cannot say which one it bound when given 0."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def prometheus(tmp: Path, metrics_port: int) -> Iterator[str]:
     """A real Prometheus scraping valley every second and evaluating our rules every second."""
@@ -85,7 +78,7 @@ def prometheus(tmp: Path, metrics_port: int) -> Iterator[str]:
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: [{tmp / 'rules.yml'}]\n"
         f"scrape_configs: [{{job_name: valley, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
-    port = _free_port()
+    port = free_port()  # Prometheus cannot say which port it bound when given 0
     with open(tmp / "prometheus.log", "wb") as log:
         process = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
                                     f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],

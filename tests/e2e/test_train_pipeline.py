@@ -18,7 +18,14 @@ from pathlib import Path
 import tritonclient.grpc as triton
 
 from tests.conftest import REPO
-from tests.e2e.conftest import MODEL, Reference, start_server_process, stop_server_process, triton_inputs
+from tests.e2e.conftest import (
+    MODEL,
+    Reference,
+    free_port,
+    start_server_process,
+    stop_server_process,
+    triton_inputs,
+)
 from tests.kube import K8S
 
 PIPELINE = K8S / "train" / "base" / "pipeline.sh"
@@ -30,9 +37,12 @@ def _run_pipeline(run_dir: Path, repository: Path, target: str) -> subprocess.Co
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "OMP_NUM_THREADS": "1",
-        # What the Job sets for torchrun, here one node with two processes.
-        "PET_STANDALONE": "1",
+        # What the Job sets for torchrun (the c10d rendezvous at pod 0), here one node with two processes.
+        "PET_NNODES": "1",
         "PET_NPROC_PER_NODE": "2",
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "PET_RDZV_ID": run_dir.name,
         "PET_MAX_RESTARTS": "0",
         "JOB_COMPLETION_INDEX": "0",
         "VALLEY_RUN_DIR": str(run_dir),

@@ -3,11 +3,12 @@
 # each under torchrun (DDP across every pod's processes); then the first pod exports the snapshots
 # as the next version of the ensemble in the model repository and has the running servers load it.
 #
-# torchrun takes its topology from PET_* variables: the Job sets PET_NNODES, PET_NPROC_PER_NODE,
-# PET_NODE_RANK and PET_MASTER_ADDR/PORT itself; the Kubeflow training operator sets them for a
-# PyTorchJob. The recipe comes from VALLEY_TRAIN_ARGS and VALLEY_FGE_ARGS (train.env).
-# Every step resumes: a restarted pod or worker group continues from the last checkpoint, and
-# an ensemble already exported by this run is not exported twice.
+# torchrun takes its topology from PET_* variables (PET_NNODES, PET_NPROC_PER_NODE, and the c10d
+# rendezvous PET_RDZV_BACKEND/ENDPOINT/ID), which the Job or PyTorchJob sets. The recipe comes
+# from VALLEY_TRAIN_ARGS and VALLEY_FGE_ARGS (train.env).
+# Every step resumes: a restarted pod or worker group continues from the last checkpoint, a
+# finished training is not rejoined, and an ensemble already exported by this run is not
+# exported twice.
 set -euo pipefail
 
 run_dir=${VALLEY_RUN_DIR:?VALLEY_RUN_DIR: the run folder, shared by every pod of this Job}
@@ -20,18 +21,42 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 read -r -a train_args <<< "${VALLEY_TRAIN_ARGS:-}"
 read -r -a fge_args <<< "${VALLEY_FGE_ARGS:-}"
 
-torchrun --no-python valley-train train "${train_args[@]}" --out "$run_dir/base" --resume
-torchrun --no-python valley-train fge --from "$run_dir/base" "${fge_args[@]}" --out "$run_dir/fge" --resume
+# Each torchrun is a rendezvous of its own: the second must not meet in the first one's.
+rendezvous() {
+  if [ -n "${PET_RDZV_ID:-}" ]; then
+    echo "--rdzv-id=$PET_RDZV_ID-$1"
+  fi
+}
+
+# A pod restarted after training finished (say, pod 0 failing to export) must not wait for the
+# other pods in a new rendezvous: they are gone.
+if [ ! -s "$run_dir/fge/report.json" ]; then
+  # shellcheck disable=SC2046 # rendezvous prints one word or nothing
+  torchrun $(rendezvous train) --no-python valley-train train "${train_args[@]}" --out "$run_dir/base" --resume
+  # shellcheck disable=SC2046
+  torchrun $(rendezvous fge) --no-python valley-train fge --from "$run_dir/base" "${fge_args[@]}" \
+    --out "$run_dir/fge" --resume
+fi
 
 if [ "$node" != 0 ]; then
   exit 0
 fi
 exported=$run_dir/exported.json
 if [ ! -s "$exported" ]; then
-  valley-train export --from "$run_dir/fge" --name "$ensemble" --out "$repository" > "$exported.partial"
+  # One process: the Kubeflow operator also sets WORLD_SIZE and RANK for the pods, meant for torchrun.
+  env -u WORLD_SIZE -u RANK -u LOCAL_RANK \
+    valley-train export --from "$run_dir/fge" --name "$ensemble" --out "$repository" > "$exported.partial"
   mv "$exported.partial" "$exported"
 fi
 cat "$exported"
 if [ -n "${VALLEY_RELOAD_TARGET:-}" ]; then
-  valley-reload --target "$VALLEY_RELOAD_TARGET" --model "$ensemble"
+  # The version is published either way: servers that miss the reload load it when they restart.
+  for attempt in 1 2 3; do
+    if valley-reload --target "$VALLEY_RELOAD_TARGET" --model "$ensemble"; then
+      exit 0
+    fi
+    echo "valley-reload failed (attempt $attempt of 3)" >&2
+    sleep 10
+  done
+  echo "the servers did not all load the new version; it is in $repository/$ensemble" >&2
 fi
