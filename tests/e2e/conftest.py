@@ -117,6 +117,16 @@ def served(repository: Path) -> Iterator[ServerProcess]:
     stop_server_process(server)
 
 
+@pytest.fixture
+def versioned(exported: Path, tmp_path: Path) -> Iterator[tuple[Path, ServerProcess]]:
+    """A repository of the test's own holding `synth/1`, served by `valley-serve`: add versions to it."""
+    repository = tmp_path / "repository"
+    shutil.copytree(exported, repository / MODEL / "1")
+    server = start_server_process(repository)
+    yield repository, server
+    stop_server_process(server)
+
+
 class ThreadServer:
     """`service.server.Server` running on its own event loop in a thread, on real ports."""
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import tritonclient.grpc as triton
 
+from service.launch import ServerProcess
 from tests.conftest import REPO
-from tests.e2e.conftest import MODEL, start_server_process, stop_server_process
+from tests.e2e.conftest import MODEL
 
 
 def _publish(repository: Path, version: int) -> Path:
@@ -30,30 +31,25 @@ def _reload(target: str, *flags: str) -> tuple[int, list[dict[str, object]], str
     return result.returncode, lines, result.stderr
 
 
-def test_reload_swaps_in_the_new_version_and_keeps_serving_when_one_is_refused(exported: Path,
-                                                                                tmp_path: Path) -> None:
-    repository = tmp_path / "repository"
-    shutil.copytree(exported, repository / MODEL / "1")
-    server = start_server_process(repository)
-    try:
-        target = f"127.0.0.1:{server.grpc_port}"
-        client = triton.InferenceServerClient(target)
-        assert client.get_model_metadata(MODEL).versions == ["1"]
-        _publish(repository, 2)
-        code, lines, stderr = _reload(target)
-        assert code == 0, stderr
-        assert lines == [{"model": MODEL, "address": target, "ok": True, "version": "2", "error": ""}]
-        assert client.get_model_metadata(MODEL).versions == ["2"]
+def test_reload_swaps_in_the_new_version_and_keeps_serving_when_one_is_refused(
+        versioned: tuple[Path, ServerProcess]) -> None:
+    repository, server = versioned
+    target = f"127.0.0.1:{server.grpc_port}"
+    client = triton.InferenceServerClient(target)
+    assert client.get_model_metadata(MODEL).versions == ["1"]
+    _publish(repository, 2)
+    code, lines, stderr = _reload(target)
+    assert code == 0, stderr
+    assert lines == [{"model": MODEL, "address": target, "ok": True, "version": "2", "error": ""}]
+    assert client.get_model_metadata(MODEL).versions == ["2"]
 
-        broken = _publish(repository, 3)
-        (broken / json.loads((broken / "manifest.json").read_text())["fused"]["file"]).write_bytes(b"not onnx")
-        code, lines, _ = _reload(target)
-        assert code == 1 and lines[0]["ok"] is False
-        assert "version 3" in str(lines[0]["error"]) and "version 2 keeps serving" in str(lines[0]["error"])
-        assert client.get_model_metadata(MODEL).versions == ["2"]
-        assert client.is_model_ready(MODEL)
-    finally:
-        stop_server_process(server)
+    broken = _publish(repository, 3)
+    (broken / json.loads((broken / "manifest.json").read_text())["fused"]["file"]).write_bytes(b"not onnx")
+    code, lines, _ = _reload(target)
+    assert code == 1 and lines[0]["ok"] is False
+    assert "version 3" in str(lines[0]["error"]) and "version 2 keeps serving" in str(lines[0]["error"])
+    assert client.get_model_metadata(MODEL).versions == ["2"]
+    assert client.is_model_ready(MODEL)
 
 
 def test_reload_reports_servers_it_cannot_reach_and_bad_targets() -> None:

@@ -2,7 +2,7 @@
 
 torchrun with two CPU processes trains a base network and FGE from it, the exporter writes the
 next version into the model repository a real valley-serve is serving, and valley-reload makes
-that server swap to it. Run again (a restarted pod), it resumes and exports nothing twice.
+that server swap to it. Run again (a restarted pod), it trains and exports nothing twice.
 """
 
 from __future__ import annotations
@@ -10,22 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import tritonclient.grpc as triton
 
+from service.launch import ServerProcess
 from tests.conftest import REPO
-from tests.e2e.conftest import (
-    MODEL,
-    Reference,
-    free_port,
-    start_server_process,
-    stop_server_process,
-    triton_inputs,
-)
+from tests.e2e.conftest import MODEL, Reference, free_port, triton_inputs
 from tests.kube import K8S
 
 PIPELINE = K8S / "train" / "base" / "pipeline.sh"
@@ -57,33 +50,28 @@ def _run_pipeline(run_dir: Path, repository: Path, target: str) -> subprocess.Co
 
 
 def test_the_pipeline_trains_under_torchrun_exports_the_next_version_and_the_server_swaps_to_it(
-        exported: Path, reference: Reference, tmp_path: Path) -> None:
-    repository = tmp_path / "repository"
-    shutil.copytree(exported, repository / MODEL / "1")
-    server = start_server_process(repository)
-    try:
-        target = f"127.0.0.1:{server.grpc_port}"
-        client = triton.InferenceServerClient(target)
-        assert client.get_model_metadata(MODEL).versions == ["1"]
-        run_dir = tmp_path / "runs" / "job-uid"
+        versioned: tuple[Path, ServerProcess], reference: Reference, tmp_path: Path) -> None:
+    repository, server = versioned
+    target = f"127.0.0.1:{server.grpc_port}"
+    client = triton.InferenceServerClient(target)
+    assert client.get_model_metadata(MODEL).versions == ["1"]
+    run_dir = tmp_path / "runs" / "job-uid"
 
-        first = _run_pipeline(run_dir, repository, target)
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
-        exported_report = json.loads((run_dir / "exported.json").read_text())
-        assert exported_report["exported"] == str(repository / MODEL / "2")
-        reloads = [json.loads(line) for line in first.stdout.splitlines() if line.startswith('{"model"')]
-        assert reloads == [{"model": MODEL, "address": target, "ok": True, "version": "2", "error": ""}]
-        assert client.get_model_metadata(MODEL).versions == ["2"]
-        manifest = json.loads((repository / MODEL / "2" / "manifest.json").read_text())
-        assert manifest["method"] == "fge" and len(manifest["members"]) == 2
-        pixels = reference.images(3, seed=5)
-        probabilities = client.infer(MODEL, triton_inputs(pixels)).as_numpy("probabilities")
-        assert probabilities.shape == (3, 10)
+    first = _run_pipeline(run_dir, repository, target)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
+    exported_report = json.loads((run_dir / "exported.json").read_text())
+    assert exported_report["exported"] == str(repository / MODEL / "2")
+    reloads = [json.loads(line) for line in first.stdout.splitlines() if line.startswith('{"model"')]
+    assert reloads == [{"model": MODEL, "address": target, "ok": True, "version": "2", "error": ""}]
+    assert client.get_model_metadata(MODEL).versions == ["2"]
+    manifest = json.loads((repository / MODEL / "2" / "manifest.json").read_text())
+    assert manifest["method"] == "fge" and len(manifest["members"]) == 2
+    pixels = reference.images(3, seed=5)
+    probabilities = client.infer(MODEL, triton_inputs(pixels)).as_numpy("probabilities")
+    assert probabilities.shape == (3, 10)
 
-        # A restarted pod: every step resumes from its finished run, nothing is exported twice.
-        again = _run_pipeline(run_dir, repository, target)
-        assert again.returncode == 0, again.stderr[-5000:]
-        assert sorted(p.name for p in (repository / MODEL).iterdir() if not p.name.startswith(".")) == ["1", "2"]
-        assert client.get_model_metadata(MODEL).versions == ["2"]
-    finally:
-        stop_server_process(server)
+    # A pod restarted after the run: the finished training is not rejoined, nothing is exported twice.
+    again = _run_pipeline(run_dir, repository, target)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert sorted(p.name for p in (repository / MODEL).iterdir() if not p.name.startswith(".")) == ["1", "2"]
+    assert client.get_model_metadata(MODEL).versions == ["2"]
