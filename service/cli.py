@@ -34,8 +34,11 @@ def parse_settings(argv: Sequence[str]) -> Settings:
         return Settings(_cli_settings_source=flags(args=list(argv)))
     except ValidationError as error:
         for problem in error.errors():
-            field = "--" + "-".join(str(part) for part in problem["loc"]).replace("_", "-")
-            print(f"valley-serve: {field}: {problem['msg']}", file=sys.stderr)
+            message = problem["msg"].removeprefix("Value error, ")
+            if problem["loc"]:
+                field = "--" + "-".join(str(part) for part in problem["loc"]).replace("_", "-")
+                message = f"{field}: {message}"
+            print(f"valley-serve: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -54,6 +54,14 @@ class FeedbackOff(ServingError):
     """The server keeps no predictions to label (feedback is off): FAILED_PRECONDITION."""
 
 
+class Unauthenticated(ServingError):
+    """No bearer token, or one the server does not know: UNAUTHENTICATED."""
+
+
+class PermissionDenied(ServingError):
+    """A valid token without the role the RPC needs: PERMISSION_DENIED."""
+
+
 STATUS: dict[type[ServingError], str] = {
     InvalidInput: "INVALID_ARGUMENT",
     ModelNotFound: "NOT_FOUND",
@@ -65,6 +73,8 @@ STATUS: dict[type[ServingError], str] = {
     UnknownPrediction: "NOT_FOUND",
     AlreadyLabelled: "ALREADY_EXISTS",
     FeedbackOff: "FAILED_PRECONDITION",
+    Unauthenticated: "UNAUTHENTICATED",
+    PermissionDenied: "PERMISSION_DENIED",
 }
 INTERNAL = "INTERNAL"
 INTERNAL_MESSAGE = "internal error in the server (logged there); the request was not served"

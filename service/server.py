@@ -34,6 +34,7 @@ from service.feedback import Feedback, PredictionStore
 from service.metrics import ServingMetrics
 from service.observer import NULL_OBSERVER, Observer
 from service.repository import Repository
+from service.security import Authorizer, Tokens, server_credentials
 from service.servicer import FeedbackServicer, InferenceServicer, add_servicer
 from service.settings import Settings
 
@@ -88,8 +89,10 @@ class Server:
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
                                              ("grpc.max_send_message_length", limit)])
-        add_servicer(self.grpc, InferenceServicer(self.dataplane), INFERENCE)
-        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK)
+        # Health and reflection stay open (probes carry no token); every other RPC is authorized.
+        authorizer = Authorizer(Tokens(settings.tokens_file) if settings.tokens_file else None)
+        add_servicer(self.grpc, InferenceServicer(self.dataplane), INFERENCE, authorizer)
+        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()
@@ -112,15 +115,21 @@ class Server:
         await self.health.set(LIVENESS_SERVICE, SERVING)
         address = f"{settings.host}:{settings.grpc_port}"
         try:
-            grpc_port = self.grpc.add_insecure_port(address)
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+                grpc_port = self.grpc.add_secure_port(address, credentials)
+            else:
+                grpc_port = self.grpc.add_insecure_port(address)
         except RuntimeError as error:  # grpc's way of saying the bind failed
             raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is wrong") \
                 from error
         self._metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
         metrics_port = int(self._metrics_http.server_port)
         await self.grpc.start()
-        log.info("gRPC on %s:%d, metrics on http://%s:%d/metrics; loading ensembles from %s", settings.host,
-                 grpc_port, settings.host, metrics_port, settings.repository)
+        transport = ("mutual TLS" if settings.tls_client_ca else "TLS") if settings.tls_cert else "plaintext"
+        access = "bearer tokens" if settings.tokens_file else "no authentication"
+        log.info("gRPC (%s, %s) on %s:%d, metrics on http://%s:%d/metrics; loading ensembles from %s", transport,
+                 access, settings.host, grpc_port, settings.host, metrics_port, settings.repository)
         await self.repository.load_all(stopping=self._stopping.is_set)
         if self._stopping.is_set():
             return Ports(grpc_port, metrics_port)

@@ -29,6 +29,7 @@ from service.codec import decode_inputs, encode_outputs
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
 from service.errors import InvalidInput, Status, status_of
 from service.feedback import Label
+from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,20 @@ async def _abort(context: Context, error: BaseException) -> NoReturn:
     raise AssertionError("grpc's context.abort returned instead of raising")
 
 
-def guarded(handler: Unary[Request, Response]) -> Unary[Request, Response]:
-    """`handler` answering every exception through the error table (INTERNAL for what is not ours)."""
+def _admit(authorizer: Authorizer, method: str, context: Context) -> None:
+    """Check the caller before anything else runs; the data plane reads who it is from `CALLER`."""
+    CALLER.set(authorizer.check(method, context.invocation_metadata()))
+
+
+def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN) -> Unary[Request, Response]:
+    """`handler` for authorized callers, answering every exception through the error table (INTERNAL for what
+    is not ours)."""
+    method = handler.__name__
 
     @functools.wraps(handler)
     async def call(request: Request, context: Context) -> Response:
         try:
+            _admit(authorizer, method, context)
             return await handler(_parsed(request), context)
         except grpc.aio.AbortError:
             raise
@@ -102,12 +111,15 @@ def guarded(handler: Unary[Request, Response]) -> Unary[Request, Response]:
     return call
 
 
-def guarded_stream(handler: Streaming[Request, Response]) -> Streaming[Request, Response]:
+def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer = OPEN
+                   ) -> Streaming[Request, Response]:
     """`guarded` for a bidirectional stream: a failure that ends the stream ends it with a mapped status."""
+    method = handler.__name__
 
     @functools.wraps(handler)
     async def call(requests: AsyncIterator[Request], context: Context) -> AsyncIterator[Response]:
         try:
+            _admit(authorizer, method, context)
             async for response in handler(_parsed_stream(requests), context):
                 yield response
         except grpc.aio.AbortError:
@@ -118,8 +130,9 @@ def guarded_stream(handler: Streaming[Request, Response]) -> Streaming[Request, 
     return call
 
 
-def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
-    """Serve every method of `service` with the `servicer` method of its name, parsed and guarded."""
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
+                 authorizer: Authorizer = OPEN) -> None:
+    """Serve every method of `service` with the `servicer` method of its name, authorized, parsed and guarded."""
     handlers = {}
     for method in service.methods:
         handler = getattr(servicer, method.name)  # a missing method fails at start, not at the first call
@@ -127,9 +140,10 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
         options = {"request_deserializer": _parser(request_class),
                    "response_serializer": response_class.SerializeToString}
         if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(guarded_stream(handler), **options)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(guarded_stream(handler, authorizer),
+                                                                          **options)
         elif not method.client_streaming and not method.server_streaming:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded(handler), **options)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded(handler, authorizer), **options)
         else:
             raise NotImplementedError(f"{service.full_name}/{method.name}: only unary and bidirectional RPCs")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -6,18 +6,29 @@ over environment variables, which win over the defaults here.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from service.cpus import usable_cpus
+from service.security import parse_tokens
 
 Device = Literal["auto", "cpu", "cuda"]
 Execution = Literal["fused", "members"]
 
 MIB = 1 << 20
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -26,7 +37,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VALLEY_", extra="forbid")
 
     repository: Path = Field(description="folder holding <ensemble>/<version>/manifest.json")
-    host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind to")
+    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind to (another than "
+                      "loopback needs --tokens-file, or --insecure)")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one; the ready line and "
                            "--ready-file say which)")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)")
@@ -56,9 +68,38 @@ class Settings(BaseSettings):
     calibration_window: int = Field(1000, ge=1, description="labelled predictions in the live ECE/accuracy/NLL/"
                                     "Brier gauges")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) of the gRPC port: TLS; with --tls-key")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: clients must present a certificate it "
+                                       "signed (mutual TLS); needs --tls-cert")
+    tokens_file: Path | None = Field(None, description="bearer tokens with roles, one 'TOKEN ROLE[,ROLE...]' per "
+                                     "line (roles: infer, feedback, admin); read again when it changes")
+    insecure: CliImplicitFlag[bool] = Field(False, description="allow binding another address than loopback without "
+                           "--tokens-file: anyone who reaches the port may then unload every model")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
                                                 "(time, level, logger, message) for log collectors")
+
+    @model_validator(mode="after")
+    def _secure_enough(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        if self.tokens_file is not None:
+            try:
+                parse_tokens(self.tokens_file.read_text(encoding="utf-8"), str(self.tokens_file))
+            except (OSError, UnicodeDecodeError) as error:
+                raise ValueError(f"--tokens-file {self.tokens_file}: {error}") from None
+        if self.tokens_file is None and not self.insecure and not _loopback(self.host):
+            raise ValueError(f"--host {self.host} without --tokens-file would let anyone who reaches the port "
+                             "call everything, model unloading included: give --tokens-file, bind 127.0.0.1, "
+                             "or pass --insecure to accept that")
+        return self
 
     @property
     def feedback_on(self) -> bool:

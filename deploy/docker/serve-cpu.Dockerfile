@@ -14,7 +14,8 @@ FROM python:3.11.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/valley/bin:$PATH \
-    VALLEY_REPOSITORY=/models
+    VALLEY_REPOSITORY=/models \
+    VALLEY_HOST=0.0.0.0
 COPY deploy/docker/constraints-serve.txt deploy/docker/requirements-serve-cpu.txt /tmp/
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     python -m venv /opt/valley \
@@ -24,4 +25,6 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin valley
 USER 10001:10001
 EXPOSE 8001 8002
+# Every address of the container: valley-serve then needs --tokens-file (or VALLEY_TOKENS_FILE), or
+# VALLEY_INSECURE=true to accept plain access for everyone (docs/serving.md, "Security").
 ENTRYPOINT ["valley-serve"]

@@ -15,7 +15,8 @@ FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/valley/bin:$PATH \
-    VALLEY_REPOSITORY=/models
+    VALLEY_REPOSITORY=/models \
+    VALLEY_HOST=0.0.0.0
 # The interpreter is the base image's Ubuntu python3 (3.12); the base image's tag pins the release.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -30,4 +31,6 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin valley
 USER 10001:10001
 EXPOSE 8001 8002
+# Every address of the container: valley-serve then needs --tokens-file (or VALLEY_TOKENS_FILE), or
+# VALLEY_INSECURE=true to accept plain access for everyone (docs/serving.md, "Security").
 ENTRYPOINT ["valley-serve"]

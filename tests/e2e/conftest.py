@@ -166,11 +166,13 @@ def thread_settings(repository: Path, **overrides: Any) -> Settings:
                     **overrides)
 
 
-def report(url: str, labels: list[tuple[str, int, int]], model: str = MODEL, timeout: float = 10) -> int:
+def report(url: str, labels: list[tuple[str, int, int]], model: str = MODEL, timeout: float = 10,
+           credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> int:
     """Send (request id, position, true class) labels through valley.v1.Feedback; the number accepted."""
     request = feedback_pb.ReportRequest(labels=[
         feedback_pb.Label(model_name=model, request_id=request_id, position=position, true_class=true_class)
         for request_id, position, true_class in labels])
-    with grpc.insecure_channel(url) as channel:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.secure_channel(url, credentials) if credentials else grpc.insecure_channel(url) as channel:
         stub = feedback_grpc.FeedbackStub(channel)  # type: ignore[no-untyped-call]
-        return int(stub.Report(request, timeout=timeout).accepted)
+        return int(stub.Report(request, timeout=timeout, metadata=metadata).accepted)

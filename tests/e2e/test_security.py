@@ -1,0 +1,216 @@
+"""TLS, mutual TLS and bearer tokens with roles, through the unmodified tritonclient (sync, aio, streaming)."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.cli import parse_settings
+from service.security import RECHECK_S
+from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
+
+INFER, FEEDBACK, ADMIN = "infer-token-0123456789", "feedback-token-0123456789", "admin-token-0123456789"
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _signed(name: str, extensions: str, folder: Path) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+             f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=folder)
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A throw-away CA, a server certificate for 127.0.0.1 and localhost, and a client certificate."""
+    folder = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+             "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=valley test CA", cwd=folder)
+    _signed("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n", folder)
+    _signed("client", "extendedKeyUsage=clientAuth\n", folder)
+    return Certificates(folder / "ca.crt", folder / "server.crt", folder / "server.key", folder / "client.crt",
+                        folder / "client.key")
+
+
+@pytest.fixture()
+def tokens(tmp_path: Path) -> Path:
+    path = tmp_path / "tokens"
+    path.write_text(f"# who may do what\n{INFER} infer\n{FEEDBACK} feedback   # the labelling job\n{ADMIN} admin\n")
+    return path
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def _code(error: InferenceServerException) -> str:
+    return str(error.status()).removeprefix("StatusCode.")
+
+
+@pytest.fixture()
+def secured(repository: Path, certificates: Certificates, tokens: Path) -> Iterator[ThreadServer]:
+    settings = thread_settings(repository, tls_cert=certificates.server_cert, tls_key=certificates.server_key,
+                               tokens_file=tokens)
+    with ThreadServer(settings) as server:
+        yield server
+
+
+def _client(server: ThreadServer, certificates: Certificates, **extra: Any) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(server.url, ssl=True, root_certificates=str(certificates.ca), **extra)
+
+
+def test_tls_with_tokens_serves_who_may_and_refuses_who_may_not(secured: ThreadServer, certificates: Certificates,
+                                                               reference: Reference) -> None:
+    client = _client(secured, certificates)
+    pixels = reference.images(4, seed=11)
+    result = client.infer(MODEL, triton_inputs(pixels), headers=_bearer(INFER), request_id="tls-1")
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference(pixels)["probabilities"], rtol=1e-5,
+                               atol=1e-6)
+    assert client.get_model_metadata(MODEL, headers=_bearer(FEEDBACK)).name == MODEL, "any token reads metadata"
+    refusals: dict[str, tuple[Callable[[], object], str]] = {
+        "no token": (lambda: client.infer(MODEL, triton_inputs(pixels)), "UNAUTHENTICATED"),
+        "wrong token": (lambda: client.infer(MODEL, triton_inputs(pixels), headers=_bearer("x" * 22)),
+                        "UNAUTHENTICATED"),
+        "not bearer": (lambda: client.infer(MODEL, triton_inputs(pixels), headers={"authorization": INFER}),
+                       "UNAUTHENTICATED"),
+        "feedback token infers": (lambda: client.infer(MODEL, triton_inputs(pixels), headers=_bearer(FEEDBACK)),
+                                  "PERMISSION_DENIED"),
+        "infer token unloads": (lambda: client.unload_model(MODEL, headers=_bearer(INFER)), "PERMISSION_DENIED"),
+        "no token reads metadata": (lambda: client.get_model_metadata(MODEL), "UNAUTHENTICATED"),
+    }
+    for case, (call, code) in refusals.items():
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert _code(refused.value) == code, case
+        assert INFER not in str(refused.value) and FEEDBACK not in str(refused.value), "no token is echoed"
+    client.load_model(MODEL, headers=_bearer(ADMIN))  # the admin reloads the model
+    assert client.is_model_ready(MODEL, headers=_bearer(ADMIN))
+    # Labels need the feedback role.
+    predicted = result.as_numpy("probabilities").argmax(axis=1)
+    labels = [("tls-1", i, int(c)) for i, c in enumerate(predicted)]
+    with pytest.raises(grpc.RpcError) as denied:
+        report(secured.url, labels, credentials=_channel_credentials(certificates), token=INFER)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert report(secured.url, labels, credentials=_channel_credentials(certificates), token=FEEDBACK) == 4
+
+
+def _channel_credentials(certificates: Certificates, client: bool = False) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        certificates.ca.read_bytes(),
+        certificates.client_key.read_bytes() if client else None,
+        certificates.client_cert.read_bytes() if client else None)
+
+
+def test_health_needs_no_token_and_plaintext_clients_cannot_connect(secured: ThreadServer,
+                                                                    certificates: Certificates) -> None:
+    with grpc.secure_channel(secured.url, _channel_credentials(certificates)) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="liveness"),
+                                                           timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(InferenceServerException) as refused:
+        triton.InferenceServerClient(secured.url).is_server_live(headers=_bearer(INFER), client_timeout=5)
+    assert _code(refused.value) in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_aio_and_streaming_clients_send_their_token(secured: ThreadServer, certificates: Certificates,
+                                                   reference: Reference) -> None:
+    pixels = reference.images(2, seed=12)
+    expected = reference(pixels)["probabilities"]
+
+    async def aio_infer() -> np.ndarray:
+        async with triton_aio.InferenceServerClient(secured.url, ssl=True,
+                                                    root_certificates=str(certificates.ca)) as client:
+            inputs = [triton_aio.InferInput("pixels", list(pixels.shape), "UINT8")]
+            inputs[0].set_data_from_numpy(pixels)
+            answer = await client.infer(MODEL, inputs, headers=_bearer(INFER))
+            with pytest.raises(InferenceServerException) as refused:
+                await client.infer(MODEL, inputs)
+            assert _code(refused.value) == "UNAUTHENTICATED"
+            return np.asarray(answer.as_numpy("probabilities"))
+
+    np.testing.assert_allclose(asyncio.run(aio_infer()), expected, rtol=1e-5, atol=1e-6)
+
+    for token, ok in ((INFER, True), (FEEDBACK, False)):
+        results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+        client = _client(secured, certificates)
+        client.start_stream(lambda result, error, into=results: into.put((result, error)), headers=_bearer(token))
+        try:
+            client.async_stream_infer(MODEL, triton_inputs(pixels))
+        except InferenceServerException:  # the refusal already ended the stream: the callback has the error
+            assert not ok
+        result, error = results.get(timeout=30)
+        client.stop_stream()
+        if ok:
+            assert error is None
+            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert result is None and "PERMISSION_DENIED" in str(error.status())
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate(repository: Path, certificates: Certificates,
+                                                          tokens: Path) -> None:
+    settings = thread_settings(repository, tls_cert=certificates.server_cert, tls_key=certificates.server_key,
+                               tls_client_ca=certificates.ca, tokens_file=tokens)
+    with ThreadServer(settings) as server:
+        with pytest.raises(InferenceServerException) as refused:
+            _client(server, certificates).is_server_live(headers=_bearer(INFER), client_timeout=5)
+        assert _code(refused.value) in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+        client = _client(server, certificates, private_key=str(certificates.client_key),
+                         certificate_chain=str(certificates.client_cert))
+        assert client.is_server_live(headers=_bearer(INFER))
+
+
+def test_a_changed_tokens_file_is_read_again_and_a_broken_one_keeps_the_old_tokens(
+        repository: Path, tokens: Path) -> None:
+    with ThreadServer(thread_settings(repository, tokens_file=tokens)) as server:
+        client = triton.InferenceServerClient(server.url)
+        assert client.is_server_ready(headers=_bearer(INFER))
+        rotated = "rotated-token-0123456789"
+        tokens.write_text(f"{rotated} infer,feedback\n")
+        time.sleep(RECHECK_S + 0.1)
+        assert client.is_server_ready(headers=_bearer(rotated))
+        with pytest.raises(InferenceServerException) as refused:
+            client.is_server_ready(headers=_bearer(INFER))
+        assert _code(refused.value) == "UNAUTHENTICATED"
+        tokens.write_text("this line is not a token file\n")
+        time.sleep(RECHECK_S + 0.1)
+        assert client.is_server_ready(headers=_bearer(rotated)), "a broken file keeps the tokens read before"
+
+
+def test_only_loopback_without_tokens_unless_insecure(tmp_path: Path, tokens: Path) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--repository", str(tmp_path), "--host", "0.0.0.0"])
+    assert parse_settings(["--repository", str(tmp_path)]).host == "127.0.0.1"
+    assert parse_settings(["--repository", str(tmp_path), "--host", "0.0.0.0", "--insecure"]).insecure
+    assert parse_settings(["--repository", str(tmp_path), "--host", "0.0.0.0", "--tokens-file", str(tokens)])
+    for flags in (["--tls-cert", str(tokens)], ["--tls-client-ca", str(tokens)],
+                  ["--tokens-file", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit):
+            parse_settings(["--repository", str(tmp_path), *flags])
