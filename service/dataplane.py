@@ -53,6 +53,8 @@ class InferenceRequest:
     model is NOT_FOUND whatever its tensors hold."""
     deadline: float | None = None
     """The `time.monotonic()` instant after which the answer is useless."""
+    caller: str = ""
+    """Who sent it (a token's fingerprint): only that caller may label what it was served."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ class DataPlane:
             needed = [*outputs, *self.observer.signal_outputs, *(["probabilities"] if keep else [])]
             results = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), request.deadline)
             if keep:
-                self.feedback.remember(model.name, model.version, request.id, results["probabilities"])
+                self.feedback.remember(model.name, model.version, request.id, results["probabilities"],
+                                       request.caller)
         except BaseException:
             model.statistics.record_request(time.monotonic() - started, ok=False)
             raise
@@ -223,9 +226,9 @@ class DataPlane:
 
     # -- feedback, statistics and repository ----------------------------------------------
 
-    def report(self, labels: Sequence[Label]) -> int:
-        """Join labels to the predictions served for them (all or none); returns how many were accepted."""
-        return self.feedback.report(labels)
+    def report(self, labels: Sequence[Label], caller: str = "") -> int:
+        """Join labels to the predictions served to `caller` for them (all or none); how many were accepted."""
+        return self.feedback.report(labels, caller)
 
     def statistics(self, name: str, version: str) -> list[NamedStatistics]:
         """A consistent copy of the statistics of one model (`name`), or of every model served."""

@@ -55,7 +55,9 @@ class PredictionStore:
         if max_predictions < 1 or ttl_seconds <= 0:
             raise ValueError("max_predictions must be >= 1 and ttl_seconds > 0")
         self.max_predictions, self.ttl_seconds, self._clock = max_predictions, ttl_seconds, clock
-        self._served: OrderedDict[tuple[str, str], _Served] = OrderedDict()
+        # Keyed by (caller, model, request id): a caller labels only its own predictions, and one caller's
+        # request ids never replace another's.
+        self._served: OrderedDict[tuple[str, str, str], _Served] = OrderedDict()
         self._count = 0
         # remember() runs on the event loop and join() may too; the lock keeps them whole if not.
         self._lock = threading.Lock()
@@ -64,23 +66,24 @@ class PredictionStore:
         """Predictions kept now."""
         return self._count
 
-    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray) -> None:
-        """Keep a request's probabilities [B, C]; a request without an id is not kept."""
+    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray, caller: str = "") -> None:
+        """Keep a request's probabilities [B, C] for `caller`; a request without an id is not kept."""
         if not request_id or len(probabilities) > self.max_predictions:
             return
         with self._lock:
             now = self._clock()
-            self._drop(self._served.pop((model, request_id), None))
+            self._drop(self._served.pop((caller, model, request_id), None))
             self._expire(now)
             while self._count + len(probabilities) > self.max_predictions:
                 self._drop(self._served.popitem(last=False)[1])
-            self._served[(model, request_id)] = _Served(version, np.array(probabilities, dtype=np.float32),
+            self._served[(caller, model, request_id)] = _Served(version, np.array(probabilities, dtype=np.float32),
                                                         np.zeros(len(probabilities), dtype=bool),
                                                         now + self.ttl_seconds)
             self._count += len(probabilities)
 
-    def join(self, labels: Sequence[Label]) -> list[Joined]:
-        """Join every label to its prediction, all or none: one bad label and nothing is marked labelled."""
+    def join(self, labels: Sequence[Label], caller: str = "") -> list[Joined]:
+        """Join every label to a prediction `caller` was served, all or none: one bad label and nothing is marked
+        labelled."""
         with self._lock:
             self._expire(self._clock())
             found: list[tuple[_Served, Label]] = []
@@ -88,7 +91,7 @@ class PredictionStore:
             for index, label in enumerate(labels):
                 where = f"label {index} (model {label.model!r}, request id {label.request_id!r}, position " \
                         f"{label.position})"
-                served = self._served.get((label.model, label.request_id))
+                served = self._served.get((caller, label.model, label.request_id))
                 if served is None:
                     raise UnknownPrediction(f"{where}: no prediction kept for it (never served with that id, or "
                                             f"older than {self.ttl_seconds:g} s or pushed out of the store); no "
@@ -163,12 +166,12 @@ class Feedback:
         """Whether what a request is served is kept for labels: feedback is on and the request has an id."""
         return self.store is not None and bool(request_id)
 
-    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray) -> None:
-        """Keep what a request with an id was served, to join labels to it later."""
+    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray, caller: str = "") -> None:
+        """Keep what a request with an id was served to `caller`, to join that caller's labels to it later."""
         if self.store is not None:
-            self.store.remember(model, version, request_id, probabilities)
+            self.store.remember(model, version, request_id, probabilities, caller)
 
-    def report(self, labels: Sequence[Label]) -> int:
+    def report(self, labels: Sequence[Label], caller: str = "") -> int:
         """Join every label (all or none), count and score them; returns how many were accepted."""
         if self.store is None:
             raise FeedbackOff("feedback is off on this server (--feedback false, or --metrics false without "
@@ -176,7 +179,7 @@ class Feedback:
         if not labels:
             raise InvalidInput("the report holds no labels")
         touched: dict[tuple[str, int], CalibrationWindow] = {}
-        joined = self.store.join(labels)
+        joined = self.store.join(labels, caller)
         for label in joined:
             key = (label.model, label.version)
             window = self._windows.get(key)

@@ -4,7 +4,9 @@ Tokens file (`--tokens-file`): one `TOKEN ROLE[,ROLE...]` per line, `#` starts a
 `infer` (inference, streaming), `feedback` (labels through valley.v1.Feedback), `admin`
 (repository load and unload). Any valid token may read metadata, readiness and statistics;
 `grpc.health.v1` and reflection stay open, so probes need no token. Callers send
-`authorization: Bearer <token>` metadata (tritonclient's `headers=`).
+`authorization: Bearer <token>` metadata (tritonclient's `headers=`). An admin token may do
+everything. Served predictions are kept per caller (`Caller.principal`), so a label is accepted
+only from the token that was served the prediction.
 
 Only SHA-256 digests of the tokens are kept, and a presented token is compared with every one
 of them by `hmac.compare_digest`, so neither memory nor timing reveals a token. The file is read

@@ -183,7 +183,7 @@ def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
 
 def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
     return InferenceRequest(request.model_name, request.model_version, request.id,
-                            functools.partial(_tensors, request), _deadline(request, context))
+                            functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal)
 
 
 def _response(answer: InferenceResponse) -> pb.ModelInferResponse:
@@ -322,4 +322,4 @@ class FeedbackServicer:
     async def Report(self, request: feedback_pb.ReportRequest, context: Context) -> feedback_pb.ReportResponse:
         labels = [Label(label.model_name, label.request_id, label.position, label.true_class)
                   for label in request.labels]
-        return feedback_pb.ReportResponse(accepted=self.dataplane.report(labels))
+        return feedback_pb.ReportResponse(accepted=self.dataplane.report(labels, CALLER.get().principal))

@@ -24,6 +24,8 @@ from service.security import RECHECK_S
 from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
 
 INFER, FEEDBACK, ADMIN = "infer-token-0123456789", "feedback-token-0123456789", "admin-token-0123456789"
+# Two client teams, each inferring and labelling what it was served.
+TEAM_A, TEAM_B = "team-a-token-0123456789", "team-b-token-0123456789"
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 @pytest.fixture()
 def tokens(tmp_path: Path) -> Path:
     path = tmp_path / "tokens"
-    path.write_text(f"# who may do what\n{INFER} infer\n{FEEDBACK} feedback   # the labelling job\n{ADMIN} admin\n")
+    path.write_text(f"# who may do what\n{INFER} infer\n{FEEDBACK} feedback   # labels, infers nothing\n{ADMIN} admin\n"
+                    f"{TEAM_A} infer,feedback\n{TEAM_B} infer,feedback\n")
     return path
 
 
@@ -112,13 +115,19 @@ def test_tls_with_tokens_serves_who_may_and_refuses_who_may_not(secured: ThreadS
         assert INFER not in str(refused.value) and FEEDBACK not in str(refused.value), "no token is echoed"
     client.load_model(MODEL, headers=_bearer(ADMIN))  # the admin reloads the model
     assert client.is_model_ready(MODEL, headers=_bearer(ADMIN))
-    # Labels need the feedback role.
+    # Labels need the feedback role, and come from the caller that was served.
     predicted = result.as_numpy("probabilities").argmax(axis=1)
     labels = [("tls-1", i, int(c)) for i, c in enumerate(predicted)]
+    tls = _channel_credentials(certificates)
     with pytest.raises(grpc.RpcError) as denied:
-        report(secured.url, labels, credentials=_channel_credentials(certificates), token=INFER)
+        report(secured.url, labels, credentials=tls, token=INFER)
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert report(secured.url, labels, credentials=_channel_credentials(certificates), token=FEEDBACK) == 4
+    with pytest.raises(grpc.RpcError) as foreign:
+        report(secured.url, labels, credentials=tls, token=FEEDBACK)
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    client.infer(MODEL, triton_inputs(pixels), headers=_bearer(TEAM_A), request_id="tls-2")
+    assert report(secured.url, [("tls-2", i, int(c)) for i, c in enumerate(predicted)], credentials=tls,
+                  token=TEAM_A) == 4
 
 
 def _channel_credentials(certificates: Certificates, client: bool = False) -> grpc.ChannelCredentials:
@@ -214,3 +223,20 @@ def test_only_loopback_without_tokens_unless_insecure(tmp_path: Path, tokens: Pa
                   ["--tokens-file", str(tmp_path / "missing")]):
         with pytest.raises(SystemExit):
             parse_settings(["--repository", str(tmp_path), *flags])
+
+
+def test_a_caller_labels_only_what_it_was_served(repository: Path, tokens: Path, reference: Reference) -> None:
+    with ThreadServer(thread_settings(repository, tokens_file=tokens)) as server:
+        client = triton.InferenceServerClient(server.url)
+        pixels = reference.images(2, seed=13)
+        client.infer(MODEL, triton_inputs(pixels), request_id="a-only", headers=_bearer(TEAM_A))
+        client.infer(MODEL, triton_inputs(pixels), request_id="same-id", headers=_bearer(TEAM_A))
+        client.infer(MODEL, triton_inputs(pixels), request_id="same-id", headers=_bearer(TEAM_B))
+        with pytest.raises(grpc.RpcError) as foreign:
+            report(server.url, [("a-only", 0, 1)], token=TEAM_B)
+        assert foreign.value.code() == grpc.StatusCode.NOT_FOUND, "B cannot label, nor learn of, A's predictions"
+        # B's request with the same id did not replace A's: each labels its own.
+        assert report(server.url, [("same-id", 0, 1), ("same-id", 1, 2)], token=TEAM_A) == 2
+        assert report(server.url, [("same-id", 0, 1), ("same-id", 1, 2)], token=TEAM_B) == 2
+        assert report(server.url, [("a-only", 0, 1)], token=TEAM_A) == 1
+
