@@ -7,6 +7,7 @@ Anything that is not a `ServingError` is a fault of ours: INTERNAL, with a gener
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -93,9 +94,22 @@ class Status:
         return self.code == INTERNAL
 
 
+MAX_MESSAGE = 400
+# An absolute path of the server's disk: the client gets its last three parts (ensemble/version/file), never
+# where the repository lies.
+_HOST_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)*([^\s/'\"]+/[^\s/'\"]+/[^\s/'\"]+)")
+
+
+def shown(message: str) -> str:
+    """`message` as a client may see it: one line, no host paths, at most MAX_MESSAGE characters."""
+    line = _HOST_PATH.sub(r"\1", " ".join(message.split()))
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 20] + " ... (message cut)"
+
+
 def status_of(error: BaseException) -> Status:
-    """The status a request that raised `error` is answered with; never the exception's text unless it is ours."""
+    """The status a request that raised `error` is answered with; never the exception's text unless it is ours,
+    and ours only short, on one line and without host paths (it may quote what the client sent)."""
     for kind in type(error).__mro__:
         if kind in STATUS:
-            return Status(STATUS[kind], str(error))
+            return Status(STATUS[kind], shown(str(error)))
     return Status(INTERNAL, INTERNAL_MESSAGE)

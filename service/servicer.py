@@ -27,7 +27,7 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.codec import decode_inputs, encode_outputs
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
-from service.errors import InvalidInput, Status, status_of
+from service.errors import InvalidInput, Status, shown, status_of
 from service.feedback import Label
 from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
@@ -299,7 +299,7 @@ class InferenceServicer:
                               ) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
-            index(name=e.name, version=e.version, state=e.state.value, reason=e.reason)
+            index(name=e.name, version=e.version, state=e.state.value, reason=shown(e.reason))
             for e in self.dataplane.index(ready_only=request.ready)])
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
