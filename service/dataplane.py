@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from artefact.manifest import OUTPUTS, TensorSpec
-from service.errors import InvalidInput, ServingError, ShuttingDown, status_of
+from service.errors import InvalidInput, ServingError, ShuttingDown, check_length, status_of
 from service.feedback import Feedback, Label
 from service.observer import Observer
 from service.repository import IndexEntry, Repository, ServedModel, State
@@ -139,6 +139,9 @@ class DataPlane:
         try:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down: send the request to another replica")
+            for field, value in (("model_name", request.model), ("model_version", request.version),
+                                 ("id", request.id)):
+                check_length(field, value)
             model = self.repository.get(request.model, request.version)
             with self._serving(model):
                 response = await self._infer(model, request, started)

@@ -95,6 +95,15 @@ class Status:
 
 
 MAX_MESSAGE = 400
+# Longest model name, version and request id taken: an id is kept with its prediction for feedback, so
+# its size bounds that store's memory as much as the count of predictions does.
+MAX_NAME_CHARS = 256
+
+
+def check_length(field: str, value: str) -> None:
+    """Refuse an overlong client string without echoing it."""
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidInput(f"{field} has {len(value)} characters; at most {MAX_NAME_CHARS} are taken")
 # An absolute path of the server's disk: the client gets its last three parts (ensemble/version/file), never
 # where the repository lies.
 _HOST_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)*([^\s/'\"]+/[^\s/'\"]+/[^\s/'\"]+)")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from artefact.calibration import Scored, binned_ece, score
-from service.errors import AlreadyLabelled, FeedbackOff, InvalidInput, UnknownPrediction
+from service.errors import AlreadyLabelled, FeedbackOff, InvalidInput, UnknownPrediction, check_length
 from service.observer import Observer
 
 
@@ -178,6 +178,9 @@ class Feedback:
                               "--feedback true): no predictions are kept to label")
         if not labels:
             raise InvalidInput("the report holds no labels")
+        for index, sent in enumerate(labels):
+            check_length(f"label {index} model_name", sent.model)
+            check_length(f"label {index} request_id", sent.request_id)
         touched: dict[tuple[str, int], CalibrationWindow] = {}
         joined = self.store.join(labels, caller)
         for label in joined:

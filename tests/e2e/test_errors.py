@@ -11,12 +11,14 @@ from typing import Any
 
 import grpc
 import pytest
+import tritonclient.grpc as triton
 from google.protobuf.message import Message
+from tritonclient.utils import InferenceServerException
 
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.errors import INTERNAL_MESSAGE
-from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings
+from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
 
 SECRET = "/srv/secret/path: a detail only the server's log may hold"
 SERVICES = {service.full_name: service for service in (pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
@@ -135,3 +137,24 @@ def test_a_stream_goes_on_after_a_request_that_fails_in_the_data_plane(server: T
     failed = [answer for answer in answers if answer.error_message]
     assert len(answers) == 2 and len(failed) == 1
     assert failed[0].error_message == f"INTERNAL: {INTERNAL_MESSAGE}" and SECRET not in str(answers)
+
+
+def test_overlong_names_and_ids_are_refused_without_being_echoed(repository: Path, reference: Reference) -> None:
+    long = "z" * 100_000
+    with ThreadServer(thread_settings(repository)) as server:
+        client = triton.InferenceServerClient(server.url)
+        pixels = reference.images(1, seed=21)
+        calls: list[Callable[[], object]] = [
+            lambda: client.infer(MODEL, triton_inputs(pixels), request_id=long),
+            lambda: client.infer(long, triton_inputs(pixels)),
+            lambda: client.infer(MODEL, triton_inputs(pixels), model_version=long)]
+        for call in calls:
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert "INVALID_ARGUMENT" in str(refused.value.status())
+            assert "at most 256" in str(refused.value) and "zzzz" not in str(refused.value)
+        with pytest.raises(grpc.RpcError) as label:
+            report(server.url, [(long, 0, 1)])
+        assert label.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "zzzz" not in str(label.value.details())
+        assert client.infer(MODEL, triton_inputs(pixels), request_id="r" * 256).as_numpy("probabilities").shape \
+            == (1, 10), "256 characters are still taken"
