@@ -104,6 +104,8 @@ def check_length(field: str, value: str) -> None:
     """Refuse an overlong client string without echoing it."""
     if len(value) > MAX_NAME_CHARS:
         raise InvalidInput(f"{field} has {len(value)} characters; at most {MAX_NAME_CHARS} are taken")
+
+
 # An absolute path of the server's disk: the client gets its last three parts (ensemble/version/file), never
 # where the repository lies.
 _HOST_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)*([^\s/'\"]+/[^\s/'\"]+/[^\s/'\"]+)")

@@ -76,9 +76,9 @@ class PredictionStore:
             self._expire(now)
             while self._count + len(probabilities) > self.max_predictions:
                 self._drop(self._served.popitem(last=False)[1])
-            self._served[(caller, model, request_id)] = _Served(version, np.array(probabilities, dtype=np.float32),
-                                                        np.zeros(len(probabilities), dtype=bool),
-                                                        now + self.ttl_seconds)
+            self._served[(caller, model, request_id)] = _Served(
+                version, np.array(probabilities, dtype=np.float32), np.zeros(len(probabilities), dtype=bool),
+                now + self.ttl_seconds)
             self._count += len(probabilities)
 
     def join(self, labels: Sequence[Label], caller: str = "") -> list[Joined]:

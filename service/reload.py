@@ -41,11 +41,11 @@ def addresses(target: str) -> list[str]:
     IPv4 addresses where there are any, else IPv6.
     """
     host, separator, port = target.rpartition(":")
-    if not separator or not host or not port.isdigit():
-        raise ValueError(f"--target {target!r}: expected HOST:PORT")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--target {target!r}: expected HOST:PORT, the port 1 to 65535")
     host = host.strip("[]")
     found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    # A dual-stack pod has an address of each family; the server binds one (0.0.0.0 by default).
+    # A dual-stack pod has an address of each family; the server binds one (0.0.0.0 in the images).
     families = {info[0] for info in found}
     family = socket.AF_INET if socket.AF_INET in families else socket.AF_INET6
     ips = sorted({str(info[4][0]) for info in found if info[0] == family})

@@ -178,4 +178,3 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
                                        root_certificates=client_ca.read_bytes() if client_ca else None,
                                        require_client_auth=client_ca is not None)
-

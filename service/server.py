@@ -121,7 +121,8 @@ class Server:
             else:
                 grpc_port = self.grpc.add_insecure_port(address)
         except RuntimeError as error:  # grpc's way of saying the bind failed
-            raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is wrong") \
+            tls = ", or the TLS certificate and key do not match" if settings.tls_cert else ""
+            raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is wrong{tls}") \
                 from error
         self._metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
         metrics_port = int(self._metrics_http.server_port)

@@ -74,8 +74,9 @@ class Settings(BaseSettings):
                                        "signed (mutual TLS); needs --tls-cert")
     tokens_file: Path | None = Field(None, description="bearer tokens with roles, one 'TOKEN ROLE[,ROLE...]' per "
                                      "line (roles: infer, feedback, admin); read again when it changes")
-    insecure: CliImplicitFlag[bool] = Field(False, description="allow binding another address than loopback without "
-                           "--tokens-file: anyone who reaches the port may then unload every model")
+    insecure: CliImplicitFlag[bool] = Field(False, description="allow binding another address than loopback "
+                                            "without --tokens-file: anyone who reaches the port may then unload "
+                                            "every model")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
                                                 "(time, level, logger, message) for log collectors")
@@ -90,6 +91,9 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+            # grpc says only that the port could not be opened when a certificate or key does not load.
+            if path is not None and name.startswith("tls") and b"-----BEGIN " not in path.read_bytes():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: not a PEM file (no '-----BEGIN' line)")
         if self.tokens_file is not None:
             try:
                 parse_tokens(self.tokens_file.read_text(encoding="utf-8"), str(self.tokens_file))

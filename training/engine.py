@@ -297,15 +297,14 @@ class Trainer:
             self.history.append(record)
             absolute = self.epoch_offset + self.epoch
             if main:
-                self._save(self.state(), keep=absolute in self.keep_epochs or self.epoch == epochs)
+                self._save(self.state(), absolute, keep=absolute in self.keep_epochs or self.epoch == epochs)
                 with open(self.run.log_file, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", absolute, record)
         # Every process may now read what rank 0 wrote (checkpoints, snapshots).
         distributed.barrier()
 
-    def _save(self, state: dict[str, Any], keep: bool) -> None:
-        absolute = self.epoch_offset + self.epoch
+    def _save(self, state: dict[str, Any], absolute: int, keep: bool) -> None:
         # The kept checkpoint first: a process killed between the two resumes from the previous epoch and
         # writes this one again, so a kept epoch is never skipped.
         if keep:

@@ -55,5 +55,6 @@ def test_reload_swaps_in_the_new_version_and_keeps_serving_when_one_is_refused(
 def test_reload_reports_servers_it_cannot_reach_and_bad_targets() -> None:
     code, lines, _ = _reload("127.0.0.1:1")
     assert code == 1 and lines[0]["ok"] is False and "UNAVAILABLE" in str(lines[0]["error"])
-    code, _, stderr = _reload("no-port-here")
-    assert code == 2 and "HOST:PORT" in stderr
+    for target in ("no-port-here", "127.0.0.1:99999"):
+        code, _, stderr = _reload(target)
+        assert code == 2 and "HOST:PORT" in stderr, target

@@ -220,6 +220,7 @@ def test_only_loopback_without_tokens_unless_insecure(tmp_path: Path, tokens: Pa
     assert parse_settings(["--repository", str(tmp_path), "--host", "0.0.0.0", "--insecure"]).insecure
     assert parse_settings(["--repository", str(tmp_path), "--host", "0.0.0.0", "--tokens-file", str(tokens)])
     for flags in (["--tls-cert", str(tokens)], ["--tls-client-ca", str(tokens)],
+                  ["--tls-cert", str(tokens), "--tls-key", str(tokens)],  # both exist, neither is PEM
                   ["--tokens-file", str(tmp_path / "missing")]):
         with pytest.raises(SystemExit):
             parse_settings(["--repository", str(tmp_path), *flags])
