@@ -18,7 +18,7 @@ DEMO_CURVE_EPOCHS ?= 40
 DEMO_CURVE_POINTS ?= 6
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup setup-demo data data-demo demo test lint typecheck clean bench-serving bench-metrics
+.PHONY: setup setup-demo data data-demo demo test test-long lint typecheck clean bench-serving bench-metrics
 
 # pip runs without -q where it downloads gigabytes (torch): its progress bars show the set-up is alive.
 $(BIN)/python:
@@ -76,6 +76,10 @@ test: setup data
 	$(BIN)/pytest
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The long reliability runs (docs/RELIABILITY.md): the full fuzz campaign, many crash points, sustained overload.
+test-long: setup data
+	$(BIN)/pytest -m long
 
 # The serving benchmark's Triton baseline needs PyTriton in a venv made from Debian's own python3.11.
 PYTRITON_VENV := .venv-pytriton
