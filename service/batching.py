@@ -5,8 +5,15 @@ request, then keeps taking requests until the batch holds `max_batch_size` image
 `max_queue_delay` has passed since it started collecting; requests whose deadline has
 already passed are dropped before compute. Each instance runs in a thread of its own, so the
 event loop never blocks on compute, and while one instance computes another collects the
-next batch. A full queue is refused at once (`QueueFull`), never waited on. Every finished
-run goes into the model's statistics and to the observer, as one `BatchRecord`.
+next batch. Every finished run goes into the model's statistics and to the observer, as one
+`BatchRecord`.
+
+The queue is bounded by count and by waiting time (Triton's queue policy with REJECT): a
+full queue is refused at once (`QueueFull`); so is a request that would wait longer than
+`max_queue_wait`, as estimated from the images ahead of it and the recent run times
+(`QueueWait`); and a request that did wait longer is refused when it is taken, before
+compute. An overloaded model answers UNAVAILABLE within microseconds, and the requests it
+accepts are answered within the bound.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded, QueueFull, QueueWait
 from service.observer import NULL_OBSERVER, Observer
 from service.statistics import ModelStatistics
 
@@ -75,10 +82,20 @@ class BatchRecord:
 
 class DynamicBatcher:
     def __init__(self, runs: Sequence[RunBatch], max_batch_size: int = 64, max_queue_delay: float = 0.002,
-                 max_queue_size: int = 1024, model: ModelKey = NO_MODEL, observer: Observer = NULL_OBSERVER) -> None:
-        """`runs`: one callable per model instance; each gets a worker and a compute thread of its own."""
+                 max_queue_size: int = 1024, model: ModelKey = NO_MODEL, observer: Observer = NULL_OBSERVER,
+                 max_queue_wait: float | None = None) -> None:
+        """`runs`: one callable per model instance; each gets a worker and a compute thread of its own.
+
+        `max_queue_wait`: seconds a request may wait for its run (None: no bound but its deadline).
+        """
         if not runs or max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError("at least one run, max_batch_size and max_queue_size >= 1, max_queue_delay >= 0")
+        if max_queue_wait is not None and max_queue_wait <= 0:
+            raise ValueError("max_queue_wait must be > 0, or None for no bound")
+        self.max_queue_wait = max_queue_wait
+        self._queued_images = 0
+        self._run_seconds = 0.0
+        """Recent model runs' mean time (exponentially weighted): what each batch ahead of a request costs."""
         self._runs, self._model, self._observer = list(runs), model, observer
         self.statistics = ModelStatistics()
         self.max_batch_size, self.max_queue_delay = max_batch_size, max_queue_delay
@@ -109,20 +126,40 @@ class DynamicBatcher:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
+    def expected_wait(self, images: int) -> float:
+        """Seconds a request of `images` would wait for its run if queued now: the batches ahead of it and its own,
+        shared among the instances, at the recent run time."""
+        batches = -(-(self._queued_images + images) // self.max_batch_size)
+        return batches * self._run_seconds / len(self._runs)
+
     async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None
                      ) -> dict[str, np.ndarray]:
         """Queue one request (uint8 pixels [B, ...]); `deadline` is a `time.monotonic()` instant."""
+        images = int(pixels.shape[0])
+        if self.max_queue_wait is not None and self.expected_wait(images) > self.max_queue_wait:
+            self._refuse("queue_wait")
+            raise QueueWait(f"the model is overloaded: a request queued now would wait about "
+                            f"{self.expected_wait(images) * 1e3:.0f} ms, over this server's bound of "
+                            f"{self.max_queue_wait * 1e3:.0f} ms; retry later or on another replica")
         pending = _Pending(pixels, tuple(outputs), deadline, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
+            self._refuse("queue_full")
             raise QueueFull(f"the request queue is full ({self._queue.maxsize} waiting): retry later") from None
+        self._queued_images += images
         return await pending.future
+
+    def _refuse(self, reason: str) -> None:
+        self._observer.observe_refusal(self._model.name, str(self._model.version), reason)
 
     async def _collect(self) -> list[_Pending]:
         """The next batch; a request that does not fit is kept to open the one after."""
         first, self._carry = self._carry, None
-        batch = [first if first is not None else await self._queue.get()]
+        if first is None:
+            first = await self._queue.get()
+            self._queued_images -= first.pixels.shape[0]
+        batch = [first]
         images = batch[0].pixels.shape[0]
         closes = time.monotonic() + self.max_queue_delay
         while images < self.max_batch_size:
@@ -136,6 +173,7 @@ class DynamicBatcher:
                     break
             else:
                 item = self._queue.get_nowait()
+            self._queued_images -= item.pixels.shape[0]
             if images + item.pixels.shape[0] > self.max_batch_size:
                 self._carry = item  # requests are never split across batches
                 break
@@ -170,6 +208,12 @@ class DynamicBatcher:
                 continue
             if item.deadline is not None and now >= item.deadline:
                 item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+            elif self.max_queue_wait is not None and now - item.enqueued > self.max_queue_wait:
+                self._refuse("queue_wait")
+                item.future.set_exception(QueueWait(
+                    f"the model is overloaded: the request waited {(now - item.enqueued) * 1e3:.0f} ms in the queue, "
+                    f"over this server's bound of {self.max_queue_wait * 1e3:.0f} ms; retry later or on another "
+                    "replica"))
             else:
                 live.append(item)
         if live:
@@ -188,6 +232,8 @@ class DynamicBatcher:
                     item.future.set_exception(error)
             return
         compute = time.monotonic() - started
+        # Weighted so that a change of load shows within a few runs, and one slow run does not refuse a burst.
+        self._run_seconds = compute if self._run_seconds == 0 else 0.8 * self._run_seconds + 0.2 * compute
         results = computed.outputs
         row = 0
         for item in live:

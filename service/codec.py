@@ -3,17 +3,34 @@
 Inputs may come as raw bytes (`raw_input_contents`, what tritonclient sends) or as typed
 contents; outputs always go back raw, since tritonclient reads only raw outputs. Every check
 that a client can fail raises `InvalidInput` with a message naming the tensor and the fix.
+
+A tensor's declaration (name, datatype, shape) is checked, by the codec and then by the
+caller's `expect` (the model's input), before any of its data is touched: what a request may
+make the server convert or allocate is bounded by what the model takes, never by what the
+client declared.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as pb
-from service.errors import InvalidInput
+from service.errors import InvalidInput, check_length
+
+MAX_RANK = 8
+"""Most dimensions a tensor may declare (images are [B, C, H, W])."""
+MAX_TENSORS = 16
+"""Most inputs, or outputs asked for, in one request."""
+
+Expect = Callable[[str, str, tuple[int, ...]], None]
+"""Raises `InvalidInput` unless a tensor declared with this name, datatype and shape is one the model takes."""
+
+
+def _anything(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+    pass
 
 DATATYPES: dict[str, np.dtype[np.generic]] = {
     "BOOL": np.dtype(np.bool_),
@@ -31,6 +48,19 @@ _TYPED_FIELD = {
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
 
+# What each typed field holds, as numpy reads it before narrowing to the tensor's datatype.
+_WIDE = {"bool_contents": np.dtype(np.bool_), "int_contents": np.dtype(np.int32), "int64_contents": np.dtype(np.int64),
+         "uint_contents": np.dtype(np.uint32), "uint64_contents": np.dtype(np.uint64),
+         "fp32_contents": np.dtype(np.float32), "fp64_contents": np.dtype(np.float64)}
+TYPED_ON_LOOP = 4096
+"""Typed values a request may hold and still be converted on the event loop; more go to a worker thread."""
+
+
+def typed_values(request: pb.ModelInferRequest) -> int:
+    """How many typed values the request's inputs hold (cheap: no value is read)."""
+    return sum(len(getattr(tensor.contents, field)) for tensor in request.inputs[:MAX_TENSORS]
+               for field in (*_WIDE, "bytes_contents"))
+
 
 def _dtype(name: str, datatype: str) -> np.dtype[np.generic]:
     if datatype not in DATATYPES:
@@ -39,25 +69,33 @@ def _dtype(name: str, datatype: str) -> np.dtype[np.generic]:
     return DATATYPES[datatype]
 
 
-def _shape(name: str, shape: list[int]) -> tuple[int, ...]:
+def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
+    if len(dims) > MAX_RANK:
+        raise InvalidInput(f"input '{name}': {len(dims)} dimensions; at most {MAX_RANK} are taken")
+    shape = tuple(dims)
     if any(dim < 0 for dim in shape):
-        raise InvalidInput(f"input '{name}': shape {shape} has a negative dimension")
-    return tuple(shape)
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    return shape
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's input tensors as numpy arrays, by name."""
-    raw = list(request.raw_input_contents)
+def decode_inputs(request: pb.ModelInferRequest, expect: Expect = _anything) -> dict[str, np.ndarray]:
+    """The request's input tensors as numpy arrays, by name; each declaration passes `expect` before its data is
+    read."""
+    if len(request.inputs) > MAX_TENSORS:
+        raise InvalidInput(f"the request has {len(request.inputs)} inputs; at most {MAX_TENSORS} are taken")
+    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
                            "send one raw entry per input, in the order of `inputs`")
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
+        check_length("an input's name", name)
         if name in arrays:
             raise InvalidInput(f"input '{name}' is given twice")
         dtype = _dtype(name, tensor.datatype)
-        shape = _shape(name, list(tensor.shape))
+        shape = _shape(name, tensor.shape)
+        expect(name, tensor.datatype, shape)
         count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
@@ -84,11 +122,15 @@ def _typed(name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.d
     field = _TYPED_FIELD.get(tensor.datatype)
     if field is None:
         raise InvalidInput(f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents")
+    for other in (*_WIDE, "bytes_contents"):
+        if other != field and len(getattr(tensor.contents, other)):
+            raise InvalidInput(f"input '{name}': {tensor.datatype} values go in contents.{field}, but "
+                               f"contents.{other} holds values too")
     values = getattr(tensor.contents, field)
     if len(values) != count:
         raise InvalidInput(f"input '{name}': {len(values)} values in contents.{field}, but shape "
                            f"{list(tensor.shape)} needs {count}")
-    wide = np.asarray(values)
+    wide = np.fromiter(values, dtype=_WIDE[field], count=count)
     if dtype.kind in "iu" and wide.size:
         limits = np.iinfo(dtype)  # type: ignore[type-var]
         if wide.min() < limits.min or wide.max() > limits.max:

@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 
 from artefact.manifest import OUTPUTS, TensorSpec
+from service.codec import Expect
 from service.errors import InvalidInput, ServingError, ShuttingDown, check_length, status_of
 from service.feedback import Feedback, Label
 from service.observer import Observer
@@ -48,13 +49,16 @@ class InferenceRequest:
     version: str
     """"" means the version being served."""
     id: str
-    decode: Callable[[], Tensors]
-    """Turns the wire tensors into arrays; called once the model is known, so a request for an unknown
-    model is NOT_FOUND whatever its tensors hold."""
+    decode: Callable[[Expect], Tensors]
+    """Turns the wire tensors into arrays, each declaration checked by the `Expect` before its data is read;
+    called once the model is known, so a request for an unknown model is NOT_FOUND whatever its tensors hold."""
     deadline: float | None = None
     """The `time.monotonic()` instant after which the answer is useless."""
     caller: str = ""
     """Who sent it (a token's fingerprint): only that caller may label what it was served."""
+    heavy: bool = False
+    """Decoding converts many typed values: it runs in a worker thread, so the event loop (and every health
+    probe) never waits on it."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class DataPlane:
 
     async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
         try:
-            pixels, outputs = self._checked(model, request.decode())
+            pixels, outputs = await self._checked(model, request)
             keep = self.feedback.keeps(request.id)
             # What the observer and the feedback need is computed for every image, whatever the client asked.
             needed = [*outputs, *self.observer.signal_outputs, *(["probabilities"] if keep else [])]
@@ -167,26 +171,33 @@ class DataPlane:
         model.statistics.record_request(time.monotonic() - started, ok=True)
         return InferenceResponse(model.name, str(model.version), request.id, {name: results[name] for name in outputs})
 
-    def _checked(self, model: ServedModel, tensors: Tensors) -> tuple[np.ndarray, tuple[str, ...]]:
+    async def _checked(self, model: ServedModel, request: InferenceRequest) -> tuple[np.ndarray, tuple[str, ...]]:
         """The request's pixels and outputs, or `InvalidInput` naming what does not fit: the one place requests
-        are checked before they can join a batch."""
+        are checked before they can join a batch. Declarations are checked before any data is read."""
+        ensemble = model.ensemble
+        spec = ensemble.manifest.input
+
+        def expect(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+            ensemble.check_input(name, datatype, shape)
+            if shape[0] > self.max_batch_size:
+                raise InvalidInput(f"input '{spec.name}' has a batch of {shape[0]} images; this server takes at "
+                                   f"most {self.max_batch_size} per request (split the request)")
+
+        tensors = await asyncio.to_thread(request.decode, expect) if request.heavy else request.decode(expect)
         outputs = tensors.outputs or DEFAULT_OUTPUTS
+        if len(outputs) > len(OUTPUTS):
+            raise InvalidInput(f"{len(outputs)} outputs asked for; there are {len(OUTPUTS)}: {', '.join(OUTPUTS)}")
         for index, name in enumerate(outputs):
+            check_length("an output's name", name)
             if name not in OUTPUTS:
                 raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(OUTPUTS)}")
             if name in outputs[:index]:
                 raise InvalidInput(f"output {name!r} is asked for twice")
-        spec = model.ensemble.manifest.input
         if list(tensors.inputs) != [spec.name]:
             shape = ", ".join(str(d) for d in spec.shape)
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
                                f"[{shape}]), got {list(tensors.inputs) or 'none'}")
-        pixels = tensors.inputs[spec.name]
-        model.ensemble.check_input(pixels)
-        if pixels.shape[0] > self.max_batch_size:
-            raise InvalidInput(f"input '{spec.name}' has a batch of {pixels.shape[0]} images; this server takes at "
-                               f"most {self.max_batch_size} per request (split the request)")
-        return pixels, outputs
+        return tensors.inputs[spec.name], outputs
 
     @contextmanager
     def _serving(self, model: ServedModel) -> Iterator[None]:

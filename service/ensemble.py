@@ -88,20 +88,23 @@ class Ensemble:
         """The same verified graphs in sessions of their own, for a second compute thread."""
         return _open(self.manifest, self.directory, self.device, self.threads, self.execution)
 
-    def check_input(self, pixels: np.ndarray) -> None:
-        """Raise `InvalidInput` unless `pixels` fit the ensemble's input.
+    def check_input(self, name: str, datatype: str, shape: Sequence[int]) -> None:
+        """Raise `InvalidInput` unless a tensor declared so is the ensemble's input (a `codec.Expect`).
 
-        The data plane calls this once per request, before the request can join a batch (it checks
-        the output names itself): `run` trusts its arguments.
+        The data plane calls this for every declared input before its data is read (it checks the output
+        names itself): `run` trusts its arguments.
         """
         spec = self.manifest.input
-        if pixels.dtype != np.uint8:
-            raise InvalidInput(f"input '{spec.name}' must be UINT8 pixels (0..255), got {pixels.dtype}")
+        if name != spec.name:
+            raise InvalidInput(f"model {self.manifest.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
+                               f"{spec.shape}), not {name!r}")
+        if datatype != spec.datatype:
+            raise InvalidInput(f"input '{spec.name}' must be {spec.datatype} pixels (0..255), got {datatype}")
         expected = tuple(spec.shape[1:])
-        if pixels.ndim != len(spec.shape) or tuple(pixels.shape[1:]) != expected or pixels.shape[0] < 1:
-            shape = ", ".join(str(d) for d in spec.shape)
-            raise InvalidInput(f"input '{spec.name}' must have shape [{shape}] (-1: batch of 1 or more), "
-                               f"got {list(pixels.shape)}")
+        if len(shape) != len(spec.shape) or tuple(shape[1:]) != expected or shape[0] < 1:
+            dims = ", ".join(str(d) for d in spec.shape)
+            raise InvalidInput(f"input '{spec.name}' must have shape [{dims}] (-1: batch of 1 or more), "
+                               f"got {list(shape)}")
 
     def run(self, pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
         """The named outputs for uint8 pixels [B, C, H, W] (checked already), with member times in `members` mode."""
@@ -114,7 +117,8 @@ class Ensemble:
 
     def infer(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Check and run one batch of pixels; returns the named outputs (for a caller outside the server)."""
-        self.check_input(pixels)
+        datatype = self.manifest.input.datatype if pixels.dtype == np.uint8 else str(pixels.dtype)
+        self.check_input(self.manifest.input.name, datatype, pixels.shape)
         known = [o.name for o in self.manifest.outputs]
         unknown = [name for name in outputs if name not in known]
         if unknown:

@@ -35,6 +35,14 @@ class QueueFull(ServingError):
     """The queue is at its bound: UNAVAILABLE, try again later."""
 
 
+class QueueWait(ServingError):
+    """The request would wait, or has waited, longer than the queue's bound: UNAVAILABLE, try again later."""
+
+
+class Overloaded(ServingError):
+    """The server is at its limit of concurrent RPCs: UNAVAILABLE, try again later or on another replica."""
+
+
 class DeadlineExceeded(ServingError):
     """The request's deadline passed while it waited: it was dropped before compute."""
 
@@ -69,6 +77,8 @@ STATUS: dict[type[ServingError], str] = {
     ModelNotReady: "UNAVAILABLE",
     LoadFailed: "FAILED_PRECONDITION",
     QueueFull: "UNAVAILABLE",
+    QueueWait: "UNAVAILABLE",
+    Overloaded: "UNAVAILABLE",
     DeadlineExceeded: "DEADLINE_EXCEEDED",
     ShuttingDown: "UNAVAILABLE",
     UnknownPrediction: "NOT_FOUND",

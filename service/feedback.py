@@ -1,8 +1,9 @@
 """Feedback: served predictions kept for a while, labels joined to them, live calibration from the labels.
 
 A prediction is named by (model, request id, position in that request's batch). Requests
-without an id cannot be labelled and are not kept. The store is bounded twice: at most
-`max_predictions` images (the oldest requests go first) and at most `ttl_seconds` old. A
+without an id cannot be labelled and are not kept. The store is bounded three times: at most
+`max_predictions` images and `max_bytes` bytes (the oldest requests go first, and a model
+with many classes costs more per image), and at most `ttl_seconds` old. A
 second request with the same id for the same model replaces the first. Every joined label is
 scored (`artefact.calibration`), counted by the observer and added to its model's window of
 the last labelled predictions.
@@ -49,16 +50,27 @@ class _Served:
     expires: float
 
 
+# What a kept request costs beyond its arrays: the key's strings, the entry and the dictionary slot.
+_ENTRY_BYTES = 512
+MAX_LABELS = 10_000
+"""Most labels one report may carry: a report is joined on the event loop."""
+
+
+def _size(key: tuple[str, str, str], served: _Served) -> int:
+    return _ENTRY_BYTES + sum(len(part) for part in key) + served.probabilities.nbytes + served.labelled.nbytes
+
+
 class PredictionStore:
-    def __init__(self, max_predictions: int, ttl_seconds: float,
+    def __init__(self, max_predictions: int, ttl_seconds: float, max_bytes: int = 256 << 20,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_predictions < 1 or ttl_seconds <= 0:
-            raise ValueError("max_predictions must be >= 1 and ttl_seconds > 0")
-        self.max_predictions, self.ttl_seconds, self._clock = max_predictions, ttl_seconds, clock
+        if max_predictions < 1 or ttl_seconds <= 0 or max_bytes < 1:
+            raise ValueError("max_predictions and max_bytes must be >= 1 and ttl_seconds > 0")
+        self.max_predictions, self.max_bytes = max_predictions, max_bytes
+        self.ttl_seconds, self._clock = ttl_seconds, clock
         # Keyed by (caller, model, request id): a caller labels only its own predictions, and one caller's
         # request ids never replace another's.
         self._served: OrderedDict[tuple[str, str, str], _Served] = OrderedDict()
-        self._count = 0
+        self._count = self._bytes = 0
         # remember() runs on the event loop and join() may too; the lock keeps them whole if not.
         self._lock = threading.Lock()
 
@@ -66,20 +78,30 @@ class PredictionStore:
         """Predictions kept now."""
         return self._count
 
+    @property
+    def bytes(self) -> int:
+        """What the kept predictions cost, as the store counts it against `max_bytes`."""
+        return self._bytes
+
     def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray, caller: str = "") -> None:
         """Keep a request's probabilities [B, C] for `caller`; a request without an id is not kept."""
-        if not request_id or len(probabilities) > self.max_predictions:
+        if not request_id:
             return
+        key = (caller, model, request_id)
         with self._lock:
             now = self._clock()
-            self._drop(self._served.pop((caller, model, request_id), None))
+            self._drop(key, self._served.pop(key, None))
+            served = _Served(version, np.array(probabilities, dtype=np.float32),
+                             np.zeros(len(probabilities), dtype=bool), now + self.ttl_seconds)
+            size = _size(key, served)
+            if len(probabilities) > self.max_predictions or size > self.max_bytes:
+                return
             self._expire(now)
-            while self._count + len(probabilities) > self.max_predictions:
-                self._drop(self._served.popitem(last=False)[1])
-            self._served[(caller, model, request_id)] = _Served(
-                version, np.array(probabilities, dtype=np.float32), np.zeros(len(probabilities), dtype=bool),
-                now + self.ttl_seconds)
+            while self._count + len(probabilities) > self.max_predictions or self._bytes + size > self.max_bytes:
+                self._drop(*self._served.popitem(last=False))
+            self._served[key] = served
             self._count += len(probabilities)
+            self._bytes += size
 
     def join(self, labels: Sequence[Label], caller: str = "") -> list[Joined]:
         """Join every label to a prediction `caller` was served, all or none: one bad label and nothing is marked
@@ -120,11 +142,12 @@ class PredictionStore:
             first = next(iter(self._served.values()))
             if first.expires > now:
                 break
-            self._drop(self._served.popitem(last=False)[1])
+            self._drop(*self._served.popitem(last=False))
 
-    def _drop(self, served: _Served | None) -> None:
+    def _drop(self, key: tuple[str, str, str], served: _Served | None) -> None:
         if served is not None:
             self._count -= len(served.labelled)
+            self._bytes -= _size(key, served)
 
 
 class CalibrationWindow:
@@ -178,6 +201,9 @@ class Feedback:
                               "--feedback true): no predictions are kept to label")
         if not labels:
             raise InvalidInput("the report holds no labels")
+        if len(labels) > MAX_LABELS:
+            raise InvalidInput(f"the report holds more than {MAX_LABELS} labels, the most taken per report "
+                               "(split it)")
         for index, sent in enumerate(labels):
             check_length(f"label {index} model_name", sent.model)
             check_length(f"label {index} request_id", sent.request_id)

@@ -219,6 +219,13 @@ class ServingMetrics:
         self.member_seconds = Histogram("valley_member_compute_duration_seconds", "Time of one member's run, in "
                                         "per-member execution", [*MODEL, "member"], buckets=LATENCY_BUCKETS,
                                         registry=registry)
+        self.refused = Counter("valley_refused_requests_total", "Requests refused UNAVAILABLE to protect the server, "
+                               "by reason: queue_full, queue_wait (would wait past --max-queue-wait-ms), "
+                               "concurrency (past --max-concurrent-rpcs; no model)", [*MODEL, "reason"],
+                               registry=registry)
+        self.load_failures = Counter("valley_model_load_failures_total", "Versions refused at load (files, manifest, "
+                                     "samples or graphs); the version serving before keeps serving", MODEL,
+                                     registry=registry)
         self.batch_images = Histogram("valley_batch_images", "Images in one model run (dynamic batching)", MODEL,
                                       buckets=BATCH_BUCKETS, registry=registry)
         self.ready = Gauge("valley_model_ready", "1 while the ensemble version serves, 0 once it stopped", MODEL,
@@ -288,6 +295,12 @@ class ServingMetrics:
         self.requests.labels(name, version, code).inc()
         if seconds is not None:
             self.request_seconds.labels(name, version).observe(seconds)
+
+    def observe_refusal(self, name: str, version: str, reason: str) -> None:
+        self.refused.labels(name, version, reason).inc()
+
+    def observe_load_failure(self, name: str, version: int) -> None:
+        self.load_failures.labels(name, str(version)).inc()
 
     def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
         """One model run: its size and times, and the label-free signals of every image in it."""

@@ -34,6 +34,12 @@ class Observer(Protocol):
     def observe_request(self, name: str, version: str, code: str, seconds: float | None) -> None:
         """One inference request was answered with `code`; `seconds` when it reached a model."""
 
+    def observe_refusal(self, name: str, version: str, reason: str) -> None:
+        """A request was refused to protect the server: `reason` is queue_full, queue_wait or concurrency."""
+
+    def observe_load_failure(self, name: str, version: int) -> None:
+        """A version was refused at load (its files, manifest, samples or graphs)."""
+
     def observe_label(self, name: str, version: int, scored: Scored) -> None:
         """One label was joined to the prediction served for it."""
 
@@ -56,6 +62,12 @@ class NullObserver:
         pass
 
     def observe_request(self, name: str, version: str, code: str, seconds: float | None) -> None:
+        pass
+
+    def observe_refusal(self, name: str, version: str, reason: str) -> None:
+        pass
+
+    def observe_load_failure(self, name: str, version: int) -> None:
         pass
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:

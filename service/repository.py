@@ -194,7 +194,8 @@ class Repository:
         settings = self._settings
         batcher = DynamicBatcher([instance.run for instance in instances], settings.max_batch_size,
                                  settings.max_queue_delay, settings.max_queue_size,
-                                 ModelKey(manifest.name, manifest.version, manifest.classes), self._observer)
+                                 ModelKey(manifest.name, manifest.version, manifest.classes), self._observer,
+                                 settings.max_queue_wait)
         batcher.start()
         return ServedModel(instances, batcher)
 

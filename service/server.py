@@ -35,7 +35,7 @@ from service.metrics import ServingMetrics
 from service.observer import NULL_OBSERVER, Observer
 from service.repository import Repository
 from service.security import Authorizer, Tokens, server_credentials
-from service.servicer import FeedbackServicer, InferenceServicer, add_servicer
+from service.servicer import ConcurrencyLimit, FeedbackServicer, InferenceServicer, add_servicer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ class Server:
                                                  lambda: self.dataplane.in_flight()) \
             if settings.metrics else NULL_OBSERVER
         self.repository = Repository(settings, self.observer, on_state=self._model_state)
-        store = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s) \
-            if settings.feedback_on else None
+        store = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s,
+                                settings.feedback_max_bytes) if settings.feedback_on else None
         feedback = Feedback(store, settings.calibration_window, self.observer)
         self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback)
         limit = settings.max_message_bytes
@@ -91,8 +91,9 @@ class Server:
                                              ("grpc.max_send_message_length", limit)])
         # Health and reflection stay open (probes carry no token); every other RPC is authorized.
         authorizer = Authorizer(Tokens(settings.tokens_file) if settings.tokens_file else None)
-        add_servicer(self.grpc, InferenceServicer(self.dataplane), INFERENCE, authorizer)
-        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer)
+        concurrency = ConcurrencyLimit(settings.max_concurrent_rpcs, self.observer)
+        add_servicer(self.grpc, InferenceServicer(self.dataplane), INFERENCE, authorizer, concurrency)
+        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, concurrency)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()

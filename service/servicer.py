@@ -13,7 +13,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
@@ -25,16 +26,20 @@ from google.protobuf.message_factory import GetMessageClass
 from artefact.manifest import TensorSpec
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service.codec import decode_inputs, encode_outputs
+from service.codec import MAX_TENSORS, TYPED_ON_LOOP, Expect, decode_inputs, encode_outputs, typed_values
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
-from service.errors import InvalidInput, Status, shown, status_of
-from service.feedback import Label
+from service.errors import MAX_NAME_CHARS, InvalidInput, Overloaded, Status, check_length, shown, status_of
+from service.feedback import MAX_LABELS, Label
+from service.observer import NULL_OBSERVER, Observer
 from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
 
 log = logging.getLogger(__name__)
 
 STREAM_IN_FLIGHT = 256
+"""Requests of one stream read and not yet answered."""
+STREAM_BUFFER_BYTES = 16 << 20
+"""Bytes of one stream's computed answers not yet written, beyond which no further request is read."""
 
 Request = TypeVar("Request", bound=Message)
 Response = TypeVar("Response", bound=Message)
@@ -88,21 +93,45 @@ async def _abort(context: Context, error: BaseException) -> NoReturn:
     raise AssertionError("grpc's context.abort returned instead of raising")
 
 
+class ConcurrencyLimit:
+    """RPCs being served at once; past `limit` (0: none) a new one is refused UNAVAILABLE before any work."""
+
+    def __init__(self, limit: int = 0, observer: Observer = NULL_OBSERVER) -> None:
+        self.limit, self.active, self._observer = limit, 0, observer
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if self.limit and self.active >= self.limit:
+            self._observer.observe_refusal("", "", "concurrency")
+            raise Overloaded(f"the server is serving its limit of {self.limit} concurrent requests: retry later or "
+                             "on another replica")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+UNLIMITED = ConcurrencyLimit()
+
+
 def _admit(authorizer: Authorizer, method: str, context: Context) -> None:
     """Check the caller before anything else runs; the data plane reads who it is from `CALLER`."""
     CALLER.set(authorizer.check(method, context.invocation_metadata()))
 
 
-def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN) -> Unary[Request, Response]:
-    """`handler` for authorized callers, answering every exception through the error table (INTERNAL for what
-    is not ours)."""
+def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN,
+            limit: ConcurrencyLimit = UNLIMITED) -> Unary[Request, Response]:
+    """`handler` for authorized callers within the concurrency limit, answering every exception through the error
+    table (INTERNAL for what is not ours)."""
     method = handler.__name__
 
     @functools.wraps(handler)
     async def call(request: Request, context: Context) -> Response:
         try:
-            _admit(authorizer, method, context)
-            return await handler(_parsed(request), context)
+            with limit.held():
+                _admit(authorizer, method, context)
+                return await handler(_parsed(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:
@@ -111,17 +140,19 @@ def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN) ->
     return call
 
 
-def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer = OPEN
-                   ) -> Streaming[Request, Response]:
-    """`guarded` for a bidirectional stream: a failure that ends the stream ends it with a mapped status."""
+def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer = OPEN,
+                   limit: ConcurrencyLimit = UNLIMITED) -> Streaming[Request, Response]:
+    """`guarded` for a bidirectional stream (one RPC for the limit, however many requests it carries): a failure
+    that ends the stream ends it with a mapped status."""
     method = handler.__name__
 
     @functools.wraps(handler)
     async def call(requests: AsyncIterator[Request], context: Context) -> AsyncIterator[Response]:
         try:
-            _admit(authorizer, method, context)
-            async for response in handler(_parsed_stream(requests), context):
-                yield response
+            with limit.held():
+                _admit(authorizer, method, context)
+                async for response in handler(_parsed_stream(requests), context):
+                    yield response
         except grpc.aio.AbortError:
             raise
         except Exception as error:
@@ -131,8 +162,9 @@ def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer
 
 
 def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
-                 authorizer: Authorizer = OPEN) -> None:
-    """Serve every method of `service` with the `servicer` method of its name, authorized, parsed and guarded."""
+                 authorizer: Authorizer = OPEN, limit: ConcurrencyLimit = UNLIMITED) -> None:
+    """Serve every method of `service` with the `servicer` method of its name, authorized, limited, parsed and
+    guarded."""
     handlers = {}
     for method in service.methods:
         handler = getattr(servicer, method.name)  # a missing method fails at start, not at the first call
@@ -140,10 +172,11 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
         options = {"request_deserializer": _parser(request_class),
                    "response_serializer": response_class.SerializeToString}
         if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(guarded_stream(handler, authorizer),
-                                                                          **options)
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                guarded_stream(handler, authorizer, limit), **options)
         elif not method.client_streaming and not method.server_streaming:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded(handler, authorizer), **options)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded(handler, authorizer, limit),
+                                                                        **options)
         else:
             raise NotImplementedError(f"{service.full_name}/{method.name}: only unary and bidirectional RPCs")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -152,20 +185,24 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
 # -- protobuf <-> data plane --------------------------------------------------------------
 
 
-def _tensors(request: pb.ModelInferRequest) -> Tensors:
+def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
     """The request's input arrays and the names of the outputs it asks for."""
+    if len(request.outputs) > MAX_TENSORS:
+        raise InvalidInput(f"the request asks for {len(request.outputs)} outputs; at most {MAX_TENSORS} are taken")
     for output in request.outputs:
+        check_length("an output's name", output.name)
         if any(key.startswith("shared_memory") for key in output.parameters):
             raise InvalidInput(f"output '{output.name}': shared-memory outputs are not supported; outputs come back "
                                "in the response")
         if "classification" in output.parameters:
             raise InvalidInput(f"output '{output.name}': classification (class_count) is not supported; ask for "
                                "'predicted_class' and 'confidence', or 'probabilities'")
-    for tensor in request.inputs:
+    for tensor in request.inputs[:MAX_TENSORS]:  # decode_inputs refuses more
+        check_length("an input's name", tensor.name)
         if any(key.startswith("shared_memory") for key in tensor.parameters):
             raise InvalidInput(f"input '{tensor.name}': shared-memory inputs are not supported; send the data in "
                                "the request")
-    return Tensors(decode_inputs(request), tuple(output.name for output in request.outputs))
+    return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs))
 
 
 def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
@@ -183,7 +220,8 @@ def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
 
 def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
     return InferenceRequest(request.model_name, request.model_version, request.id,
-                            functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal)
+                            functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal,
+                            heavy=typed_values(request) > TYPED_ON_LOOP)
 
 
 def _response(answer: InferenceResponse) -> pb.ModelInferResponse:
@@ -209,6 +247,32 @@ def _model_statistics(named: NamedStatistics) -> pb.ModelStatistics:
                                            queue=_duration(stats.queue), compute_infer=_duration(stats.compute)),
         batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(runs))
                      for size, runs in sorted(stats.batches.items())])
+
+
+class _StreamBudget:
+    """What one stream holds: requests read and not yet answered, and the bytes of answers waiting to be written."""
+
+    def __init__(self, requests: int, answer_bytes: int) -> None:
+        self._requests, self._bytes = requests, answer_bytes
+        self._held_requests = self._held_bytes = 0
+        self._freed = asyncio.Event()
+
+    async def admit(self) -> None:
+        """Wait until the stream may read one more request (one reader waits here), and count it."""
+        while self._held_requests >= self._requests or self._held_bytes >= self._bytes:
+            self._freed.clear()
+            await self._freed.wait()
+        self._held_requests += 1
+
+    def hold(self, size: int) -> None:
+        """An answer of `size` bytes is computed and waits to be written."""
+        self._held_bytes += size
+
+    def release(self, size: int) -> None:
+        """An answer is written: its request and bytes no longer count."""
+        self._held_requests -= 1
+        self._held_bytes -= size
+        self._freed.set()
 
 
 class InferenceServicer:
@@ -245,12 +309,13 @@ class InferenceServicer:
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream are served concurrently; each answer carries its request's id.
 
-        A failed request answers with `error_message` and the stream goes on, as in Triton.
+        A failed request answers with `error_message` and the stream goes on, as in Triton. A request
+        counts against the stream's budget from when it is read until its answer has been written: a
+        client that sends without reading its answers stops being read from, and the server holds at
+        most STREAM_IN_FLIGHT requests and about STREAM_BUFFER_BYTES of answers for it.
         """
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        # Requests of one stream in flight at once: a client that sends without reading stops
-        # being read from, instead of growing the server's memory.
-        in_flight = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
+        budget = _StreamBudget(STREAM_IN_FLIGHT, STREAM_BUFFER_BYTES)
 
         async def serve(request: pb.ModelInferRequest) -> None:
             try:
@@ -264,17 +329,21 @@ class InferenceServicer:
                 status = answer_of(error)
                 answer = pb.ModelStreamInferResponse(
                     error_message=f"{status.code}: {status.message}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name,
-                                                         model_version=request.model_version, id=request.id))
-            finally:
-                in_flight.release()
-            await answers.put(answer)
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name[:MAX_NAME_CHARS],
+                                                         model_version=request.model_version[:MAX_NAME_CHARS],
+                                                         id=request.id[:MAX_NAME_CHARS]))
+            size = answer.ByteSize()
+            budget.hold(size)
+            await answers.put((answer, size))
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
             try:
-                async for request in requests:
-                    await in_flight.acquire()
+                while True:
+                    await budget.admit()
+                    request = await anext(requests, None)
+                    if request is None:
+                        break
                     task = asyncio.create_task(serve(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -284,8 +353,10 @@ class InferenceServicer:
 
         reader = asyncio.create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
+            while (item := await answers.get()) is not None:
+                answer, size = item
+                yield answer  # resumes once grpc has taken the answer: a client that does not read holds us here
+                budget.release(size)
             await reader  # surfaces a broken request stream
         finally:
             reader.cancel()
@@ -320,6 +391,7 @@ class FeedbackServicer:
         self.dataplane = dataplane
 
     async def Report(self, request: feedback_pb.ReportRequest, context: Context) -> feedback_pb.ReportResponse:
+        # One past the limit is enough for the data plane to refuse an oversized report.
         labels = [Label(label.model_name, label.request_id, label.position, label.true_class)
-                  for label in request.labels]
+                  for label in request.labels[:MAX_LABELS + 1]]
         return feedback_pb.ReportResponse(accepted=self.dataplane.report(labels, CALLER.get().principal))

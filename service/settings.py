@@ -56,6 +56,11 @@ class Settings(BaseSettings):
                                 "refused")
     max_queue_delay_ms: float = Field(2.0, ge=0, description="longest a request waits for others to join its batch")
     max_queue_size: int = Field(1024, ge=1, description="requests waiting per model; beyond it UNAVAILABLE at once")
+    max_queue_wait_ms: float = Field(1000.0, ge=0, description="longest a request may wait for its model run; "
+                                     "one that would wait longer is refused UNAVAILABLE at once (0: no bound "
+                                     "but the request's deadline)")
+    max_concurrent_rpcs: int = Field(1024, ge=0, description="RPCs served at once (a stream counts as one; health "
+                                     "is exempt); beyond it UNAVAILABLE at once (0: no limit)")
     max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
     metrics: bool = Field(True, description="request, latency and uncertainty metrics on /metrics (off: only "
                           "process metrics, and runs compute only the outputs clients ask for)")
@@ -64,6 +69,8 @@ class Settings(BaseSettings):
                                   "whose calibration metrics the labels feed)")
     feedback_max_predictions: int = Field(100_000, ge=1, description="served predictions (images) kept for "
                                           "feedback labels; the oldest go first")
+    feedback_max_bytes: int = Field(256 * MIB, ge=MIB, description="memory the kept predictions may take "
+                                    "(probabilities, ids); the oldest go first")
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a served prediction can still be labelled")
     calibration_window: int = Field(1000, ge=1, description="labelled predictions in the live ECE/accuracy/NLL/"
                                     "Brier gauges")
@@ -116,6 +123,11 @@ class Settings(BaseSettings):
         if self.session_threads:
             return self.session_threads
         return max(1, usable_cpus() // self.instances)
+
+    @property
+    def max_queue_wait(self) -> float | None:
+        """`max_queue_wait_ms` in seconds; None for no bound."""
+        return self.max_queue_wait_ms / 1000.0 if self.max_queue_wait_ms else None
 
     @property
     def max_queue_delay(self) -> float:

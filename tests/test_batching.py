@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import BatchRecord, DynamicBatcher
+from service.batching import BatchRecord, DynamicBatcher, RunOutput
 from service.ensemble import Ensemble, load_ensemble
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded, QueueFull, QueueWait
 from service.observer import NullObserver
 from tests.conftest import Gate, until_entered
 
@@ -162,3 +162,60 @@ def test_stop_finishes_queued_work(ensemble: Ensemble) -> None:
         assert all(f.done() and not f.exception() for f in futures)
 
     asyncio.run(main())
+
+
+class Refusals(NullObserver):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def observe_refusal(self, name: str, version: str, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def test_a_request_that_would_wait_past_the_bound_is_refused_at_once(ensemble: Ensemble) -> None:
+    def slow(pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
+        time.sleep(0.05)
+        return ensemble.run(pixels, outputs)
+
+    refusals = Refusals()
+
+    async def main() -> None:
+        batcher = DynamicBatcher([slow], max_batch_size=1, max_queue_delay=0, observer=refusals,
+                                 max_queue_wait=0.12)
+        batcher.start()
+        await batcher.submit(_images(1, 0), ["confidence"])  # one run teaches the batcher what a run costs
+        burst = [asyncio.ensure_future(batcher.submit(_images(1, seed), ["confidence"])) for seed in range(10)]
+        await asyncio.sleep(0)  # every submit ran up to its queueing
+        refused = [task for task in burst if task.done()]
+        assert len(refused) >= 7, "the requests past ~2 runs of waiting are refused before any run finishes"
+        for task in refused:
+            with pytest.raises(QueueWait, match="would wait about"):
+                task.result()
+        accepted = [task for task in burst if not task.done()]
+        assert accepted, "the requests within the bound are queued"
+        for task in accepted:
+            assert (await task)["confidence"].shape == (1,)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert refusals.reasons and set(refusals.reasons) == {"queue_wait"}
+
+
+def test_a_request_that_waited_past_the_bound_is_refused_before_compute(ensemble: Ensemble) -> None:
+    run = Gate(ensemble.run)
+
+    async def main() -> None:
+        batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0, max_queue_wait=0.05)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
+        await until_entered(run)
+        waiting = asyncio.ensure_future(batcher.submit(_images(1, 1), ["confidence"]))  # no run measured yet
+        await asyncio.sleep(0.1)
+        run.open.set()
+        assert (await busy)["confidence"].shape == (1,)
+        with pytest.raises(QueueWait, match="waited"):
+            await waiting
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert run.batches == [1], "the request that waited too long never reached the model"

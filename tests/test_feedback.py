@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from service.errors import AlreadyLabelled, InvalidInput, UnknownPrediction
-from service.feedback import Label, PredictionStore
+from service.feedback import MAX_LABELS, Feedback, Label, PredictionStore
+from service.observer import NULL_OBSERVER
 
 
 class Clock:
@@ -72,6 +73,29 @@ def test_predictions_expire_and_the_oldest_go_when_full() -> None:
     assert len(store) == 0
     store.remember("m", 1, "", _probabilities(1))
     assert len(store) == 0, "a request without an id cannot be labelled, so it is not kept"
+
+
+def test_the_store_is_bounded_in_bytes_whatever_the_classes_and_ids() -> None:
+    budget = 64 << 10
+    store = PredictionStore(max_predictions=1_000_000, ttl_seconds=60, max_bytes=budget)
+    rng = np.random.default_rng(0)
+    for index in range(300):  # 1000 classes: 4 kB per image, far over the budget in total
+        probabilities = rng.dirichlet(np.ones(1000), size=int(rng.integers(1, 4))).astype(np.float32)
+        store.remember("m", 1, f"{index:0>200}", probabilities, caller="c" * 64)
+        assert store.bytes <= budget
+    assert 0 < len(store) < 300 * 3
+    newest = store.join([Label("m", f"{299:0>200}", 0, 1)], caller="c" * 64)
+    assert len(newest) == 1, "the newest request is kept; the oldest went first"
+    store.remember("m", 1, "huge", rng.dirichlet(np.ones(1000), size=100).astype(np.float32))
+    assert store.bytes <= budget, "a request larger than the whole budget is not kept"
+    with pytest.raises(UnknownPrediction):
+        store.join([Label("m", "huge", 0, 0)])
+
+
+def test_a_report_with_too_many_labels_is_refused_before_any_is_joined() -> None:
+    feedback = Feedback(PredictionStore(max_predictions=10, ttl_seconds=60), window=10, observer=NULL_OBSERVER)
+    with pytest.raises(InvalidInput, match="more than 10000 labels"):
+        feedback.report([Label("m", "r", 0, 0)] * (MAX_LABELS + 1))
 
 
 def test_the_same_id_again_replaces_the_prediction() -> None:
