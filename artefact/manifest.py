@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,9 @@ MANIFEST_FILE = "manifest.json"
 # Output names of every ensemble graph, in the order the fused graph returns them.
 OUTPUTS = ("probabilities", "predicted_class", "confidence", "entropy", "mutual_information",
            "member_disagreement", "member_probabilities")
+
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 
 
 class ManifestError(Exception):
@@ -48,8 +52,16 @@ class InputSpec(TensorSpec):
 
 
 class FileEntry(_Strict):
-    file: str
+    file: str = Field(description="a file name in the version's folder: no path, nothing outside the folder")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        if not _FILE_NAME.fullmatch(value):
+            raise ValueError(f"{value[:100]!r} is not a file name in the version's folder (a path, or a name "
+                             "outside it)")
+        return value
 
 
 class Metrics(_Strict):
@@ -152,10 +164,13 @@ def load_manifest(version_dir: Path) -> Manifest:
 
 def verify_files(manifest: Manifest, version_dir: Path) -> None:
     """Check every file the manifest names exists and has its recorded sha256."""
+    folder = version_dir.resolve()
     for entry in manifest.files():
         path = version_dir / entry.file
         if not path.is_file():
             raise ManifestError(f"{path} is named in the manifest but missing")
+        if path.resolve().parent != folder:
+            raise ManifestError(f"{path} is a link to a file outside the version's folder; a version holds its files")
         actual = sha256_of(path)
         if actual != entry.sha256:
             raise ManifestError(f"{path} has sha256 {actual}, the manifest says {entry.sha256}: the file changed")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, QueueFull, QueueWait
+from service.errors import DeadlineExceeded, QueueFull, QueueWait, Retired
 from service.observer import NULL_OBSERVER, Observer
 from service.statistics import ModelStatistics
 
@@ -104,6 +104,7 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._collecting = asyncio.Lock()
         self._carry: _Pending | None = None
+        self._stopping = False
 
     @property
     def depth(self) -> int:
@@ -117,7 +118,8 @@ class DynamicBatcher:
                              for index in range(len(self._runs))]
 
     async def stop(self) -> None:
-        """Finish every queued request, then stop the workers."""
+        """Take no more requests (`Retired`), finish every queued one, then stop the workers."""
+        self._stopping = True
         await self._queue.join()
         for worker in self._workers:
             worker.cancel()
@@ -135,6 +137,8 @@ class DynamicBatcher:
     async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None
                      ) -> dict[str, np.ndarray]:
         """Queue one request (uint8 pixels [B, ...]); `deadline` is a `time.monotonic()` instant."""
+        if self._stopping:
+            raise Retired(f"version {self._model.version} of {self._model.name!r} stopped taking requests")
         images = int(pixels.shape[0])
         if self.max_queue_wait is not None and self.expected_wait(images) > self.max_queue_wait:
             self._refuse("queue_wait")

@@ -20,7 +20,15 @@ import numpy as np
 
 from artefact.manifest import OUTPUTS, TensorSpec
 from service.codec import Expect
-from service.errors import InvalidInput, ServingError, ShuttingDown, check_length, status_of
+from service.errors import (
+    InvalidInput,
+    ModelControlOff,
+    Retired,
+    ServingError,
+    ShuttingDown,
+    check_length,
+    status_of,
+)
 from service.feedback import Feedback, Label
 from service.observer import Observer
 from service.repository import IndexEntry, Repository, ServedModel, State
@@ -31,6 +39,9 @@ EXTENSIONS = ("model_repository", "statistics")
 PLATFORM = "valley_ensemble"
 # Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
 DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "member_probabilities")
+# Lookups of a request whose version retired before it was queued (each retry finds the version swapped in).
+_RETRIES = 3
+_MAX_CONFIG_CHARS = 64 << 10
 # Failures that happened after the request reached its model: their duration is worth a latency sample.
 _REACHED_MODEL = ("DEADLINE_EXCEEDED", "INTERNAL")
 
@@ -101,8 +112,9 @@ def _server_version() -> str:
 
 
 class DataPlane:
-    def __init__(self, repository: Repository, max_batch_size: int, observer: Observer, feedback: Feedback) -> None:
-        self.repository, self.max_batch_size = repository, max_batch_size
+    def __init__(self, repository: Repository, max_batch_size: int, observer: Observer, feedback: Feedback,
+                 model_control: str = "explicit") -> None:
+        self.repository, self.max_batch_size, self.model_control = repository, max_batch_size, model_control
         self.observer, self.feedback = observer, feedback
         self.shutting_down = False
         self._in_flight: dict[tuple[str, str], int] = {}
@@ -132,7 +144,8 @@ class DataPlane:
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         model = self.repository.get(name, version)
         manifest = model.ensemble.manifest
-        return ModelMetadata(model.name, [str(model.version)], PLATFORM, [manifest.input], list(manifest.outputs))
+        versions = [str(v) for v in self.repository.versions(model.name)]
+        return ModelMetadata(model.name, versions, PLATFORM, [manifest.input], list(manifest.outputs))
 
     # -- inference ------------------------------------------------------------------------
 
@@ -147,8 +160,15 @@ class DataPlane:
                                  ("id", request.id)):
                 check_length(field, value)
             model = self.repository.get(request.model, request.version)
-            with self._serving(model):
-                response = await self._infer(model, request, started)
+            for attempt in range(_RETRIES):
+                try:
+                    with self._serving(model):
+                        response = await self._infer(model, request, started)
+                    break
+                except Retired:  # swapped out between lookup and queueing: what serves now takes it
+                    if attempt == _RETRIES - 1:
+                        raise
+                    model = self.repository.get(request.model, request.version)
         except Exception as error:
             self._observe_failure(request, model, status_of(error).code, started)
             raise
@@ -165,6 +185,8 @@ class DataPlane:
             if keep:
                 self.feedback.remember(model.name, model.version, request.id, results["probabilities"],
                                        request.caller)
+        except Retired:
+            raise
         except BaseException:
             model.statistics.record_request(time.monotonic() - started, ok=False)
             raise
@@ -252,11 +274,23 @@ class DataPlane:
     def index(self, ready_only: bool) -> list[IndexEntry]:
         return [entry for entry in self.repository.index() if not ready_only or entry.state == State.READY]
 
-    async def load(self, name: str, parameters: Sequence[str] = ()) -> None:
-        if parameters:
-            raise InvalidInput(f"load parameters ({', '.join(parameters)}) are not supported: publish the version "
-                               "into the repository folder, then load the model by name")
-        await self.repository.load(name)
+    async def load(self, name: str, config: str | None = None, others: Sequence[str] = ()) -> None:
+        """Load `name` by its version policy; `config` (Triton's JSON model config) may set the policy."""
+        self._controllable()
+        check_length("model_name", name)
+        if others:
+            raise InvalidInput(f"load parameters {', '.join(others)[:100]} are not supported: the 'config' parameter "
+                               "may set a version_policy; publish files into the repository folder")
+        if config is not None and len(config) > _MAX_CONFIG_CHARS:
+            raise InvalidInput(f"the config parameter has {len(config)} characters; at most {_MAX_CONFIG_CHARS}")
+        await self.repository.load(name, config)
 
     async def unload(self, name: str) -> None:
+        self._controllable()
+        check_length("model_name", name)
         await self.repository.unload(name)
+
+    def _controllable(self) -> None:
+        if self.model_control == "none":
+            raise ModelControlOff("this server takes no load or unload requests (--model-control-mode none): "
+                                  "restart it, or run it with --model-control-mode explicit or poll")

@@ -27,6 +27,15 @@ class ModelNotReady(ServingError):
     """The ensemble exists but is not serving (loading, failed, unloaded, shutting down): UNAVAILABLE."""
 
 
+class Retired(ModelNotReady):
+    """The version stopped taking requests (another swapped in, or it was unloaded); the data plane sends the
+    request on to what serves now."""
+
+
+class ModelControlOff(ServingError):
+    """Load and unload requests are off (--model-control-mode none): FAILED_PRECONDITION."""
+
+
 class LoadFailed(ServingError):
     """A version could not be loaded (bad manifest, changed file, wrong samples): FAILED_PRECONDITION."""
 
@@ -76,6 +85,7 @@ STATUS: dict[type[ServingError], str] = {
     ModelNotFound: "NOT_FOUND",
     ModelNotReady: "UNAVAILABLE",
     LoadFailed: "FAILED_PRECONDITION",
+    ModelControlOff: "FAILED_PRECONDITION",
     QueueFull: "UNAVAILABLE",
     QueueWait: "UNAVAILABLE",
     Overloaded: "UNAVAILABLE",

@@ -1,34 +1,53 @@
-"""The model repository: which ensembles exist on disk, which version of each is served.
+"""The model repository: which ensembles exist on disk, which versions of each are served.
 
-Layout: `ROOT/<name>/<version>/manifest.json` (integer versions). The latest version of each
-ensemble is served. Loading reads and verifies a version in a worker thread (sha256s, the
-manifest's sample outputs) and only then swaps it in; a version that fails is refused with
-the reason, and the version already serving (if any) keeps serving. Unloading stops taking
-new requests and lets queued ones finish. Loads and unloads are reported to the observer,
-and to the state listener (the server's health service).
+Layout: `ROOT/<name>/<version>/manifest.json` (integer versions), and optionally
+`ROOT/<name>/config.json` holding a version policy (`service.policy`). Which versions serve is
+the policy's choice: by default the newest one that verifies. Loading reads and verifies a
+version beside the ones serving, in a worker thread (sha256s, the manifest's sample outputs, a
+warm-up run of a full batch), and only then swaps the new set in, in one assignment: requests
+already queued on a version that leaves finish on it, and a request that reaches a retired
+version is sent on to its successor. A version that fails is refused with the reason (and a
+metric) and never tried again until its manifest changes; what served before keeps serving.
+
+Model control follows Triton's modes: `none` loads everything at start and takes no load or
+unload requests; `explicit` loads the names it is given at start (all by default) and then what
+it is asked to; `poll` also looks at the repository every few seconds and loads what is new or
+changed, unloading what was removed. Hidden entries (`.name`: exports in progress) are skipped;
+anything else that is not `<name>/<version>/manifest.json` is reported once in the log and in
+the repository index, never fatal. Loads and unloads are reported to the observer, and to the
+state listener (the server's health service).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
+
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from service.batching import DynamicBatcher, ModelKey
 from service.ensemble import Ensemble, load_ensemble
-from service.errors import LoadFailed, ModelNotFound, ModelNotReady
+from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from service.observer import Observer
+from service.policy import VersionPolicy
 from service.settings import Settings
 from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+CONFIG_FILE = "config.json"
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+"""(name, mtime_ns, size, inode) of every file of a version folder: a version whose files change (a copy that was
+still being written when it was refused, a file replaced under a serving version) is loaded again."""
 
 
 class State(str, Enum):
@@ -44,6 +63,7 @@ class ServedModel:
     instances: list[Ensemble]
     """Copies of the verified ensemble, each run by a compute thread of its own."""
     batcher: DynamicBatcher
+    fingerprint: Fingerprint = ()
 
     @property
     def statistics(self) -> ModelStatistics:
@@ -72,17 +92,32 @@ class IndexEntry:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Oddity:
+    """Something in the repository that is not an ensemble version."""
+
+    path: str
+    """Relative to the repository."""
+    reason: str
+
+
 @dataclass
 class _Slot:
     """Everything the repository knows about one ensemble name."""
 
-    served: ServedModel | None = None
+    served: dict[int, ServedModel] = field(default_factory=dict)
+    """The versions serving; replaced whole, never changed in place (readers on other threads see one set)."""
     state: State = State.UNAVAILABLE
     reason: str = "not loaded"
     wanted: bool = True
-    """False once unloaded on request: then not being ready does not make the server unready."""
-    refused: dict[int, str] = field(default_factory=dict)
-    """Versions that failed to load, with the reason."""
+    """False once unloaded on request: then not being ready does not make the server unready, nor does polling
+    load it again."""
+    refused: dict[int, tuple[str, Fingerprint]] = field(default_factory=dict)
+    """Versions that failed to load, with the reason and the manifest they had."""
+    override: VersionPolicy | None = None
+    """The policy given by the last load request's `config` parameter."""
+    seen: object = None
+    """What the repository held for this name at the last load (polling loads again when it changes)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -94,102 +129,241 @@ async def _ignore_state(name: str, serving: bool) -> None:
     pass
 
 
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    """(name, mtime_ns, size, inode) of a file; zeros when it is not there."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (path.name, 0, 0, 0)
+    return (path.name, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def _fingerprint(version_dir: Path) -> Fingerprint:
+    try:
+        names = sorted(os.listdir(version_dir))
+    except OSError:
+        return ()
+    return tuple(_stamp(version_dir / name) for name in names)
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
 class Repository:
     def __init__(self, settings: Settings, observer: Observer, on_state: StateListener = _ignore_state) -> None:
         self.root = settings.repository
         self._settings = settings
+        self.policy = VersionPolicy.parse(settings.version_policy)
         self._observer, self._on_state = observer, on_state
         self._slots: dict[str, _Slot] = {}
+        self._reported: set[Oddity] = set()
 
     # -- what is on disk ------------------------------------------------------------------
 
-    def on_disk(self) -> dict[str, list[int]]:
-        """Every ensemble folder that holds a version, by name (sorted), with its versions."""
+    def scan(self) -> tuple[dict[str, list[int]], list[Oddity]]:
+        """Every ensemble folder that holds a version, by name (sorted), with its versions; and what else is there."""
         if not self.root.is_dir():
             raise ModelNotFound(f"the model repository {self.root} does not exist or is not a folder")
-        names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        found = {name: self.versions_on_disk(name) for name in names}
-        return {name: versions for name, versions in found.items() if versions}
+        found: dict[str, list[int]] = {}
+        oddities: list[Oddity] = []
+        for entry in sorted(self.root.iterdir()):
+            if _hidden(entry):
+                continue
+            if not entry.is_dir():
+                oddities.append(Oddity(entry.name, "not a folder: the repository holds <ensemble>/<version>/ folders"))
+            elif not NAME.fullmatch(entry.name):
+                oddities.append(Oddity(entry.name, "not an ensemble name (letters, digits and _ . -)"))
+            else:
+                versions, odd = self._versions(entry)
+                oddities += odd
+                if versions:
+                    found[entry.name] = versions
+                elif not odd:
+                    oddities.append(Oddity(entry.name, "holds no version folder"))
+        return found, oddities
 
     def versions_on_disk(self, name: str) -> list[int]:
         """Integer version folders that hold a manifest, ascending."""
         folder = self.root / name
-        if not folder.is_dir():
-            return []
-        return sorted(int(p.name) for p in folder.iterdir()
-                      if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+        return self._versions(folder)[0] if NAME.fullmatch(name) and folder.is_dir() else []
+
+    @staticmethod
+    def _versions(folder: Path) -> tuple[list[int], list[Oddity]]:
+        versions, oddities = [], []
+        for entry in folder.iterdir():
+            where = f"{folder.name}/{entry.name}"
+            if _hidden(entry) or entry.name == CONFIG_FILE:
+                continue
+            if not entry.is_dir() or not entry.name.isdigit() or int(entry.name) < 1:
+                oddities.append(Oddity(where, "not a version: versions are folders named by integers from 1"))
+            elif not (entry / MANIFEST_FILE).is_file():
+                oddities.append(Oddity(where, f"no {MANIFEST_FILE}: an export in progress, or not a version"))
+            else:
+                versions.append(int(entry.name))
+        return sorted(versions), oddities
+
+    def _report(self, oddities: Sequence[Oddity]) -> None:
+        """Log each oddity once (the index lists them for as long as they are there)."""
+        for oddity in oddities:
+            if oddity not in self._reported:
+                log.warning("the repository holds %s: %s (ignored)", oddity.path, oddity.reason)
+        self._reported = set(oddities)
+
+    def policy_of(self, name: str) -> VersionPolicy:
+        """The version policy of `name`: the last load request's, its config.json's, or the server's."""
+        slot = self._slots.get(name)
+        if slot is not None and slot.override is not None:
+            return slot.override
+        path = self.root / name / CONFIG_FILE
+        if not path.is_file():
+            return self.policy
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise LoadFailed(f"{name}/{CONFIG_FILE} cannot be read: {error}") from None
+        try:
+            return VersionPolicy.from_config(text, f"{name}/{CONFIG_FILE}") or self.policy
+        except InvalidInput as error:
+            raise LoadFailed(str(error)) from None
+
+    def _signature(self, name: str) -> object:
+        """What polling compares: every version's manifest and the config file."""
+        folder = self.root / name
+        return (tuple((v, _fingerprint(folder / str(v))) for v in self.versions_on_disk(name)),
+                _stamp(folder / CONFIG_FILE))
 
     # -- loading --------------------------------------------------------------------------
 
-    async def load_all(self, stopping: Callable[[], bool] = lambda: False) -> None:
-        """Load the latest version of every ensemble on disk; a failure is recorded, not raised.
+    async def load_all(self, names: Sequence[str] = ("*",), stopping: Callable[[], bool] = lambda: False) -> None:
+        """Load every ensemble on disk (or the `names` given) by its policy; a failure is recorded, not raised.
 
         Every ensemble is marked LOADING first, so none counts as ready (or unknown) before its
         turn; `stopping` is asked between loads, so a shutdown does not wait for all of them.
         """
-        names = list(self.on_disk())
-        for name in names:
+        found, oddities = await asyncio.to_thread(self.scan)
+        self._report(oddities)
+        chosen = list(found) if "*" in names else list(names)
+        for name in chosen:
             slot = self._slots.setdefault(name, _Slot())
             slot.state, slot.reason = State.LOADING, "waiting to load"
-        for name in names:
+        for name in chosen:
             if stopping():
                 return
             try:
                 await self.load(name)
-            except LoadFailed as error:
+            except (LoadFailed, ModelNotFound) as error:
                 log.error("%s", error)
 
-    async def load(self, name: str) -> ServedModel:
-        """Load (or reload) the latest version of `name` and swap it in once verified.
+    async def load(self, name: str, config: str | None = None) -> list[ServedModel]:
+        """Load (or reload) `name` by its policy, swapping in the versions that verify; what serves after.
 
-        Runs to the end even when the caller is cancelled (a client's deadline), so a load is
-        never left half done.
+        `config`: a Triton-style JSON model config whose `version_policy` holds for this name from now on (None:
+        the name's config.json, or the server's policy). Raises `LoadFailed` when a version the policy wants was
+        refused, even if another serves. Runs to the end even when the caller is cancelled (a client's deadline),
+        so a load is never left half done.
         """
         if not NAME.fullmatch(name):
             raise ModelNotFound(f"no ensemble {name!r}: names are letters, digits and _ . - (not a path)")
-        versions = self.versions_on_disk(name)
-        if not versions:
+        override = VersionPolicy.from_config(config, "the load's config parameter") if config is not None else None
+        if not self.versions_on_disk(name):
             raise ModelNotFound(f"no ensemble {name!r} in the repository (expected <repository>/{name}/<version>/"
                                 f"{MANIFEST_FILE})")
-        return await asyncio.shield(self._load(name, versions[-1]))
+        self._slots.setdefault(name, _Slot()).override = override
+        return await asyncio.shield(self._sync(name))
 
-    async def _load(self, name: str, version: int) -> ServedModel:
+    async def _sync(self, name: str) -> list[ServedModel]:
         slot = self._slots.setdefault(name, _Slot())
         async with slot.lock:
             slot.wanted = True
-            if slot.served is None:
+            slot.seen = self._signature(name)
+            try:
+                policy = self.policy_of(name)
+            except LoadFailed as error:
+                await self._refuse_all(name, slot, str(error))
+                raise
+            chosen, problems = await self._choose(name, slot, policy)
+            if not chosen:
+                reason = "; ".join(problems) or f"no version on disk fits the version policy {policy}"
+                await self._refuse_all(name, slot, reason)
+                raise LoadFailed(reason + self._still_serving(slot))
+            previous, slot.served = slot.served, chosen
+            slot.state, slot.reason = State.READY, ""
+            retired = [model for version, model in previous.items() if chosen.get(version) is not model]
+            added = [model for version, model in chosen.items() if previous.get(version) is not model]
+            await self._notify(name, added, retired)
+        for model in retired:
+            await model.batcher.stop()
+        if problems:
+            raise LoadFailed("; ".join(problems) + self._still_serving(slot))
+        return list(chosen.values())
+
+    async def _choose(self, name: str, slot: _Slot, policy: VersionPolicy
+                      ) -> tuple[dict[int, ServedModel], list[str]]:
+        """The versions to serve under `policy` (kept or newly loaded), and what went wrong on the way."""
+        on_disk = self.versions_on_disk(name)
+        chosen: dict[int, ServedModel] = {}
+        problems = [f"version {version} of {name!r} is not in the repository" for version in policy.versions
+                    if policy.kind == "specific" and version not in on_disk]
+        for version in policy.candidates(on_disk):
+            if len(chosen) >= policy.wanted:
+                break
+            version_dir = self.root / name / str(version)
+            fingerprint = _fingerprint(version_dir)
+            current = slot.served.get(version)
+            if current is not None and current.fingerprint == fingerprint:
+                chosen[version] = current
+                continue
+            refused = slot.refused.get(version)
+            if refused is not None and refused[1] == fingerprint:  # tried, and unchanged since
+                problems.append(f"version {version} of {name!r} was refused: {refused[0]}")
+                continue
+            if not slot.served:
                 slot.state, slot.reason = State.LOADING, f"loading version {version}"
             try:
-                instances = await asyncio.to_thread(self._load_ensemble, name, self.root / name / str(version))
+                instances = await asyncio.to_thread(self._load_ensemble, name, version_dir)
             except Exception as error:  # whatever the files do to onnxruntime, the version is refused
-                reason = f"version {version} of {name!r} was refused: {error}"
-                slot.refused[version] = str(error)
-                if slot.served is None:
-                    slot.state, slot.reason = State.UNAVAILABLE, reason
-                    await self._notify(name, None, None)
-                else:
-                    reason += f" (version {slot.served.version} keeps serving)"
-                raise LoadFailed(reason) from error
+                slot.refused[version] = (str(error), fingerprint)
+                self._observer.observe_load_failure(name, version)
+                problems.append(f"version {version} of {name!r} was refused: {error}")
+                log.error("version %d of %r was refused: %s", version, name, error)
+                continue
             slot.refused.pop(version, None)
-            served = self._serve(instances)
-            previous, slot.served = slot.served, served
-            slot.state, slot.reason = State.READY, ""
-            await self._notify(name, served, previous)
-        if previous is not None:
-            await previous.batcher.stop()
-        return served
+            chosen[version] = self._serve(instances, fingerprint)
+        return chosen, problems
+
+    @staticmethod
+    def _still_serving(slot: _Slot) -> str:
+        if not slot.served:
+            return ""
+        versions = sorted(slot.served)
+        if len(versions) == 1:
+            return f" (version {versions[0]} keeps serving)"
+        return f" (versions {', '.join(map(str, versions))} keep serving)"
+
+    async def _refuse_all(self, name: str, slot: _Slot, reason: str) -> None:
+        """Nothing new could be served: what served keeps serving; a name that served nothing is UNAVAILABLE."""
+        if not slot.served:
+            slot.state, slot.reason = State.UNAVAILABLE, reason
+            await self._notify(name, [], [])
 
     def _load_ensemble(self, name: str, version_dir: Path) -> list[Ensemble]:
-        """The verified ensemble, and as many instances of it as the settings ask for."""
+        """The verified, warmed-up ensemble, and as many instances of it as the settings ask for."""
         settings = self._settings
         ensemble = load_ensemble(version_dir, settings.device, settings.threads_per_instance, settings.execution)
         manifest = ensemble.manifest
         if manifest.name != name or str(manifest.version) != version_dir.name:
             raise ManifestError(f"{version_dir}: the manifest names {manifest.name!r} version {manifest.version}; "
                                 f"the folder must be {manifest.name}/{manifest.version}")
-        return [ensemble] + [ensemble.another_instance() for _ in range(settings.instances - 1)]
+        instances = [ensemble] + [ensemble.another_instance() for _ in range(settings.instances - 1)]
+        # A full batch through every instance: the first requests do not pay for onnxruntime's first-run set-up.
+        shape = [settings.max_batch_size, *manifest.input.shape[1:]]
+        warm_up = np.zeros(shape, dtype=np.uint8)
+        for instance in instances:
+            instance.run(warm_up, ["probabilities"])
+        return instances
 
-    def _serve(self, instances: list[Ensemble]) -> ServedModel:
+    def _serve(self, instances: list[Ensemble], fingerprint: Fingerprint) -> ServedModel:
         manifest = instances[0].manifest
         settings = self._settings
         batcher = DynamicBatcher([instance.run for instance in instances], settings.max_batch_size,
@@ -197,39 +371,56 @@ class Repository:
                                  ModelKey(manifest.name, manifest.version, manifest.classes), self._observer,
                                  settings.max_queue_wait)
         batcher.start()
-        return ServedModel(instances, batcher)
+        return ServedModel(instances, batcher, fingerprint)
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""
-        if name not in self._slots and not (NAME.fullmatch(name) and self.versions_on_disk(name)):
+        if name not in self._slots and not self.versions_on_disk(name):
             raise ModelNotFound(f"no ensemble {name!r} in the repository")
-        await asyncio.shield(self._unload(name))
+        await asyncio.shield(self._unload(name, "unloaded", wanted=False))
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str, reason: str, wanted: bool) -> None:
         slot = self._slots.setdefault(name, _Slot())
         async with slot.lock:
-            previous, slot.served = slot.served, None
-            slot.state, slot.reason, slot.wanted = State.UNAVAILABLE, "unloaded", False
-            await self._notify(name, None, previous)
-        if previous is not None:
-            await previous.batcher.stop()
+            previous, slot.served = slot.served, {}
+            slot.state, slot.reason, slot.wanted = State.UNAVAILABLE, reason, wanted
+            await self._notify(name, [], list(previous.values()))
+        for model in previous.values():
+            await model.batcher.stop()
+
+    async def poll(self) -> None:
+        """One look at the repository: load what is new or changed, unload what was removed."""
+        found, oddities = await asyncio.to_thread(self.scan)
+        self._report(oddities)
+        for name in found:
+            slot = self._slots.get(name)
+            if slot is not None and (not slot.wanted or slot.seen == self._signature(name)):
+                continue
+            try:
+                await asyncio.shield(self._sync(name))
+            except LoadFailed as error:
+                log.error("%s", error)
+        for name, slot in list(self._slots.items()):
+            if name not in found and slot.served:
+                log.info("%s was removed from the repository: unloading it", name)
+                await asyncio.shield(self._unload(name, "removed from the repository", wanted=True))
 
     async def close(self) -> None:
         """Unload everything, letting queued requests finish."""
         for name in list(self._slots):
-            await self.unload(name)
+            await asyncio.shield(self._unload(name, "unloaded", wanted=False))
 
-    async def _notify(self, name: str, current: ServedModel | None, previous: ServedModel | None) -> None:
-        if previous is not None:
-            self._observer.observe_unload(previous.name, previous.version)
-        if current is not None:
-            self._observer.observe_load(current.ensemble)
-        await self._on_state(name, current is not None)
+    async def _notify(self, name: str, added: list[ServedModel], retired: list[ServedModel]) -> None:
+        for model in retired:
+            self._observer.observe_unload(model.name, model.version)
+        for model in added:
+            self._observer.observe_load(model.ensemble)
+        await self._on_state(name, bool(self._slots[name].served))
 
     # -- lookups --------------------------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> ServedModel:
-        """The served model for a request; `version` "" means the one being served."""
+        """The served model for a request; `version` "" means the newest version serving."""
         slot = self._slots.get(name)
         if slot is None:
             if not name:
@@ -237,35 +428,53 @@ class Repository:
             known = ", ".join(self._slots) or "none"
             raise ModelNotFound(f"unknown model {name!r} (models: {known})")
         served = slot.served
-        if served is None:
+        if not served:
             raise ModelNotReady(f"model {name!r} is not ready: {slot.reason}")
-        if version and version != str(served.version):
-            raise ModelNotFound(f"model {name!r} has no version {version!r} being served (serving version "
-                                f"{served.version})")
-        return served
+        if not version:
+            return served[max(served)]
+        model = served.get(int(version)) if version.isdigit() and len(version) < 10 else None
+        if model is None:
+            serving = ", ".join(str(v) for v in sorted(served))
+            raise ModelNotFound(f"model {name!r} has no version {version!r} being served (serving: {serving})")
+        return model
+
+    def versions(self, name: str) -> list[int]:
+        """The versions of `name` serving, ascending."""
+        slot = self._slots.get(name)
+        return sorted(slot.served) if slot is not None else []
 
     def served(self) -> list[ServedModel]:
         """Every version being served; safe to call from another thread (the metrics server's)."""
-        return [served for slot in list(self._slots.values()) if (served := slot.served) is not None]
+        return [model for slot in list(self._slots.values()) for model in list(slot.served.values())]
 
     @property
     def ready(self) -> bool:
         """Every ensemble that was asked to load is serving (unloaded ones do not count)."""
-        return all(slot.served is not None for slot in self._slots.values() if slot.wanted)
+        return all(slot.served for slot in self._slots.values() if slot.wanted)
 
     def index(self) -> list[IndexEntry]:
-        """Every version on disk with its state; only the served version is READY."""
+        """Every version on disk with its state, and what else the repository holds (UNAVAILABLE, with why)."""
+        found, oddities = self.scan()
         entries = []
-        for name, versions in self.on_disk().items():
+        for name, versions in found.items():
             slot = self._slots.get(name, _Slot())
+            try:
+                policy = str(self.policy_of(name))
+            except LoadFailed as error:
+                policy = str(error)
             for version in versions:
-                if slot.served is not None and slot.served.version == version:
+                if version in slot.served:
                     entry = IndexEntry(name, str(version), State.READY)
                 elif version in slot.refused:
-                    entry = IndexEntry(name, str(version), State.UNAVAILABLE, slot.refused[version])
-                elif version == versions[-1] and slot.served is None:
+                    entry = IndexEntry(name, str(version), State.UNAVAILABLE, slot.refused[version][0])
+                elif version == versions[-1] and not slot.served:
                     entry = IndexEntry(name, str(version), slot.state, slot.reason)
                 else:
-                    entry = IndexEntry(name, str(version), State.UNAVAILABLE, "not the latest version")
+                    entry = IndexEntry(name, str(version), State.UNAVAILABLE, f"not chosen by the version policy "
+                                       f"({policy})")
                 entries.append(entry)
+        for oddity in oddities:
+            folder, _, inside = oddity.path.partition("/")
+            entries.append(IndexEntry(folder, inside, State.UNAVAILABLE, f"ignored: {oddity.reason}"))
         return entries
+

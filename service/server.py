@@ -84,7 +84,8 @@ class Server:
         store = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s,
                                 settings.feedback_max_bytes) if settings.feedback_on else None
         feedback = Feedback(store, settings.calibration_window, self.observer)
-        self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback)
+        self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback,
+                                   settings.model_control_mode)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
@@ -97,6 +98,7 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
 
     async def _model_state(self, name: str, serving: bool) -> None:
         await self.health.set(name, SERVING if serving else NOT_SERVING)
@@ -132,13 +134,23 @@ class Server:
         access = "bearer tokens" if settings.tokens_file else "no authentication"
         log.info("gRPC (%s, %s) on %s:%d, metrics on http://%s:%d/metrics; loading ensembles from %s", transport,
                  access, settings.host, grpc_port, settings.host, metrics_port, settings.repository)
-        await self.repository.load_all(stopping=self._stopping.is_set)
+        await self.repository.load_all(settings.startup_models, stopping=self._stopping.is_set)
         if self._stopping.is_set():
             return Ports(grpc_port, metrics_port)
+        if settings.model_control_mode == "poll":
+            self._poller = asyncio.create_task(self._poll(settings.repository_poll_s), name="valley-repository-poll")
         await self._server_state()
         ready = ", ".join(f"{m.name} v{m.version} ({m.ensemble.providers[0]})" for m in self.repository.served())
         log.info("ready: %s", ready or "no ensembles")
         return Ports(grpc_port, metrics_port)
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.repository.poll()
+            except Exception:  # a repository that cannot be read now (a network volume) may be readable next time
+                log.exception("polling the model repository failed")
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -156,6 +168,8 @@ class Server:
         log.info("shutting down: readiness NOT_SERVING, finishing in-flight requests (grace %.0f s)",
                  self.settings.shutdown_grace_s)
         self.dataplane.shutting_down = True
+        if self._poller is not None:
+            self._poller.cancel()
         await self._server_state()
         await self.health.enter_graceful_shutdown()
         ends = time.monotonic() + self.settings.shutdown_grace_s

@@ -375,7 +375,9 @@ class InferenceServicer:
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
-        await self.dataplane.load(request.model_name, list(request.parameters))
+        parameters = request.parameters
+        config = parameters["config"].string_param if "config" in parameters else None
+        await self.dataplane.load(request.model_name, config, [key for key in parameters if key != "config"])
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context

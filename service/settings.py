@@ -10,10 +10,12 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from service.cpus import usable_cpus
+from service.errors import InvalidInput
+from service.policy import VersionPolicy
 from service.security import parse_tokens
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -44,6 +46,15 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)")
     ready_file: Path | None = Field(None, description="once the ensembles are loaded, write the ports bound and "
                                     "the readiness here as JSON (the line printed on stdout); removed on exit")
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "explicit", description="none: load everything at start, refuse load/unload requests; explicit: load "
+        "--load-models at start, then what load/unload requests ask; poll: explicit, and look at the repository "
+        "every --repository-poll-s to load new or changed versions and unload removed ensembles")
+    load_models: str = Field("*", description="ensembles loaded at start in explicit mode, comma-separated (*: all)")
+    repository_poll_s: float = Field(15.0, gt=0, description="poll mode: seconds between looks at the repository")
+    version_policy: str = Field("latest:1", description="versions served per ensemble: latest:N (the N newest "
+                                "that verify), all, or specific:V[,V...]; <ensemble>/config.json or a load "
+                                "request's config parameter overrides it per ensemble")
     device: Device = Field("auto", description="auto: CUDA when onnxruntime's CUDA provider really loads, else CPU")
     execution: Execution = Field(
         "fused", description="fused: one graph runs every member (fastest); members: one session per member, "
@@ -87,6 +98,21 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="server log level")
     log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line "
                                                 "(time, level, logger, message) for log collectors")
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        try:
+            VersionPolicy.parse(value)
+        except InvalidInput as error:
+            raise ValueError(str(error)) from None
+        return value
+
+    @property
+    def startup_models(self) -> list[str]:
+        """The names loaded at start: every one unless explicit mode names some."""
+        names = [name.strip() for name in self.load_models.split(",") if name.strip()]
+        return ["*"] if self.model_control_mode != "explicit" or "*" in names else names
 
     @model_validator(mode="after")
     def _secure_enough(self) -> Settings:
