@@ -118,6 +118,7 @@ class DataPlane:
         self.observer, self.feedback = observer, feedback
         self.shutting_down = False
         self._in_flight: dict[tuple[str, str], int] = {}
+        self._held = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -226,13 +227,23 @@ class DataPlane:
         """Count the request in flight for its model version while the block runs."""
         key = (model.name, str(model.version))
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
-        self._idle.clear()
+        self.hold()
         try:
             yield
         finally:
             self._in_flight[key] -= 1
-            if not any(self._in_flight.values()):
-                self._idle.set()
+            self.release()
+
+    def hold(self) -> None:
+        """Count a piece of work the shutdown must wait for (a request in flight, a stream answer not yet written)."""
+        self._held += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        """The work `hold` counted is done."""
+        self._held -= 1
+        if not self._held:
+            self._idle.set()
 
     def _observe_failure(self, request: InferenceRequest, model: ServedModel | None, code: str,
                          started: float) -> None:
@@ -257,7 +268,7 @@ class DataPlane:
         return [(m.name, str(m.version), m.batcher.depth) for m in self.repository.served()]
 
     async def drained(self) -> None:
-        """Return once no inference request is being served."""
+        """Return once no inference request is being served and every stream answer is written."""
         await self._idle.wait()
 
     # -- feedback, statistics and repository ----------------------------------------------
@@ -291,6 +302,8 @@ class DataPlane:
         await self.repository.unload(name)
 
     def _controllable(self) -> None:
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down: load or unload models on another replica")
         if self.model_control == "none":
             raise ModelControlOff("this server takes no load or unload requests (--model-control-mode none): "
                                   "restart it, or run it with --model-control-mode explicit or poll")

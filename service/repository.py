@@ -21,13 +21,16 @@ state listener (the server's health service).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 CONFIG_FILE = "config.json"
+T = TypeVar("T")
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 """(name, mtime_ns, size, inode) of every file of a version folder: a version whose files change (a copy that was
@@ -144,6 +148,32 @@ def _fingerprint(version_dir: Path) -> Fingerprint:
     except OSError:
         return ()
     return tuple(_stamp(version_dir / name) for name in names)
+
+
+async def _in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a thread of its own that the process does not wait for at exit: a shutdown during a
+    long load (hashing gigabytes on a slow volume) ends within its grace period."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            outcome: tuple[T | None, BaseException | None] = (function(*args), None)
+        except BaseException as error:  # handed to the awaiting coroutine
+            outcome = (None, error)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits for the result
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="valley-load", daemon=True).start()
+    return await future
 
 
 def _hidden(path: Path) -> bool:
@@ -321,7 +351,7 @@ class Repository:
             if not slot.served:
                 slot.state, slot.reason = State.LOADING, f"loading version {version}"
             try:
-                instances = await asyncio.to_thread(self._load_ensemble, name, version_dir)
+                instances = await _in_daemon_thread(self._load_ensemble, name, version_dir)
             except Exception as error:  # whatever the files do to onnxruntime, the version is refused
                 slot.refused[version] = (str(error), fingerprint)
                 self._observer.observe_load_failure(name, version)

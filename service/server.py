@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -92,13 +93,15 @@ class Server:
                                              ("grpc.max_send_message_length", limit)])
         # Health and reflection stay open (probes carry no token); every other RPC is authorized.
         authorizer = Authorizer(Tokens(settings.tokens_file) if settings.tokens_file else None)
-        concurrency = ConcurrencyLimit(settings.max_concurrent_rpcs, self.observer)
-        add_servicer(self.grpc, InferenceServicer(self.dataplane), INFERENCE, authorizer, concurrency)
-        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, concurrency)
+        self.concurrency = ConcurrencyLimit(settings.max_concurrent_rpcs, self.observer)
+        self.inference = InferenceServicer(self.dataplane)
+        add_servicer(self.grpc, self.inference, INFERENCE, authorizer, self.concurrency)
+        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, self.concurrency)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
         self._stopping = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
+        self._metrics_http: WSGIServer | None = None
 
     async def _model_state(self, name: str, serving: bool) -> None:
         await self.health.set(name, SERVING if serving else NOT_SERVING)
@@ -127,8 +130,9 @@ class Server:
             tls = ", or the TLS certificate and key do not match" if settings.tls_cert else ""
             raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is wrong{tls}") \
                 from error
-        self._metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
-        metrics_port = int(self._metrics_http.server_port)
+        metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
+        self._metrics_http = metrics_http
+        metrics_port = int(metrics_http.server_port)
         await self.grpc.start()
         transport = ("mutual TLS" if settings.tls_client_ca else "TLS") if settings.tls_cert else "plaintext"
         access = "bearer tokens" if settings.tokens_file else "no authentication"
@@ -179,12 +183,19 @@ class Server:
             await asyncio.wait_for(self.dataplane.drained(), self.settings.shutdown_grace_s)
         except asyncio.TimeoutError:
             log.warning("requests still in flight when the grace period ended")
+        # Open streams owe nothing now: they end UNAVAILABLE instead of holding the exit until the grace ends.
+        self.inference.end_streams()
+        # The port stays open until the other RPCs (a load in progress) are done: meanwhile new requests get a
+        # clear UNAVAILABLE, where grpc's own shutdown would answer them CANCELLED.
+        while self.concurrency.active and time.monotonic() < ends:
+            await asyncio.sleep(0.02)
         await self.grpc.stop(max(0.0, ends - time.monotonic()))
         try:  # queued batches of unloaded models drain within what is left of the grace period
             await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("the grace period ended before every queued batch finished; exiting anyway")
-        self._metrics_http.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
         log.info("stopped")
 
     def announce(self, ports: Ports) -> None:
@@ -200,17 +211,23 @@ class Server:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully (within the grace period, even while loading)."""
     server = Server(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, server.request_stop)
-    ports = await server.start()  # a signal during the loads ends them early (see load_all)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(server.wait())
     try:
-        if not server.stopping:
-            server.announce(ports)
-        await server.wait()
-        await server.stop()
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            ports = starting.result()  # a bind failure raises here
+            if not server.stopping:
+                server.announce(ports)
+            await stopping
+        await server.stop()  # a signal during the loads does not wait for them
     finally:
+        starting.cancel()
+        stopping.cancel()
         if settings.ready_file is not None:
             settings.ready_file.unlink(missing_ok=True)

@@ -28,7 +28,16 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.codec import MAX_TENSORS, TYPED_ON_LOOP, Expect, decode_inputs, encode_outputs, typed_values
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
-from service.errors import MAX_NAME_CHARS, InvalidInput, Overloaded, Status, check_length, shown, status_of
+from service.errors import (
+    MAX_NAME_CHARS,
+    InvalidInput,
+    Overloaded,
+    ShuttingDown,
+    Status,
+    check_length,
+    shown,
+    status_of,
+)
 from service.feedback import MAX_LABELS, Label
 from service.observer import NULL_OBSERVER, Observer
 from service.security import CALLER, OPEN, Authorizer
@@ -280,6 +289,7 @@ class InferenceServicer:
 
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
+        self._readers: set[asyncio.Task[None]] = set()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.dataplane.live())
@@ -316,6 +326,8 @@ class InferenceServicer:
         """
         answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
         budget = _StreamBudget(STREAM_IN_FLIGHT, STREAM_BUFFER_BYTES)
+        dataplane = self.dataplane
+        closed = False
 
         async def serve(request: pb.ModelInferRequest) -> None:
             try:
@@ -325,6 +337,9 @@ class InferenceServicer:
                     # One response per request: it is the final one (what such clients wait for).
                     response.parameters["triton_final_response"].bool_param = True
                 answer = pb.ModelStreamInferResponse(infer_response=response)
+            except asyncio.CancelledError:
+                dataplane.release()
+                raise
             except Exception as error:
                 status = answer_of(error)
                 answer = pb.ModelStreamInferResponse(
@@ -332,9 +347,12 @@ class InferenceServicer:
                     infer_response=pb.ModelInferResponse(model_name=request.model_name[:MAX_NAME_CHARS],
                                                          model_version=request.model_version[:MAX_NAME_CHARS],
                                                          id=request.id[:MAX_NAME_CHARS]))
+            if closed:  # the stream ended meanwhile: nobody will write this answer
+                dataplane.release()
+                return
             size = answer.ByteSize()
             budget.hold(size)
-            await answers.put((answer, size))
+            answers.put_nowait((answer, size))
 
         async def read() -> None:
             tasks: set[asyncio.Task[None]] = set()
@@ -344,21 +362,41 @@ class InferenceServicer:
                     request = await anext(requests, None)
                     if request is None:
                         break
+                    dataplane.hold()  # from here until its answer is written, a shutdown waits for it
                     task = asyncio.create_task(serve(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             finally:  # answers already due go out before the stream ends, even if reading failed
                 await asyncio.gather(*tasks, return_exceptions=True)
-                await answers.put(None)
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
+        self._readers.add(reader)
         try:
             while (item := await answers.get()) is not None:
                 answer, size = item
-                yield answer  # resumes once grpc has taken the answer: a client that does not read holds us here
-                budget.release(size)
-            await reader  # surfaces a broken request stream
+                try:
+                    yield answer  # resumes once grpc has taken the answer: a client that does not read holds us here
+                finally:
+                    budget.release(size)
+                    dataplane.release()
+            try:
+                await reader  # surfaces a broken request stream
+            except asyncio.CancelledError:
+                if not dataplane.shutting_down:
+                    raise
+                raise ShuttingDown("the server is shutting down: open a new stream to another replica") from None
         finally:
+            self._readers.discard(reader)
+            reader.cancel()
+            closed = True  # answers owed to a client that went away are no longer waited for
+            while not answers.empty():
+                if answers.get_nowait() is not None:
+                    dataplane.release()
+
+    def end_streams(self) -> None:
+        """Stop reading every open stream: each ends, UNAVAILABLE, once the answers it owes are written."""
+        for reader in list(self._readers):
             reader.cancel()
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
