@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.cpus import lower_thread_priority
 from service.errors import DeadlineExceeded, QueueFull, QueueWait, Retired
 from service.observer import NULL_OBSERVER, Observer
 from service.statistics import ModelStatistics
@@ -100,7 +101,8 @@ class DynamicBatcher:
         self.statistics = ModelStatistics()
         self.max_batch_size, self.max_queue_delay = max_batch_size, max_queue_delay
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(max_queue_size)
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"valley-compute-{i}") for i in range(len(runs))]
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"valley-compute-{i}",
+                                              initializer=lower_thread_priority) for i in range(len(runs))]
         self._workers: list[asyncio.Task[None]] = []
         self._collecting = asyncio.Lock()
         self._carry: _Pending | None = None

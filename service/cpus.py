@@ -3,13 +3,17 @@
 In a container `os.cpu_count()` and even the affinity mask report the host's cores; the limit
 Kubernetes sets (`resources.limits.cpu`) is a CFS quota, read from cgroup v2's `cpu.max` or
 cgroup v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`. Sizing onnxruntime's thread pools by the
-host would start dozens of threads that the quota then throttles.
+host would start dozens of threads that the quota then throttles. And the compute threads' CPU
+priority, below the event loop's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
+import threading
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -41,3 +45,22 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     if quota is not None:
         cores = min(cores, math.ceil(quota))
     return max(1, cores)
+
+
+COMPUTE_NICENESS = 10
+"""How much lower than the event loop's the compute threads' CPU priority is (Linux nice steps)."""
+
+
+def lower_thread_priority(step: int = COMPUTE_NICENESS) -> None:
+    """Lower the CPU priority of the calling thread (and of the threads it starts later) by `step` nice steps.
+
+    Compute threads run at a lower priority than the event loop: when model runs saturate the cores, the loop
+    still refuses what it cannot take within milliseconds and answers health checks, instead of queueing behind
+    the compute it is protecting. Only raising niceness is done, which needs no privilege; where threads have no
+    priority of their own (not Linux), nothing changes.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + step))

@@ -36,6 +36,7 @@ import numpy as np
 
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from service.batching import DynamicBatcher, ModelKey
+from service.cpus import lower_thread_priority
 from service.ensemble import Ensemble, load_ensemble
 from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from service.observer import Observer
@@ -165,6 +166,7 @@ async def _in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
             future.set_result(cast(T, result))
 
     def run() -> None:
+        lower_thread_priority()  # onnxruntime's thread pools, started here, inherit the compute priority
         try:
             outcome: tuple[T | None, BaseException | None] = (function(*args), None)
         except BaseException as error:  # handed to the awaiting coroutine
