@@ -42,6 +42,8 @@ class ServerProcess:
     """Whether every ensemble had loaded (ServerReady) when the server wrote its ready file."""
     log: Path | None
     _folder: Path
+    health_port: int | None = None
+    """The plaintext health-only port, when the server was given --health-port."""
 
     @property
     def url(self) -> str:
@@ -119,8 +121,9 @@ def start_server(repository: Path, *flags: str, host: str = "127.0.0.1", log: Pa
                 raise ServerStartError(f"valley-serve wrote no ready file in {timeout:.0f} s; its log:\n{_tail(log)}")
             time.sleep(0.05)
         announced = json.loads(ready_file.read_text())
+        health = announced.get("health_port")
         return ServerProcess(process, host, int(announced["grpc_port"]), int(announced["metrics_port"]),
-                             bool(announced["ready"]), log, folder)
+                             bool(announced["ready"]), log, folder, None if health is None else int(health))
     except BaseException:  # whatever went wrong, no server is left running
         _kill(process)
         process.wait()

@@ -1,6 +1,7 @@
 """`valley-reload`: make every running server load the newest version of an ensemble.
 
-    valley-reload --target valley-serve-pods.valley.svc:8001 --model fashion-mnist-fge
+    valley-reload --target valley-serve-pods.valley.svc:8001 --model fashion-mnist-fge \
+        [--tls-ca ca.crt [--tls-client-cert tls.crt --tls-client-key tls.key]] [--token-file admin-token]
 
 A training job that has just written `<repository>/<model>/<N+1>/` calls this. `--target`'s host
 may resolve to many addresses (a Kubernetes headless Service gives one per pod): each address
@@ -9,6 +10,10 @@ beside the one serving, verifies it and swaps it in (a refused version leaves th
 serving). One JSON line per server says which version it serves now. Exits 0 when every server
 loaded the newest version and all serve the same one, 1 when one refused it, could not be
 reached or serves another version, 2 on bad arguments.
+
+With `--tls-ca` the servers are reached over TLS and their certificate is checked against the
+target's host name (the addresses are pod IPs, which certificates do not name), or against
+`--tls-server-name`; a client certificate is sent for mutual TLS. The token needs the admin role.
 """
 
 from __future__ import annotations
@@ -52,17 +57,32 @@ def addresses(target: str) -> list[str]:
     return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
 
 
-def reload_one(address: str, model: str, timeout: float, metadata: list[tuple[str, str]]) -> Outcome:
-    """Ask one server to load the newest version of `model`; then which version it serves."""
+@dataclass(frozen=True)
+class Transport:
+    """How the servers are reached: plaintext (no credentials) or TLS, checked against `server_name`."""
+
+    credentials: grpc.ChannelCredentials | None = None
+    server_name: str = ""
+
+    def channel(self, address: str) -> grpc.Channel:
+        if self.credentials is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, self.credentials,
+                                   options=[("grpc.ssl_target_name_override", self.server_name)])
+
+
+def reload_one(address: str, model: str, timeout: float, metadata: list[tuple[str, str]],
+               transport: Transport = Transport()) -> Outcome:
+    """Ask one server to load the newest version of `model`; then which version it serves (the newest)."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with transport.channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=model), timeout=timeout,
                                      metadata=metadata)
             answer = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=timeout, metadata=metadata)
     except grpc.RpcError as error:
         return Outcome(address, False, error=f"{error.code().name}: {error.details()}")
-    return Outcome(address, True, version=answer.versions[0] if answer.versions else "")
+    return Outcome(address, True, version=answer.versions[-1] if answer.versions else "")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,15 +91,33 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "host resolves to is reloaded")
     parser.add_argument("--model", required=True, help="ensemble name in the repository")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one server may take to load (300)")
-    parser.add_argument("--token-file", help="file holding a bearer token, sent as 'authorization: Bearer ...'")
+    parser.add_argument("--token-file", help="file holding a bearer token with the admin role, sent as "
+                        "'authorization: Bearer ...'")
+    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the servers' certificate: reach them over TLS")
+    parser.add_argument("--tls-client-cert", help="PEM client certificate, for servers that ask for one (mTLS)")
+    parser.add_argument("--tls-client-key", help="PEM private key of --tls-client-cert")
+    parser.add_argument("--tls-server-name", help="the name the servers' certificate must carry (default: the "
+                        "target's host)")
     args = parser.parse_args(argv)
     metadata: list[tuple[str, str]] = []
-    if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as file:
-                metadata.append(("authorization", f"Bearer {file.read().strip()}"))
-        except OSError as error:
-            parser.error(f"--token-file: {error.strerror}")
+    files: dict[str, bytes] = {}
+    for flag in ("token_file", "tls_ca", "tls_client_cert", "tls_client_key"):
+        if getattr(args, flag):
+            try:
+                with open(getattr(args, flag), "rb") as file:
+                    files[flag] = file.read()
+            except OSError as error:
+                parser.error(f"--{flag.replace('_', '-')}: {error.strerror}")
+    if "token_file" in files:
+        metadata.append(("authorization", f"Bearer {files['token_file'].decode('utf-8', 'replace').strip()}"))
+    if ("tls_client_cert" in files) != ("tls_client_key" in files) or ("tls_client_cert" in files
+                                                                        and "tls_ca" not in files):
+        parser.error("--tls-client-cert and --tls-client-key go together, with --tls-ca")
+    transport = Transport()
+    if "tls_ca" in files:
+        credentials = grpc.ssl_channel_credentials(files["tls_ca"], files.get("tls_client_key"),
+                                                   files.get("tls_client_cert"))
+        transport = Transport(credentials, args.tls_server_name or args.target.rpartition(":")[0].strip("[]"))
     try:
         targets = addresses(args.target)
     except ValueError as error:
@@ -87,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as error:
         print(json.dumps({"target": args.target, "ok": False, "error": f"cannot resolve: {error}"}))
         raise SystemExit(1) from None
-    outcomes = [reload_one(address, args.model, args.timeout, metadata) for address in targets]
+    outcomes = [reload_one(address, args.model, args.timeout, metadata, transport) for address in targets]
     for outcome in outcomes:
         print(json.dumps({"model": args.model, **asdict(outcome)}), flush=True)
     if not all(outcome.ok for outcome in outcomes):

@@ -54,6 +54,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Ports:
     grpc: int
     metrics: int
+    health: int | None = None
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:
@@ -99,6 +100,11 @@ class Server:
         add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, self.concurrency)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         _enable_reflection(self.grpc)
+        # Probes that cannot do TLS get the same health service in plaintext, and nothing else, on a port of its own.
+        self.health_grpc: grpc.aio.Server | None = None
+        if settings.health_port is not None:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
         self._stopping = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
         self._metrics_http: WSGIServer | None = None
@@ -133,20 +139,30 @@ class Server:
         metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
         self._metrics_http = metrics_http
         metrics_port = int(metrics_http.server_port)
+        health_port = None
+        if self.health_grpc is not None:
+            health_address = f"{settings.host}:{settings.health_port}"
+            try:
+                health_port = self.health_grpc.add_insecure_port(health_address)
+            except RuntimeError as error:
+                raise OSError(f"cannot listen for health checks on {health_address}: the port is in use or the "
+                              "address is wrong") from error
+            await self.health_grpc.start()
         await self.grpc.start()
         transport = ("mutual TLS" if settings.tls_client_ca else "TLS") if settings.tls_cert else "plaintext"
         access = "bearer tokens" if settings.tokens_file else "no authentication"
-        log.info("gRPC (%s, %s) on %s:%d, metrics on http://%s:%d/metrics; loading ensembles from %s", transport,
-                 access, settings.host, grpc_port, settings.host, metrics_port, settings.repository)
+        health = f", plaintext health checks on port {health_port}" if health_port is not None else ""
+        log.info("gRPC (%s, %s) on %s:%d, metrics on http://%s:%d/metrics%s; loading ensembles from %s", transport,
+                 access, settings.host, grpc_port, settings.host, metrics_port, health, settings.repository)
         await self.repository.load_all(settings.startup_models, stopping=self._stopping.is_set)
         if self._stopping.is_set():
-            return Ports(grpc_port, metrics_port)
+            return Ports(grpc_port, metrics_port, health_port)
         if settings.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll(settings.repository_poll_s), name="valley-repository-poll")
         await self._server_state()
         ready = ", ".join(f"{m.name} v{m.version} ({m.ensemble.providers[0]})" for m in self.repository.served())
         log.info("ready: %s", ready or "no ensembles")
-        return Ports(grpc_port, metrics_port)
+        return Ports(grpc_port, metrics_port, health_port)
 
     async def _poll(self, interval: float) -> None:
         while True:
@@ -194,14 +210,16 @@ class Server:
             await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("the grace period ended before every queued batch finished; exiting anyway")
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         log.info("stopped")
 
     def announce(self, ports: Ports) -> None:
         """Print the ports bound and the readiness as one JSON line, and write it to `ready_file` if set."""
-        line = json.dumps({"grpc_port": ports.grpc, "metrics_port": ports.metrics, "host": self.settings.host,
-                           "ready": self.dataplane.ready(), "pid": os.getpid()})
+        line = json.dumps({"grpc_port": ports.grpc, "metrics_port": ports.metrics, "health_port": ports.health,
+                           "host": self.settings.host, "ready": self.dataplane.ready(), "pid": os.getpid()})
         print(line, flush=True)
         path = self.settings.ready_file
         if path is not None:  # written aside and renamed: a reader never sees half a line

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
                       "loopback needs --tokens-file, or --insecure)")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one; the ready line and "
                            "--ready-file say which)")
+    health_port: int | None = Field(None, ge=0, le=65535, description="also answer grpc.health.v1 (and nothing "
+                                    "else) in plaintext on this port: for probes that cannot do TLS or tokens, "
+                                    "the kubelet's (0: pick a free one)")
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)")
     ready_file: Path | None = Field(None, description="once the ensembles are loaded, write the ports bound and "
                                     "the readiness here as JSON (the line printed on stdout); removed on exit")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +24,16 @@ from tritonclient.utils import InferenceServerException
 
 from service.cli import parse_settings
 from service.security import RECHECK_S
-from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
+from tests.conftest import REPO
+from tests.e2e.conftest import (
+    MODEL,
+    Reference,
+    ThreadServer,
+    health_status,
+    report,
+    thread_settings,
+    triton_inputs,
+)
 
 INFER, FEEDBACK, ADMIN = "infer-token-0123456789", "feedback-token-0123456789", "admin-token-0123456789"
 # Two client teams, each inferring and labelling what it was served.
@@ -241,3 +253,48 @@ def test_a_caller_labels_only_what_it_was_served(repository: Path, tokens: Path,
         assert report(server.url, [("same-id", 0, 1), ("same-id", 1, 2)], token=TEAM_B) == 2
         assert report(server.url, [("a-only", 0, 1)], token=TEAM_A) == 1
 
+
+
+def test_the_health_port_answers_probes_in_plaintext_and_nothing_else(repository: Path, certificates: Certificates,
+                                                                       tokens: Path) -> None:
+    settings = thread_settings(repository, tls_cert=certificates.server_cert, tls_key=certificates.server_key,
+                               tokens_file=tokens, health_port=0)
+    with ThreadServer(settings) as server:
+        assert server.ports.health is not None
+        for service in ("", "liveness"):
+            assert health_status(server.ports.health, service) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(InferenceServerException) as refused:
+            triton.InferenceServerClient(f"127.0.0.1:{server.ports.health}").infer(
+                MODEL, triton_inputs(np.zeros((1, 1, 16, 16), np.uint8)), headers=_bearer(ADMIN))
+        assert _code(refused.value) == "UNIMPLEMENTED"
+
+
+def test_valley_reload_over_mutual_tls_with_an_admin_token(exported: Path, tmp_path: Path,
+                                                           certificates: Certificates, tokens: Path) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(exported, repository / MODEL / "1")
+    settings = thread_settings(repository, tls_cert=certificates.server_cert, tls_key=certificates.server_key,
+                               tls_client_ca=certificates.ca, tokens_file=tokens)
+    with ThreadServer(settings) as server:
+        version = repository / MODEL / "2"
+        shutil.copytree(repository / MODEL / "1", version)
+        manifest = json.loads((version / "manifest.json").read_text())
+        (version / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+
+        def reload(token: str, *flags: str) -> tuple[int, list[dict[str, Any]]]:
+            token_file = tmp_path / "token"
+            token_file.write_text(token + "\n")
+            result = subprocess.run(
+                [sys.executable, "-m", "service.reload", "--target", f"localhost:{server.ports.grpc}", "--model",
+                 MODEL, "--token-file", str(token_file), "--tls-ca", str(certificates.ca), *flags],
+                cwd=REPO, capture_output=True, text=True, timeout=120)
+            return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+        client_flags = ("--tls-client-cert", str(certificates.client_cert), "--tls-client-key",
+                        str(certificates.client_key))
+        code, lines = reload(INFER, *client_flags)
+        assert code == 1 and "PERMISSION_DENIED" in lines[0]["error"]
+        code, lines = reload(ADMIN)
+        assert code == 1 and lines[0]["ok"] is False, "mutual TLS: no client certificate, no connection"
+        code, lines = reload(ADMIN, *client_flags)
+        assert code == 0 and lines[0]["version"] == "2", lines
