@@ -1,18 +1,20 @@
 """Classify Fashion-MNIST test images with a running valley server, through the unmodified tritonclient.
 
-    python examples/classify.py --url localhost:8001 --model fashion-mnist-fge
+    python examples/classify.py --url localhost:8001 --model fashion-mnist-fge [--tls-ca ca.crt] [--token-file token]
     python examples/classify.py --serve runs/demo/ensembles --model fashion-mnist-fge   # starts and stops valley-serve
 
 Prints the accuracy and the mean of each uncertainty output. Needs only valley's `client` extra
 (`pip install 'valley-ensembles[client]'`: tritonclient[grpc], numpy, tqdm; no torch): it is what a
 client team's code looks like. `--serve` also needs valley's `serve` extra: it starts `valley-serve`
-on port 0 through `service.launch`, which learns the ports the server bound from its ready file.
+on port 0 through `service.launch`, which learns the ports the server bound from its ready file, with
+TLS and a bearer token as in production (a throwaway certificate and token, made with openssl).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +35,11 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def classify(url: str, model: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
-    client = triton.InferenceServerClient(url)
+def classify(url: str, model: str, images: np.ndarray, labels: np.ndarray, batch_size: int,
+             ca: Path | None = None, token: str = "") -> None:
+    """`ca`: the PEM CA bundle of a TLS server; `token`: a bearer token with the infer role."""
+    client = triton.InferenceServerClient(url, ssl=ca is not None, root_certificates=str(ca) if ca else None)
+    headers = {"authorization": f"Bearer {token}"} if token else None
     outputs = [triton.InferRequestedOutput(name) for name in OUTPUTS]
     collected: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUTS}
     started = time.perf_counter()
@@ -42,7 +47,7 @@ def classify(url: str, model: str, images: np.ndarray, labels: np.ndarray, batch
         pixels = images[start:start + batch_size]
         tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
         tensor.set_data_from_numpy(pixels)
-        result = client.infer(model, [tensor], outputs=outputs)
+        result = client.infer(model, [tensor], outputs=outputs, headers=headers)
         for name in OUTPUTS:
             collected[name].append(result.as_numpy(name))
     seconds = time.perf_counter() - started
@@ -66,18 +71,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000, help="how many test images (default: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
+    parser.add_argument("--tls-ca", type=Path, help="with --url: the CA bundle of the server's TLS certificate")
+    parser.add_argument("--token-file", type=Path, help="with --url: a file holding a bearer token (infer role)")
     args = parser.parse_args()
     images = read_idx(args.data_dir / "t10k-images-idx3-ubyte.gz")[:args.images, None]
     labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz")[:args.images].astype(np.int64)
     if args.url:
-        classify(args.url, args.model, images, labels, args.batch_size)
+        token = args.token_file.read_text().strip() if args.token_file else ""
+        classify(args.url, args.model, images, labels, args.batch_size, args.tls_ca, token)
         return
-    from service.launch import start_server  # only --serve needs valley itself
+    from service.launch import start_server, throwaway_credentials  # only --serve needs valley itself
 
-    with start_server(args.serve, "--log-level", "WARNING", cwd=Path(__file__).resolve().parents[1]) as server:
-        if not server.ready:
-            raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
-        classify(server.url, args.model, images, labels, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="valley-pki-") as folder:
+        credentials = throwaway_credentials(Path(folder))
+        with start_server(args.serve, "--log-level", "WARNING", *credentials.flags,
+                          cwd=Path(__file__).resolve().parents[1]) as server:
+            if not server.ready:
+                raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
+            classify(f"localhost:{server.grpc_port}", args.model, images, labels, args.batch_size, credentials.ca,
+                     credentials.token)
 
 
 if __name__ == "__main__":

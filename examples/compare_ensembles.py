@@ -15,6 +15,7 @@ training epochs each model cost. Needs valley with its `train`, `serve` and `cli
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +23,24 @@ import tritonclient.grpc as triton
 from tqdm import tqdm
 
 from artefact.manifest import Metrics, load_manifest
-from service.launch import start_server
+from service.launch import Credentials, start_server, throwaway_credentials
 from training.data import read_idx
 from training.metrics import classification_metrics
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def served_probabilities(url: str, model: str, images: np.ndarray, batch_size: int) -> np.ndarray:
-    client = triton.InferenceServerClient(url)
+def served_probabilities(url: str, model: str, images: np.ndarray, batch_size: int,
+                         credentials: Credentials) -> np.ndarray:
+    client = triton.InferenceServerClient(url, ssl=True, root_certificates=str(credentials.ca))
     output = [triton.InferRequestedOutput("probabilities")]
     parts = []
     for start in tqdm(range(0, len(images), batch_size), desc=model, unit="batch", leave=False):
         pixels = images[start:start + batch_size]
         tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
         tensor.set_data_from_numpy(pixels)
-        parts.append(client.infer(model, [tensor], outputs=output).as_numpy("probabilities"))
+        parts.append(client.infer(model, [tensor], outputs=output, headers=credentials.headers)
+                     .as_numpy("probabilities"))
     return np.concatenate(parts)
 
 
@@ -64,17 +67,23 @@ def main() -> None:
     rows = ["| model | method | members | epochs | accuracy % | NLL | ECE % | Brier | NLL, ECE % before temperature |",
             "|---|---|---|---|---|---|---|---|---|"]
     results = {}
-    with start_server(args.serve, "--log-level", "WARNING", cwd=Path(__file__).resolve().parents[1]) as server:
-        if not server.ready:
-            raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
-        for model in args.models:
-            manifest = load_manifest(_latest_version(args.serve, model))
-            served = classification_metrics(served_probabilities(server.url, model, images, args.batch_size), labels)
-            results[model] = served
-            before = manifest.metrics.uncalibrated
-            rows.append(f"| {model} | {manifest.method} | {len(manifest.members)} | {budgets.get(model, '?')} | "
-                        f"{100 * served.accuracy:.2f} | {served.nll:.4f} | {100 * served.ece:.2f} | "
-                        f"{served.brier:.4f} | {before.nll:.4f}, {100 * before.ece:.2f} |")
+    # The server runs as in production: TLS, and a bearer token (a throwaway certificate and token here).
+    with tempfile.TemporaryDirectory(prefix="valley-pki-") as folder:
+        credentials = throwaway_credentials(Path(folder))
+        with start_server(args.serve, "--log-level", "WARNING", *credentials.flags,
+                          cwd=Path(__file__).resolve().parents[1]) as server:
+            if not server.ready:
+                raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
+            for model in args.models:
+                manifest = load_manifest(_latest_version(args.serve, model))
+                probabilities = served_probabilities(f"localhost:{server.grpc_port}", model, images, args.batch_size,
+                                                     credentials)
+                served = classification_metrics(probabilities, labels)
+                results[model] = served
+                before = manifest.metrics.uncalibrated
+                rows.append(f"| {model} | {manifest.method} | {len(manifest.members)} | {budgets.get(model, '?')} | "
+                            f"{100 * served.accuracy:.2f} | {served.nll:.4f} | {100 * served.ece:.2f} | "
+                            f"{served.brier:.4f} | {before.nll:.4f}, {100 * before.ece:.2f} |")
     print(f"\nFashion-MNIST test split ({len(labels)} images), as served by valley (temperature applied):\n")
     print("\n".join(rows))
     baseline, *others = args.models

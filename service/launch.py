@@ -8,12 +8,16 @@ own dependencies.
 
     with start_server(Path("runs/ensembles")) as server:
         client = tritonclient.grpc.InferenceServerClient(server.url)
+
+`throwaway_credentials` makes a private CA, a certificate and a token, so that examples run the
+server as production does: TLS and bearer tokens.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -24,6 +28,54 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What it takes to run a server as production runs it: TLS with a certificate a private CA signed, and a
+    bearer token with every role (infer, feedback, admin)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    tokens_file: Path
+    token: str
+
+    @property
+    def flags(self) -> list[str]:
+        """valley-serve's flags for them."""
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tokens-file", str(self.tokens_file)]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a tritonclient call sends to authenticate (`headers=`)."""
+        return {"authorization": f"Bearer {self.token}"}
+
+
+def throwaway_credentials(folder: Path) -> Credentials:
+    """A new private CA, a server certificate for localhost and 127.0.0.1 that it signed, and a random token, in
+    `folder` (made by the `openssl` command; valid for a day). For examples and tests: production certificates
+    come from the cluster's issuer (deploy/README.md)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        try:
+            subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+        except FileNotFoundError:
+            raise ServerStartError("the openssl command is needed to make a throwaway certificate: install it "
+                                   "(apt-get install openssl)") from None
+
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=valley CA")
+    openssl("req", *curve, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.crt", "-days", "1", "-extfile", "server.ext")
+    token = secrets.token_urlsafe(32)
+    tokens_file = folder / "tokens"
+    tokens_file.write_text(f"{token} infer,feedback,admin\n")
+    tokens_file.chmod(0o600)
+    return Credentials(folder / "ca.crt", folder / "server.crt", folder / "server.key", tokens_file, token)
 
 
 class ServerStartError(RuntimeError):

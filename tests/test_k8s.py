@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from service.cli import parse_settings
+from service.reload import build_parser as reload_parser
 from service.server import LIVENESS_SERVICE
 from service.settings import Settings
 from tests.conftest import REPO
@@ -193,16 +194,32 @@ def _serve(kustomization: str) -> tuple[list[Object], Object, dict[str, str]]:
     return objects, deployment, dict(find(objects, "ConfigMap", config_name)["data"])
 
 
+# What the secrets hold, as valley-serve checks it at start (the real ones come from deploy/README.md).
+SECRET_FILES = {"VALLEY_TLS_CERT": "-----BEGIN CERTIFICATE-----\n", "VALLEY_TLS_KEY": "-----BEGIN PRIVATE KEY-----\n",
+                "VALLEY_TOKENS_FILE": "an-admin-token-0123456789 admin\n"}
+
+
 @pytest.mark.parametrize("kustomization", SERVE_OVERLAYS)
-def test_the_settings_are_the_servers_and_parse(kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, _, settings = _serve(kustomization)
+def test_the_settings_are_the_servers_and_parse(kustomization: str, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    _, deployment, settings = _serve(kustomization)
     fields = {f"VALLEY_{name.upper()}" for name in Settings.model_fields}
     assert set(settings) <= fields, f"not valley-serve settings: {sorted(set(settings) - fields)}"
+    assert "VALLEY_INSECURE" not in settings, "the manifests serve TLS with tokens"
+    mounts = {m["mountPath"]: m["name"] for m in pod_spec(deployment)["containers"][0]["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod_spec(deployment)["volumes"] if "secret" in v}
+    for key, content in SECRET_FILES.items():
+        folder = str(Path(settings[key]).parent)
+        assert secrets[mounts[folder]] in ("valley-tls", "valley-tokens"), f"{key} is not in a mounted secret"
+        stand_in = tmp_path / key
+        stand_in.write_text(content)
+        settings[key] = str(stand_in)
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
     parsed = parse_settings([])
     assert (parsed.grpc_port, parsed.metrics_port, str(parsed.repository)) == (8001, 8002, "/models")
     assert parsed.device == ("cuda" if kustomization.endswith("gpu") else "cpu")
+    assert parsed.tls_cert is not None and parsed.tokens_file is not None and parsed.health_port == 8003
 
 
 @pytest.mark.parametrize("kustomization", SERVE_OVERLAYS)
@@ -211,10 +228,12 @@ def test_probes_use_the_servers_health_services_and_shutdown_fits_the_grace_peri
     spec = pod_spec(deployment)
     container = spec["containers"][0]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": int(settings["VALLEY_GRPC_PORT"]), "metrics": int(settings["VALLEY_METRICS_PORT"])}
+    assert ports == {"grpc": int(settings["VALLEY_GRPC_PORT"]), "metrics": int(settings["VALLEY_METRICS_PORT"]),
+                     "health": int(settings["VALLEY_HEALTH_PORT"])}
+    # The kubelet's gRPC probes cannot do TLS: they use the plaintext health-only port.
     for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": ports["grpc"], "service": LIVENESS_SERVICE}, probe
-    assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": ""}
+        assert container[probe]["grpc"] == {"port": ports["health"], "service": LIVENESS_SERVICE}, probe
+    assert container["readinessProbe"]["grpc"] == {"port": ports["health"], "service": ""}
     # The kubelet kills the pod this long after preStop starts: preStop, then the server's own drain.
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = float(settings["VALLEY_SHUTDOWN_GRACE_S"])
@@ -225,6 +244,8 @@ def test_probes_use_the_servers_health_services_and_shutdown_fits_the_grace_peri
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["claimName"] == "valley-models"
     assert {volumes[name]["secret"]["secretName"] for name in ("tls", "tokens")} == {"valley-tls", "valley-tokens"}
+    assert not any(volumes[name]["secret"].get("optional") for name in ("tls", "tokens")), \
+        "a pod without its certificate or tokens must not start (it would refuse to bind)"
 
 
 def test_the_gpu_overlay_asks_for_a_gpu_node_and_the_cpu_one_for_cores() -> None:
@@ -368,6 +389,14 @@ def test_the_training_job_runs_the_pipeline_with_a_recipe_valley_train_accepts(k
     assert "valley-models" in serving
     target_host = settings["VALLEY_RELOAD_TARGET"].split(".")[0]
     assert target_host in {o["metadata"]["name"] for o in render("base") if o["kind"] == "Service"}
+    reload_args = reload_parser().parse_args(["--target", settings["VALLEY_RELOAD_TARGET"], "--model", "m",
+                                              *shlex.split(settings["VALLEY_RELOAD_ARGS"])])
+    secrets = {volume["name"]: volume["secret"] for volume in spec["volumes"] if "secret" in volume}
+    for path, secret, key in ((reload_args.tls_ca, "valley-tls", "ca.crt"),
+                              (reload_args.token_file, "valley-admin-token", "token")):
+        folder, name = path.rsplit("/", 1)
+        volume = secrets[mounts[folder]]
+        assert volume["secretName"] == secret and name == key, "valley-reload reads the mounted secrets"
     env = {item["name"]: item for item in container["env"]}
     assert "$(" in env["VALLEY_RUN_DIR"]["value"], "each job trains in a run folder of its own"
     if job["kind"] == "Job":

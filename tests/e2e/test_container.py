@@ -45,9 +45,10 @@ def test_the_deployments_probes_pass_while_ensembles_load_and_readiness_waits_un
         shutil.copytree(exported, version)
         manifest = json.loads((version / "manifest.json").read_text())
         (version / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
-    port = free_port()
+    port, health_port = free_port(), free_port()  # the probes ask the health-only port, as in the Deployment
     command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--grpc-port", str(port),
-               "--metrics-port", "0", "--instances", "1", "--log-level", "WARNING"]
+               "--health-port", str(health_port), "--metrics-port", "0", "--instances", "1", "--log-level",
+               "WARNING"]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen: list[tuple[int, int, int]] = []
@@ -55,8 +56,9 @@ def test_the_deployments_probes_pass_while_ensembles_load_and_readiness_waits_un
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                states = (health_status(port, probes["startupProbe"]), health_status(port, probes["livenessProbe"]),
-                          health_status(port, probes["readinessProbe"]))
+                states = (health_status(health_port, probes["startupProbe"]),
+                          health_status(health_port, probes["livenessProbe"]),
+                          health_status(health_port, probes["readinessProbe"]))
             except Exception:  # the port is not open yet
                 time.sleep(0.02)
                 continue

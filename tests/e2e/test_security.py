@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.cli import parse_settings
+from service.launch import throwaway_credentials
 from service.security import RECHECK_S
 from tests.conftest import REPO
 from tests.e2e.conftest import (
@@ -31,6 +32,8 @@ from tests.e2e.conftest import (
     ThreadServer,
     health_status,
     report,
+    start_server_process,
+    stop_server_process,
     thread_settings,
     triton_inputs,
 )
@@ -298,3 +301,22 @@ def test_valley_reload_over_mutual_tls_with_an_admin_token(exported: Path, tmp_p
         assert code == 1 and lines[0]["ok"] is False, "mutual TLS: no client certificate, no connection"
         code, lines = reload(ADMIN, *client_flags)
         assert code == 0 and lines[0]["version"] == "2", lines
+
+
+def test_throwaway_credentials_run_a_server_as_production_does(repository: Path, tmp_path: Path,
+                                                               reference: Reference) -> None:
+    """What the examples and the demo use: a private CA's certificate and a token with every role."""
+    credentials = throwaway_credentials(tmp_path / "pki")
+    server = start_server_process(repository, *credentials.flags)
+    try:
+        client = triton.InferenceServerClient(f"localhost:{server.grpc_port}", ssl=True,
+                                              root_certificates=str(credentials.ca))
+        pixels = reference.images(2, seed=1)
+        answer = client.infer(MODEL, triton_inputs(pixels), headers=credentials.headers)
+        np.testing.assert_allclose(answer.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
+        client.load_model(MODEL, headers=credentials.headers)  # the token has every role
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, triton_inputs(pixels))
+        assert _code(refused.value) == "UNAUTHENTICATED"
+    finally:
+        stop_server_process(server)

@@ -5,7 +5,8 @@
 #
 # torchrun takes its topology from PET_* variables (PET_NNODES, PET_NPROC_PER_NODE, and the c10d
 # rendezvous PET_RDZV_BACKEND/ENDPOINT/ID), which the Job or PyTorchJob sets. The recipe comes
-# from VALLEY_TRAIN_ARGS and VALLEY_FGE_ARGS (train.env).
+# from VALLEY_TRAIN_ARGS and VALLEY_FGE_ARGS (train.env); VALLEY_RELOAD_ARGS says how to reach the
+# servers (TLS and an admin token).
 # Every step resumes: a restarted pod or worker group continues from the last checkpoint, a
 # finished training is not rejoined, and an ensemble already exported by this run is not
 # exported twice.
@@ -20,6 +21,7 @@ node=${JOB_COMPLETION_INDEX:-${PET_NODE_RANK:-0}}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 read -r -a train_args <<< "${VALLEY_TRAIN_ARGS:-}"
 read -r -a fge_args <<< "${VALLEY_FGE_ARGS:-}"
+read -r -a reload_args <<< "${VALLEY_RELOAD_ARGS:-}"
 
 # Each torchrun is a rendezvous of its own: the second must not meet in the first one's.
 rendezvous() {
@@ -52,7 +54,7 @@ cat "$exported"
 if [ -n "${VALLEY_RELOAD_TARGET:-}" ]; then
   # The version is published either way: servers that miss the reload load it when they restart.
   for attempt in 1 2 3; do
-    if valley-reload --target "$VALLEY_RELOAD_TARGET" --model "$ensemble"; then
+    if valley-reload --target "$VALLEY_RELOAD_TARGET" --model "$ensemble" "${reload_args[@]}"; then
       exit 0
     fi
     echo "valley-reload failed (attempt $attempt of 3)" >&2
