@@ -85,7 +85,7 @@ def reload_one(address: str, model: str, timeout: float, metadata: list[tuple[st
     return Outcome(address, True, version=answer.versions[-1] if answer.versions else "")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="valley-reload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True, help="HOST:PORT of the servers' gRPC port; every address the "
                         "host resolves to is reloaded")
@@ -98,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tls-client-key", help="PEM private key of --tls-client-cert")
     parser.add_argument("--tls-server-name", help="the name the servers' certificate must carry (default: the "
                         "target's host)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     metadata: list[tuple[str, str]] = []
     files: dict[str, bytes] = {}
