@@ -46,6 +46,8 @@ FEEDBACK = feedback_pb.DESCRIPTOR.services_by_name["Feedback"]
 INFERENCE_SERVICE = INFERENCE.full_name
 LIVENESS_SERVICE = "liveness"
 """The grpc.health.v1 service name of liveness; "" and inference.GRPCInferenceService are readiness."""
+EXIT_RESERVE_S = 1.5
+"""The end of the shutdown grace period kept for the process's exit after the server has stopped."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -192,11 +194,13 @@ class Server:
             self._poller.cancel()
         await self._server_state()
         await self.health.enter_graceful_shutdown()
-        ends = time.monotonic() + self.settings.shutdown_grace_s
+        grace = self.settings.shutdown_grace_s
+        # The grace period is the whole time to exit: the process's own exit (threads, libraries) gets the end of it.
+        ends = time.monotonic() + grace - min(EXIT_RESERVE_S, grace / 3)
         # While in-flight requests finish, the port stays open: new requests get a clear
         # UNAVAILABLE from the servicer rather than a connection torn down under them.
         try:
-            await asyncio.wait_for(self.dataplane.drained(), self.settings.shutdown_grace_s)
+            await asyncio.wait_for(self.dataplane.drained(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("requests still in flight when the grace period ended")
         # Open streams owe nothing now: they end UNAVAILABLE instead of holding the exit until the grace ends.

@@ -168,6 +168,8 @@ def test_twenty_swaps_under_load_through_polling_and_rpc_lose_no_request(own: Pa
                 time.sleep(0.3)
         assert not load.failures, load.failures[:5]
         assert load.answered > 50 and {"1", "11"} <= load.versions, (load.answered, load.versions)
+        print(f"polled swaps: {load.answered} requests answered, {len(load.failures)} failed, versions served "
+              f"{sorted(load.versions, key=int)}")
         for version in (4, 8):
             assert _metric(polled, "valley_model_load_failures_total", model=MODEL, version=str(version)) == 1, \
                 "a refused version is counted once, and not tried again while it is unchanged"
@@ -200,6 +202,8 @@ def test_twenty_swaps_under_load_through_polling_and_rpc_lose_no_request(own: Pa
                 time.sleep(0.3)
         assert not load.failures, load.failures[:5]
         assert load.answered > 50 and {"10", "20"} <= load.versions, (load.answered, load.versions)
+        print(f"RPC swaps: {load.answered} requests answered, {len(load.failures)} failed, versions served "
+              f"{sorted(load.versions, key=int)}")
     finally:
         stop_server_process(explicit)
     assert swaps == 20 and refused == 5

@@ -22,8 +22,6 @@ from tests.conftest import REPO
 from tests.e2e.conftest import MODEL, Reference, start_server_process, triton_inputs
 
 GRACE_S = 4.0
-# Process start-up and teardown beyond the grace period: interpreter exit, closing onnxruntime sessions.
-EXIT_SLACK_S = 3.0
 
 
 def _slow_version(repository: Path, version: int) -> None:
@@ -137,13 +135,13 @@ def test_sigterm_under_load_loses_no_accepted_request_and_exits_within_the_grace
     time.sleep(1.5)  # load under way (hashing), requests flowing
     sent = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
-    code = server.process.wait(GRACE_S + EXIT_SLACK_S + 30)
+    code = server.process.wait(GRACE_S + 30)
     exited = time.monotonic() - sent
     for thread in (*unary, *streams, loader):
         thread.join(60)
     log = server.log.read_text() if server.log else ""
     assert code == 0, log
-    assert exited < GRACE_S + EXIT_SLACK_S, f"exited {exited:.1f} s after SIGTERM (grace {GRACE_S} s)"
+    assert exited < GRACE_S, f"exited {exited:.1f} s after SIGTERM (grace {GRACE_S} s)"
     assert "Traceback" not in log
     for client in unary:
         assert not client.other, client.other[:3]
@@ -156,6 +154,9 @@ def test_sigterm_under_load_loses_no_accepted_request_and_exits_within_the_grace
         assert stream.ended is not None and "UNAVAILABLE" in str(stream.ended.status()), stream.ended
         assert "shutting down" in stream.ended.message()
     assert loading, "the load in progress was not reported as finished"
+    print(f"SIGTERM under load: exit {exited:.2f} s after the signal (grace {GRACE_S} s); unary answered "
+          f"{sum(c.answered for c in unary)}, refused {sum(c.refused for c in unary)}; streams answered "
+          f"{sum(len(s.answers) for s in streams)} of {sum(s.sent for s in streams)} sent")
 
 
 def test_sigterm_while_loading_at_start_exits_within_the_grace(own: Path, tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_sigterm_while_loading_at_start_exits_within_the_grace(own: Path, tmp_pa
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "--repository", str(own), "--grpc-port", "0", "--metrics-port", "0",
-             "--shutdown-grace-s", "2"], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+             "--shutdown-grace-s", str(GRACE_S)], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "2"})
     try:
         ends = time.monotonic() + 60
@@ -180,5 +181,6 @@ def test_sigterm_while_loading_at_start_exits_within_the_grace(own: Path, tmp_pa
         if process.poll() is None:
             process.kill()
     assert code == 0, log.read_text()
-    assert exited < 2 + EXIT_SLACK_S, f"exited {exited:.1f} s after SIGTERM (grace 2 s)"
+    assert exited < GRACE_S, f"exited {exited:.1f} s after SIGTERM (grace {GRACE_S} s)"
+    print(f"SIGTERM while loading at start: exit {exited:.2f} s after the signal (grace {GRACE_S} s)")
     assert "stopped" in log.read_text() and "Traceback" not in log.read_text()
