@@ -46,7 +46,8 @@ from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+"""An ensemble's name: a folder name (never a path), short enough for every file system."""
 CONFIG_FILE = "config.json"
 T = TypeVar("T")
 
@@ -216,9 +217,12 @@ class Repository:
         return found, oddities
 
     def versions_on_disk(self, name: str) -> list[int]:
-        """Integer version folders that hold a manifest, ascending."""
+        """Integer version folders that hold a manifest, ascending (none for a name the file system refuses)."""
         folder = self.root / name
-        return self._versions(folder)[0] if NAME.fullmatch(name) and folder.is_dir() else []
+        try:
+            return self._versions(folder)[0] if NAME.fullmatch(name) and folder.is_dir() else []
+        except OSError:
+            return []
 
     @staticmethod
     def _versions(folder: Path) -> tuple[list[int], list[Oddity]]:
@@ -296,7 +300,7 @@ class Repository:
         so a load is never left half done.
         """
         if not NAME.fullmatch(name):
-            raise ModelNotFound(f"no ensemble {name!r}: names are letters, digits and _ . - (not a path)")
+            raise ModelNotFound(f"no ensemble {name!r}: names are up to 128 letters, digits and _ . - (not a path)")
         override = VersionPolicy.from_config(config, "the load's config parameter") if config is not None else None
         if not self.versions_on_disk(name):
             raise ModelNotFound(f"no ensemble {name!r} in the repository (expected <repository>/{name}/<version>/"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 FEEDBACK = feedback_pb.DESCRIPTOR.services_by_name["Feedback"]
 INFERENCE_SERVICE = INFERENCE.full_name
+# grpc's own services, served through the same guard as ours (open to all): a body that does not parse is
+# INVALID_ARGUMENT there too, never grpc's UNKNOWN.
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 LIVENESS_SERVICE = "liveness"
 """The grpc.health.v1 service name of liveness; "" and inference.GRPCInferenceService are readiness."""
 EXIT_RESERVE_S = 1.5
@@ -66,9 +70,8 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
             POOL.FindFileByName(module.DESCRIPTOR.name)
         except KeyError:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = [INFERENCE_SERVICE, FEEDBACK.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server, pool=POOL)
+    names = [INFERENCE_SERVICE, FEEDBACK.full_name, HEALTH.full_name, REFLECTION.full_name]
+    add_servicer(server, reflection.aio.ReflectionServicer(names, pool=POOL), REFLECTION)
 
 
 class Server:
@@ -100,13 +103,13 @@ class Server:
         self.inference = InferenceServicer(self.dataplane)
         add_servicer(self.grpc, self.inference, INFERENCE, authorizer, self.concurrency)
         add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, self.concurrency)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        add_servicer(self.grpc, self.health, HEALTH)
         _enable_reflection(self.grpc)
         # Probes that cannot do TLS get the same health service in plaintext, and nothing else, on a port of its own.
         self.health_grpc: grpc.aio.Server | None = None
         if settings.health_port is not None:
             self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            add_servicer(self.health_grpc, self.health, HEALTH)
         self._stopping = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
         self._metrics_http: WSGIServer | None = None

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ Response = TypeVar("Response", bound=Message)
 Context: TypeAlias = grpc.aio.ServicerContext
 Unary = Callable[[Request, Context], Awaitable[Response]]
 Streaming = Callable[[AsyncIterator[Request], Context], AsyncIterator[Response]]
+ServerStreaming = Callable[[Request, Context], AsyncIterator[Response]]
 
 
 # -- the one guard around every RPC ---------------------------------------------------------
@@ -89,15 +92,19 @@ async def _parsed_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 def answer_of(error: BaseException) -> Status:
-    """The status an exception is answered with; a fault of ours is logged here with its traceback."""
+    """The status an exception is answered with; a fault of ours is logged here with its traceback.
+
+    The exception's frames are cleared once it is answered: they hold the request (up to --max-message-bytes),
+    which would otherwise live in a reference cycle until the garbage collector's next full pass.
+    """
     status = status_of(error)
     if status.internal:
         log.error("internal error while serving a request", exc_info=error)
+    traceback.clear_frames(error.__traceback__)
     return status
 
 
-async def _abort(context: Context, error: BaseException) -> NoReturn:
-    status = answer_of(error)
+async def _abort(context: Context, status: Status) -> NoReturn:
     await context.abort(grpc.StatusCode[status.code], status.message)
     raise AssertionError("grpc's context.abort returned instead of raising")
 
@@ -129,6 +136,10 @@ def _admit(authorizer: Authorizer, method: str, context: Context) -> None:
     CALLER.set(authorizer.check(method, context.invocation_metadata()))
 
 
+# Each guard answers outside its `except` block, so the status's exception is not chained to grpc's abort (and
+# kept alive with the request by it).
+
+
 def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN,
             limit: ConcurrencyLimit = UNLIMITED) -> Unary[Request, Response]:
     """`handler` for authorized callers within the concurrency limit, answering every exception through the error
@@ -144,7 +155,32 @@ def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN,
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await _abort(context, error)
+            status = answer_of(error)
+        del request
+        await _abort(context, status)
+
+    return call
+
+
+def guarded_server_stream(handler: ServerStreaming[Request, Response], authorizer: Authorizer = OPEN,
+                          limit: ConcurrencyLimit = UNLIMITED) -> ServerStreaming[Request, Response]:
+    """`guarded` for a request answered by an async generator of responses."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def call(request: Request, context: Context) -> AsyncIterator[Response]:
+        try:
+            with limit.held():
+                _admit(authorizer, method, context)
+                async for response in handler(_parsed(request), context):
+                    yield response
+                return
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            status = answer_of(error)
+        del request
+        await _abort(context, status)
 
     return call
 
@@ -162,10 +198,12 @@ def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer
                 _admit(authorizer, method, context)
                 async for response in handler(_parsed_stream(requests), context):
                     yield response
+                return
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await _abort(context, error)
+            status = answer_of(error)
+        await _abort(context, status)
 
     return call
 
@@ -173,7 +211,7 @@ def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer
 def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
                  authorizer: Authorizer = OPEN, limit: ConcurrencyLimit = UNLIMITED) -> None:
     """Serve every method of `service` with the `servicer` method of its name, authorized, limited, parsed and
-    guarded."""
+    guarded (open and unlimited by default: grpc.health.v1 and reflection, whose bodies are parsed here too)."""
     handlers = {}
     for method in service.methods:
         handler = getattr(servicer, method.name)  # a missing method fails at start, not at the first call
@@ -186,8 +224,12 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
         elif not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(guarded(handler, authorizer, limit),
                                                                         **options)
+        elif method.server_streaming:  # an async generator, or a coroutine that writes with context.write
+            streaming = guarded_server_stream(handler, authorizer, limit) if inspect.isasyncgenfunction(handler) \
+                else guarded(handler, authorizer, limit)
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(streaming, **options)
         else:
-            raise NotImplementedError(f"{service.full_name}/{method.name}: only unary and bidirectional RPCs")
+            raise NotImplementedError(f"{service.full_name}/{method.name}: client streams alone are not served")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
