@@ -49,9 +49,13 @@ class Phase:
     codes: Counter[str] = field(default_factory=Counter)
     ok_ms: list[float] = field(default_factory=list)
     refused_ms: list[float] = field(default_factory=list)
+    details: Counter[str] = field(default_factory=Counter)
+    """Why requests were refused: each detail's first words, counted."""
 
-    def record(self, code: grpc.StatusCode, milliseconds: float) -> None:
+    def record(self, code: grpc.StatusCode, milliseconds: float, detail: str = "") -> None:
         self.codes[code.name] += 1
+        if detail:
+            self.details[" ".join(detail.split()[:8])] += 1
         (self.ok_ms if code == grpc.StatusCode.OK else self.refused_ms).append(milliseconds)
 
 
@@ -74,12 +78,13 @@ def _body(model: str, shape: list[int], batch: int, seed: int) -> bytes:
 
 async def _one(call: grpc.aio.UnaryUnaryMultiCallable, body: bytes, phase: Phase) -> None:
     started = time.perf_counter()
+    detail = ""
     try:
         await call(body, timeout=30)
         code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as error:
-        code = error.code()
-    phase.record(code, (time.perf_counter() - started) * 1e3)
+        code, detail = error.code(), str(error.details())
+    phase.record(code, (time.perf_counter() - started) * 1e3, detail)
 
 
 async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float) -> Phase:
@@ -167,10 +172,12 @@ def main() -> None:
         "offered_requests_per_s": round(overload.sent / args.seconds, 1),
         "multiple": round(overload.sent / args.seconds / capacity, 2),
         "accepted_requests_per_s": round(overload.codes["OK"] / args.seconds, 1),
-        "codes": dict(overload.codes), "accepted_ms": _percentiles(overload.ok_ms),
+        "codes": dict(overload.codes), "refusals": dict(overload.details.most_common(4)),
+        "accepted_ms": _percentiles(overload.ok_ms),
         "refused_ms": _percentiles(overload.refused_ms), **watch,
         "after_requests_per_s": round(after.codes["OK"] / args.after_seconds, 1),
-        "after_codes": dict(after.codes), "after_ms": _percentiles(after.ok_ms),
+        "after_codes": dict(after.codes), "after_refusals": dict(after.details.most_common(4)),
+        "after_ms": _percentiles(after.ok_ms),
     }
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -130,10 +130,11 @@ class DynamicBatcher:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
-    def expected_wait(self, images: int) -> float:
-        """Seconds a request of `images` would wait for its run if queued now: the batches ahead of it and its own,
-        shared among the instances, at the recent run time."""
-        batches = -(-(self._queued_images + images) // self.max_batch_size)
+    def expected_wait(self) -> float:
+        """Seconds a request queued now would wait for its run to start: the batches queued ahead of it, shared
+        among the instances, at the recent run time. Zero with nothing queued, so an idle model always takes a
+        request, and run times measured under an old load cannot keep refusing once the queue has drained."""
+        batches = -(-self._queued_images // self.max_batch_size)
         return batches * self._run_seconds / len(self._runs)
 
     async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None
@@ -142,10 +143,10 @@ class DynamicBatcher:
         if self._stopping:
             raise Retired(f"version {self._model.version} of {self._model.name!r} stopped taking requests")
         images = int(pixels.shape[0])
-        if self.max_queue_wait is not None and self.expected_wait(images) > self.max_queue_wait:
+        if self.max_queue_wait is not None and (wait := self.expected_wait()) > self.max_queue_wait:
             self._refuse("queue_wait")
             raise QueueWait(f"the model is overloaded: a request queued now would wait about "
-                            f"{self.expected_wait(images) * 1e3:.0f} ms, over this server's bound of "
+                            f"{wait * 1e3:.0f} ms, over this server's bound of "
                             f"{self.max_queue_wait * 1e3:.0f} ms; retry later or on another replica")
         pending = _Pending(pixels, tuple(outputs), deadline, asyncio.get_running_loop().create_future())
         try:

@@ -219,3 +219,22 @@ def test_a_request_that_waited_past_the_bound_is_refused_before_compute(ensemble
 
     asyncio.run(main())
     assert run.batches == [1], "the request that waited too long never reached the model"
+
+
+def test_a_drained_queue_takes_requests_whatever_the_last_runs_cost(ensemble: Ensemble) -> None:
+    """Slow runs under an old load must not keep refusing: with nothing queued, a request is always taken."""
+    delays = [0.3, 0.0, 0.0]
+
+    def slowing(pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
+        time.sleep(delays.pop(0) if delays else 0.0)
+        return ensemble.run(pixels, outputs)
+
+    async def main() -> None:
+        batcher = DynamicBatcher([slowing], max_batch_size=1, max_queue_delay=0, max_queue_wait=0.1)
+        batcher.start()
+        await batcher.submit(_images(1, 0), ["confidence"])  # a 0.3 s run: three times the bound
+        for seed in (1, 2):
+            assert (await batcher.submit(_images(1, seed), ["confidence"]))["confidence"].shape == (1,)
+        await batcher.stop()
+
+    asyncio.run(main())
