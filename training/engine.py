@@ -239,6 +239,8 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the last checkpoint of this run directory; False when there is none."""
+        if distributed.is_main():
+            self.run.remove_temporaries()
         path = self.run.last_checkpoint
         if not path.is_file():
             return False

@@ -426,6 +426,11 @@ def _output_specs(members: int, classes: int) -> list[TensorSpec]:
 
 def _publish(staging: Path, target: Path) -> None:
     """Make the staged directory the version directory with renames only (readers never see half)."""
+    # Its files reach the disk before the rename does: after a power cut a published version is whole too.
+    for path in staging.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    checkpoint.sync_directory(staging)
     if target.exists():
         retired = target.with_name(f".retired-{target.name}-{os.getpid()}")
         os.replace(target, retired)
@@ -433,3 +438,4 @@ def _publish(staging: Path, target: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, target)
+    checkpoint.sync_directory(target.parent)

@@ -226,6 +226,11 @@ class RunDir:
                              "`valley-train train ... --resume` first")
         return final
 
+    def remove_temporaries(self) -> None:
+        """Delete the half-written temporaries that killed processes left here (nothing reads them)."""
+        for folder in (self.path, self.checkpoints, self.snapshots):
+            checkpoint.remove_temporaries(folder)
+
     def available_epochs(self) -> list[int]:
         """The epochs that have a kept checkpoint, in order."""
         return sorted(int(path.stem.split("-")[1]) for path in self.checkpoints.glob("epoch-*.pt"))
