@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -29,9 +30,17 @@ def _rule_expressions() -> list[str]:
     return [line.split("#")[0] for line in RULES.read_text().splitlines() if not line.lstrip().startswith("#")]
 
 
-def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(repository: Path, reference: Reference) -> None:
-    # Per-member times exist only where members run one by one; every other metric is there either way.
-    with ThreadServer(thread_settings(repository, execution="members")) as server:
+def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(repository: Path, reference: Reference,
+                                                                        tmp_path: Path) -> None:
+    # Per-member times exist only where members run one by one, load failures once a version was refused (here a
+    # version 2 with a broken graph); every other metric is there either way.
+    own = tmp_path / "repository"
+    shutil.copytree(repository, own)
+    shutil.copytree(own / MODEL / "1", own / MODEL / "2")
+    manifest = json.loads((own / MODEL / "2" / "manifest.json").read_text())
+    (own / MODEL / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    (own / MODEL / "2" / manifest["fused"]["file"]).write_bytes(b"not a graph")
+    with ThreadServer(thread_settings(own, execution="members")) as server:
         pixels = reference.images(4, seed=1)
         result = triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="dash")
         predicted = result.as_numpy("probabilities").argmax(axis=1)
