@@ -282,8 +282,10 @@ class DataPlane:
         models = [self.repository.get(name, version)] if name else self.repository.served()
         return [NamedStatistics(m.name, str(m.version), m.statistics.snapshot()) for m in models]
 
-    def index(self, ready_only: bool) -> list[IndexEntry]:
-        return [entry for entry in self.repository.index() if not ready_only or entry.state == State.READY]
+    async def index(self, ready_only: bool) -> list[IndexEntry]:
+        """The repository's index; the disk is read in a worker thread (a slow volume must not stall the loop)."""
+        entries = await asyncio.to_thread(self.repository.index)
+        return [entry for entry in entries if not ready_only or entry.state == State.READY]
 
     async def load(self, name: str, config: str | None = None, others: Sequence[str] = ()) -> None:
         """Load `name` by its version policy; `config` (Triton's JSON model config) may set the policy."""

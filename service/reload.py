@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -113,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     files[flag] = file.read()
             except OSError as error:
                 parser.error(f"--{flag.replace('_', '-')}: {error.strerror}")
+    if "token_file" in files and "tls_ca" not in files:
+        print("valley-reload: warning: sending the token without TLS (no --tls-ca): anyone on the path can read it",
+              file=sys.stderr)
     if "token_file" in files:
         metadata.append(("authorization", f"Bearer {files['token_file'].decode('utf-8', 'replace').strip()}"))
     if ("tls_client_cert" in files) != ("tls_client_key" in files) or ("tls_client_cert" in files

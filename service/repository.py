@@ -47,6 +47,8 @@ from service.statistics import ModelStatistics
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
+"""A version folder's name, and a request's version: a positive integer in its one spelling (not "01", not "²")."""
 """An ensemble's name: a folder name (never a path), short enough for every file system."""
 CONFIG_FILE = "config.json"
 T = TypeVar("T")
@@ -231,8 +233,9 @@ class Repository:
             where = f"{folder.name}/{entry.name}"
             if _hidden(entry) or entry.name == CONFIG_FILE:
                 continue
-            if not entry.is_dir() or not entry.name.isdigit() or int(entry.name) < 1:
-                oddities.append(Oddity(where, "not a version: versions are folders named by integers from 1"))
+            if not entry.is_dir() or not VERSION.fullmatch(entry.name):
+                oddities.append(Oddity(where, "not a version: versions are folders named by integers from 1 "
+                                       "(no leading zeros)"))
             elif not (entry / MANIFEST_FILE).is_file():
                 oddities.append(Oddity(where, f"no {MANIFEST_FILE}: an export in progress, or not a version"))
             else:
@@ -247,10 +250,14 @@ class Repository:
         self._reported = set(oddities)
 
     def policy_of(self, name: str) -> VersionPolicy:
-        """The version policy of `name`: the last load request's, its config.json's, or the server's."""
+        """The version policy of `name` now: the last load request's that took effect, its config.json's, or the
+        server's."""
         slot = self._slots.get(name)
-        if slot is not None and slot.override is not None:
-            return slot.override
+        return self._policy(name, slot.override if slot is not None else None)
+
+    def _policy(self, name: str, override: VersionPolicy | None) -> VersionPolicy:
+        if override is not None:
+            return override
         path = self.root / name / CONFIG_FILE
         if not path.is_file():
             return self.policy
@@ -290,6 +297,9 @@ class Repository:
                 await self.load(name)
             except (LoadFailed, ModelNotFound) as error:
                 log.error("%s", error)
+                slot = self._slots[name]
+                if not slot.served:
+                    slot.state, slot.reason = State.UNAVAILABLE, str(error)
 
     async def load(self, name: str, config: str | None = None) -> list[ServedModel]:
         """Load (or reload) `name` by its policy, swapping in the versions that verify; what serves after.
@@ -305,16 +315,17 @@ class Repository:
         if not self.versions_on_disk(name):
             raise ModelNotFound(f"no ensemble {name!r} in the repository (expected <repository>/{name}/<version>/"
                                 f"{MANIFEST_FILE})")
-        self._slots.setdefault(name, _Slot()).override = override
-        return await asyncio.shield(self._sync(name))
+        return await asyncio.shield(self._sync(name, override))
 
-    async def _sync(self, name: str) -> list[ServedModel]:
+    async def _sync(self, name: str, override: VersionPolicy | None) -> list[ServedModel]:
+        """Serve what `override` (or config.json, or the server's policy) asks for; the override holds from now on
+        only if something new was swapped in under it (a pin that cannot be served is refused, not kept)."""
         slot = self._slots.setdefault(name, _Slot())
         async with slot.lock:
             slot.wanted = True
-            slot.seen = self._signature(name)
+            slot.seen = await asyncio.to_thread(self._signature, name)
             try:
-                policy = self.policy_of(name)
+                policy = self._policy(name, override)
             except LoadFailed as error:
                 await self._refuse_all(name, slot, str(error))
                 raise
@@ -324,7 +335,7 @@ class Repository:
                 await self._refuse_all(name, slot, reason)
                 raise LoadFailed(reason + self._still_serving(slot))
             previous, slot.served = slot.served, chosen
-            slot.state, slot.reason = State.READY, ""
+            slot.state, slot.reason, slot.override = State.READY, "", override
             retired = [model for version, model in previous.items() if chosen.get(version) is not model]
             added = [model for version, model in chosen.items() if previous.get(version) is not model]
             await self._notify(name, added, retired)
@@ -353,6 +364,8 @@ class Repository:
             refused = slot.refused.get(version)
             if refused is not None and refused[1] == fingerprint:  # tried, and unchanged since
                 problems.append(f"version {version} of {name!r} was refused: {refused[0]}")
+                if current is not None:
+                    chosen[version] = current
                 continue
             if not slot.served:
                 slot.state, slot.reason = State.LOADING, f"loading version {version}"
@@ -363,6 +376,8 @@ class Repository:
                 self._observer.observe_load_failure(name, version)
                 problems.append(f"version {version} of {name!r} was refused: {error}")
                 log.error("version %d of %r was refused: %s", version, name, error)
+                if current is not None:  # its files changed under it: the verified copy in memory keeps serving
+                    chosen[version] = current
                 continue
             slot.refused.pop(version, None)
             chosen[version] = self._serve(instances, fingerprint)
@@ -428,18 +443,21 @@ class Repository:
         """One look at the repository: load what is new or changed, unload what was removed."""
         found, oddities = await asyncio.to_thread(self.scan)
         self._report(oddities)
+        signatures = await asyncio.to_thread(lambda: {name: self._signature(name) for name in found})
         for name in found:
             slot = self._slots.get(name)
-            if slot is not None and (not slot.wanted or slot.seen == self._signature(name)):
+            if slot is not None and (not slot.wanted or slot.seen == signatures[name]):
                 continue
             try:
-                await asyncio.shield(self._sync(name))
+                await asyncio.shield(self._sync(name, slot.override if slot is not None else None))
             except LoadFailed as error:
                 log.error("%s", error)
-        for name, slot in list(self._slots.items()):
-            if name not in found and slot.served:
-                log.info("%s was removed from the repository: unloading it", name)
-                await asyncio.shield(self._unload(name, "removed from the repository", wanted=True))
+        for name in [name for name in self._slots if name not in found]:
+            log.info("%s was removed from the repository: unloading it", name)
+            await asyncio.shield(self._unload(name, "removed from the repository", wanted=False))
+            # Forgotten: it no longer counts for readiness, and loads afresh if it comes back.
+            if not self._slots[name].served:
+                del self._slots[name]
 
     async def close(self) -> None:
         """Unload everything, letting queued requests finish."""
@@ -468,7 +486,7 @@ class Repository:
             raise ModelNotReady(f"model {name!r} is not ready: {slot.reason}")
         if not version:
             return served[max(served)]
-        model = served.get(int(version)) if version.isdigit() and len(version) < 10 else None
+        model = served.get(int(version)) if VERSION.fullmatch(version) else None
         if model is None:
             serving = ", ".join(str(v) for v in sorted(served))
             raise ModelNotFound(f"model {name!r} has no version {version!r} being served (serving: {serving})")
@@ -489,7 +507,9 @@ class Repository:
         return all(slot.served for slot in self._slots.values() if slot.wanted)
 
     def index(self) -> list[IndexEntry]:
-        """Every version on disk with its state, and what else the repository holds (UNAVAILABLE, with why)."""
+        """Every version on disk with its state, and what else the repository holds (UNAVAILABLE, with why).
+
+        Reads the disk: call it from a worker thread (it only reads the slots)."""
         found, oddities = self.scan()
         entries = []
         for name, versions in found.items():

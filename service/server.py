@@ -50,6 +50,8 @@ HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 LIVENESS_SERVICE = "liveness"
 """The grpc.health.v1 service name of liveness; "" and inference.GRPCInferenceService are readiness."""
+WATCH_GRACE_S = 0.5
+"""After every RPC of ours has finished, how long grpc may still flush answers before it cuts what remains."""
 EXIT_RESERVE_S = 1.5
 """The end of the shutdown grace period kept for the process's exit after the server has stopped."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -200,19 +202,21 @@ class Server:
         grace = self.settings.shutdown_grace_s
         # The grace period is the whole time to exit: the process's own exit (threads, libraries) gets the end of it.
         ends = time.monotonic() + grace - min(EXIT_RESERVE_S, grace / 3)
-        # While in-flight requests finish, the port stays open: new requests get a clear
-        # UNAVAILABLE from the servicer rather than a connection torn down under them.
+        # Streams read nothing more: each ends UNAVAILABLE once the answers it owes are written. While in-flight
+        # requests finish, the port stays open: new requests get a clear UNAVAILABLE from the servicer rather
+        # than a connection torn down under them.
+        self.inference.end_streams()
         try:
             await asyncio.wait_for(self.dataplane.drained(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("requests still in flight when the grace period ended")
-        # Open streams owe nothing now: they end UNAVAILABLE instead of holding the exit until the grace ends.
-        self.inference.end_streams()
         # The port stays open until the other RPCs (a load in progress) are done: meanwhile new requests get a
         # clear UNAVAILABLE, where grpc's own shutdown would answer them CANCELLED.
         while self.concurrency.active and time.monotonic() < ends:
             await asyncio.sleep(0.02)
-        await self.grpc.stop(max(0.0, ends - time.monotonic()))
+        # What is left are health watches, which never end by themselves: a moment for answers just given to go
+        # out, then they are cut.
+        await self.grpc.stop(min(WATCH_GRACE_S, max(0.0, ends - time.monotonic())))
         try:  # queued batches of unloaded models drain within what is left of the grace period
             await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:

@@ -366,9 +366,11 @@ class InferenceServicer:
         client that sends without reading its answers stops being read from, and the server holds at
         most STREAM_IN_FLIGHT requests and about STREAM_BUFFER_BYTES of answers for it.
         """
+        dataplane = self.dataplane
+        if dataplane.shutting_down:
+            raise ShuttingDown("the server is shutting down: open the stream to another replica")
         answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
         budget = _StreamBudget(STREAM_IN_FLIGHT, STREAM_BUFFER_BYTES)
-        dataplane = self.dataplane
         closed = False
 
         async def serve(request: pb.ModelInferRequest) -> None:
@@ -451,7 +453,7 @@ class InferenceServicer:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=e.name, version=e.version, state=e.state.value, reason=shown(e.reason))
-            for e in self.dataplane.index(ready_only=request.ready)])
+            for e in await self.dataplane.index(ready_only=request.ready)])
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:

@@ -258,9 +258,12 @@ def test_version_policies_serve_several_versions_and_config_files_pin_one(own: P
         assert client.get_model_metadata(MODEL).versions == ["1"], "a broken config keeps what serves"
         with pytest.raises(InferenceServerException, match="config parameter is not JSON"):
             client.load_model(MODEL, config="{")
+        (own / MODEL / "config.json").write_text(json.dumps({"version_policy": {"specific": {"versions": [1]}}}))
         with pytest.raises(InferenceServerException, match="version 7 of 'synth' is not in the repository"):
             client.load_model(MODEL, config=json.dumps({"version_policy": {"specific": {"versions": [7]}}}))
-        assert client.is_model_ready(MODEL)
+        assert client.is_model_ready(MODEL) and client.get_model_metadata(MODEL).versions == ["1"]
+        assert _index(client)[(MODEL, "2")][1] == "not chosen by the version policy (specific:1)", \
+            "a pin that could not be served is not kept"
     finally:
         stop_server_process(server)
 
@@ -308,3 +311,34 @@ def test_a_request_whose_version_retires_before_it_is_queued_is_served_by_the_ne
         response = answer.result(30)
     assert response.version == "2"
     np.testing.assert_allclose(response.outputs["probabilities"], reference(pixels)["probabilities"], atol=1e-5)
+
+
+def test_polling_keeps_a_serving_version_whose_files_break_and_forgets_removed_ensembles(own: Path,
+                                                                                        reference: Reference) -> None:
+    _publish(own, 1, name="other")
+    server = start_server_process(own, "--model-control-mode", "poll", "--repository-poll-s", "0.2")
+    try:
+        client = triton.InferenceServerClient(server.url)
+        fused = json.loads((own / MODEL / "1" / "manifest.json").read_text())["fused"]["file"]
+        (own / MODEL / "1" / fused).write_bytes(b"overwritten under the server")
+        _until(lambda: _metric(server, "valley_model_load_failures_total", model=MODEL, version="1") > 0)
+        assert client.get_model_metadata(MODEL).versions == ["1"], "the verified copy in memory keeps serving"
+        pixels = reference.images(2, seed=4)
+        np.testing.assert_allclose(client.infer(MODEL, triton_inputs(pixels)).as_numpy("probabilities"),
+                                   reference(pixels)["probabilities"], atol=1e-5)
+        shutil.move(own / "other", own.parent / "other-aside")
+        _until(lambda: not client.is_model_ready("other"))
+        time.sleep(0.5)
+        assert client.is_server_ready(), "a removed ensemble no longer counts for readiness"
+        shutil.move(own.parent / "other-aside", own / "other")  # the same files, inodes and times
+        _until(lambda: client.is_model_ready("other"))
+        for odd in ("01", "²"):
+            (own / MODEL / odd).mkdir()
+        time.sleep(0.5)
+        index = _index(client)
+        assert "ignored: not a version" in index[(MODEL, "01")][1] and "ignored" in index[(MODEL, "²")][1]
+        with pytest.raises(InferenceServerException, match="no version '²'"):
+            client.infer(MODEL, triton_inputs(pixels), model_version="²")
+    finally:
+        log = stop_server_process(server)
+    assert "Traceback" not in log
