@@ -1,0 +1,139 @@
+"""Anytime ensembles: members run in stages, and confident images leave early (a cascade).
+
+After the first `stages[0]` members an image whose running ensemble (the mean of the members
+run so far) is confident enough is answered with it; the others go on to the next stage, and
+so on, the last stage running every member. "Confident enough" is a threshold on the running
+ensemble's maximum probability, as in Wang et al., "Wisdom of Committees" (ICLR 2022). The cost
+of an image is the number of members it went through.
+
+`fit_cascade` chooses the stages and thresholds on the validation split alone (it is never given
+another): the cheapest cascade whose validation NLL and accuracy stay within a stated
+tolerance of the full ensemble's. `run_cascade` answers a batch the way the server does, and
+is what training evaluates and the tests compare against. numpy only: the server uses it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from artefact.uncertainty import LOG_FLOOR
+
+# Confidence thresholds tried when fitting: dense near 1, where the confident images are.
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """Exits after `stages[i]` members (cumulative, increasing, the last one every member) for images whose running
+    ensemble's confidence is at least `thresholds[i]`; one threshold per stage but the last."""
+
+    stages: tuple[int, ...]
+    thresholds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:], strict=False)) \
+                or self.stages[0] < 1 or len(self.thresholds) != len(self.stages) - 1:
+            raise ValueError(f"a cascade needs increasing member counts and one threshold per stage but the last, "
+                             f"got stages {self.stages} and thresholds {self.thresholds}")
+
+    @property
+    def members(self) -> int:
+        """Members of the whole ensemble (the last stage's count)."""
+        return self.stages[-1]
+
+    @classmethod
+    def full(cls, members: int) -> Cascade:
+        """No early exit: every image goes through every member."""
+        return cls((members,), ())
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Accuracy (a fraction), NLL and the mean number of members per image of one way of answering."""
+
+    accuracy: float
+    nll: float
+    members_per_image: float
+
+
+def run_cascade(member_probabilities: np.ndarray, cascade: Cascade) -> tuple[np.ndarray, np.ndarray]:
+    """The answers [N, C] and the members each used [N] (int64) for member probabilities [N, K, C]."""
+    members = member_probabilities.shape[1]
+    if members != cascade.members:
+        raise ValueError(f"the cascade is for {cascade.members} members, the probabilities hold {members}")
+    return _answer(_running_means(member_probabilities), cascade)
+
+
+def _running_means(member_probabilities: np.ndarray) -> np.ndarray:
+    """[N, K, C]: at index m-1, the mean of the first m members (accumulated in float64)."""
+    sums = np.cumsum(member_probabilities, axis=1, dtype=np.float64)
+    counts = np.arange(1, member_probabilities.shape[1] + 1, dtype=np.float64)[None, :, None]
+    result: np.ndarray = (sums / counts).astype(member_probabilities.dtype)
+    return result
+
+
+def _answer(running: np.ndarray, cascade: Cascade) -> tuple[np.ndarray, np.ndarray]:
+    count, members, _ = running.shape
+    answers = running[:, -1].copy()
+    used = np.full(count, members, dtype=np.int64)
+    open_ = np.ones(count, dtype=bool)
+    for stage, threshold in zip(cascade.stages, cascade.thresholds, strict=False):
+        leaving = open_ & (running[:, stage - 1].max(axis=-1) >= threshold)
+        answers[leaving] = running[leaving, stage - 1]
+        used[leaving] = stage
+        open_ &= ~leaving
+    return answers, used
+
+
+def quality(probabilities: np.ndarray, labels: np.ndarray, used: np.ndarray) -> Quality:
+    """Accuracy, NLL (probabilities floored at LOG_FLOOR, as everywhere) and mean members per image."""
+    true = probabilities[np.arange(len(labels)), labels].astype(np.float64)
+    return Quality(float(np.mean(probabilities.argmax(axis=-1) == labels)),
+                   float(np.mean(-np.log(np.maximum(true, LOG_FLOOR)))), float(np.mean(used)))
+
+
+def fit_cascade(member_probabilities: np.ndarray, labels: np.ndarray, max_nll_increase: float = 0.01,
+                max_accuracy_drop: float = 0.001, thresholds: Sequence[float] = THRESHOLDS,
+                max_stages: int = 3) -> tuple[Cascade, Quality, Quality]:
+    """The cheapest cascade whose NLL is at most `max_nll_increase` (relative) above the full ensemble's and whose
+    accuracy is at most `max_accuracy_drop` (absolute) below it, on these (validation) predictions [N, K, C].
+
+    Tries every split of the members into two stages and, with `max_stages` 3, into three, each with every pair of
+    thresholds from `thresholds`; ties in cost go to the lower NLL. Returns the cascade, its quality and the full
+    ensemble's, both on the given predictions. With nothing cheaper within the tolerance, the full ensemble.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    members = member_probabilities.shape[1]
+    full = quality(member_probabilities.mean(axis=1), labels, np.full(len(labels), members))
+    best, best_quality = Cascade.full(members), full
+    running = _running_means(member_probabilities)
+    for stages in _stage_sets(members, max_stages):
+        for chosen in _threshold_sets(len(stages) - 1, thresholds):
+            cascade = Cascade(stages, chosen)
+            answers, used = _answer(running, cascade)
+            measured = quality(answers, labels, used)
+            within = measured.nll <= full.nll * (1 + max_nll_increase) and \
+                measured.accuracy >= full.accuracy - max_accuracy_drop
+            better = (measured.members_per_image, measured.nll) < (best_quality.members_per_image, best_quality.nll)
+            if within and better:
+                best, best_quality = cascade, measured
+    return best, best_quality, full
+
+
+def _stage_sets(members: int, max_stages: int) -> list[tuple[int, ...]]:
+    """Every way to exit early once or (with 3 stages) twice before running all `members`."""
+    sets: list[tuple[int, ...]] = [(first, members) for first in range(1, members)]
+    if max_stages >= 3:
+        sets += [(first, second, members) for first in range(1, members) for second in range(first + 1, members)]
+    return sets
+
+
+def _threshold_sets(count: int, thresholds: Sequence[float]) -> list[tuple[float, ...]]:
+    """Threshold tuples for `count` exits. A later exit, with more members behind it, is trusted at a confidence
+    no higher than an earlier one: only non-increasing tuples are tried, which halves the search."""
+    if count == 1:
+        return [(t,) for t in thresholds]
+    return [(a, b) for a in thresholds for b in thresholds if b <= a]
