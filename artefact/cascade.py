@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class Cascade:
     thresholds: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if not self.stages or any(b <= a for a, b in zip(self.stages, self.stages[1:], strict=False)) \
+        if not self.stages or any(b <= a for a, b in pairwise(self.stages)) \
                 or self.stages[0] < 1 or len(self.thresholds) != len(self.stages) - 1:
             raise ValueError(f"a cascade needs increasing member counts and one threshold per stage but the last, "
                              f"got stages {self.stages} and thresholds {self.thresholds}")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,6 +98,31 @@ class Samples(_Strict):
     tolerance: float = 1e-4
 
 
+class CascadeQuality(_Strict):
+    """One way of answering measured on one split: accuracy and ECE as fractions, NLL, members run per image."""
+
+    accuracy: float
+    nll: float
+    ece: float
+    members_per_image: float
+
+
+class CascadeSpec(_Strict):
+    """The anytime ensemble (`artefact.cascade`): exits after `stages[i]` members for images whose running ensemble's
+    confidence is at least `thresholds[i]`. Fitted on the validation split within the tolerances; the test split
+    only measures it."""
+
+    stages: list[int] = Field(min_length=1)
+    thresholds: list[float]
+    rule: Literal["confidence"] = "confidence"
+    max_nll_increase: float = Field(ge=0, description="relative to the full ensemble's NLL, on validation")
+    max_accuracy_drop: float = Field(ge=0, description="absolute (a fraction), on validation")
+    validation: CascadeQuality
+    validation_full: CascadeQuality
+    test: CascadeQuality
+    test_full: CascadeQuality
+
+
 class Manifest(_Strict):
     schema_version: int
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -112,6 +138,8 @@ class Manifest(_Strict):
     temperature: float = Field(gt=0)
     metrics: EnsembleMetrics
     samples: Samples
+    cascade: CascadeSpec | None = Field(None, description="the fitted anytime ensemble; None: versions exported "
+                                        "before cascades existed")
 
     @field_validator("schema_version")
     @classmethod
@@ -129,6 +157,12 @@ class Manifest(_Strict):
             raise ValueError("samples: as many expected probability rows as inputs are needed")
         if any(len(row) != len(self.classes) for row in self.samples.probabilities):
             raise ValueError(f"samples: every probability row must have {len(self.classes)} classes")
+        if self.cascade is not None:
+            stages = self.cascade.stages
+            if stages[-1] != len(self.members) or any(b <= a for a, b in pairwise(stages)) \
+                    or stages[0] < 1 or len(self.cascade.thresholds) != len(stages) - 1:
+                raise ValueError(f"cascade: stages must rise from 1 to the {len(self.members)} members, with one "
+                                 f"threshold per stage but the last; got {stages} and {self.cascade.thresholds}")
         return self
 
     def files(self) -> list[FileEntry]:

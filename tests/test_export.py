@@ -17,7 +17,7 @@ from training.config import ExportConfig
 from training.data import load_data
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
-from training.export import export_ensemble
+from training.export import export_ensemble, fit_cascade_spec
 from training.runs import RunDir
 
 
@@ -155,3 +155,33 @@ def test_manifest_refuses_bad_files(exported: Path, tmp_path: Path) -> None:
         verify_files(load_manifest(copy), copy)
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest(tmp_path)
+
+
+def test_the_manifest_records_an_anytime_ensemble_fitted_within_its_tolerance(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    cascade = manifest.cascade
+    assert cascade is not None and cascade.stages[-1] == len(manifest.members)
+    assert cascade.validation.nll <= cascade.validation_full.nll * (1 + cascade.max_nll_increase) + 1e-12
+    assert cascade.validation.accuracy >= cascade.validation_full.accuracy - cascade.max_accuracy_drop - 1e-12
+    assert cascade.validation_full.members_per_image == cascade.test_full.members_per_image == len(manifest.members)
+    assert 1 <= cascade.test.members_per_image <= len(manifest.members)
+    assert cascade.test_full.nll == pytest.approx(manifest.metrics.calibrated.nll, rel=1e-4), \
+        "the full ensemble's test NLL is the calibrated ensemble's"
+
+
+def test_the_cascade_is_fitted_on_validation_only() -> None:
+    """Swapping the test split for noise changes the test figures and nothing that was fitted."""
+    rng = np.random.default_rng(0)
+    members, classes, count = 4, 10, 3000
+    labels = rng.integers(0, classes, count)
+    margin = rng.uniform(0, 6, count)
+    val = rng.normal(0, 1, (members, count, classes))
+    val[:, np.arange(count), labels] += margin
+    test = val[:, ::-1].copy()
+    test_labels = labels[::-1].copy()
+    noise = rng.normal(0, 3, test.shape)
+    fitted = fit_cascade_spec(val, labels, test, test_labels, 1.0, 0.01, 0.001)
+    with_noise = fit_cascade_spec(val, labels, noise, test_labels, 1.0, 0.01, 0.001)
+    assert (fitted.stages, fitted.thresholds) == (with_noise.stages, with_noise.thresholds)
+    assert fitted.validation == with_noise.validation and fitted.test != with_noise.test
+    assert fitted.stages != [members], "informative members agree often enough to exit early"

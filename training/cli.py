@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
     export.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
+    export.add_argument("--cascade-nll-tolerance", type=float, default=0.01,
+                        help="the anytime ensemble's validation NLL may exceed the full ensemble's by this fraction "
+                             "(default 0.01)")
+    export.add_argument("--cascade-accuracy-tolerance", type=float, default=0.001,
+                        help="and its validation accuracy may fall below it by this much (default 0.001: 0.1 point)")
     points = export.add_mutually_exclusive_group()
     points.add_argument("--points", type=_t_list, help="curve runs: the members' t, e.g. 0.25,0.5,0.75")
     points.add_argument("--num-points", type=int,
@@ -168,7 +173,9 @@ def _export(args: argparse.Namespace) -> str:
     from training.export import export_ensemble
 
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
-                          overwrite=args.overwrite, points=args.points, num_points=args.num_points)
+                          overwrite=args.overwrite, points=args.points, num_points=args.num_points,
+                          cascade_nll_tolerance=args.cascade_nll_tolerance,
+                          cascade_accuracy_tolerance=args.cascade_accuracy_tolerance)
     return json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True))
 
 

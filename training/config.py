@@ -128,3 +128,7 @@ class ExportConfig(BaseModel):
     overwrite: bool = Field(False, description="Replace an existing version directory.")
     points: list[float] | None = Field(None, min_length=1, max_length=256, description="Curve runs: each member's t.")
     num_points: int | None = Field(None, ge=1, le=256, description="Curve runs: K members at evenly spaced t.")
+    cascade_nll_tolerance: float = Field(0.01, ge=0, le=1, description="The anytime ensemble's validation NLL may "
+                                         "exceed the full ensemble's by this fraction.")
+    cascade_accuracy_tolerance: float = Field(0.001, ge=0, le=1, description="...and its validation accuracy may "
+                                              "fall below it by this much (a fraction: 0.001 is 0.1 point).")

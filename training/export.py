@@ -25,9 +25,12 @@ from pydantic import BaseModel, Field
 from torch import nn
 from tqdm import tqdm
 
+from artefact.cascade import Cascade, fit_cascade, run_cascade
 from artefact.manifest import (
     OUTPUTS,
     SCHEMA_VERSION,
+    CascadeQuality,
+    CascadeSpec,
     EnsembleMetrics,
     FileEntry,
     InputSpec,
@@ -281,6 +284,8 @@ class ExportReport(BaseModel):
     test_nll: CalibrationEffect
     test_ece: CalibrationEffect
     comparison: list[Comparison] | None = Field(None, description="curves: the ensemble against its endpoints")
+    cascade: CascadeSpec | None = Field(None, description="the anytime ensemble fitted on validation, with its "
+                                        "validation and test figures")
 
 
 @dataclass(frozen=True)
@@ -302,7 +307,7 @@ class Exported:
             exported=self.target, members=len(self.manifest.members), temperature=self.manifest.temperature,
             test_nll=CalibrationEffect(uncalibrated=metrics.uncalibrated.nll, calibrated=metrics.calibrated.nll),
             test_ece=CalibrationEffect(uncalibrated=metrics.uncalibrated.ece, calibrated=metrics.calibrated.ece),
-            comparison=self.comparison,
+            comparison=self.comparison, cascade=self.manifest.cascade,
         )
 
 
@@ -333,6 +338,32 @@ def compare_with_endpoints(sources: Sources, splits: DataSplits, member_val: np.
     ]
 
 
+def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray, test_labels: np.ndarray,
+                     temperature: float, max_nll_increase: float, max_accuracy_drop: float) -> CascadeSpec:
+    """The anytime ensemble of tempered members, fitted on the validation logits [K, N, C] alone and then measured
+    on the test logits: the test split never takes part in choosing it."""
+    val, test = _tempered_members(member_val, temperature), _tempered_members(member_test, temperature)
+    cascade, _, _ = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop)
+    full = Cascade.full(cascade.members)
+    return CascadeSpec(
+        stages=list(cascade.stages), thresholds=list(cascade.thresholds), max_nll_increase=max_nll_increase,
+        max_accuracy_drop=max_accuracy_drop,
+        validation=_cascade_quality(val, val_labels, cascade), validation_full=_cascade_quality(val, val_labels, full),
+        test=_cascade_quality(test, test_labels, cascade), test_full=_cascade_quality(test, test_labels, full))
+
+
+def _tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Member logits [K, N, C] as the served members' tempered probabilities [N, K, C]."""
+    return np.ascontiguousarray(softmax(logits.astype(np.float64) / temperature).transpose(1, 0, 2))
+
+
+def _cascade_quality(members: np.ndarray, labels: np.ndarray, cascade: Cascade) -> CascadeQuality:
+    answers, used = run_cascade(members, cascade)
+    metrics = classification_metrics(answers, labels)
+    return CascadeQuality(accuracy=metrics.accuracy, nll=metrics.nll, ece=metrics.ece,
+                          members_per_image=float(np.mean(used)))
+
+
 def export_ensemble(export: ExportConfig) -> Exported:
     """Export the ensemble of `export.runs` to `repository/name/version`; returns that directory and its manifest."""
     sources = collect_sources(export)
@@ -359,6 +390,11 @@ def export_ensemble(export: ExportConfig) -> Exported:
              calibrated.nll, uncalibrated.ece, calibrated.ece)
     comparison = compare_with_endpoints(sources, splits, member_val, member_test, val_labels[0], test_labels[0],
                                         temperature)
+    cascade = fit_cascade_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
+                               export.cascade_nll_tolerance, export.cascade_accuracy_tolerance)
+    log.info("cascade: stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full %.4f), "
+             "accuracy %.4f (full %.4f)", cascade.stages, cascade.thresholds, cascade.test.members_per_image,
+             len(models), cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy)
 
     name_dir.mkdir(parents=True, exist_ok=True)
     staging = name_dir / f".staging-{version}-{os.getpid()}"
@@ -405,6 +441,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
             temperature=temperature,
             metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
             samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
+            cascade=cascade,
         )
         write_manifest(manifest, staging)
         _publish(staging, target)
