@@ -162,50 +162,42 @@ def guarded(handler: Unary[Request, Response], authorizer: Authorizer = OPEN,
     return call
 
 
-def guarded_server_stream(handler: ServerStreaming[Request, Response], authorizer: Authorizer = OPEN,
-                          limit: ConcurrencyLimit = UNLIMITED) -> ServerStreaming[Request, Response]:
-    """`guarded` for a request answered by an async generator of responses."""
+def _guarded_generator(handler: Callable[[Any, Context], AsyncIterator[Response]], parse: Callable[[Any], Any],
+                       authorizer: Authorizer, limit: ConcurrencyLimit) -> Callable[[Any, Context],
+                                                                                     AsyncIterator[Response]]:
+    """`guarded` for a handler that answers with an async generator: a failure ends the stream with a mapped
+    status. `parse` hands the handler its request (a server stream) or its stream of requests (a bidirectional
+    one, counted once for the limit however many requests it carries)."""
     method = handler.__name__
 
     @functools.wraps(handler)
-    async def call(request: Request, context: Context) -> AsyncIterator[Response]:
+    async def call(arriving: Any, context: Context) -> AsyncIterator[Response]:
         try:
             with limit.held():
                 _admit(authorizer, method, context)
-                async for response in handler(_parsed(request), context):
+                async for response in handler(parse(arriving), context):
                     yield response
                 return
         except grpc.aio.AbortError:
             raise
         except Exception as error:
             status = answer_of(error)
-        del request
+        del arriving
         await _abort(context, status)
 
     return call
+
+
+def guarded_server_stream(handler: ServerStreaming[Request, Response], authorizer: Authorizer = OPEN,
+                          limit: ConcurrencyLimit = UNLIMITED) -> ServerStreaming[Request, Response]:
+    """`guarded` for a request answered by an async generator of responses."""
+    return _guarded_generator(handler, _parsed, authorizer, limit)
 
 
 def guarded_stream(handler: Streaming[Request, Response], authorizer: Authorizer = OPEN,
                    limit: ConcurrencyLimit = UNLIMITED) -> Streaming[Request, Response]:
-    """`guarded` for a bidirectional stream (one RPC for the limit, however many requests it carries): a failure
-    that ends the stream ends it with a mapped status."""
-    method = handler.__name__
-
-    @functools.wraps(handler)
-    async def call(requests: AsyncIterator[Request], context: Context) -> AsyncIterator[Response]:
-        try:
-            with limit.held():
-                _admit(authorizer, method, context)
-                async for response in handler(_parsed_stream(requests), context):
-                    yield response
-                return
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:
-            status = answer_of(error)
-        await _abort(context, status)
-
-    return call
+    """`guarded` for a bidirectional stream."""
+    return _guarded_generator(handler, _parsed_stream, authorizer, limit)
 
 
 def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
