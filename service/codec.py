@@ -91,6 +91,8 @@ def decode_inputs(request: pb.ModelInferRequest, expect: Expect = _anything) -> 
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         check_length("an input's name", name)
+        if any(key.startswith("shared_memory") for key in tensor.parameters):
+            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported; send the data in the request")
         if name in arrays:
             raise InvalidInput(f"input '{name}' is given twice")
         dtype = _dtype(name, tensor.datatype)

@@ -240,11 +240,6 @@ def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
         if "classification" in output.parameters:
             raise InvalidInput(f"output '{output.name}': classification (class_count) is not supported; ask for "
                                "'predicted_class' and 'confidence', or 'probabilities'")
-    for tensor in request.inputs[:MAX_TENSORS]:  # decode_inputs refuses more
-        check_length("an input's name", tensor.name)
-        if any(key.startswith("shared_memory") for key in tensor.parameters):
-            raise InvalidInput(f"input '{tensor.name}': shared-memory inputs are not supported; send the data in "
-                               "the request")
     return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs))
 
 

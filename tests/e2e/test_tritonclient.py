@@ -152,6 +152,12 @@ def _shared(name: str) -> triton.InferRequestedOutput:
     return output
 
 
+def _shared_input(pixels: np.ndarray) -> list[triton.InferInput]:
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_shared_memory("region", pixels.nbytes)
+    return [tensor]
+
+
 def _code(call: Any) -> tuple[str, str]:
     with pytest.raises(InferenceServerException) as error:
         call()
@@ -179,6 +185,8 @@ def test_errors_have_the_right_status_and_say_what_to_fix(client: triton.Inferen
             triton.InferRequestedOutput("probabilities", class_count=3)]), "INVALID_ARGUMENT", "classification"),
         "shared-memory output": (lambda: client.infer(MODEL, triton_inputs(pixels), outputs=[_shared("probabilities")]),
                                  "INVALID_ARGUMENT", "shared-memory outputs"),
+        "shared-memory input": (lambda: client.infer(MODEL, _shared_input(pixels)), "INVALID_ARGUMENT",
+                                "shared-memory inputs are not supported"),
         "metadata of unknown model": (lambda: client.get_model_metadata("nope"), "NOT_FOUND", "unknown model"),
         "statistics of unknown model": (lambda: client.get_inference_statistics("nope"), "NOT_FOUND",
                                         "unknown model"),
