@@ -270,11 +270,12 @@ class Repository:
         except InvalidInput as error:
             raise LoadFailed(str(error)) from None
 
-    def _signature(self, name: str) -> object:
-        """What polling compares: every version's manifest and the config file."""
+    def _signature(self, name: str, versions: list[int] | None = None) -> object:
+        """What polling compares: every version's files and the config file (`versions`: as a scan just listed
+        them, else listed here)."""
         folder = self.root / name
-        return (tuple((v, _fingerprint(folder / str(v))) for v in self.versions_on_disk(name)),
-                _stamp(folder / CONFIG_FILE))
+        listed = self.versions_on_disk(name) if versions is None else versions
+        return tuple((v, _fingerprint(folder / str(v))) for v in listed), _stamp(folder / CONFIG_FILE)
 
     # -- loading --------------------------------------------------------------------------
 
@@ -443,7 +444,8 @@ class Repository:
         """One look at the repository: load what is new or changed, unload what was removed."""
         found, oddities = await asyncio.to_thread(self.scan)
         self._report(oddities)
-        signatures = await asyncio.to_thread(lambda: {name: self._signature(name) for name in found})
+        signatures = await asyncio.to_thread(lambda: {name: self._signature(name, versions)
+                                                      for name, versions in found.items()})
         for name in found:
             slot = self._slots.get(name)
             if slot is not None and (not slot.wanted or slot.seen == signatures[name]):
