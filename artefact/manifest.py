@@ -123,6 +123,23 @@ class CascadeSpec(_Strict):
     test_full: CascadeQuality
 
 
+class Variant(_Strict):
+    """The same ensemble at a lower precision: every member graph and the fused graph again, measured beside FP32.
+
+    The server runs a variant when told to (`--precision`); the FP32 graphs stay the reference: the samples'
+    probabilities are FP32's, and a variant reproduces them within its own `samples_tolerance`.
+    """
+
+    precision: Literal["int8", "fp16"]
+    members: list[FileEntry] = Field(min_length=1, description="in the order of the manifest's members")
+    fused: FileEntry
+    method: str = Field(description="how the graphs were made, e.g. the quantization scheme and its calibration")
+    validation: Metrics = Field(description="the whole ensemble (temperature applied) on the validation split")
+    test: Metrics = Field(description="the whole ensemble (temperature applied) on the test split")
+    samples_tolerance: float = Field(gt=0, description="largest difference from the samples' FP32 probabilities "
+                                     "a load accepts")
+
+
 class Manifest(_Strict):
     schema_version: int
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -140,6 +157,7 @@ class Manifest(_Strict):
     samples: Samples
     cascade: CascadeSpec | None = Field(None, description="the fitted anytime ensemble; None: versions exported "
                                         "before cascades existed")
+    variants: list[Variant] = Field(default_factory=list, description="the ensemble at lower precisions, if exported")
 
     @field_validator("schema_version")
     @classmethod
@@ -163,10 +181,20 @@ class Manifest(_Strict):
                     or stages[0] < 1 or len(self.cascade.thresholds) != len(stages) - 1:
                 raise ValueError(f"cascade: stages must rise from 1 to the {len(self.members)} members, with one "
                                  f"threshold per stage but the last; got {stages} and {self.cascade.thresholds}")
+        precisions = [variant.precision for variant in self.variants]
+        if len(set(precisions)) != len(precisions):
+            raise ValueError(f"variants: one per precision, got {precisions}")
+        if any(len(variant.members) != len(self.members) for variant in self.variants):
+            raise ValueError(f"variants: every variant holds all {len(self.members)} members")
         return self
 
+    def variant(self, precision: str) -> Variant | None:
+        """The variant of this precision; None when it was not exported."""
+        return next((variant for variant in self.variants if variant.precision == precision), None)
+
     def files(self) -> list[FileEntry]:
-        return [*self.members, self.fused]
+        variants = [entry for variant in self.variants for entry in (*variant.members, variant.fused)]
+        return [*self.members, self.fused, *variants]
 
 
 def sha256_of(path: Path) -> str:
