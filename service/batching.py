@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from artefact.cascade import Cascade
 from service.cpus import lower_thread_priority
 from service.errors import DeadlineExceeded, QueueFull, QueueWait, Retired
+from service.members import Plan
 from service.observer import NULL_OBSERVER, Observer
 from service.statistics import ModelStatistics
 
@@ -43,7 +45,9 @@ class RunOutput:
     member_seconds: list[float] = field(default_factory=list)
 
 
-RunBatch = Callable[[np.ndarray, Sequence[str]], RunOutput]
+Segment = tuple[int, Cascade | None]
+"""Consecutive rows of a batch and the cascade that answers them (None: every member)."""
+RunBatch = Callable[[np.ndarray, Sequence[str], Sequence[Segment]], RunOutput]
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,23 @@ class ModelKey:
 NO_MODEL = ModelKey()
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One request's outputs, the plan that answered it, and whether overload cut its plan."""
+
+    outputs: dict[str, np.ndarray]
+    plan: Plan | None = None
+    degraded: bool = False
+
+
 @dataclass
 class _Pending:
     pixels: np.ndarray
     outputs: tuple[str, ...]
     deadline: float | None
-    future: asyncio.Future[dict[str, np.ndarray]]
+    future: asyncio.Future[Answer]
+    plan: Plan | None = None
+    degraded: bool = False
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -84,16 +99,20 @@ class BatchRecord:
 class DynamicBatcher:
     def __init__(self, runs: Sequence[RunBatch], max_batch_size: int = 64, max_queue_delay: float = 0.002,
                  max_queue_size: int = 1024, model: ModelKey = NO_MODEL, observer: Observer = NULL_OBSERVER,
-                 max_queue_wait: float | None = None) -> None:
+                 max_queue_wait: float | None = None, degraded: Plan | None = None,
+                 degrade_after: float | None = None) -> None:
         """`runs`: one callable per model instance; each gets a worker and a compute thread of its own.
 
         `max_queue_wait`: seconds a request may wait for its run (None: no bound but its deadline).
+        `degraded`: the plan a batch runs instead of its requests' default plans once its oldest request has waited
+        `degrade_after` seconds (None: never).
         """
         if not runs or max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError("at least one run, max_batch_size and max_queue_size >= 1, max_queue_delay >= 0")
         if max_queue_wait is not None and max_queue_wait <= 0:
             raise ValueError("max_queue_wait must be > 0, or None for no bound")
         self.max_queue_wait = max_queue_wait
+        self.degraded, self.degrade_after = degraded, degrade_after
         self._queued_images = 0
         self._run_seconds = 0.0
         """Recent model runs' mean time (exponentially weighted): what each batch ahead of a request costs."""
@@ -137,9 +156,10 @@ class DynamicBatcher:
         batches = -(-self._queued_images // self.max_batch_size)
         return batches * self._run_seconds / len(self._runs)
 
-    async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None
-                     ) -> dict[str, np.ndarray]:
-        """Queue one request (uint8 pixels [B, ...]); `deadline` is a `time.monotonic()` instant."""
+    async def submit(self, pixels: np.ndarray, outputs: Sequence[str], deadline: float | None = None,
+                     plan: Plan | None = None) -> Answer:
+        """Queue one request (uint8 pixels [B, ...]) to be answered by `plan` (None: every member); `deadline` is a
+        `time.monotonic()` instant."""
         if self._stopping:
             raise Retired(f"version {self._model.version} of {self._model.name!r} stopped taking requests")
         images = int(pixels.shape[0])
@@ -148,7 +168,7 @@ class DynamicBatcher:
             raise QueueWait(f"the model is overloaded: a request queued now would wait about "
                             f"{wait * 1e3:.0f} ms, over this server's bound of "
                             f"{self.max_queue_wait * 1e3:.0f} ms; retry later or on another replica")
-        pending = _Pending(pixels, tuple(outputs), deadline, asyncio.get_running_loop().create_future())
+        pending = _Pending(pixels, tuple(outputs), deadline, asyncio.get_running_loop().create_future(), plan)
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -224,15 +244,31 @@ class DynamicBatcher:
             else:
                 live.append(item)
         if live:
+            self._degrade(live, now)
             await self._compute(loop, live, now, run, executor)
+
+    def _degrade(self, live: list[_Pending], now: float) -> None:
+        """Cut the default plans of a batch that waited too long to the degraded plan: fewer members per image
+        while the queue is long, every member again once it has drained (batch by batch, no state)."""
+        degraded, bound = self.degraded, self.degrade_after
+        if degraded is None or bound is None or now - min(item.enqueued for item in live) <= bound:
+            return
+        cut = 0
+        for item in live:
+            if item.plan is not None and not item.plan.chosen and item.plan.members > degraded.members:
+                item.plan, item.degraded = degraded, True
+                cut += 1
+        if cut:
+            self._observer.observe_degraded(self._model.name, str(self._model.version), cut)
 
     async def _compute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending], now: float, run: RunBatch,
                        executor: ThreadPoolExecutor) -> None:
         pixels = live[0].pixels if len(live) == 1 else np.concatenate([item.pixels for item in live])
         outputs = sorted({name for item in live for name in item.outputs})
+        segments = _segments(live)
         started = time.monotonic()
         try:
-            computed = await loop.run_in_executor(executor, run, pixels, outputs)
+            computed = await loop.run_in_executor(executor, run, pixels, outputs, segments)
         except Exception as error:  # the transport turns it into INTERNAL or INVALID_ARGUMENT
             for item in live:
                 if not item.future.done():
@@ -246,7 +282,8 @@ class DynamicBatcher:
         for item in live:
             rows = item.pixels.shape[0]
             if not item.future.done():
-                item.future.set_result({name: results[name][row:row + rows] for name in item.outputs})
+                item.future.set_result(Answer({name: results[name][row:row + rows] for name in item.outputs},
+                                              item.plan, item.degraded))
             row += rows
         record = BatchRecord(images=int(pixels.shape[0]), requests=len(live),
                              queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute,
@@ -254,3 +291,16 @@ class DynamicBatcher:
         self.statistics.record_batch(record)
         model = self._model
         self._observer.observe_batch(model.name, model.version, model.classes, record)
+
+
+def _segments(live: list[_Pending]) -> list[Segment]:
+    """The batch's rows by plan, consecutive requests of one plan merged; none when every member answers all."""
+    segments: list[Segment] = []
+    for item in live:
+        cascade = item.plan.cascade if item.plan is not None else None
+        rows = int(item.pixels.shape[0])
+        if segments and segments[-1][1] == cascade:
+            segments[-1] = (segments[-1][0] + rows, cascade)
+        else:
+            segments.append((rows, cascade))
+    return [] if all(cascade is None for _, cascade in segments) else segments

@@ -13,13 +13,14 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
 from artefact.manifest import OUTPUTS, TensorSpec
 from service.codec import Expect
+from service.ensemble import MEMBERS_USED
 from service.errors import (
     InvalidInput,
     ModelControlOff,
@@ -30,6 +31,7 @@ from service.errors import (
     status_of,
 )
 from service.feedback import Feedback, Label
+from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.observer import Observer
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.statistics import ModelStatistics
@@ -37,8 +39,11 @@ from service.statistics import ModelStatistics
 SERVER_NAME = "valley"
 EXTENSIONS = ("model_repository", "statistics")
 PLATFORM = "valley_ensemble"
+# The graphs' outputs and the one the server adds: how many members answered each image.
+SERVED_OUTPUTS = (*OUTPUTS, MEMBERS_USED)
 # Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
-DEFAULT_OUTPUTS = tuple(name for name in OUTPUTS if name != "member_probabilities")
+DEFAULT_OUTPUTS = tuple(name for name in SERVED_OUTPUTS if name != "member_probabilities")
+Parameter = bool | int | str
 # Lookups of a request whose version retired before it was queued (each retry finds the version swapped in).
 _RETRIES = 3
 _MAX_CONFIG_CHARS = 64 << 10
@@ -70,6 +75,8 @@ class InferenceRequest:
     heavy: bool = False
     """Decoding converts many typed values: it runs in a worker thread, so the event loop (and every health
     probe) never waits on it."""
+    members: str | int | None = None
+    """The request's `members` parameter: which members answer it (`service.members`); None: the server's default."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class InferenceResponse:
     id: str
     outputs: dict[str, np.ndarray]
     """The outputs asked for, in the order asked."""
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+    """How it was answered: the plan (`members`) and, when overload cut it, `degraded`."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class ModelMetadata:
     platform: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+    """The members a request gets by default, and the ensemble's member count and fitted cascade."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,15 @@ class DataPlane:
         model = self.repository.get(name, version)
         manifest = model.ensemble.manifest
         versions = [str(v) for v in self.repository.versions(model.name)]
-        return ModelMetadata(model.name, versions, PLATFORM, [manifest.input], list(manifest.outputs))
+        outputs = [*manifest.outputs, TensorSpec(name=MEMBERS_USED, datatype="INT64", shape=[-1])]
+        cascade = manifest.cascade
+        parameters: dict[str, Parameter] = {
+            "members_default": model.default_plan.name, "members_count": len(manifest.members),
+            "cascade_stages": ",".join(str(s) for s in cascade.stages) if cascade else str(len(manifest.members)),
+            "cascade_thresholds": ",".join(f"{t:g}" for t in cascade.thresholds) if cascade else "",
+            "degrade_to_members": model.batcher.degraded.members if model.batcher.degraded else 0,
+            "precision": model.ensemble.precision}
+        return ModelMetadata(model.name, versions, PLATFORM, [manifest.input], outputs, parameters)
 
     # -- inference ------------------------------------------------------------------------
 
@@ -157,9 +176,9 @@ class DataPlane:
         try:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down: send the request to another replica")
-            for field, value in (("model_name", request.model), ("model_version", request.version),
+            for what, value in (("model_name", request.model), ("model_version", request.version),
                                  ("id", request.id)):
-                check_length(field, value)
+                check_length(what, value)
             model = self.repository.get(request.model, request.version)
             for attempt in range(_RETRIES):
                 try:
@@ -178,11 +197,12 @@ class DataPlane:
 
     async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
         try:
-            pixels, outputs = await self._checked(model, request)
+            pixels, outputs, chosen = await self._checked(model, request)
             keep = self.feedback.keeps(request.id)
             # What the observer and the feedback need is computed for every image, whatever the client asked.
             needed = [*outputs, *self.observer.signal_outputs, *(["probabilities"] if keep else [])]
-            results = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), request.deadline)
+            answer = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), request.deadline, chosen)
+            results = answer.outputs
             if keep:
                 self.feedback.remember(model.name, model.version, request.id, results["probabilities"],
                                        request.caller)
@@ -192,12 +212,18 @@ class DataPlane:
             model.statistics.record_request(time.monotonic() - started, ok=False)
             raise
         model.statistics.record_request(time.monotonic() - started, ok=True)
-        return InferenceResponse(model.name, str(model.version), request.id, {name: results[name] for name in outputs})
+        parameters: dict[str, Parameter] = {PARAMETER: answer.plan.name if answer.plan else CASCADE}
+        if answer.degraded:
+            parameters[DEGRADED] = True
+        return InferenceResponse(model.name, str(model.version), request.id, {name: results[name] for name in outputs},
+                                 parameters)
 
-    async def _checked(self, model: ServedModel, request: InferenceRequest) -> tuple[np.ndarray, tuple[str, ...]]:
-        """The request's pixels and outputs, or `InvalidInput` naming what does not fit: the one place requests
-        are checked before they can join a batch. Declarations are checked before any data is read."""
+    async def _checked(self, model: ServedModel, request: InferenceRequest
+                       ) -> tuple[np.ndarray, tuple[str, ...], Plan]:
+        """The request's pixels, outputs and plan, or `InvalidInput` naming what does not fit: the one place
+        requests are checked before they can join a batch. Declarations are checked before any data is read."""
         ensemble = model.ensemble
+        chosen = model.default_plan if request.members is None else plan(ensemble.manifest, request.members, True)
         spec = ensemble.manifest.input
 
         def expect(name: str, datatype: str, shape: tuple[int, ...]) -> None:
@@ -208,19 +234,20 @@ class DataPlane:
 
         tensors = await asyncio.to_thread(request.decode, expect) if request.heavy else request.decode(expect)
         outputs = tensors.outputs or DEFAULT_OUTPUTS
-        if len(outputs) > len(OUTPUTS):
-            raise InvalidInput(f"{len(outputs)} outputs asked for; there are {len(OUTPUTS)}: {', '.join(OUTPUTS)}")
+        known = SERVED_OUTPUTS
+        if len(outputs) > len(known):
+            raise InvalidInput(f"{len(outputs)} outputs asked for; there are {len(known)}: {', '.join(known)}")
         for index, name in enumerate(outputs):
             check_length("an output's name", name)
-            if name not in OUTPUTS:
-                raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(OUTPUTS)}")
+            if name not in known:
+                raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(known)}")
             if name in outputs[:index]:
                 raise InvalidInput(f"output {name!r} is asked for twice")
         if list(tensors.inputs) != [spec.name]:
             shape = ", ".join(str(d) for d in spec.shape)
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
                                f"[{shape}]), got {list(tensors.inputs) or 'none'}")
-        return tensors.inputs[spec.name], outputs
+        return tensors.inputs[spec.name], outputs, chosen
 
     @contextmanager
     def _serving(self, model: ServedModel) -> Iterator[None]:

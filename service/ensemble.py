@@ -6,8 +6,15 @@ when it really loads, the CPU one otherwise; which one runs is read back from th
 never assumed.
 
 Two execution modes give the same outputs: `fused` runs the one graph that holds every
-member (the default, fastest), `members` runs one session per member and combines their
-probabilities in numpy (`artefact.uncertainty`), timing each member.
+member (the default, fastest) for batches that every member answers, and one session per
+member for the rest; `members` holds only the member sessions (half the memory) and runs
+every batch through them. Member sessions run a batch in stages (`service.members`): each
+member runs only on the images still open, so an image that left a cascade early, or asked
+for fewer members, costs only the members it went through. Their probabilities are combined
+in numpy (`artefact.uncertainty`), with each member timed.
+
+A manifest's lower-precision variant (`--precision int8` or `fp16`) replaces the FP32 graphs;
+FP16 graphs are for the CUDA provider only.
 """
 
 from __future__ import annotations
@@ -22,14 +29,17 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from artefact.manifest import Manifest, ManifestError, load_manifest, verify_files
+from artefact.cascade import Cascade
+from artefact.manifest import FileEntry, Manifest, ManifestError, load_manifest, verify_files
 from artefact.uncertainty import ensemble_outputs, softmax
-from service.batching import RunOutput
+from service.batching import RunOutput, Segment
 from service.errors import InvalidInput
-from service.settings import Device, Execution
+from service.settings import Device, Execution, Precision
 
 log = logging.getLogger(__name__)
 
+MEMBERS_USED = "members_used"
+"""The output, beside the graphs', that says how many members answered each image."""
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # onnxruntime's own log level while a session is created: a CUDA provider that cannot load
@@ -70,23 +80,26 @@ class Ensemble:
 
     manifest: Manifest
     directory: Path
-    session: onnxruntime.InferenceSession
+    session: onnxruntime.InferenceSession | None
+    """The fused graph; None in `members` execution."""
     member_sessions: list[onnxruntime.InferenceSession] = field(default_factory=list)
     device: Device = "auto"
     threads: int = 0
+    precision: Precision = "fp32"
 
     @property
     def execution(self) -> Execution:
-        return "members" if self.member_sessions else "fused"
+        return "fused" if self.session is not None else "members"
 
     @property
     def providers(self) -> list[str]:
         """The execution providers onnxruntime really uses, in priority order."""
-        return list(self.session.get_providers())
+        session = self.session if self.session is not None else self.member_sessions[0]
+        return list(session.get_providers())
 
     def another_instance(self) -> Ensemble:
         """The same verified graphs in sessions of their own, for a second compute thread."""
-        return _open(self.manifest, self.directory, self.device, self.threads, self.execution)
+        return _open(self.manifest, self.directory, self.device, self.threads, self.execution, self.precision)
 
     def check_input(self, name: str, datatype: str, shape: Sequence[int]) -> None:
         """Raise `InvalidInput` unless a tensor declared so is the ensemble's input (a `codec.Expect`).
@@ -106,63 +119,163 @@ class Ensemble:
             raise InvalidInput(f"input '{spec.name}' must have shape [{dims}] (-1: batch of 1 or more), "
                                f"got {list(shape)}")
 
-    def run(self, pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
-        """The named outputs for uint8 pixels [B, C, H, W] (checked already), with member times in `members` mode."""
-        if self.member_sessions:
-            member_probabilities, seconds = self._member_probabilities(pixels)
-            everything = ensemble_outputs(member_probabilities)
-            return RunOutput({name: everything[name] for name in outputs}, seconds)
-        values: list[Any] = self.session.run(list(outputs), {self.manifest.input.name: pixels})
-        return RunOutput(dict(zip(outputs, values, strict=True)))
+    def run(self, pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment] = ()) -> RunOutput:
+        """The named outputs (and `members_used`) for uint8 pixels [B, C, H, W], checked already.
 
-    def infer(self, pixels: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """Check and run one batch of pixels; returns the named outputs (for a caller outside the server)."""
+        `segments` splits the batch into consecutive rows, each with the cascade that answers it; none: every member
+        answers every row. A batch that every member answers runs the fused graph when there is one.
+        """
+        members = len(self.manifest.members)
+        everyone = all(cascade is None or cascade.stages == (members,) for _, cascade in segments)
+        if self.session is not None and everyone:
+            names = [name for name in outputs if name != MEMBERS_USED]
+            values: list[Any] = self.session.run(names, {self.manifest.input.name: pixels})
+            results = dict(zip(names, values, strict=True))
+            results[MEMBERS_USED] = np.full(len(pixels), members, dtype=np.int64)
+            return RunOutput({name: results[name] for name in outputs})
+        exits = _exit_thresholds(segments or [(len(pixels), None)], members)
+        member_probabilities, used, seconds = self._staged(pixels, exits)
+        results = _outputs(member_probabilities, used)
+        return RunOutput({name: results[name] for name in outputs}, seconds)
+
+    def infer(self, pixels: np.ndarray, outputs: Sequence[str], cascade: Cascade | None = None
+              ) -> dict[str, np.ndarray]:
+        """Check and run one batch of pixels (every member, or `cascade`); returns the named outputs (for a caller
+        outside the server)."""
         datatype = self.manifest.input.datatype if pixels.dtype == np.uint8 else str(pixels.dtype)
         self.check_input(self.manifest.input.name, datatype, pixels.shape)
-        known = [o.name for o in self.manifest.outputs]
+        known = [*(o.name for o in self.manifest.outputs), MEMBERS_USED]
         unknown = [name for name in outputs if name not in known]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}: this ensemble has {known}")
-        return self.run(pixels, outputs).outputs
+        segments = [(len(pixels), cascade)] if cascade is not None else []
+        return self.run(pixels, outputs, segments).outputs
 
-    def _member_probabilities(self, pixels: np.ndarray) -> tuple[np.ndarray, list[float]]:
-        """Tempered softmax of every member, [B, K, C], and each member's compute seconds."""
-        feeds = {self.manifest.input.name: pixels}
-        probabilities, seconds = [], []
-        for session in self.member_sessions:
+    def _staged(self, pixels: np.ndarray, exits: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """Members in order, each on the images still open: tempered member probabilities [B, K, C] (zero for
+        members an image did not go through), the members each image used [B], each member's compute seconds.
+
+        `exits` [B, K]: an image leaves after member m (0-based) when the mean of its members so far is at least
+        `exits[b, m]` confident (-inf: it always leaves there, +inf: never).
+        """
+        count, members = exits.shape
+        name, temperature = self.manifest.input.name, np.float32(self.manifest.temperature)
+        probabilities: np.ndarray | None = None
+        sums = np.zeros(0)
+        used = np.zeros(count, dtype=np.int64)
+        open_ = np.ones(count, dtype=bool)
+        seconds = []
+        for member, session in enumerate(self.member_sessions):
+            rows = np.flatnonzero(open_)
+            if not len(rows):
+                break
             started = time.perf_counter()
-            logits = session.run(None, feeds)[0]
+            logits = session.run(None, {name: pixels if len(rows) == count else pixels[rows]})[0]
             seconds.append(time.perf_counter() - started)
-            probabilities.append(softmax(logits / np.float32(self.manifest.temperature)))
-        return np.stack(probabilities, axis=1), seconds
+            tempered = softmax(logits / temperature)
+            if probabilities is None:
+                probabilities = np.zeros((count, members, tempered.shape[-1]), dtype=np.float32)
+                sums = np.zeros((count, tempered.shape[-1]), dtype=np.float64)
+            probabilities[rows, member] = tempered
+            sums[rows] += tempered
+            confidence = sums[rows].max(axis=-1) / (member + 1)
+            leaving = rows[confidence >= exits[rows, member]]
+            used[leaving] = member + 1
+            open_[leaving] = False
+        assert probabilities is not None, "an ensemble has at least one member"
+        return probabilities, used, seconds
 
     def check_samples(self) -> float:
         """Run the manifest's sample inputs; raise `ManifestError` unless they reproduce its outputs."""
         samples = self.manifest.samples
         pixels = np.asarray(samples.inputs, dtype=np.uint8)
-        probabilities = self.infer(pixels, ["probabilities"])["probabilities"]
-        difference = float(np.max(np.abs(probabilities - np.asarray(samples.probabilities))))
-        if not difference <= samples.tolerance:
+        expected = np.asarray(samples.probabilities)
+        members = len(self.manifest.members)
+        # Both paths answer: the fused graph (where there is one) and the member graphs the stages run.
+        paths = [self.infer(pixels, ["probabilities"])["probabilities"]]
+        if self.session is not None:
+            member_probabilities, used, _ = self._staged(pixels, _exit_thresholds([(len(pixels), None)], members))
+            paths.append(_outputs(member_probabilities, used)["probabilities"])
+        difference = max(float(np.max(np.abs(probabilities - expected))) for probabilities in paths)
+        variant = self.manifest.variant(self.precision)
+        tolerance = variant.samples_tolerance if variant is not None else samples.tolerance
+        if not difference <= tolerance:
             raise ManifestError(f"{self.directory}: the sample inputs give probabilities {difference:.3g} away from "
-                                f"the manifest's (tolerance {samples.tolerance}); refusing to serve this version")
+                                f"the manifest's (tolerance {tolerance}) at {self.precision}; refusing to serve "
+                                "this version")
         return difference
 
 
-def _open(manifest: Manifest, directory: Path, device: Device, threads: int, execution: Execution) -> Ensemble:
-    """Sessions for the fused graph and, in `members` execution, for every member."""
-    session = create_session(directory / manifest.fused.file, device, threads)
-    members = [create_session(directory / member.file, device, threads)
-               for member in manifest.members] if execution == "members" else []
-    return Ensemble(manifest, directory, session, members, device, threads)
+def _exit_thresholds(segments: Sequence[Segment], members: int) -> np.ndarray:
+    """[B, K]: the confidence at which each image leaves after each member (see `Ensemble._staged`)."""
+    rows = []
+    for count, plan in segments:
+        cascade = plan if plan is not None else Cascade.full(members)
+        if cascade.members > members:
+            raise ValueError(f"a plan of {cascade.members} members for an ensemble of {members}")
+        row = np.full(members, np.inf)
+        row[cascade.members - 1] = -np.inf
+        for stage, threshold in zip(cascade.stages, cascade.thresholds, strict=False):
+            row[stage - 1] = threshold
+        rows.append(np.broadcast_to(row, (count, members)))
+    return np.concatenate(rows)
+
+
+def _outputs(member_probabilities: np.ndarray, used: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of images answered by different numbers of members: each group by the members it used."""
+    counts = np.unique(used)
+    if len(counts) == 1:
+        results = ensemble_outputs(member_probabilities[:, :counts[0]])
+        results["member_probabilities"] = member_probabilities
+    else:
+        results = {}
+        for count in counts:
+            rows = np.flatnonzero(used == count)
+            group = ensemble_outputs(member_probabilities[rows, :count])
+            for name, value in group.items():
+                if name == "member_probabilities":
+                    continue
+                if name not in results:
+                    results[name] = np.empty((len(used), *value.shape[1:]), dtype=value.dtype)
+                results[name][rows] = value
+        results["member_probabilities"] = member_probabilities
+    results[MEMBERS_USED] = used
+    return results
+
+
+
+def _graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], FileEntry]:
+    """The member graphs and the fused graph of `precision`; `ManifestError` when the manifest has no such variant."""
+    if precision == "fp32":
+        return list(manifest.members), manifest.fused
+    variant = manifest.variant(precision)
+    if variant is None:
+        exported = ", ".join(["fp32", *(v.precision for v in manifest.variants)])
+        raise ManifestError(f"{manifest.name} version {manifest.version} has no {precision} variant (it has "
+                            f"{exported}): export it with --precision {precision}, or serve it at another precision")
+    return list(variant.members), variant.fused
+
+
+def _open(manifest: Manifest, directory: Path, device: Device, threads: int, execution: Execution,
+          precision: Precision = "fp32") -> Ensemble:
+    """Sessions for every member and, in `fused` execution, for the fused graph."""
+    members, fused = _graphs(manifest, precision)
+    session = create_session(directory / fused.file, device, threads) if execution == "fused" else None
+    member_sessions = [create_session(directory / member.file, device, threads) for member in members]
+    ensemble = Ensemble(manifest, directory, session, member_sessions, device, threads, precision)
+    if precision == "fp16" and ensemble.providers[0] != CUDA:
+        raise ManifestError(f"{directory}: FP16 graphs are for the CUDA provider, and onnxruntime runs on "
+                            f"{ensemble.providers[0]} here: serve --precision fp32 or int8 on the CPU")
+    return ensemble
 
 
 def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
-                  execution: Execution = "fused") -> Ensemble:
+                  execution: Execution = "fused", precision: Precision = "fp32") -> Ensemble:
     """Read the manifest, verify every file's sha256, open the graphs and check the samples."""
     manifest = load_manifest(version_dir)
     verify_files(manifest, version_dir)
-    ensemble = _open(manifest, version_dir, device, threads, execution)
+    ensemble = _open(manifest, version_dir, device, threads, execution, precision)
     difference = ensemble.check_samples()
-    log.info("loaded %s version %d from %s on %s, %s execution (samples within %.1e)", manifest.name,
-             manifest.version, version_dir, ensemble.providers[0], execution, difference)
+    log.info("loaded %s version %d from %s on %s, %s execution at %s (samples within %.1e)", manifest.name,
+             manifest.version, version_dir, ensemble.providers[0], execution, precision, difference)
     return ensemble

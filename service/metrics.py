@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from artefact.calibration import Scored, bin_upper_edges
 from artefact.manifest import Manifest
 from service.batching import BatchRecord
-from service.ensemble import Ensemble
+from service.ensemble import MEMBERS_USED, Ensemble
 from service.feedback import CalibrationWindow
 
 # Latency buckets from 0.5 ms to 10 s: batch-1 CPU requests sit in the low milliseconds, big
@@ -197,6 +197,7 @@ class _Series:
     queue_seconds: Histogram
     compute_seconds: Histogram
     batch_images: Histogram
+    member_images: Counter
     member_seconds: list[Histogram]
     """One child per member, added as members are first timed."""
 
@@ -204,7 +205,7 @@ class _Series:
 class ServingMetrics:
     """Every valley metric on `registry`; `depths` and `in_flight` give the live gauges at scrape time."""
 
-    signal_outputs: tuple[str, ...] = SIGNAL_OUTPUTS
+    signal_outputs: tuple[str, ...] = (*SIGNAL_OUTPUTS, MEMBERS_USED)
 
     def __init__(self, registry: CollectorRegistry, depths: LiveValues = _nothing,
                  in_flight: LiveValues = _nothing) -> None:
@@ -226,6 +227,12 @@ class ServingMetrics:
         self.load_failures = Counter("valley_model_load_failures_total", "Versions refused at load (files, manifest, "
                                      "samples or graphs); the version serving before keeps serving", MODEL,
                                      registry=registry)
+        self.member_images = Counter("valley_member_images_total", "Images run through a member: each served image "
+                                     "counts the members that answered it (divided by valley_batch_images_sum: "
+                                     "members per image)", MODEL, registry=registry)
+        self.degraded = Counter("valley_degraded_requests_total", "Requests whose default plan overload cut to the "
+                                "degraded plan (the first stage's members; --degrade-queue-ms)", MODEL,
+                                registry=registry)
         self.batch_images = Histogram("valley_batch_images", "Images in one model run (dynamic batching)", MODEL,
                                       buckets=BATCH_BUCKETS, registry=registry)
         self.ready = Gauge("valley_model_ready", "1 while the ensemble version serves, 0 once it stopped", MODEL,
@@ -262,7 +269,7 @@ class ServingMetrics:
             series = self._series[(name, version)] = _Series(
                 self.requests.labels(name, version, "OK"), self.request_seconds.labels(name, version),
                 self.queue_seconds.labels(name, version), self.compute_seconds.labels(name, version),
-                self.batch_images.labels(name, version), [])
+                self.batch_images.labels(name, version), self.member_images.labels(name, version), [])
         return series
 
     # -- models ---------------------------------------------------------------------------
@@ -302,11 +309,16 @@ class ServingMetrics:
     def observe_load_failure(self, name: str, version: int) -> None:
         self.load_failures.labels(name, str(version)).inc()
 
+    def observe_degraded(self, name: str, version: str, requests: int) -> None:
+        self.degraded.labels(name, version).inc(requests)
+
     def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
         """One model run: its size and times, and the label-free signals of every image in it."""
         labels = (name, str(version))
         series = self._of(*labels)
         series.batch_images.observe(record.images)
+        if MEMBERS_USED in record.outputs:
+            series.member_images.inc(int(record.outputs[MEMBERS_USED].sum()))
         series.compute_seconds.observe(record.compute_seconds)
         for seconds in record.queue_seconds:
             series.queue_seconds.observe(seconds)

@@ -40,6 +40,9 @@ class Observer(Protocol):
     def observe_load_failure(self, name: str, version: int) -> None:
         """A version was refused at load (its files, manifest, samples or graphs)."""
 
+    def observe_degraded(self, name: str, version: str, requests: int) -> None:
+        """Overload cut the default plan of `requests` requests to the degraded plan."""
+
     def observe_label(self, name: str, version: int, scored: Scored) -> None:
         """One label was joined to the prediction served for it."""
 
@@ -68,6 +71,9 @@ class NullObserver:
         pass
 
     def observe_load_failure(self, name: str, version: int) -> None:
+        pass
+
+    def observe_degraded(self, name: str, version: str, requests: int) -> None:
         pass
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:

@@ -34,11 +34,13 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
+from artefact.cascade import Cascade
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from service.batching import DynamicBatcher, ModelKey
 from service.cpus import lower_thread_priority
 from service.ensemble import Ensemble, load_ensemble
 from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
+from service.members import Plan, default_plan, degraded_plan
 from service.observer import Observer
 from service.policy import VersionPolicy
 from service.settings import Settings
@@ -71,6 +73,8 @@ class ServedModel:
     instances: list[Ensemble]
     """Copies of the verified ensemble, each run by a compute thread of its own."""
     batcher: DynamicBatcher
+    default_plan: Plan
+    """What answers a request that does not name its members."""
     fingerprint: Fingerprint = ()
 
     @property
@@ -402,7 +406,8 @@ class Repository:
     def _load_ensemble(self, name: str, version_dir: Path) -> list[Ensemble]:
         """The verified, warmed-up ensemble, and as many instances of it as the settings ask for."""
         settings = self._settings
-        ensemble = load_ensemble(version_dir, settings.device, settings.threads_per_instance, settings.execution)
+        ensemble = load_ensemble(version_dir, settings.device, settings.threads_per_instance, settings.execution,
+                                 settings.precision)
         manifest = ensemble.manifest
         if manifest.name != name or str(manifest.version) != version_dir.name:
             raise ManifestError(f"{version_dir}: the manifest names {manifest.name!r} version {manifest.version}; "
@@ -411,8 +416,12 @@ class Repository:
         # A full batch through every instance: the first requests do not pay for onnxruntime's first-run set-up.
         shape = [settings.max_batch_size, *manifest.input.shape[1:]]
         warm_up = np.zeros(shape, dtype=np.uint8)
+        # Both paths: the fused graph, and the member graphs the cascades run on part of a batch.
+        count = len(manifest.members)
+        staged = [(len(warm_up), Cascade((1, count), (float("inf"),)))] if count > 1 else []
         for instance in instances:
             instance.run(warm_up, ["probabilities"])
+            instance.run(warm_up, ["probabilities"], staged)
         return instances
 
     def _serve(self, instances: list[Ensemble], fingerprint: Fingerprint) -> ServedModel:
@@ -421,9 +430,9 @@ class Repository:
         batcher = DynamicBatcher([instance.run for instance in instances], settings.max_batch_size,
                                  settings.max_queue_delay, settings.max_queue_size,
                                  ModelKey(manifest.name, manifest.version, manifest.classes), self._observer,
-                                 settings.max_queue_wait)
+                                 settings.max_queue_wait, degraded_plan(manifest), settings.degrade_after)
         batcher.start()
-        return ServedModel(instances, batcher, fingerprint)
+        return ServedModel(instances, batcher, default_plan(manifest, settings.members), fingerprint)
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""

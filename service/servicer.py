@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, TypeVar
@@ -29,7 +29,7 @@ from artefact.manifest import TensorSpec
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.codec import MAX_TENSORS, TYPED_ON_LOOP, Expect, decode_inputs, encode_outputs, typed_values
-from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
+from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Parameter, Tensors
 from service.errors import (
     MAX_NAME_CHARS,
     InvalidInput,
@@ -41,6 +41,7 @@ from service.errors import (
     status_of,
 )
 from service.feedback import MAX_LABELS, Label
+from service.members import PARAMETER
 from service.observer import NULL_OBSERVER, Observer
 from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
@@ -256,14 +257,37 @@ def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
     return min(deadlines) if deadlines else None
 
 
+def _members(request: pb.ModelInferRequest) -> str | int | None:
+    """The `members` parameter as sent (the data plane says what it accepts); None when absent."""
+    if PARAMETER not in request.parameters:
+        return None
+    parameter = request.parameters[PARAMETER]
+    kind = parameter.WhichOneof("parameter_choice")
+    value = getattr(parameter, kind) if kind else ""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
 def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
     return InferenceRequest(request.model_name, request.model_version, request.id,
                             functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal,
-                            heavy=typed_values(request) > TYPED_ON_LOOP)
+                            heavy=typed_values(request) > TYPED_ON_LOOP, members=_members(request))
+
+
+def _set_parameters(target: MutableMapping[str, pb.InferParameter], parameters: dict[str, Parameter]) -> None:
+    for key, value in parameters.items():
+        if isinstance(value, bool):
+            target[key].bool_param = value
+        elif isinstance(value, int):
+            target[key].int64_param = value
+        else:
+            target[key].string_param = value
 
 
 def _response(answer: InferenceResponse) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=answer.model, model_version=answer.version, id=answer.id)
+    _set_parameters(response.parameters, answer.parameters)
     encode_outputs(answer.outputs, response)
     return response
 
@@ -337,9 +361,12 @@ class InferenceServicer:
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         metadata = self.dataplane.model_metadata(request.name, request.version)
-        return pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions, platform=metadata.platform,
-                                        inputs=[_tensor_metadata(spec) for spec in metadata.inputs],
-                                        outputs=[_tensor_metadata(spec) for spec in metadata.outputs])
+        response = pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions,
+                                            platform=metadata.platform,
+                                            inputs=[_tensor_metadata(spec) for spec in metadata.inputs],
+                                            outputs=[_tensor_metadata(spec) for spec in metadata.outputs])
+        _set_parameters(response.parameters, metadata.parameters)
+        return response
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return _response(await self.dataplane.infer(_inference_request(request, context)))

@@ -15,11 +15,13 @@ from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from service.cpus import usable_cpus
 from service.errors import InvalidInput
+from service.members import check_default
 from service.policy import VersionPolicy
 from service.security import parse_tokens
 
 Device = Literal["auto", "cpu", "cuda"]
 Execution = Literal["fused", "members"]
+Precision = Literal["fp32", "int8", "fp16"]
 
 MIB = 1 << 20
 
@@ -60,8 +62,17 @@ class Settings(BaseSettings):
                                 "request's config parameter overrides it per ensemble")
     device: Device = Field("auto", description="auto: CUDA when onnxruntime's CUDA provider really loads, else CPU")
     execution: Execution = Field(
-        "fused", description="fused: one graph runs every member (fastest); members: one session per member, "
-        "timed one by one")
+        "fused", description="fused: one graph runs the batches every member answers (fastest), member sessions "
+        "the others; members: only the member sessions (half the memory), timed one by one")
+    precision: Precision = Field("fp32", description="graphs served: fp32, or a variant the manifest holds (int8; "
+                                 "fp16 on the CUDA provider only); a version without it is refused")
+    members: str = Field("cascade", description="members answering a request that does not say (its 'members' "
+                         "parameter): cascade (the anytime ensemble fitted at export: confident images leave "
+                         "after the first stage; the full ensemble where none was fitted), full, or a number N "
+                         "(the first N)")
+    degrade_queue_ms: float = Field(200.0, ge=0, description="a batch whose oldest request waited longer runs the "
+                                    "default plan's first stage only (the answer says 'degraded'); requests "
+                                    "that name their members are never cut (0: never degrade)")
     instances: int = Field(2, ge=1, description="copies of each ensemble, each with its own sessions and compute "
                            "thread: while one computes, the next batch is collected and runs on another")
     session_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per instance (0: the usable "
@@ -110,6 +121,16 @@ class Settings(BaseSettings):
         except InvalidInput as error:
             raise ValueError(str(error)) from None
         return value
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, value: str) -> str:
+        return check_default(value)
+
+    @property
+    def degrade_after(self) -> float | None:
+        """`degrade_queue_ms` in seconds; None: never degrade."""
+        return self.degrade_queue_ms / 1000.0 if self.degrade_queue_ms else None
 
     @property
     def startup_models(self) -> list[str]:

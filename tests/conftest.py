@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import RunBatch, RunOutput
+from service.batching import RunBatch, RunOutput, Segment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,11 +31,11 @@ class Gate:
         if opened:
             self.open.set()
 
-    def __call__(self, pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
+    def __call__(self, pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment] = ()) -> RunOutput:
         self.entered.set()
         assert self.open.wait(30), "the test never opened the gate"
         self.batches.append(int(pixels.shape[0]))
-        return self._run(pixels, outputs)
+        return self._run(pixels, outputs, segments)
 
 
 async def until_entered(gate: Gate) -> None:

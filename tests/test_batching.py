@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import BatchRecord, DynamicBatcher, RunOutput
+from service.batching import Answer, BatchRecord, DynamicBatcher, RunOutput, Segment
 from service.ensemble import Ensemble, load_ensemble
 from service.errors import DeadlineExceeded, QueueFull, QueueWait
 from service.observer import NullObserver
@@ -24,7 +24,7 @@ def _images(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, 1, 16, 16), dtype=np.uint8)
 
 
-Answer = asyncio.Future[dict[str, np.ndarray]]
+Pending = asyncio.Future[Answer]
 
 
 class Recorder(NullObserver):
@@ -37,7 +37,7 @@ class Recorder(NullObserver):
         self.records.append(record)
 
 
-async def _held(run: Gate, max_queue_size: int = 1024) -> tuple[DynamicBatcher, Answer]:
+async def _held(run: Gate, max_queue_size: int = 1024) -> tuple[DynamicBatcher, Pending]:
     """A started one-image-per-batch batcher whose worker is held inside the run of a first request."""
     batcher = DynamicBatcher([run], max_batch_size=1, max_queue_delay=0, max_queue_size=max_queue_size)
     batcher.start()
@@ -50,7 +50,7 @@ def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble)
     records: list[BatchRecord] = []
     inputs = [_images(1, seed) for seed in range(16)]
 
-    async def main() -> list[dict[str, np.ndarray]]:
+    async def main() -> list[Answer]:
         batcher = DynamicBatcher([ensemble.run], max_batch_size=64, max_queue_delay=0.05, observer=Recorder(records))
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(x, ["probabilities", "predicted_class"]) for x in inputs))
@@ -61,8 +61,8 @@ def test_concurrent_requests_are_merged_and_answered_exactly(ensemble: Ensemble)
     assert len(records) < 16 and sum(r.requests for r in records) == 16, "requests were merged"
     for pixels, result in zip(inputs, results, strict=True):
         alone = ensemble.infer(pixels, ["probabilities", "predicted_class"])
-        np.testing.assert_allclose(result["probabilities"], alone["probabilities"], atol=1e-6)
-        assert result["predicted_class"].tolist() == alone["predicted_class"].tolist()
+        np.testing.assert_allclose(result.outputs["probabilities"], alone["probabilities"], atol=1e-6)
+        assert result.outputs["predicted_class"].tolist() == alone["predicted_class"].tolist()
 
 
 def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ensemble) -> None:
@@ -72,7 +72,7 @@ def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ens
         batcher = DynamicBatcher([run], max_batch_size=8, max_queue_delay=0.05)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(_images(3, s), ["confidence"]) for s in range(6)))
-        assert all(r["confidence"].shape == (3,) for r in results)
+        assert all(r.outputs["confidence"].shape == (3,) for r in results)
         await batcher.stop()
 
     asyncio.run(main())
@@ -126,7 +126,7 @@ def test_a_cancelled_request_past_its_deadline_does_not_stop_the_worker(ensemble
         run.open.set()
         await busy
         after = await asyncio.wait_for(batcher.submit(_images(3, 2), ["confidence"]), 10)
-        assert after["confidence"].shape == (3,)
+        assert after.outputs["confidence"].shape == (3,)
         await batcher.stop()
 
     asyncio.run(main())
@@ -143,7 +143,7 @@ def test_instances_compute_in_parallel(ensemble: Ensemble) -> None:
         held = asyncio.ensure_future(batcher.submit(_images(1, 0), ["confidence"]))
         await until_entered(first)
         passed = await asyncio.wait_for(batcher.submit(_images(3, 1), ["confidence"]), 10)
-        assert passed["confidence"].shape == (3,) and not held.done()
+        assert passed.outputs["confidence"].shape == (3,) and not held.done()
         first.open.set()
         await held
         await batcher.stop()
@@ -173,9 +173,9 @@ class Refusals(NullObserver):
 
 
 def test_a_request_that_would_wait_past_the_bound_is_refused_at_once(ensemble: Ensemble) -> None:
-    def slow(pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
+    def slow(pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment]) -> RunOutput:
         time.sleep(0.05)
-        return ensemble.run(pixels, outputs)
+        return ensemble.run(pixels, outputs, segments)
 
     refusals = Refusals()
 
@@ -194,7 +194,7 @@ def test_a_request_that_would_wait_past_the_bound_is_refused_at_once(ensemble: E
         accepted = [task for task in burst if not task.done()]
         assert accepted, "the requests within the bound are queued"
         for task in accepted:
-            assert (await task)["confidence"].shape == (1,)
+            assert (await task).outputs["confidence"].shape == (1,)
         await batcher.stop()
 
     asyncio.run(main())
@@ -212,7 +212,7 @@ def test_a_request_that_waited_past_the_bound_is_refused_before_compute(ensemble
         waiting = asyncio.ensure_future(batcher.submit(_images(1, 1), ["confidence"]))  # no run measured yet
         await asyncio.sleep(0.1)
         run.open.set()
-        assert (await busy)["confidence"].shape == (1,)
+        assert (await busy).outputs["confidence"].shape == (1,)
         with pytest.raises(QueueWait, match="waited"):
             await waiting
         await batcher.stop()
@@ -225,16 +225,16 @@ def test_a_drained_queue_takes_requests_whatever_the_last_runs_cost(ensemble: En
     """Slow runs under an old load must not keep refusing: with nothing queued, a request is always taken."""
     delays = [0.3, 0.0, 0.0]
 
-    def slowing(pixels: np.ndarray, outputs: Sequence[str]) -> RunOutput:
+    def slowing(pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment]) -> RunOutput:
         time.sleep(delays.pop(0) if delays else 0.0)
-        return ensemble.run(pixels, outputs)
+        return ensemble.run(pixels, outputs, segments)
 
     async def main() -> None:
         batcher = DynamicBatcher([slowing], max_batch_size=1, max_queue_delay=0, max_queue_wait=0.1)
         batcher.start()
         await batcher.submit(_images(1, 0), ["confidence"])  # a 0.3 s run: three times the bound
         for seed in (1, 2):
-            assert (await batcher.submit(_images(1, seed), ["confidence"]))["confidence"].shape == (1,)
+            assert (await batcher.submit(_images(1, seed), ["confidence"])).outputs["confidence"].shape == (1,)
         await batcher.stop()
 
     asyncio.run(main())

@@ -3,6 +3,10 @@
 The process is what users run (flags, env vars, signals), started on port 0 through
 `service.launch`. The in-thread server is the same `service.server.Server` on real ports (port 0
 too), for tests that must hold a model run at a gate to fill the queue or pass a deadline.
+
+The answers these servers give are compared with the fused graph run in process (`Reference`),
+so both start with every member answering (`--members full`) unless a test sets `--members`;
+tests/e2e/test_members.py serves the default, the fitted cascade.
 """
 
 from __future__ import annotations
@@ -74,9 +78,13 @@ class Reference:
     input_shape: tuple[int, ...]
     outputs: list[str]
 
+    members: int
+
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Every served output: the fused graph's, and `members_used` (all of them)."""
         values = self.session.run(self.outputs, {"pixels": pixels})
-        return dict(zip(self.outputs, values, strict=True))
+        return {**dict(zip(self.outputs, values, strict=True)),
+                "members_used": np.full(len(pixels), self.members, dtype=np.int64)}
 
     def images(self, count: int, seed: int) -> np.ndarray:
         return np.random.default_rng(seed).integers(0, 256, (count, *self.input_shape), dtype=np.uint8)
@@ -87,12 +95,15 @@ def reference(exported: Path) -> Reference:
     manifest = json.loads((exported / "manifest.json").read_text())
     session = onnxruntime.InferenceSession(str(exported / manifest["fused"]["file"]),
                                            providers=["CPUExecutionProvider"])
-    return Reference(session, tuple(manifest["input"]["shape"][1:]), [o["name"] for o in manifest["outputs"]])
+    return Reference(session, tuple(manifest["input"]["shape"][1:]), [o["name"] for o in manifest["outputs"]],
+                     len(manifest["members"]))
 
 
 def start_server_process(repository: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     """`valley-serve` on port 0, ready; its log in a file beside the repository (a pipe could fill and block it)."""
     log = Path(tempfile.mkstemp(prefix="valley-serve-", suffix=".log", dir=repository.parent)[1])
+    if not any(flag.startswith("--members") for flag in flags):
+        flags = ("--members", "full", *flags)
     server = start_server(repository, *flags, log=log, cwd=REPO, env={"OMP_NUM_THREADS": "2", **(env or {})},
                           timeout=60)
     if not server.ready:
@@ -162,6 +173,7 @@ class ThreadServer:
 
 
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
+    overrides.setdefault("members", "full")
     return Settings(repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, shutdown_grace_s=5,
                     **overrides)
 

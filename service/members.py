@@ -1,0 +1,86 @@
+"""How many members answer a request: the plans, the request parameter that picks one, the server's default.
+
+A plan is a cascade (`artefact.cascade.Cascade`) with a name: `full` runs every member, a number
+N runs the first N, `cascade` runs the anytime ensemble fitted at export (the full ensemble for
+a version exported without one). A request picks its plan with the Open Inference Protocol
+parameter `members` (a number, or the string "full", "cascade" or a number); without it the
+server's default (`--members`) applies. Under overload a batch may be served `degraded`: the
+default plan is cut to its first stage (`degraded_plan`); a plan the client named is never cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from artefact.cascade import Cascade
+from artefact.manifest import Manifest
+from service.errors import InvalidInput
+
+PARAMETER = "members"
+"""The request parameter (and the response parameter that says which plan answered)."""
+DEGRADED = "degraded"
+"""The response parameter set (true) when overload cut the plan."""
+FULL, CASCADE = "full", "cascade"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A named way of answering: `cascade` says which members run for which images."""
+
+    name: str
+    cascade: Cascade
+    chosen: bool = False
+    """The client asked for it: overload never cuts it."""
+
+    @property
+    def members(self) -> int:
+        """The most members an image can go through."""
+        return self.cascade.members
+
+
+def check_default(value: str) -> str:
+    """`--members`: 'cascade', 'full' or a positive number (a ValueError names what is wrong)."""
+    value = value.strip().lower()
+    if value in (FULL, CASCADE) or (value.isascii() and value.isdigit() and int(value) >= 1):
+        return value
+    raise ValueError(f"--members takes 'cascade', 'full' or a number of members >= 1, not {value[:40]!r}")
+
+
+def fitted_cascade(manifest: Manifest) -> Cascade:
+    """The manifest's anytime ensemble, or the full ensemble where it has none."""
+    spec = manifest.cascade
+    members = len(manifest.members)
+    return Cascade(tuple(spec.stages), tuple(spec.thresholds)) if spec is not None else Cascade.full(members)
+
+
+def plan(manifest: Manifest, value: str | int, chosen: bool) -> Plan:
+    """The plan that `value` names for this ensemble; `InvalidInput` saying what is accepted otherwise."""
+    members = len(manifest.members)
+    text = str(value).strip().lower()
+    if text == FULL:
+        return Plan(FULL, Cascade.full(members), chosen)
+    if text == CASCADE:
+        return Plan(CASCADE, fitted_cascade(manifest), chosen)
+    if text.isascii() and text.lstrip("-").isdigit():
+        count = int(text)
+        if 1 <= count <= members:
+            return Plan(str(count), Cascade.full(count), chosen)
+        raise InvalidInput(f"parameter '{PARAMETER}' asks for {count} members; {manifest.name!r} version "
+                           f"{manifest.version} has {members} (ask for 1 to {members}, 'full' or 'cascade')")
+    raise InvalidInput(f"parameter '{PARAMETER}' must be a number of members (1 to {members}), 'full' or "
+                       f"'cascade', not {text[:40]!r}")
+
+
+def default_plan(manifest: Manifest, default: str) -> Plan:
+    """The server's default for this ensemble; a number above its member count means all of them."""
+    if default.isdigit():
+        default = str(min(int(default), len(manifest.members)))
+    return plan(manifest, default, chosen=False)
+
+
+def degraded_plan(manifest: Manifest) -> Plan:
+    """What overload serves instead of the default: the fitted cascade's first stage, or one member without a
+    cascade that exits early."""
+    cascade = fitted_cascade(manifest)
+    first = cascade.stages[0] if len(cascade.stages) > 1 else 1
+    return Plan(str(first), Cascade.full(first))
