@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime
@@ -268,9 +268,15 @@ def summarise(server: str, scenario: Scenario, latencies: np.ndarray, errors: in
 # ---------------------------------------------------------------- in-process
 
 
-def run_inprocess(session: onnxruntime.InferenceSession, manifest: Manifest, scenario: Scenario, images: np.ndarray,
-                  reference: np.ndarray, args: argparse.Namespace) -> Result:
-    """The fused graph in a loop in this process, one call per batch: the limit."""
+class Runner(Protocol):
+    """What `run_inprocess` calls: an onnxruntime session, or anything that answers like one."""
+
+    def run(self, output_names: list[str], input_feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+def run_inprocess(session: Runner, manifest: Manifest, scenario: Scenario, images: np.ndarray,
+                  reference: np.ndarray, args: argparse.Namespace, label: str = "inprocess") -> Result:
+    """The fused graph (or another `Runner`) in a loop in this process, one call per batch: the limit."""
     rng = np.random.default_rng(args.seed)
     offsets = rng.integers(0, len(images) - scenario.batch + 1, 64)
     batches = [(images[o:o + scenario.batch], reference[o:o + scenario.batch]) for o in offsets]
@@ -282,7 +288,7 @@ def run_inprocess(session: onnxruntime.InferenceSession, manifest: Manifest, sce
     cpu, machine = time.process_time(), machine_busy_seconds()
     began = start = time.monotonic()
     stop = start + args.duration
-    with tqdm(total=args.duration, desc=f"inprocess batch {scenario.batch}", unit="s", disable=None,
+    with tqdm(total=args.duration, desc=f"{label} batch {scenario.batch}", unit="s", disable=None,
               leave=False) as bar:
         while began < stop:
             pixels, expected = batches[position]
@@ -298,7 +304,7 @@ def run_inprocess(session: onnxruntime.InferenceSession, manifest: Manifest, sce
                 bar.refresh()
             began = ended
     elapsed = began - start
-    result = summarise("inprocess", Scenario(scenario.batch, 1), np.asarray(latencies), errors, elapsed)
+    result = summarise(label, Scenario(scenario.batch, 1), np.asarray(latencies), errors, elapsed)
     cpu, machine = time.process_time() - cpu, machine_busy_seconds() - machine
     result.client_cpu = cpu / elapsed
     result.other_cpu = max(0.0, machine - cpu) / elapsed

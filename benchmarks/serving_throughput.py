@@ -133,6 +133,10 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"batch sizes must be 1..--images ({args.images}) and concurrencies at least 1")
     if args.start_attempts < 1:
         parser.error("--start-attempts must be at least 1")
+    # Every member answers every image, as in Triton and in process: the like-for-like comparison (valley's default
+    # is the cheaper cascade, which benchmarks/ensemble_cost.py measures).
+    if not any(arg.startswith("--members") for arg in args.valley_arg):
+        args.valley_arg = ["--members=full", *args.valley_arg]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - {"valley", "pytriton", "inprocess"}
     if unknown:
