@@ -7,6 +7,7 @@ For one exported ensemble (8-member Fashion-MNIST FGE by default) and every way 
     full        every member, the fused graph               (--members full)
     cascade     the anytime ensemble fitted at export       (--members cascade, the server's default)
     int8-single, int8-full, int8-cascade: the same on the manifest's INT8 variant (--precision int8)
+    fp16-single, fp16-full, fp16-cascade: on its FP16 variant, CUDA only (--precision fp16 --device cuda)
 
 it measures test accuracy, NLL and ECE and the members run per image over the whole test split
 (in this process, with the server's own `service.ensemble` code), throughput in this process
@@ -53,6 +54,7 @@ TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 CONFIGS = {  # name: (precision, the members flag)
     "single": ("fp32", "1"), "full": ("fp32", "full"), "cascade": ("fp32", "cascade"),
     "int8-single": ("int8", "1"), "int8-full": ("int8", "full"), "int8-cascade": ("int8", "cascade"),
+    "fp16-single": ("fp16", "1"), "fp16-full": ("fp16", "full"), "fp16-cascade": ("fp16", "cascade"),
 }
 
 
@@ -107,7 +109,7 @@ def answers(runner: Planned, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def measure(name: str, version_dir: Path, manifest: Manifest, images: np.ndarray, labels: np.ndarray,
             args: argparse.Namespace, log_dir: Path) -> Measured:
     precision, members = CONFIGS[name]
-    ensemble = load_ensemble(version_dir, "cpu", args.threads, precision=_precision(precision))
+    ensemble = load_ensemble(version_dir, args.device, args.threads, precision=_precision(precision))
     chosen = plan(manifest, members, chosen=True)
     cascade = None if chosen.cascade == Cascade.full(len(manifest.members)) else chosen.cascade
     runner = Planned(ensemble, cascade)
@@ -119,7 +121,8 @@ def measure(name: str, version_dir: Path, manifest: Manifest, images: np.ndarray
     for batch in dict.fromkeys(s.batch for s in args.scenarios):
         result.throughput.append(run_inprocess(runner, manifest, Scenario(batch, 1), images, probabilities, args))
     if "server" in args.where:
-        args.valley_arg = [f"--precision={precision}", f"--members={members}", *args.extra_valley_arg]
+        args.valley_arg = [f"--precision={precision}", f"--members={members}", f"--device={args.device}",
+                           *args.extra_valley_arg]
         with serving("valley", version_dir, manifest, args, log_dir) as (url, pgid):
             for scenario in args.scenarios:
                 result.throughput.append(run_load("valley", url, manifest, scenario, images, probabilities, args,
@@ -195,12 +198,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--version-dir", type=Path, default=ROOT / "runs/ensembles/fashion-mnist-fge/1")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS),
                         default=["single", "full", "cascade", "int8-single", "int8-full", "int8-cascade"],
-                        help="INT8 configurations are skipped when the manifest has no int8 variant")
+                        help="INT8 and FP16 configurations are skipped when the manifest has no such variant")
     parser.add_argument("--scenarios", nargs="+", default=["1x16", "32x4"], help="BATCHxCONCURRENCY through the server")
     parser.add_argument("--where", nargs="+", choices=["inprocess", "server"], default=["inprocess", "server"])
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per throughput cell")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads in process (0: cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="onnxruntime's provider, in process and in the server (cuda fails unless it loads)")
     parser.add_argument("--client-processes", type=int, default=1)
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="largest |p - in-process answer| a served answer may have (an image near a cascade "

@@ -60,3 +60,22 @@ def test_client_extra_alone_runs_the_client_example(source: Path, tmp_path: Path
     example = subprocess.run([str(python), str(REPO / "examples" / "classify.py"), "--help"], capture_output=True,
                              text=True, timeout=60)
     assert example.returncode == 0 and "--url" in example.stdout, example.stderr
+
+
+def test_the_gpu_check_script_parses_and_uses_flags_that_exist() -> None:
+    """benchmarks/gpu_check.sh runs only where a GPU is: here its syntax and the flags it passes are checked."""
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert syntax.returncode == 0, syntax.stderr
+    text = script.read_text()
+    helps = {command: subprocess.run([sys.executable, *command.split(), "--help"], cwd=REPO, capture_output=True,
+                                     text=True, timeout=120).stdout
+             for command in ("-m training.cli train", "-m training.cli fge", "-m training.cli export",
+                             "benchmarks/ensemble_cost.py", "-m service.cli")}
+    for flag in ("--precision", "--overwrite"):
+        assert flag in text and flag in helps["-m training.cli export"]
+    for flag in ("--device", "--scenarios", "--configs", "--valley-arg", "--json", "--plot"):
+        assert flag in text and flag in helps["benchmarks/ensemble_cost.py"]
+    assert "--save-epoch" in helps["-m training.cli train"] and "--start-epoch" in helps["-m training.cli fge"]
+    for flag in ("--max-batch-size", "--max-queue-delay-ms", "--load-models", "--device"):
+        assert flag in helps["-m service.cli"]
