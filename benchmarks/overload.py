@@ -9,10 +9,11 @@ correct and within the queue's wait bound; the server's resident memory and a he
 sampled twice a second. A closed loop again afterwards shows service is back to normal.
 
     .venv/bin/python benchmarks/overload.py --repository runs/ensembles --model fashion-mnist-fge \\
-        [--batch 32] [--multiple 8] [--seconds 30] [--json runs/overload.json]
+        [--batch 32] [--multiple 8 | --rate R] [--seconds 30] [--json runs/overload.json]
 
 Prints one summary (and writes it as JSON): capacity, offered and accepted rates, refusal and
-answer latencies (p50/p99/max), codes seen, RSS at start/peak/end, the slowest health check.
+answer latencies (p50/p99/max), codes seen, answers degraded to fewer members, RSS at
+start/peak/end, the slowest health check.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Phase:
     refused_ms: list[float] = field(default_factory=list)
     details: Counter[str] = field(default_factory=Counter)
     """Why requests were refused: each detail's first words, counted."""
+    degraded: int = 0
+    """Answers the server cut to fewer members (their `degraded` parameter)."""
 
     def record(self, code: grpc.StatusCode, milliseconds: float, detail: str = "") -> None:
         self.codes[code.name] += 1
@@ -80,8 +83,10 @@ async def _one(call: grpc.aio.UnaryUnaryMultiCallable, body: bytes, phase: Phase
     started = time.perf_counter()
     detail = ""
     try:
-        await call(body, timeout=30)
+        answer = pb.ModelInferResponse.FromString(await call(body, timeout=30))
         code = grpc.StatusCode.OK
+        if "degraded" in answer.parameters and answer.parameters["degraded"].bool_param:
+            phase.degraded += 1
     except grpc.aio.AioRpcError as error:
         code, detail = error.code(), str(error.details())
     phase.record(code, (time.perf_counter() - started) * 1e3, detail)
@@ -150,6 +155,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight while capacity is measured")
     parser.add_argument("--capacity-seconds", type=float, default=5.0)
     parser.add_argument("--multiple", type=float, default=8.0, help="offered rate as a multiple of capacity")
+    parser.add_argument("--rate", type=float, help="offered requests/s instead (to compare settings at one load)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the open-loop phase")
     parser.add_argument("--after-seconds", type=float, default=3.0, help="closed loop after the overload")
     parser.add_argument("--valley-arg", action="append", default=[], help="a flag for valley-serve (repeatable)")
@@ -163,7 +169,7 @@ def main() -> None:
         asyncio.run(closed_loop(server.url, body, args.concurrency, 1.0))  # warm-up
         capacity_phase = asyncio.run(closed_loop(server.url, body, args.concurrency, args.capacity_seconds))
         capacity = capacity_phase.codes["OK"] / args.capacity_seconds
-        rate = capacity * args.multiple
+        rate = args.rate or capacity * args.multiple
         overload, watch = asyncio.run(open_loop(server.url, body, rate, args.seconds, pid))
         after = asyncio.run(closed_loop(server.url, body, args.concurrency, args.after_seconds))
     summary = {
@@ -172,6 +178,7 @@ def main() -> None:
         "offered_requests_per_s": round(overload.sent / args.seconds, 1),
         "multiple": round(overload.sent / args.seconds / capacity, 2),
         "accepted_requests_per_s": round(overload.codes["OK"] / args.seconds, 1),
+        "degraded_answers": overload.degraded,
         "codes": dict(overload.codes), "refusals": dict(overload.details.most_common(4)),
         "accepted_ms": _percentiles(overload.ok_ms),
         "refused_ms": _percentiles(overload.refused_ms), **watch,
