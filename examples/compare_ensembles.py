@@ -6,7 +6,8 @@
 
 Starts `valley-serve` on the repository, sends every test image to every model through the
 unmodified tritonclient, and prints one table: accuracy, NLL, ECE and Brier of the probabilities
-the server returned (each ensemble's fitted temperature applied), next to NLL and ECE before
+the server returned (each ensemble's fitted temperature applied; by default each is answered by
+its anytime ensemble, so the members run per image are shown too), next to NLL and ECE before
 temperature scaling (from each manifest's offline metrics). `--budget NAME=EPOCHS` adds the
 training epochs each model cost. Needs valley with its `train`, `serve` and `client` extras
 (what `make setup-demo` installs).
@@ -31,17 +32,19 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def served_probabilities(url: str, model: str, images: np.ndarray, batch_size: int,
-                         credentials: Credentials) -> np.ndarray:
+                         credentials: Credentials) -> tuple[np.ndarray, np.ndarray]:
+    """The probabilities the server answered for every image, and how many members answered each."""
     client = triton.InferenceServerClient(url, ssl=True, root_certificates=str(credentials.ca))
-    output = [triton.InferRequestedOutput("probabilities")]
-    parts = []
+    outputs = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("members_used")]
+    parts, used = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=model, unit="batch", leave=False):
         pixels = images[start:start + batch_size]
         tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
         tensor.set_data_from_numpy(pixels)
-        parts.append(client.infer(model, [tensor], outputs=output, headers=credentials.headers)
-                     .as_numpy("probabilities"))
-    return np.concatenate(parts)
+        result = client.infer(model, [tensor], outputs=outputs, headers=credentials.headers)
+        parts.append(result.as_numpy("probabilities"))
+        used.append(result.as_numpy("members_used"))
+    return np.concatenate(parts), np.concatenate(used)
 
 
 def _latest_version(repository: Path, model: str) -> Path:
@@ -64,8 +67,8 @@ def main() -> None:
     images = read_idx(args.data_dir / "t10k-images-idx3-ubyte.gz")[:, None]
     labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
 
-    rows = ["| model | method | members | epochs | accuracy % | NLL | ECE % | Brier | NLL, ECE % before temperature |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | method | members | members per image served | epochs | accuracy % | NLL | ECE % | Brier "
+            "| NLL, ECE % before temperature |", "|---|---|---|---|---|---|---|---|---|---|"]
     results = {}
     # The server runs as in production: TLS, and a bearer token (a throwaway certificate and token here).
     with tempfile.TemporaryDirectory(prefix="valley-pki-") as folder:
@@ -76,12 +79,13 @@ def main() -> None:
                 raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
             for model in args.models:
                 manifest = load_manifest(_latest_version(args.serve, model))
-                probabilities = served_probabilities(f"localhost:{server.grpc_port}", model, images, args.batch_size,
-                                                     credentials)
+                probabilities, used = served_probabilities(f"localhost:{server.grpc_port}", model, images,
+                                                           args.batch_size, credentials)
                 served = classification_metrics(probabilities, labels)
                 results[model] = served
                 before = manifest.metrics.uncalibrated
-                rows.append(f"| {model} | {manifest.method} | {len(manifest.members)} | {budgets.get(model, '?')} | "
+                rows.append(f"| {model} | {manifest.method} | {len(manifest.members)} | {used.mean():.2f} | "
+                            f"{budgets.get(model, '?')} | "
                             f"{100 * served.accuracy:.2f} | {served.nll:.4f} | {100 * served.ece:.2f} | "
                             f"{served.brier:.4f} | {before.nll:.4f}, {100 * before.ece:.2f} |")
     print(f"\nFashion-MNIST test split ({len(labels)} images), as served by valley (temperature applied):\n")
