@@ -18,7 +18,6 @@ from service.launch import ServerProcess
 from tests.e2e.conftest import MODEL, Reference, triton_inputs
 
 
-
 @pytest.fixture(scope="module")
 def client(served: ServerProcess) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(served.url)
