@@ -1,0 +1,123 @@
+"""The cost-quality frontier of anytime ensembles: members per image against test NLL and accuracy.
+
+For one FGE (or curve, or independent) run, every member's tempered probabilities on the
+validation and test splits (the temperature fitted on validation, as the exporter does), then:
+
+- the prefix ensembles: the first N members for every image, N = 1..K;
+- cascades fitted on validation (`artefact.cascade.fit_cascade`) at a range of NLL tolerances,
+  each measured on test (the test split takes no part in any choice).
+
+It prints a table and plots test NLL against members per image (PNG). The exporter's default
+(1 % NLL, 0.1 point accuracy) is one point of the table.
+
+    .venv/bin/python benchmarks/cascade_frontier.py --from runs/fm-b24-fge [--plot docs/images/cascade-frontier.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from artefact.cascade import Cascade, fit_cascade, run_cascade
+from training.calibrate import fit_temperature
+from training.config import ExportConfig
+from training.data import load_data
+from training.engine import predict_logits
+from training.export import collect_sources
+from training.metrics import classification_metrics
+
+TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
+
+
+def tempered(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Member logits [K, N, C] as tempered probabilities [N, K, C] (float64)."""
+    scaled = logits / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probabilities = np.exp(scaled)
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    return np.ascontiguousarray(probabilities.transpose(1, 0, 2))
+
+
+def row(label: str, members: np.ndarray, labels: np.ndarray, cascade: Cascade) -> dict[str, float | str]:
+    answers, used = run_cascade(members, cascade)
+    metrics = classification_metrics(answers, labels)
+    return {"label": label, "members_per_image": float(used.mean()), "accuracy": metrics.accuracy,
+            "nll": metrics.nll, "ece": metrics.ece}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="run", type=Path, required=True, help="an FGE, curve or base run directory")
+    parser.add_argument("--accuracy-tolerance", type=float, default=0.001)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    sources = collect_sources(ExportConfig(runs=[args.run], name="frontier", repository=Path("/nonexistent")))
+    splits = load_data(sources.config.data)
+    device = torch.device("cpu")
+    val_logits, test_logits = [], []
+    for source in tqdm(sources.members, desc="members", unit="member", disable=None):
+        model = source.build(splits)
+        logits, val_labels = predict_logits(model, splits.val, splits, device)
+        val_logits.append(logits)
+        logits, test_labels = predict_logits(model, splits.test, splits, device)
+        test_logits.append(logits)
+    temperature = fit_temperature(np.stack(val_logits), val_labels)
+    val, test = tempered(np.stack(val_logits), temperature), tempered(np.stack(test_logits), temperature)
+    count = val.shape[1]
+
+    prefixes = [row(f"first {n}", test[:, :n], test_labels, Cascade.full(n)) for n in range(1, count + 1)]
+    fitted = []
+    for tolerance in tqdm(TOLERANCES, desc="fits", unit="fit", disable=None):
+        cascade, on_val, _ = fit_cascade(val, val_labels, tolerance, args.accuracy_tolerance)
+        measured = row(f"cascade {tolerance:.2%} {cascade.stages} {cascade.thresholds}", test, test_labels, cascade)
+        measured.update({"tolerance": tolerance, "val_members_per_image": on_val.members_per_image,
+                         "val_nll": on_val.nll})
+        fitted.append(measured)
+    print(f"{args.run}: {count} members, temperature {temperature:.4f}, {len(val_labels)} validation and "
+          f"{len(test_labels)} test images; test split:\n")
+    print("| ensemble | members/image | accuracy % | NLL | ECE % |\n|---|---|---|---|---|")
+    for entry in [*prefixes, *fitted]:
+        print(f"| {entry['label']} | {entry['members_per_image']:.2f} | {100 * float(entry['accuracy']):.2f} | "
+              f"{float(entry['nll']):.4f} | {100 * float(entry['ece']):.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"temperature": temperature, "prefixes": prefixes, "cascades": fitted},
+                                        indent=2) + "\n")
+    if args.plot:
+        plot(prefixes, fitted, args.plot, f"{args.run.name}: {count} members, test split")
+        print(f"\nplot: {args.plot}")
+
+
+def plot(prefixes: list[dict[str, float | str]], fitted: list[dict[str, float | str]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.plot([float(p["members_per_image"]) for p in prefixes], [float(p["nll"]) for p in prefixes], "o-",
+              label="the first N members for every image")
+    axes.plot([float(f["members_per_image"]) for f in fitted], [float(f["nll"]) for f in fitted], "s--",
+              label="cascades fitted on validation (NLL tolerance 0.25 % .. 10 %)")
+    for entry in fitted:
+        axes.annotate(f"{float(entry['tolerance']):.2%}", (float(entry["members_per_image"]), float(entry["nll"])),
+                      textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel("members run per image (mean)")
+    axes.set_ylabel("test NLL")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
