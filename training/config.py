@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# The lower precisions an ensemble can also be exported at (`training.quantize`).
+Precision = Literal["int8", "fp16"]
 
 
 class DataConfig(BaseModel):
@@ -132,3 +135,16 @@ class ExportConfig(BaseModel):
                                          "exceed the full ensemble's by this fraction.")
     cascade_accuracy_tolerance: float = Field(0.001, ge=0, le=1, description="...and its validation accuracy may "
                                               "fall below it by this much (a fraction: 0.001 is 0.1 point).")
+    precisions: list[Precision] = Field(default_factory=list, description="Also export every graph at "
+                                                      "these lower precisions (the manifest's variants).")
+    variant_nll_tolerance: float = Field(0.02, ge=0, description="A variant's validation NLL may exceed the FP32 "
+                                         "ensemble's by this fraction; otherwise the export fails.")
+    variant_accuracy_tolerance: float = Field(0.005, ge=0, le=1, description="...and its validation accuracy may "
+                                              "fall below FP32's by this much (a fraction: 0.005 is 0.5 point).")
+
+    @field_validator("precisions")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each precision once, got {value}")
+        return value
