@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 0.01)")
     export.add_argument("--cascade-accuracy-tolerance", type=float, default=0.001,
                         help="and its validation accuracy may fall below it by this much (default 0.001: 0.1 point)")
+    export.add_argument("--precision", dest="precisions", choices=["int8", "fp16"], action="append", default=[],
+                        help="also export every graph at this precision (repeatable): int8 is statically quantized "
+                             "for the CPU, fp16 is meant for CUDA")
+    export.add_argument("--variant-nll-tolerance", type=float, default=0.02,
+                        help="a lower-precision ensemble's validation NLL may exceed FP32's by this fraction, or the "
+                             "export fails (default 0.02)")
+    export.add_argument("--variant-accuracy-tolerance", type=float, default=0.005,
+                        help="and its validation accuracy may fall below FP32's by this much (default 0.005: half a "
+                             "point)")
     points = export.add_mutually_exclusive_group()
     points.add_argument("--points", type=_t_list, help="curve runs: the members' t, e.g. 0.25,0.5,0.75")
     points.add_argument("--num-points", type=int,
@@ -175,7 +184,11 @@ def _export(args: argparse.Namespace) -> str:
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
                           overwrite=args.overwrite, points=args.points, num_points=args.num_points,
                           cascade_nll_tolerance=args.cascade_nll_tolerance,
-                          cascade_accuracy_tolerance=args.cascade_accuracy_tolerance)
+                          cascade_accuracy_tolerance=args.cascade_accuracy_tolerance,
+                          # Asking twice for one precision asks for it once.
+                          precisions=list(dict.fromkeys(args.precisions)),
+                          variant_nll_tolerance=args.variant_nll_tolerance,
+                          variant_accuracy_tolerance=args.variant_accuracy_tolerance)
     return json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True))
 
 
@@ -191,8 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level if distributed.is_main() else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
-        # The ONNX exporter logs every optimisation pass at INFO.
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "onnxruntime.quantization"):
+        # The ONNX exporter logs every optimisation pass at INFO, the quantizer every shape inference.
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:

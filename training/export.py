@@ -5,6 +5,10 @@ logits out), one fused graph (`ensemble.onnx`: every member, the fitted temperat
 mean and the uncertainty outputs), and `manifest.json` (schema in `artefact.manifest`).
 Every graph passes `onnx.checker`'s full check and matches PyTorch within 1e-4 on real
 validation images before the version directory appears; it appears by a single rename.
+
+With `precisions`, every graph again at INT8 or FP16 (`member-XX.int8.onnx`, `ensemble.int8.onnx`, ...;
+`training.quantize`), measured on the validation and test splits beside FP32 and recorded in the manifest's
+`variants`. A variant whose validation NLL or accuracy misses its tolerance fails the export.
 """
 
 from __future__ import annotations
@@ -39,19 +43,21 @@ from artefact.manifest import (
     Metrics,
     Samples,
     TensorSpec,
+    Variant,
     sha256_of,
     write_manifest,
 )
 from artefact.uncertainty import LOG_FLOOR, softmax
 from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
-from training.config import ExportConfig, TrainConfig
+from training.config import ExportConfig, Precision, TrainConfig
 from training.curve_train import TrainedCurve, open_curve
 from training.curves import evenly_spaced
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
+from training.quantize import lower_precision, measuring_session, method_of
 from training.runs import FGEReport, RunDir
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,11 @@ PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 256
 SAMPLE_COUNT = 4
 INPUT_NAME = "pixels"
+CALIBRATION_IMAGES = 1024
+# A variant's samples tolerance: its own largest difference from FP32 on the samples, with room for another machine's
+# kernels (another CPU, or CUDA for FP16) rounding differently.
+SAMPLES_MARGIN = 2.0
+MIN_SAMPLES_TOLERANCE = 1e-3
 
 
 class PixelClassifier(nn.Module):
@@ -213,16 +224,22 @@ def collect_sources(export: ExportConfig) -> Sources:
     return Sources("independent", first, members)
 
 
+def _uint8_batches(data: SizedDataset, splits: DataSplits) -> Iterator[np.ndarray]:
+    """A split in order, in batches of uint8 pixels (what a client sends)."""
+    for batch, _ in make_batches(data, splits.info, 256, train=False):
+        yield (batch * 255.0).round().to(torch.uint8).numpy()
+
+
 def _uint8_images(data: SizedDataset, splits: DataSplits, count: int) -> np.ndarray:
-    """The first `count` images of a split as uint8 pixels (what a client sends)."""
+    """The first `count` images of a split as uint8 pixels."""
     images = []
     seen = 0
-    for batch, _ in make_batches(data, splits.info, 256, train=False):
-        images.append((batch * 255.0).round().to(torch.uint8))
+    for batch in _uint8_batches(data, splits):
+        images.append(batch)
         seen += batch.shape[0]
         if seen >= count:
             break
-    return torch.cat(images)[:count].numpy()
+    return np.concatenate(images)[:count]
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, path: Path, output_names: list[str]) -> None:
@@ -275,6 +292,18 @@ class Comparison(BaseModel):
     val: Metrics
 
 
+class VariantComparison(BaseModel):
+    """A lower-precision variant beside the FP32 ensemble, both with the manifest's temperature, on both splits."""
+
+    precision: Precision
+    validation: Metrics
+    validation_fp32: Metrics
+    test: Metrics
+    test_fp32: Metrics
+    samples_difference: float = Field(description="largest |variant - FP32| of the fused graphs' sample "
+                                      "probabilities")
+
+
 class ExportReport(BaseModel):
     """What `valley-train export` prints (one JSON line): where the version went and what calibration did."""
 
@@ -286,15 +315,18 @@ class ExportReport(BaseModel):
     comparison: list[Comparison] | None = Field(None, description="curves: the ensemble against its endpoints")
     cascade: CascadeSpec | None = Field(None, description="the anytime ensemble fitted on validation, with its "
                                         "validation and test figures")
+    variants: list[VariantComparison] | None = Field(None, description="the lower-precision variants beside FP32")
 
 
 @dataclass(frozen=True)
 class Exported:
-    """The version directory written, its manifest, and (curves) the comparison with the endpoints."""
+    """The version directory written, its manifest, (curves) the comparison with the endpoints, and the
+    lower-precision variants beside FP32."""
 
     target: Path
     manifest: Manifest
     comparison: list[Comparison] | None = None
+    variants: list[VariantComparison] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as `target, manifest`, as the earlier two-field tuple did."""
@@ -307,7 +339,7 @@ class Exported:
             exported=self.target, members=len(self.manifest.members), temperature=self.manifest.temperature,
             test_nll=CalibrationEffect(uncalibrated=metrics.uncalibrated.nll, calibrated=metrics.calibrated.nll),
             test_ece=CalibrationEffect(uncalibrated=metrics.uncalibrated.ece, calibrated=metrics.calibrated.ece),
-            comparison=self.comparison, cascade=self.manifest.cascade,
+            comparison=self.comparison, cascade=self.manifest.cascade, variants=self.variants,
         )
 
 
@@ -362,6 +394,78 @@ def _cascade_quality(members: np.ndarray, labels: np.ndarray, cascade: Cascade) 
     metrics = classification_metrics(answers, labels)
     return CascadeQuality(accuracy=metrics.accuracy, nll=metrics.nll, ece=metrics.ece,
                           members_per_image=float(np.mean(used)))
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a variant is measured against: the FP32 ensemble's labels and tempered metrics on both splits, and the
+    fused graph's sample inputs and probabilities."""
+
+    temperature: float
+    val_labels: np.ndarray
+    test_labels: np.ndarray
+    validation: Metrics
+    test: Metrics
+    sample_pixels: np.ndarray
+    sample_probabilities: np.ndarray
+
+
+def onnx_member_logits(paths: Sequence[Path], data: SizedDataset, splits: DataSplits,
+                       precision: Precision | None = None) -> np.ndarray:
+    """Logits [K, N, C] of member graphs run by onnxruntime on the CPU over a split, in order; `precision` says
+    how to measure them (`training.quantize.measuring_session`)."""
+    sessions = [measuring_session(path, precision) for path in paths]
+    batches = [np.stack([session.run(None, {INPUT_NAME: pixels})[0] for session in sessions])
+               for pixels in _uint8_batches(data, splits)]
+    return np.concatenate(batches, axis=1).astype(np.float64)
+
+
+def export_variant(precision: Precision, folder: Path, members: Sequence[Member], splits: DataSplits,
+                   reference: Reference, export: ExportConfig) -> tuple[Variant, VariantComparison]:
+    """Write every graph in `folder` again at `precision`, measure the ensemble the variant's member graphs make
+    on both splits, and refuse it (UsageError) when its validation figures miss the export's tolerances."""
+    calibration = _uint8_images(splits.val, splits, CALIBRATION_IMAGES)
+    files = [member.file.removesuffix(".onnx") + f".{precision}.onnx" for member in members]
+    fused_file = f"ensemble.{precision}.onnx"
+    for member, file in zip(members, files, strict=True):
+        lower_precision(precision, folder / member.file, folder / file, calibration)
+    lower_precision(precision, folder / "ensemble.onnx", folder / fused_file, calibration)
+
+    def quality(data: SizedDataset, labels: np.ndarray) -> Metrics:
+        logits = onnx_member_logits([folder / file for file in files], data, splits, precision)
+        return classification_metrics(tempered_ensemble_probabilities(logits, reference.temperature), labels)
+
+    validation = quality(splits.val, reference.val_labels)
+    fp32 = reference.validation
+    nll_limit = fp32.nll * (1 + export.variant_nll_tolerance)
+    accuracy_limit = fp32.accuracy - export.variant_accuracy_tolerance
+    if not (validation.nll <= nll_limit and validation.accuracy >= accuracy_limit):
+        raise UsageError(
+            f"the {precision} ensemble misses its tolerance on the validation split: NLL {validation.nll:.4f} "
+            f"(FP32 {fp32.nll:.4f}, at most {nll_limit:.4f} allowed by --variant-nll-tolerance "
+            f"{export.variant_nll_tolerance}), accuracy {validation.accuracy:.4f} (FP32 {fp32.accuracy:.4f}, at "
+            f"least {accuracy_limit:.4f} allowed by --variant-accuracy-tolerance {export.variant_accuracy_tolerance})"
+            f"; nothing was written: loosen the tolerances or export without --precision {precision}")
+    test = quality(splits.test, reference.test_labels)
+    fused = [_session(folder / fused_file)]
+    if precision == "fp16":  # as the CPU provider runs the file (FP16 weights only), and as measured
+        fused.append(measuring_session(folder / fused_file, precision))
+    difference = max(float(np.max(np.abs(session.run(["probabilities"], {INPUT_NAME: reference.sample_pixels})[0]
+                                         - reference.sample_probabilities))) for session in fused)
+    log.info("%s vs FP32, temperature applied: test accuracy %.4f vs %.4f, NLL %.4f vs %.4f, ECE %.4f vs %.4f; "
+             "validation accuracy %.4f vs %.4f, NLL %.4f vs %.4f; samples within %.2e", precision, test.accuracy,
+             reference.test.accuracy, test.nll, reference.test.nll, test.ece, reference.test.ece,
+             validation.accuracy, fp32.accuracy, validation.nll, fp32.nll, difference)
+    variant = Variant(
+        precision=precision,
+        members=[FileEntry(file=file, sha256=sha256_of(folder / file)) for file in files],
+        fused=FileEntry(file=fused_file, sha256=sha256_of(folder / fused_file)),
+        method=method_of(precision, len(calibration)), validation=validation, test=test,
+        samples_tolerance=max(SAMPLES_MARGIN * difference, MIN_SAMPLES_TOLERANCE),
+    )
+    comparison = VariantComparison(precision=precision, validation=validation, validation_fp32=fp32, test=test,
+                                   test_fp32=reference.test, samples_difference=difference)
+    return variant, comparison
 
 
 def export_ensemble(export: ExportConfig) -> Exported:
@@ -425,6 +529,13 @@ def export_ensemble(export: ExportConfig) -> Exported:
 
         sample_pixels = _uint8_images(splits.test, splits, SAMPLE_COUNT)
         sample_probabilities = session.run(["probabilities"], {INPUT_NAME: sample_pixels})[0]
+        reference = Reference(
+            temperature=temperature, val_labels=val_labels[0], test_labels=test_labels[0],
+            validation=classification_metrics(tempered_ensemble_probabilities(member_val, temperature),
+                                              val_labels[0]),
+            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities)
+        variants = [export_variant(precision, staging, members, splits, reference, export)
+                    for precision in export.precisions]
         info = splits.info
         shape = [-1, info.in_channels, info.image_size, info.image_size]
         manifest = Manifest(
@@ -442,13 +553,14 @@ def export_ensemble(export: ExportConfig) -> Exported:
             metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
             samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
             cascade=cascade,
+            variants=[variant for variant, _ in variants],
         )
         write_manifest(manifest, staging)
         _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Exported(target, manifest, comparison)
+    return Exported(target, manifest, comparison, [comparison for _, comparison in variants] or None)
 
 
 def _output_specs(members: int, classes: int) -> list[TensorSpec]:
