@@ -48,7 +48,8 @@ FP16_METHOD = ("onnxruntime.transformers float16 conversion: FP16 weights and ac
 
 
 def ensemble_tail(model: onnx.ModelProto) -> set[str]:
-    """Names of the nodes from the first Softmax on (the fused graph's ensemble outputs); empty for a member graph."""
+    """Names of the Softmax nodes and every node after them (a fused graph's ensemble outputs); empty for a member
+    graph."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
