@@ -176,11 +176,25 @@ def plot(results: Sequence[Measured], scenario: Scenario, path: Path, title: str
         ys = [r.nll for r in results]
         if all(np.isnan(xs)):
             continue
-        axes.scatter(xs, ys, marker=marker, label=label, facecolors="none" if server == "inprocess" else None)
+        if server == "inprocess":
+            axes.scatter(xs, ys, marker=marker, label=label, facecolors="none", edgecolors="C1")
+        else:
+            axes.scatter(xs, ys, marker=marker, label=label, color="C0")
         if server == "valley" or all(np.isnan([r.images_per_s("valley", scenario.batch) for r in results])):
             for r, x, y in zip(results, xs, ys, strict=True):
                 axes.annotate(f"{r.config} ({r.members_per_image:.2f})", (x, y), textcoords="offset points",
                               xytext=(5, 4), fontsize=8)
+    by_name = {r.config: r for r in results}
+    if "full" in by_name:
+        axes.axhline(by_name["full"].nll * 1.01, color="grey", linestyle=":", linewidth=1)
+        axes.text(0.01, by_name["full"].nll * 1.01, " the full ensemble's NLL + 1 %", fontsize=7, color="grey",
+                  va="bottom", transform=axes.get_yaxis_transform())
+    if "single" in by_name:
+        half = by_name["single"].images_per_s("valley", scenario.batch) / 2
+        if not np.isnan(half):
+            axes.axvline(half, color="grey", linestyle="--", linewidth=1)
+            axes.annotate("half a single member, served", (half, axes.get_ylim()[1]), textcoords="offset points",
+                          xytext=(4, -12), fontsize=7, color="grey")
     axes.set_xscale("log")
     axes.set_xlabel("images/s (log scale)")
     axes.set_ylabel("test NLL (lower is better)")
@@ -220,6 +234,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--stop-timeout", type=float, default=15.0)
     parser.add_argument("--plot", type=Path, help="write the quality-vs-cost plot (PNG) here")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: print the table and draw the plot of "
+                        "results written before with --json")
     args = parser.parse_args()
     args.scenarios = [Scenario(*(int(x) for x in text.lower().split("x"))) for text in args.scenarios]
     args.valley_repository = None
@@ -228,6 +244,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        results = [Measured(**{**r, "throughput": [Result(**t) for t in r["throughput"]]}) for r in saved["results"]]
+        print(table(results, args.scenarios))
+        if args.plot:
+            plot(results, args.scenarios[-1], args.plot, f"{saved['ensemble']} v{saved['version']}: test NLL "
+                                                         "against throughput")
+        return
     version_dir = args.version_dir.resolve()
     manifest = load_manifest(version_dir)
     images, labels = fashion_mnist_test()
