@@ -183,7 +183,8 @@ def main() -> None:
         "accepted_ms": _percentiles(overload.ok_ms),
         "refused_ms": _percentiles(overload.refused_ms), **watch,
         "after_requests_per_s": round(after.codes["OK"] / args.after_seconds, 1),
-        "after_codes": dict(after.codes), "after_refusals": dict(after.details.most_common(4)),
+        "after_codes": dict(after.codes), "after_degraded_answers": after.degraded,
+        "after_refusals": dict(after.details.most_common(4)),
         "after_ms": _percentiles(after.ok_ms),
     }
     print(json.dumps(summary, indent=2))
