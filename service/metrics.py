@@ -281,6 +281,9 @@ class ServingMetrics:
         self.ready.labels(*labels).set(1)
         self.provider.labels(*labels, ensemble.providers[0]).set(1)
         self.temperature.labels(*labels).set(manifest.temperature)
+        # Counters a dashboard divides by exist from the load on, at 0, so rate() has a start.
+        self.degraded.labels(*labels)
+        self.member_images.labels(*labels)
         for calibrated, metrics in (("false", manifest.metrics.uncalibrated), ("true", manifest.metrics.calibrated)):
             for metric in ("accuracy", "ece", "nll", "brier"):
                 self.offline.labels(*labels, metric, calibrated).set(getattr(metrics, metric))
