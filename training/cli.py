@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also export every graph at this precision (repeatable): int8 is statically quantized "
                              "for the CPU, fp16 is meant for CUDA")
     export.add_argument("--variant-nll-tolerance", type=float, default=0.02,
-                        help="a lower-precision ensemble's validation NLL may exceed FP32's by this fraction, or the "
-                             "export fails (default 0.02)")
+                        help="a lower-precision ensemble's validation NLL may exceed FP32's by this fraction (or by "
+                             "0.001, whichever is more), or the export fails (default 0.02)")
     export.add_argument("--variant-accuracy-tolerance", type=float, default=0.005,
                         help="and its validation accuracy may fall below FP32's by this much (default 0.005: half a "
                              "point)")

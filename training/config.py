@@ -138,7 +138,8 @@ class ExportConfig(BaseModel):
     precisions: list[Precision] = Field(default_factory=list, description="Also export every graph at "
                                                       "these lower precisions (the manifest's variants).")
     variant_nll_tolerance: float = Field(0.02, ge=0, description="A variant's validation NLL may exceed the FP32 "
-                                         "ensemble's by this fraction; otherwise the export fails.")
+                                         "ensemble's by this fraction (or by 0.001, whichever is more); otherwise the "
+                                         "export fails.")
     variant_accuracy_tolerance: float = Field(0.005, ge=0, le=1, description="...and its validation accuracy may "
                                               "fall below FP32's by this much (a fraction: 0.005 is 0.5 point).")
 

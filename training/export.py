@@ -71,6 +71,7 @@ CALIBRATION_IMAGES = 1024
 # kernels (another CPU, or CUDA for FP16) rounding differently.
 SAMPLES_MARGIN = 2.0
 MIN_SAMPLES_TOLERANCE = 1e-3
+VARIANT_NLL_FLOOR = 1e-3
 
 
 class PixelClassifier(nn.Module):
@@ -437,7 +438,8 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
 
     validation = quality(splits.val, reference.val_labels)
     fp32 = reference.validation
-    nll_limit = fp32.nll * (1 + export.variant_nll_tolerance)
+    # Relative, with an absolute floor: an ensemble whose NLL is near 0 would otherwise allow no rounding at all.
+    nll_limit = max(fp32.nll * (1 + export.variant_nll_tolerance), fp32.nll + VARIANT_NLL_FLOOR)
     accuracy_limit = fp32.accuracy - export.variant_accuracy_tolerance
     if not (validation.nll <= nll_limit and validation.accuracy >= accuracy_limit):
         raise UsageError(
