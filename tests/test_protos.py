@@ -35,6 +35,10 @@ def test_our_descriptors_stay_out_of_the_default_pool() -> None:
     assert ours.ModelInferRequest.DESCRIPTOR.file.pool is not triton.ModelInferRequest.DESCRIPTOR.file.pool
 
 
+# valley's additions to Triton's messages: fields Triton does not have, at numbers it does not use.
+ADDITIONS = {("ModelMetadataResponse", "parameters")}
+
+
 def test_every_field_matches_triton() -> None:
     theirs = dict(_message for top in triton.DESCRIPTOR.message_types_by_name.values() for _message in _messages(top))
     checked = 0
@@ -42,6 +46,10 @@ def test_every_field_matches_triton() -> None:
         for name, descriptor in _messages(top):
             assert name in theirs, f"{name} is not in Triton's protocol"
             for field in descriptor.fields:
+                if (name, field.name) in ADDITIONS:
+                    assert field.name not in theirs[name].fields_by_name, f"{name}.{field.name} is Triton's now"
+                    assert field.number not in theirs[name].fields_by_number, f"{name}.{field.name}'s number is taken"
+                    continue
                 assert field.name in theirs[name].fields_by_name, f"{name}.{field.name} is not in Triton's protocol"
                 other = theirs[name].fields_by_name[field.name]
                 assert (field.number, field.type, field.is_repeated) == (other.number, other.type, other.is_repeated), \
@@ -78,3 +86,11 @@ def test_an_infer_request_round_trips_both_ways() -> None:
     assert decoded.outputs[0].name == "probabilities" and decoded.raw_input_contents[0] == bytes(range(16))
     assert MessageToDict(ours.ModelInferRequest.FromString(decoded.SerializeToString())) == MessageToDict(decoded)
     assert triton.ModelInferRequest.FromString(decoded.SerializeToString()) == request
+
+
+def test_tritonclient_reads_metadata_with_our_parameters() -> None:
+    """Clients compiled from Triton's proto skip the metadata's parameters and read the rest."""
+    ours_metadata = ours.ModelMetadataResponse(name="fashion", versions=["1"], platform="valley_ensemble")
+    ours_metadata.parameters["members_default"].string_param = "cascade"
+    theirs = triton.ModelMetadataResponse.FromString(ours_metadata.SerializeToString())
+    assert (theirs.name, list(theirs.versions), theirs.platform) == ("fashion", ["1"], "valley_ensemble")
