@@ -140,6 +140,36 @@ class Variant(_Strict):
                                      "a load accepts")
 
 
+class RiskCoverageCurve(_Strict):
+    """One signal's risk-coverage curve on the validation split (`artefact.selective`), sampled at even coverages."""
+
+    signal: str
+    area: float = Field(description="area under risk against coverage: lower ranks better")
+    coverage: list[float]
+    accuracy: list[float]
+
+
+class AbstentionThreshold(_Strict):
+    """The threshold on the chosen signal that meets a target accuracy, fitted on validation, measured on test."""
+
+    target_accuracy: float
+    threshold: float | None = Field(description="answer images scoring at least this; None: not reachable")
+    validation_coverage: float
+    validation_accuracy: float | None
+    test_coverage: float
+    test_accuracy: float | None = Field(description="None when the threshold answers no test image")
+
+
+class SelectiveSpec(_Strict):
+    """Selective prediction: the signal that ranks the ensemble's answers best on validation, its risk-coverage
+    curves, and thresholds for target accuracies (fitted on validation with `margin` standard errors to spare)."""
+
+    signal: str
+    margin: float
+    curves: list[RiskCoverageCurve]
+    thresholds: list[AbstentionThreshold]
+
+
 class Manifest(_Strict):
     schema_version: int
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -158,6 +188,8 @@ class Manifest(_Strict):
     cascade: CascadeSpec | None = Field(None, description="the fitted anytime ensemble; None: versions exported "
                                         "before cascades existed")
     variants: list[Variant] = Field(default_factory=list, description="the ensemble at lower precisions, if exported")
+    selective: SelectiveSpec | None = Field(None, description="thresholds to abstain at a target accuracy; None: "
+                                           "versions exported before selective prediction existed")
 
     @field_validator("schema_version")
     @classmethod

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from artefact.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
+from artefact.selective import SIGNALS
 from tests.conftest import cli
 from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
@@ -17,7 +18,7 @@ from training.config import ExportConfig
 from training.data import load_data
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
-from training.export import export_ensemble, fit_cascade_spec
+from training.export import export_ensemble, fit_cascade_spec, fit_selective_spec
 from training.runs import RunDir
 
 
@@ -185,3 +186,34 @@ def test_the_cascade_is_fitted_on_validation_only() -> None:
     assert (fitted.stages, fitted.thresholds) == (with_noise.stages, with_noise.thresholds)
     assert fitted.validation == with_noise.validation and fitted.test != with_noise.test
     assert fitted.stages != [members], "informative members agree often enough to exit early"
+
+
+def test_the_manifest_records_selective_prediction(exported: Path) -> None:
+    selective = load_manifest(exported).selective
+    assert selective is not None
+    assert {curve.signal for curve in selective.curves} == set(SIGNALS) and selective.signal in SIGNALS
+    best = min(selective.curves, key=lambda curve: curve.area)
+    assert best.signal == selective.signal and best.coverage[-1] == 1.0
+    assert [t.target_accuracy for t in selective.thresholds] == [0.95, 0.97, 0.99]
+    for threshold in selective.thresholds:
+        if threshold.threshold is not None:
+            assert threshold.validation_accuracy is not None
+            assert threshold.validation_accuracy >= threshold.target_accuracy
+
+
+def test_selective_thresholds_are_fitted_on_validation_only() -> None:
+    """Swapping the test split for noise changes the test figures and nothing that was fitted."""
+    rng = np.random.default_rng(1)
+    members, classes, count = 4, 10, 4000
+    labels = rng.integers(0, classes, count)
+    val = rng.normal(0, 1, (members, count, classes))
+    val[:, np.arange(count), labels] += rng.uniform(0, 8, count)
+    test, test_labels = val[:, ::-1].copy(), labels[::-1].copy()
+    fitted = fit_selective_spec(val, labels, test, test_labels, 1.0)
+    with_noise = fit_selective_spec(val, labels, rng.normal(0, 3, test.shape), test_labels, 1.0)
+    assert fitted.signal == with_noise.signal and fitted.curves == with_noise.curves
+    for a, b in zip(fitted.thresholds, with_noise.thresholds, strict=True):
+        assert (a.threshold, a.validation_coverage, a.validation_accuracy) == \
+            (b.threshold, b.validation_coverage, b.validation_accuracy)
+    assert [t.test_coverage for t in fitted.thresholds] != [t.test_coverage for t in with_noise.thresholds]
+    assert any(t.threshold is not None and 0 < t.test_coverage < 1 for t in fitted.thresholds)

@@ -33,6 +33,7 @@ from artefact.cascade import Cascade, fit_cascade, run_cascade
 from artefact.manifest import (
     OUTPUTS,
     SCHEMA_VERSION,
+    AbstentionThreshold,
     CascadeQuality,
     CascadeSpec,
     EnsembleMetrics,
@@ -41,12 +42,16 @@ from artefact.manifest import (
     Manifest,
     Member,
     Metrics,
+    RiskCoverageCurve,
     Samples,
+    SelectiveSpec,
     TensorSpec,
     Variant,
     sha256_of,
     write_manifest,
 )
+from artefact.selective import best_signal, fit_threshold
+from artefact.selective import score as selective_score
 from artefact.uncertainty import LOG_FLOOR, softmax
 from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
@@ -72,6 +77,9 @@ CALIBRATION_IMAGES = 1024
 SAMPLES_MARGIN = 2.0
 MIN_SAMPLES_TOLERANCE = 1e-3
 VARIANT_NLL_FLOOR = 1e-3
+# Target accuracies whose abstention thresholds the manifest records, and the standard errors they keep in hand.
+TARGET_ACCURACIES = (0.95, 0.97, 0.99)
+SELECTIVE_MARGIN = 2.0
 
 
 class PixelClassifier(nn.Module):
@@ -385,6 +393,34 @@ def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test
         test=_cascade_quality(test, test_labels, cascade), test_full=_cascade_quality(test, test_labels, full))
 
 
+def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
+                       test_labels: np.ndarray, temperature: float,
+                       targets: Sequence[float] = TARGET_ACCURACIES) -> SelectiveSpec:
+    """The signal and thresholds of selective prediction, fitted on the validation logits [K, N, C] alone, then
+    measured on the test logits: the test split never takes part in choosing them."""
+    val, test = _tempered_members(member_val, temperature), _tempered_members(member_test, temperature)
+    val_probabilities, test_probabilities = val.mean(axis=1), test.mean(axis=1)
+    signal, curves = best_signal(val_probabilities, val, val_labels)
+    val_scores = selective_score(signal, val_probabilities, val)
+    test_scores = selective_score(signal, test_probabilities, test)
+    val_correct = val_probabilities.argmax(axis=-1) == val_labels
+    test_correct = test_probabilities.argmax(axis=-1) == test_labels
+    thresholds = []
+    for target in targets:
+        threshold = fit_threshold(curves[signal], target, SELECTIVE_MARGIN)
+        val_kept = val_scores >= threshold if threshold is not None else np.zeros(len(val_scores), dtype=bool)
+        test_kept = test_scores >= threshold if threshold is not None else np.zeros(len(test_scores), dtype=bool)
+        thresholds.append(AbstentionThreshold(
+            target_accuracy=target, threshold=threshold, validation_coverage=float(val_kept.mean()),
+            validation_accuracy=float(val_correct[val_kept].mean()) if val_kept.any() else None,
+            test_coverage=float(test_kept.mean()),
+            test_accuracy=float(test_correct[test_kept].mean()) if test_kept.any() else None))
+    sampled = {name: curve.sampled() for name, curve in curves.items()}
+    return SelectiveSpec(signal=signal, margin=SELECTIVE_MARGIN, thresholds=thresholds, curves=[
+        RiskCoverageCurve(signal=name, area=curve.area, coverage=sampled[name][0], accuracy=sampled[name][1])
+        for name, curve in curves.items()])
+
+
 def _tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Member logits [K, N, C] as the served members' tempered probabilities [N, K, C]."""
     return np.ascontiguousarray(softmax(logits.astype(np.float64) / temperature).transpose(1, 0, 2))
@@ -501,6 +537,9 @@ def export_ensemble(export: ExportConfig) -> Exported:
     log.info("cascade: stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full %.4f), "
              "accuracy %.4f (full %.4f)", cascade.stages, cascade.thresholds, cascade.test.members_per_image,
              len(models), cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy)
+    selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature)
+    log.info("selective prediction on %s: %s", selective.signal, ", ".join(
+        f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
 
     name_dir.mkdir(parents=True, exist_ok=True)
     staging = name_dir / f".staging-{version}-{os.getpid()}"
@@ -555,6 +594,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
             metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
             samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
             cascade=cascade,
+            selective=selective,
             variants=[variant for variant, _ in variants],
         )
         write_manifest(manifest, staging)
