@@ -170,6 +170,16 @@ class SelectiveSpec(_Strict):
     thresholds: list[AbstentionThreshold]
 
 
+class DriftBaseline(_Strict):
+    """The validation split's answers as `artefact.drift` compares live windows with them: each label-free signal's
+    fraction of images per bin, the predicted-class fractions, and what clean windows of `window` answers score."""
+
+    histograms: dict[str, list[float]]
+    predicted: list[float]
+    clean_level: float = Field(ge=0, description="99th percentile of the scores of bootstrap windows of validation")
+    window: int = Field(ge=1)
+
+
 class Manifest(_Strict):
     schema_version: int
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -190,6 +200,8 @@ class Manifest(_Strict):
     variants: list[Variant] = Field(default_factory=list, description="the ensemble at lower precisions, if exported")
     selective: SelectiveSpec | None = Field(None, description="thresholds to abstain at a target accuracy; None: "
                                            "versions exported before selective prediction existed")
+    drift: DriftBaseline | None = Field(None, description="the baseline of the label-free drift score; None: "
+                                       "versions exported before it existed")
 
     @field_validator("schema_version")
     @classmethod

@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 import torch
 
+from artefact.drift import Baseline, drift_score
 from artefact.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
 from artefact.selective import SIGNALS
 from tests.conftest import cli
@@ -217,3 +218,17 @@ def test_selective_thresholds_are_fitted_on_validation_only() -> None:
             (b.threshold, b.validation_coverage, b.validation_accuracy)
     assert [t.test_coverage for t in fitted.thresholds] != [t.test_coverage for t in with_noise.thresholds]
     assert any(t.threshold is not None and 0 < t.test_coverage < 1 for t in fitted.thresholds)
+
+
+def test_the_manifest_records_the_drift_baseline_and_noise_images_drift(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    drift = manifest.drift
+    assert drift is not None and drift.window == 1000 and 0 < drift.clean_level < 0.1
+    for fractions in [*drift.histograms.values(), drift.predicted]:
+        assert sum(fractions) == pytest.approx(1.0)
+    baseline = Baseline(len(manifest.classes), drift.histograms, drift.predicted, drift.clean_level, drift.window)
+    session = onnxruntime.InferenceSession(str(exported / manifest.fused.file), providers=["CPUExecutionProvider"])
+    noise = np.random.default_rng(0).integers(0, 256, (1000, *manifest.input.shape[1:]), dtype=np.uint8)
+    names = ["confidence", "entropy", "mutual_information", "predicted_class"]
+    answers = dict(zip(names, session.run(names, {"pixels": noise}), strict=True))
+    assert drift_score(baseline, answers) > 3 * drift.clean_level, "random pixels are not the validation images"

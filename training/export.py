@@ -30,12 +30,14 @@ from torch import nn
 from tqdm import tqdm
 
 from artefact.cascade import Cascade, fit_cascade, run_cascade
+from artefact.drift import fit_baseline
 from artefact.manifest import (
     OUTPUTS,
     SCHEMA_VERSION,
     AbstentionThreshold,
     CascadeQuality,
     CascadeSpec,
+    DriftBaseline,
     EnsembleMetrics,
     FileEntry,
     InputSpec,
@@ -52,7 +54,7 @@ from artefact.manifest import (
 )
 from artefact.selective import best_signal, fit_threshold
 from artefact.selective import score as selective_score
-from artefact.uncertainty import LOG_FLOOR, softmax
+from artefact.uncertainty import LOG_FLOOR, ensemble_outputs, softmax
 from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig, Precision, TrainConfig
@@ -80,6 +82,8 @@ VARIANT_NLL_FLOOR = 1e-3
 # Target accuracies whose abstention thresholds the manifest records, and the standard errors they keep in hand.
 TARGET_ACCURACIES = (0.95, 0.97, 0.99)
 SELECTIVE_MARGIN = 2.0
+# Live answers per drift window: what the baseline's clean level is fitted for (the server's default window).
+DRIFT_WINDOW = 1000
 
 
 class PixelClassifier(nn.Module):
@@ -421,6 +425,14 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
         for name, curve in curves.items()])
 
 
+def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int = DRIFT_WINDOW) -> DriftBaseline:
+    """The drift score's baseline: the tempered ensemble's answers on the validation logits [K, N, C]."""
+    outputs = ensemble_outputs(_tempered_members(member_val, temperature).astype(np.float32))
+    baseline = fit_baseline(outputs, member_val.shape[-1], window)
+    return DriftBaseline(histograms=baseline.histograms, predicted=baseline.predicted,
+                         clean_level=baseline.clean_level, window=window)
+
+
 def _tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Member logits [K, N, C] as the served members' tempered probabilities [N, K, C]."""
     return np.ascontiguousarray(softmax(logits.astype(np.float64) / temperature).transpose(1, 0, 2))
@@ -538,6 +550,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
              "accuracy %.4f (full %.4f)", cascade.stages, cascade.thresholds, cascade.test.members_per_image,
              len(models), cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy)
     selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature)
+    drift = fit_drift_baseline(member_val, temperature)
     log.info("selective prediction on %s: %s", selective.signal, ", ".join(
         f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
 
@@ -595,6 +608,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
             samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
             cascade=cascade,
             selective=selective,
+            drift=drift,
             variants=[variant for variant, _ in variants],
         )
         write_manifest(manifest, staging)
