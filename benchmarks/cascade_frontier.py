@@ -28,19 +28,10 @@ from training.calibrate import fit_temperature
 from training.config import ExportConfig
 from training.data import load_data
 from training.engine import predict_logits
-from training.export import collect_sources
+from training.export import collect_sources, tempered_members
 from training.metrics import classification_metrics
 
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
-
-
-def tempered(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Member logits [K, N, C] as tempered probabilities [N, K, C] (float64)."""
-    scaled = logits / temperature
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    probabilities = np.exp(scaled)
-    probabilities /= probabilities.sum(axis=-1, keepdims=True)
-    return np.ascontiguousarray(probabilities.transpose(1, 0, 2))
 
 
 def row(label: str, members: np.ndarray, labels: np.ndarray, cascade: Cascade) -> dict[str, float | str]:
@@ -69,7 +60,8 @@ def main() -> None:
         logits, test_labels = predict_logits(model, splits.test, splits, device)
         test_logits.append(logits)
     temperature = fit_temperature(np.stack(val_logits), val_labels)
-    val, test = tempered(np.stack(val_logits), temperature), tempered(np.stack(test_logits), temperature)
+    val = tempered_members(np.stack(val_logits), temperature)
+    test = tempered_members(np.stack(test_logits), temperature)
     count = val.shape[1]
 
     prefixes = [row(f"first {n}", test[:, :n], test_labels, Cascade.full(n)) for n in range(1, count + 1)]

@@ -26,7 +26,6 @@ ensemble's manifest reports its test metrics on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import os
@@ -35,6 +34,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from loadgen import Result, Scenario, run_inprocess, run_load
@@ -109,7 +109,7 @@ def answers(runner: Planned, images: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def measure(name: str, version_dir: Path, manifest: Manifest, images: np.ndarray, labels: np.ndarray,
             args: argparse.Namespace, log_dir: Path) -> Measured:
     precision, members = CONFIGS[name]
-    ensemble = load_ensemble(version_dir, args.device, args.threads, precision=_precision(precision))
+    ensemble = load_ensemble(version_dir, args.device, args.threads, precision=cast(Precision, precision))
     chosen = plan(manifest, members, chosen=True)
     cascade = None if chosen.cascade == Cascade.full(len(manifest.members)) else chosen.cascade
     runner = Planned(ensemble, cascade)
@@ -131,12 +131,6 @@ def measure(name: str, version_dir: Path, manifest: Manifest, images: np.ndarray
         print(f"  {r.server} {r.batch}x{r.concurrency}: {r.images_per_s:,.0f} images/s, p50 {r.p50_ms:.2f} ms, "
               f"{r.errors} errors, other CPU {r.other_cpu:.2f}", flush=True)
     return result
-
-
-def _precision(text: str) -> Precision:
-    if text not in ("fp32", "int8", "fp16"):
-        raise ValueError(text)
-    return text  # type: ignore[return-value]
 
 
 def table(results: Sequence[Measured], scenarios: Sequence[Scenario]) -> str:
@@ -262,7 +256,7 @@ def main() -> None:
           f"{manifest.cascade.thresholds if manifest.cascade else ''}; {len(images)} test images; {os.cpu_count()} "
           f"CPUs{'; skipped (no variant): ' + ', '.join(skipped) if skipped else ''}", flush=True)
     results = []
-    with tempfile.TemporaryDirectory(prefix="ensemble-cost-") as folder, contextlib.ExitStack():
+    with tempfile.TemporaryDirectory(prefix="ensemble-cost-") as folder:
         for name in tqdm(configs, desc="configurations", unit="config", disable=None):
             results.append(measure(name, version_dir, manifest, images, labels, args, Path(folder)))
     print()

@@ -36,11 +36,10 @@ from onnx_throughput import measure
 from torch import nn
 
 from artefact.manifest import OUTPUTS
-from artefact.uncertainty import LOG_FLOOR
 from training.config import ExportConfig
 from training.data import FASHION_MNIST, DatasetInfo, load_data
 from training.engine import build_model
-from training.export import FusedEnsemble, collect_sources, export_graph
+from training.export import FusedEnsemble, collect_sources, ensemble_outputs_of, export_graph
 from training.runs import RunDir
 from training.stacking import StackedMembers, stack_members
 
@@ -61,17 +60,8 @@ class StackedFusedEnsemble(nn.Module):
         self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float32))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.stacked(pixels.float() / 255.0)
-        # From here on the formulas are FusedEnsemble's; the parity check compares every output with it.
-        member_probabilities = torch.softmax(logits / self.temperature, dim=-1)
-        probabilities = member_probabilities.mean(dim=1)
-        confidence, predicted = probabilities.max(dim=-1)
-        entropy = -(probabilities * probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
-        member_entropy = -(member_probabilities * member_probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
-        mutual_information = (entropy - member_entropy.mean(dim=1)).clamp_min(0.0)
-        disagreement = (member_probabilities.argmax(dim=-1) != predicted.unsqueeze(1)).float().mean(dim=1)
-        return (probabilities, predicted, confidence, entropy, mutual_information, disagreement,
-                member_probabilities)
+        # The members stacked, then FusedEnsemble's own outputs; the parity check compares every output with it.
+        return ensemble_outputs_of(self.stacked(pixels.float() / 255.0), self.temperature)
 
 
 def random_members(count: int) -> list[nn.Module]:

@@ -115,16 +115,20 @@ class FusedEnsemble(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         images = pixels.float() / 255.0
-        logits = torch.stack([member(images) for member in self.members], dim=1)
-        member_probabilities = torch.softmax(logits / self.temperature, dim=-1)
-        probabilities = member_probabilities.mean(dim=1)
-        confidence, predicted = probabilities.max(dim=-1)
-        entropy = -(probabilities * probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
-        member_entropy = -(member_probabilities * member_probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
-        mutual_information = (entropy - member_entropy.mean(dim=1)).clamp_min(0.0)
-        disagreement = (member_probabilities.argmax(dim=-1) != predicted.unsqueeze(1)).float().mean(dim=1)
-        return (probabilities, predicted, confidence, entropy, mutual_information, disagreement,
-                member_probabilities)
+        return ensemble_outputs_of(torch.stack([member(images) for member in self.members], dim=1), self.temperature)
+
+
+def ensemble_outputs_of(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every ensemble output, in `OUTPUTS` order, from the members' logits [B, K, C]: what a fused graph computes
+    after its members, whichever way they were run."""
+    member_probabilities = torch.softmax(logits / temperature, dim=-1)
+    probabilities = member_probabilities.mean(dim=1)
+    confidence, predicted = probabilities.max(dim=-1)
+    entropy = -(probabilities * probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
+    member_entropy = -(member_probabilities * member_probabilities.clamp_min(LOG_FLOOR).log()).sum(dim=-1)
+    mutual_information = (entropy - member_entropy.mean(dim=1)).clamp_min(0.0)
+    disagreement = (member_probabilities.argmax(dim=-1) != predicted.unsqueeze(1)).float().mean(dim=1)
+    return (probabilities, predicted, confidence, entropy, mutual_information, disagreement, member_probabilities)
 
 
 @dataclass
@@ -387,7 +391,7 @@ def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test
                      temperature: float, max_nll_increase: float, max_accuracy_drop: float) -> CascadeSpec:
     """The anytime ensemble of tempered members, fitted on the validation logits [K, N, C] alone and then measured
     on the test logits: the test split never takes part in choosing it."""
-    val, test = _tempered_members(member_val, temperature), _tempered_members(member_test, temperature)
+    val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
     cascade, _, _ = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop)
     full = Cascade.full(cascade.members)
     return CascadeSpec(
@@ -402,7 +406,7 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
                        targets: Sequence[float] = TARGET_ACCURACIES) -> SelectiveSpec:
     """The signal and thresholds of selective prediction, fitted on the validation logits [K, N, C] alone, then
     measured on the test logits: the test split never takes part in choosing them."""
-    val, test = _tempered_members(member_val, temperature), _tempered_members(member_test, temperature)
+    val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
     val_probabilities, test_probabilities = val.mean(axis=1), test.mean(axis=1)
     signal, curves = best_signal(val_probabilities, val, val_labels)
     val_scores = selective_score(signal, val_probabilities, val)
@@ -427,13 +431,13 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
 
 def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int = DRIFT_WINDOW) -> DriftBaseline:
     """The drift score's baseline: the tempered ensemble's answers on the validation logits [K, N, C]."""
-    outputs = ensemble_outputs(_tempered_members(member_val, temperature).astype(np.float32))
+    outputs = ensemble_outputs(tempered_members(member_val, temperature).astype(np.float32))
     baseline = fit_baseline(outputs, member_val.shape[-1], window)
     return DriftBaseline(histograms=baseline.histograms, predicted=baseline.predicted,
                          clean_level=baseline.clean_level, window=window)
 
 
-def _tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
+def tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Member logits [K, N, C] as the served members' tempered probabilities [N, K, C]."""
     return np.ascontiguousarray(softmax(logits.astype(np.float64) / temperature).transpose(1, 0, 2))
 
