@@ -133,6 +133,11 @@ class Ensemble:
             results = dict(zip(names, values, strict=True))
             results[MEMBERS_USED] = np.full(len(pixels), members, dtype=np.int64)
             return RunOutput({name: results[name] for name in outputs})
+        return self._run_members(pixels, outputs, segments)
+
+    def _run_members(self, pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment]) -> RunOutput:
+        """`run` through the member sessions, in stages, whatever the plans."""
+        members = len(self.manifest.members)
         exits = _exit_thresholds(segments or [(len(pixels), None)], members)
         member_probabilities, used, seconds = self._staged(pixels, exits)
         results = _outputs(member_probabilities, used)
@@ -190,12 +195,10 @@ class Ensemble:
         samples = self.manifest.samples
         pixels = np.asarray(samples.inputs, dtype=np.uint8)
         expected = np.asarray(samples.probabilities)
-        members = len(self.manifest.members)
         # Both paths answer: the fused graph (where there is one) and the member graphs the stages run.
         paths = [self.infer(pixels, ["probabilities"])["probabilities"]]
         if self.session is not None:
-            member_probabilities, used, _ = self._staged(pixels, _exit_thresholds([(len(pixels), None)], members))
-            paths.append(_outputs(member_probabilities, used)["probabilities"])
+            paths.append(self._run_members(pixels, ["probabilities"], ()).outputs["probabilities"])
         difference = max(float(np.max(np.abs(probabilities - expected))) for probabilities in paths)
         variant = self.manifest.variant(self.precision)
         tolerance = variant.samples_tolerance if variant is not None else samples.tolerance
