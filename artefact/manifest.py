@@ -141,12 +141,23 @@ class Variant(_Strict):
 
 
 class RiskCoverageCurve(_Strict):
-    """One signal's risk-coverage curve on the validation split (`artefact.selective`), sampled at even coverages."""
+    """One signal's risk-coverage curve on the validation split (`artefact.selective`): its points nearest above 101
+    even coverages, each with the score threshold that keeps it, so a target accuracy that was not fitted at export
+    can be read off it (at 1 % coverage resolution)."""
 
     signal: str
     area: float = Field(description="area under risk against coverage: lower ranks better")
     coverage: list[float]
     accuracy: list[float]
+    thresholds: list[float]
+    count: int = Field(ge=1, description="validation images the curve was measured on")
+
+    @model_validator(mode="after")
+    def _points(self) -> RiskCoverageCurve:
+        if not len(self.coverage) == len(self.accuracy) == len(self.thresholds) >= 1:
+            raise ValueError(f"curve {self.signal!r}: as many coverages, accuracies and thresholds are needed, at "
+                             "least one")
+        return self
 
 
 class AbstentionThreshold(_Strict):
@@ -168,6 +179,19 @@ class SelectiveSpec(_Strict):
     margin: float
     curves: list[RiskCoverageCurve]
     thresholds: list[AbstentionThreshold]
+    default_target: float = Field(gt=0, le=1, description="the target accuracy of a request that names none")
+    temperature: float | None = Field(None, gt=0, description="the temperature the signal and thresholds were "
+                                      "fitted at, when it is not the manifest's (a recalibrated version)")
+
+    @model_validator(mode="after")
+    def _chosen(self) -> SelectiveSpec:
+        if self.signal not in {curve.signal for curve in self.curves}:
+            raise ValueError(f"selective: the chosen signal {self.signal!r} has no curve")
+        return self
+
+    def curve(self) -> RiskCoverageCurve:
+        """The chosen signal's curve."""
+        return next(curve for curve in self.curves if curve.signal == self.signal)
 
 
 class DriftBaseline(_Strict):
@@ -178,6 +202,23 @@ class DriftBaseline(_Strict):
     predicted: list[float]
     clean_level: float = Field(ge=0, description="99th percentile of the scores of bootstrap windows of validation")
     window: int = Field(ge=1)
+    temperature: float | None = Field(None, gt=0, description="the temperature the histograms were taken at, when "
+                                      "it is not the manifest's (a recalibrated version)")
+
+
+class Recalibration(_Strict):
+    """How a version came from another by a new temperature fitted on live labels (`service.recalibrate`).
+
+    Its graphs are the parent's with the new temperature. Its offline figures (metrics, cascade, variants' metrics)
+    are the parent's, measured at `parent_temperature`; its selective thresholds and drift baseline keep their
+    fitted temperature, and the server scores them at it."""
+
+    parent_version: int = Field(ge=1)
+    parent_temperature: float = Field(gt=0)
+    labels: int = Field(ge=1, description="labelled live predictions the temperature was fitted on")
+    live_before: dict[str, float] = Field(description="nll, ece, accuracy of those predictions as served")
+    live_after: dict[str, float] = Field(description="the same at the new temperature")
+    created_by: str = Field("", description="the admin caller who applied it (a token's fingerprint)")
 
 
 class Manifest(_Strict):
@@ -202,6 +243,8 @@ class Manifest(_Strict):
                                            "versions exported before selective prediction existed")
     drift: DriftBaseline | None = Field(None, description="the baseline of the label-free drift score; None: "
                                        "versions exported before it existed")
+    recalibration: Recalibration | None = Field(None, description="set on a version made from another by a "
+                                                "temperature fitted on live labels")
 
     @field_validator("schema_version")
     @classmethod

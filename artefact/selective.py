@@ -82,10 +82,14 @@ class RiskCoverage:
         widths = np.diff(np.concatenate([[0.0], self.coverage]))
         return float(np.sum(widths * risk))
 
-    def sampled(self, points: int = 101) -> tuple[list[float], list[float]]:
-        """(coverage, accuracy) at `points` evenly spaced coverages, for storing or plotting."""
+    def sampled(self, points: int = 101) -> RiskCoverage:
+        """The curve's own points nearest above `points` evenly spaced coverages (fewer where ties span several):
+        small enough to store, and still points of the curve, each with its threshold, so `fit_threshold` picks
+        from them as it would from the whole curve, at that coverage resolution."""
         grid = np.linspace(self.coverage[0], 1.0, points)
-        return grid.tolist(), np.interp(grid, self.coverage, self.accuracy).tolist()
+        nearest_above = np.searchsorted(self.coverage, grid - 1e-12, side="left")
+        picked = np.unique(np.minimum(nearest_above, len(self.coverage) - 1))
+        return RiskCoverage(self.coverage[picked], self.accuracy[picked], self.thresholds[picked], self.count)
 
 
 def risk_coverage(scores: np.ndarray, correct: np.ndarray) -> RiskCoverage:

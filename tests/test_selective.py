@@ -67,8 +67,14 @@ def test_every_signal_ranks_and_the_best_has_the_smallest_area() -> None:
     assert curves[best].area == min(curve.area for curve in curves.values())
     error = 1 - np.mean(probabilities.argmax(1) == labels)
     assert curves[best].accuracy[0] == 1.0 and curves[best].area < 0.5 * error, "sure images are answered first"
-    coverage, accuracy = curves[best].sampled(11)
-    assert len(coverage) == len(accuracy) == 11 and coverage[-1] == 1.0
+    curve, sampled = curves[best], curves[best].sampled(11)
+    assert len(sampled.coverage) <= 11 and sampled.coverage[-1] == 1.0 and sampled.count == curve.count
+    points = set(zip(curve.coverage.tolist(), curve.accuracy.tolist(), curve.thresholds.tolist(), strict=True))
+    assert set(zip(sampled.coverage.tolist(), sampled.accuracy.tolist(), sampled.thresholds.tolist(),
+                   strict=True)) <= points, "sampling keeps the curve's own points, thresholds included"
+    # A threshold fitted on the stored points is one the whole curve would accept too, at no more coverage.
+    from_sampled, from_whole = fit_threshold(sampled, 0.9), fit_threshold(curve, 0.9)
+    assert from_sampled is not None and from_whole is not None and from_sampled >= from_whole
 
 
 def test_bad_input_is_named() -> None:

@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--variant-accuracy-tolerance", type=float, default=0.005,
                         help="and its validation accuracy may fall below FP32's by this much (default 0.005: half a "
                              "point)")
+    export.add_argument("--target-accuracy", dest="target_accuracies", type=float, action="append",
+                        help="selective prediction: fit the threshold that answers with this accuracy (repeatable; "
+                             "default 0.95, 0.97 and 0.99)")
+    export.add_argument("--default-target-accuracy", type=float, default=0.99,
+                        help="the target accuracy of a request that names none (default 0.99; one of the targets)")
     points = export.add_mutually_exclusive_group()
     points.add_argument("--points", type=_t_list, help="curve runs: the members' t, e.g. 0.25,0.5,0.75")
     points.add_argument("--num-points", type=int,
@@ -188,7 +193,9 @@ def _export(args: argparse.Namespace) -> str:
                           # Asking twice for one precision asks for it once.
                           precisions=list(dict.fromkeys(args.precisions)),
                           variant_nll_tolerance=args.variant_nll_tolerance,
-                          variant_accuracy_tolerance=args.variant_accuracy_tolerance)
+                          variant_accuracy_tolerance=args.variant_accuracy_tolerance,
+                          target_accuracies=args.target_accuracies or [0.95, 0.97, 0.99],
+                          default_target_accuracy=args.default_target_accuracy)
     return json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True))
 
 

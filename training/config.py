@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The lower precisions an ensemble can also be exported at (`training.quantize`).
 Precision = Literal["int8", "fp16"]
@@ -142,6 +142,25 @@ class ExportConfig(BaseModel):
                                          "export fails.")
     variant_accuracy_tolerance: float = Field(0.005, ge=0, le=1, description="...and its validation accuracy may "
                                               "fall below FP32's by this much (a fraction: 0.005 is 0.5 point).")
+
+    target_accuracies: list[float] = Field([0.95, 0.97, 0.99], min_length=1, max_length=32, description="Selective "
+                                           "prediction: fit an abstention threshold for each target accuracy.")
+    default_target_accuracy: float = Field(0.99, gt=0, le=1, description="The target accuracy of a request that "
+                                           "names none (one of the target accuracies).")
+
+    @field_validator("target_accuracies")
+    @classmethod
+    def _targets(cls, value: list[float]) -> list[float]:
+        if any(not 0 < target <= 1 for target in value):
+            raise ValueError(f"target accuracies are in (0, 1], got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _default_target(self) -> ExportConfig:
+        if self.default_target_accuracy not in self.target_accuracies:
+            raise ValueError(f"the default target accuracy {self.default_target_accuracy} must be one of the target "
+                             f"accuracies {self.target_accuracies}")
+        return self
 
     @field_validator("precisions")
     @classmethod

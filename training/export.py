@@ -80,7 +80,6 @@ SAMPLES_MARGIN = 2.0
 MIN_SAMPLES_TOLERANCE = 1e-3
 VARIANT_NLL_FLOOR = 1e-3
 # Target accuracies whose abstention thresholds the manifest records, and the standard errors they keep in hand.
-TARGET_ACCURACIES = (0.95, 0.97, 0.99)
 SELECTIVE_MARGIN = 2.0
 # Live answers per drift window: what the baseline's clean level is fitted for (the server's default window).
 DRIFT_WINDOW = 1000
@@ -402,8 +401,8 @@ def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test
 
 
 def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
-                       test_labels: np.ndarray, temperature: float,
-                       targets: Sequence[float] = TARGET_ACCURACIES) -> SelectiveSpec:
+                       test_labels: np.ndarray, temperature: float, targets: Sequence[float] = (0.95, 0.97, 0.99),
+                       default_target: float = 0.99) -> SelectiveSpec:
     """The signal and thresholds of selective prediction, fitted on the validation logits [K, N, C] alone, then
     measured on the test logits: the test split never takes part in choosing them."""
     val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
@@ -424,9 +423,11 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
             test_coverage=float(test_kept.mean()),
             test_accuracy=float(test_correct[test_kept].mean()) if test_kept.any() else None))
     sampled = {name: curve.sampled() for name, curve in curves.items()}
-    return SelectiveSpec(signal=signal, margin=SELECTIVE_MARGIN, thresholds=thresholds, curves=[
-        RiskCoverageCurve(signal=name, area=curve.area, coverage=sampled[name][0], accuracy=sampled[name][1])
-        for name, curve in curves.items()])
+    return SelectiveSpec(signal=signal, margin=SELECTIVE_MARGIN, thresholds=thresholds, default_target=default_target,
+                         curves=[RiskCoverageCurve(signal=name, area=curve.area, coverage=points.coverage.tolist(),
+                                                   accuracy=points.accuracy.tolist(),
+                                                   thresholds=points.thresholds.tolist(), count=points.count)
+                                 for name, curve in curves.items() for points in [sampled[name]]])
 
 
 def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int = DRIFT_WINDOW) -> DriftBaseline:
@@ -553,7 +554,8 @@ def export_ensemble(export: ExportConfig) -> Exported:
     log.info("cascade: stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full %.4f), "
              "accuracy %.4f (full %.4f)", cascade.stages, cascade.thresholds, cascade.test.members_per_image,
              len(models), cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy)
-    selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature)
+    selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
+                                   export.target_accuracies, export.default_target_accuracy)
     drift = fit_drift_baseline(member_val, temperature)
     log.info("selective prediction on %s: %s", selective.signal, ", ".join(
         f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
