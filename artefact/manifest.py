@@ -37,10 +37,10 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """A named tensor; datatypes use the Open Inference Protocol names (UINT8, FP32, INT64)."""
+    """A named tensor; datatypes use the Open Inference Protocol names (UINT8, FP32, INT64, BOOL)."""
 
     name: str
-    datatype: Literal["UINT8", "FP32", "INT64"]
+    datatype: Literal["UINT8", "FP32", "INT64", "BOOL"]
     shape: list[int] = Field(description="-1 for a variable dimension (the batch)")
 
 

@@ -61,6 +61,21 @@ def score(signal: str, probabilities: np.ndarray, member_probabilities: np.ndarr
     return np.asarray(SIGNALS[signal](probabilities, member_probabilities), dtype=np.float64)
 
 
+SERVED_FROM: dict[str, str] = {
+    "confidence": "confidence", "margin": "probabilities", "negative_entropy": "entropy",
+    "negative_mutual_information": "mutual_information"}
+"""The served output each signal is read from."""
+
+
+def score_served(signal: str, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Each image's score under `signal` from the ensemble's served outputs (`SERVED_FROM`), as `score` gives it
+    from the probabilities: the server scores its answers without the members' probabilities."""
+    value = np.asarray(outputs[SERVED_FROM[signal]], dtype=np.float64)
+    if signal == "margin":
+        return _margin(value, value)
+    return -value if signal.startswith("negative_") else value
+
+
 @dataclass(frozen=True)
 class RiskCoverage:
     """The selective accuracy of keeping the `coverage[i]` surest fraction of images, sorted by coverage.

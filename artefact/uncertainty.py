@@ -58,3 +58,35 @@ def ensemble_outputs(member_probabilities: np.ndarray) -> dict[str, np.ndarray]:
         "member_disagreement": disagreement.astype(np.float32),
         "member_probabilities": member_probabilities,
     }
+
+
+def outputs_by_members(member_probabilities: np.ndarray, used: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of images answered by different numbers of members: member probabilities [B, K, C] (zero for
+    members an image did not go through), `used` [B] the first members that answered each; each group of images
+    by the members it used."""
+    counts = np.unique(used)
+    if len(counts) == 1:
+        results = ensemble_outputs(member_probabilities[:, :counts[0]])
+    else:
+        results = {}
+        for count in counts:
+            rows = np.flatnonzero(used == count)
+            for name, value in ensemble_outputs(member_probabilities[rows, :count]).items():
+                if name == "member_probabilities":
+                    continue
+                if name not in results:
+                    results[name] = np.empty((len(used), *value.shape[1:]), dtype=value.dtype)
+                results[name][rows] = value
+    results["member_probabilities"] = member_probabilities
+    return results
+
+
+def retempered(member_probabilities: np.ndarray, used: np.ndarray, ratio: float) -> np.ndarray:
+    """Member probabilities [B, K, C] served at temperature T, as they would be at T / `ratio`: softmax(ratio *
+    log p) is softmax(logits / T * ratio), since log p is the logits over T less a constant. Members an image did
+    not go through stay zero."""
+    floor = np.asarray(LOG_FLOOR, dtype=np.float64)
+    scaled = softmax(np.log(np.maximum(member_probabilities.astype(np.float64), floor)) * ratio)
+    answered = np.arange(member_probabilities.shape[1])[None, :] < np.asarray(used)[:, None]
+    result: np.ndarray = np.where(answered[..., None], scaled, 0.0).astype(member_probabilities.dtype)
+    return result

@@ -18,21 +18,28 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
+from artefact.calibration import TEMPERATURE_RANGE
 from artefact.manifest import OUTPUTS, TensorSpec
+from service.abstention import ABSTAIN, target_of
+from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.codec import Expect
+from service.drift import drift_needs
 from service.ensemble import MEMBERS_USED
 from service.errors import (
     InvalidInput,
+    LoadFailed,
     ModelControlOff,
+    NotEnoughLabels,
     Retired,
     ServingError,
     ShuttingDown,
     check_length,
     status_of,
 )
-from service.feedback import Feedback, Label
+from service.feedback import Feedback, Label, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.observer import Observer
+from service.recalibrate import Suggestion, live_metrics, publish, suggest
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.statistics import ModelStatistics
 
@@ -43,7 +50,9 @@ PLATFORM = "valley_ensemble"
 SERVED_OUTPUTS = (*OUTPUTS, MEMBERS_USED)
 # Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
 DEFAULT_OUTPUTS = tuple(name for name in SERVED_OUTPUTS if name != "member_probabilities")
-Parameter = bool | int | str
+Parameter = bool | int | float | str
+# What feedback keeps of a request with an id: enough to score its labels and to refit the temperature on them.
+KEPT = ("probabilities", "member_probabilities", MEMBERS_USED)
 # Lookups of a request whose version retired before it was queued (each retry finds the version swapped in).
 _RETRIES = 3
 _MAX_CONFIG_CHARS = 64 << 10
@@ -77,6 +86,8 @@ class InferenceRequest:
     probe) never waits on it."""
     members: str | int | None = None
     """The request's `members` parameter: which members answer it (`service.members`); None: the server's default."""
+    target_accuracy: bool | int | float | str | None = None
+    """The request's `target_accuracy` parameter, as sent (`service.abstention`); None: the model's default."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,8 @@ class InferenceResponse:
     outputs: dict[str, np.ndarray]
     """The outputs asked for, in the order asked."""
     parameters: dict[str, Parameter] = field(default_factory=dict)
-    """How it was answered: the plan (`members`) and, when overload cut it, `degraded`."""
+    """How it was answered: the plan (`members`), when overload cut it `degraded`, and with an `abstain` output the
+    `target_accuracy` it met."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,11 @@ class NamedStatistics:
     statistics: ModelStatistics
 
 
+def _no_selective(model: ServedModel) -> str:
+    return (f"model {model.name!r} version {model.version} was exported without selective prediction, so it has no "
+            f"'{ABSTAIN}' output and takes no '{TARGET_PARAMETER}' (export it again to get them)")
+
+
 def _server_version() -> str:
     try:
         return version("valley-ensembles")
@@ -124,9 +141,12 @@ def _server_version() -> str:
 
 class DataPlane:
     def __init__(self, repository: Repository, max_batch_size: int, observer: Observer, feedback: Feedback,
-                 model_control: str = "explicit") -> None:
+                 model_control: str = "explicit", recalibration_min_labels: int = 100) -> None:
         self.repository, self.max_batch_size, self.model_control = repository, max_batch_size, model_control
         self.observer, self.feedback = observer, feedback
+        self.recalibration_min_labels = recalibration_min_labels
+        self._recalibrating = asyncio.Lock()
+        self._suggested: dict[tuple[str, int], tuple[int, Suggestion]] = {}
         self.shutting_down = False
         self._in_flight: dict[tuple[str, str], int] = {}
         self._held = 0
@@ -158,6 +178,8 @@ class DataPlane:
         manifest = model.ensemble.manifest
         versions = [str(v) for v in self.repository.versions(model.name)]
         outputs = [*manifest.outputs, TensorSpec(name=MEMBERS_USED, datatype="INT64", shape=[-1])]
+        if model.abstention is not None:
+            outputs.append(TensorSpec(name=ABSTAIN, datatype="BOOL", shape=[-1]))
         cascade = manifest.cascade
         parameters: dict[str, Parameter] = {
             "members_default": model.default_plan.name, "members_count": len(manifest.members),
@@ -165,6 +187,11 @@ class DataPlane:
             "cascade_thresholds": ",".join(f"{t:g}" for t in cascade.thresholds) if cascade else "",
             "degrade_to_members": model.batcher.degraded.members if model.batcher.degraded else 0,
             "precision": model.ensemble.precision}
+        if model.abstention is not None:
+            spec = model.abstention.spec
+            parameters.update({
+                "abstain_signal": spec.signal, "target_accuracy_default": spec.default_target,
+                "target_accuracies_fitted": ",".join(f"{t.target_accuracy:g}" for t in spec.thresholds)})
         return ModelMetadata(model.name, versions, PLATFORM, [manifest.input], outputs, parameters)
 
     # -- inference ------------------------------------------------------------------------
@@ -197,15 +224,22 @@ class DataPlane:
 
     async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
         try:
-            pixels, outputs, chosen = await self._checked(model, request)
+            pixels, outputs, chosen, target = await self._checked(model, request)
             keep = self.feedback.keeps(request.id)
+            abstention = model.abstention if ABSTAIN in outputs else None
             # What the observer and the feedback need is computed for every image, whatever the client asked.
-            needed = [*outputs, *self.observer.signal_outputs, *(["probabilities"] if keep else [])]
+            signals = self.observer.signal_outputs
+            needed = [*(name for name in outputs if name != ABSTAIN), *signals,
+                      *(drift_needs(model.ensemble.manifest) if signals else ()),
+                      *(abstention.needs if abstention is not None else ()), *(KEPT if keep else ())]
             answer = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), request.deadline, chosen)
             results = answer.outputs
+            if abstention is not None:
+                results[ABSTAIN] = flags = abstention.flags(results, target)
+                self.observer.observe_abstentions(model.name, str(model.version), len(flags), int(flags.sum()))
             if keep:
-                self.feedback.remember(model.name, model.version, request.id, results["probabilities"],
-                                       request.caller)
+                self.feedback.remember(model.name, model.version, request.id, Served(
+                    results["probabilities"], results["member_probabilities"], results[MEMBERS_USED]), request.caller)
         except Retired:
             raise
         except BaseException:
@@ -215,16 +249,26 @@ class DataPlane:
         parameters: dict[str, Parameter] = {PARAMETER: answer.plan.name if answer.plan else CASCADE}
         if answer.degraded:
             parameters[DEGRADED] = True
+        if ABSTAIN in outputs:
+            parameters[TARGET_PARAMETER] = target
         return InferenceResponse(model.name, str(model.version), request.id, {name: results[name] for name in outputs},
                                  parameters)
 
     async def _checked(self, model: ServedModel, request: InferenceRequest
-                       ) -> tuple[np.ndarray, tuple[str, ...], Plan]:
-        """The request's pixels, outputs and plan, or `InvalidInput` naming what does not fit: the one place
-        requests are checked before they can join a batch. Declarations are checked before any data is read."""
+                       ) -> tuple[np.ndarray, tuple[str, ...], Plan, float]:
+        """The request's pixels, outputs, plan and target accuracy, or `InvalidInput` naming what does not fit: the
+        one place requests are checked before they can join a batch. Declarations are checked before any data is
+        read."""
         ensemble = model.ensemble
         chosen = model.default_plan if request.members is None else plan(ensemble.manifest, request.members, True)
         spec = ensemble.manifest.input
+        abstention = model.abstention
+        if abstention is None and request.target_accuracy is not None:
+            raise InvalidInput(f"parameter '{TARGET_PARAMETER}': {_no_selective(model)}")
+        target = 0.0
+        if abstention is not None:
+            target = abstention.spec.default_target if request.target_accuracy is None else \
+                target_of(request.target_accuracy)
 
         def expect(name: str, datatype: str, shape: tuple[int, ...]) -> None:
             ensemble.check_input(name, datatype, shape)
@@ -233,12 +277,15 @@ class DataPlane:
                                    f"most {self.max_batch_size} per request (split the request)")
 
         tensors = await asyncio.to_thread(request.decode, expect) if request.heavy else request.decode(expect)
-        outputs = tensors.outputs or DEFAULT_OUTPUTS
-        known = SERVED_OUTPUTS
+        selective = (ABSTAIN,) if abstention is not None else ()
+        outputs = tensors.outputs or (*DEFAULT_OUTPUTS, *selective)
+        known = (*SERVED_OUTPUTS, *selective)
         if len(outputs) > len(known):
             raise InvalidInput(f"{len(outputs)} outputs asked for; there are {len(known)}: {', '.join(known)}")
         for index, name in enumerate(outputs):
             check_length("an output's name", name)
+            if name == ABSTAIN and abstention is None:
+                raise InvalidInput(f"output '{ABSTAIN}': {_no_selective(model)}")
             if name not in known:
                 raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(known)}")
             if name in outputs[:index]:
@@ -247,7 +294,7 @@ class DataPlane:
             shape = ", ".join(str(d) for d in spec.shape)
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
                                f"[{shape}]), got {list(tensors.inputs) or 'none'}")
-        return tensors.inputs[spec.name], outputs, chosen
+        return tensors.inputs[spec.name], outputs, chosen, target
 
     @contextmanager
     def _serving(self, model: ServedModel) -> Iterator[None]:
@@ -329,6 +376,73 @@ class DataPlane:
         self._controllable()
         check_length("model_name", name)
         await self.repository.unload(name)
+
+    # -- recalibration --------------------------------------------------------------------
+
+    def suggestion(self, name: str, version: str) -> tuple[ServedModel, Suggestion]:
+        """The temperature a serving version's labels suggest (`service.recalibrate`); `NotEnoughLabels` below the
+        minimum. Fits on the window: call it from a worker thread."""
+        check_length("model_name", name)
+        check_length("model_version", version)
+        model = self.repository.get(name, version)
+        window = self.feedback.window_of(model.name, model.version)
+        labels = len(window) if window is not None else 0
+        if window is None or labels < self.recalibration_min_labels:
+            raise NotEnoughLabels(f"model {model.name!r} version {model.version} has {labels} labelled predictions "
+                                  f"in its calibration window; a temperature is fitted from "
+                                  f"{self.recalibration_min_labels} (--recalibration-min-labels): report more "
+                                  "labels through valley.v1.Feedback")
+        suggestion = suggest(window, model.ensemble.manifest.temperature)
+        assert suggestion is not None, "the window holds labels"
+        return model, suggestion
+
+    def suggestions(self) -> list[tuple[str, str, Suggestion]]:
+        """(model, version, suggestion) of every serving version with enough labels, for the metrics; each is fitted
+        again only once new labels arrived. Runs in the metrics server's thread, at scrape time."""
+        found = []
+        for name, number, window in self.feedback.windows():
+            if len(window) < self.recalibration_min_labels:
+                continue
+            try:
+                model = self.repository.get(name, str(number))
+            except ServingError:
+                self._suggested.pop((name, number), None)
+                continue
+            cached = self._suggested.get((name, number))
+            if cached is None or cached[0] != window.generation:
+                generation = window.generation
+                suggestion = suggest(window, model.ensemble.manifest.temperature)
+                if suggestion is None:
+                    continue
+                cached = self._suggested[(name, number)] = (generation, suggestion)
+            found.append((name, str(number), cached[1]))
+        return found
+
+    async def recalibrate(self, name: str, version: str, temperature: float, caller: str = ""
+                          ) -> tuple[int, int, Suggestion, float]:
+        """Publish a version of `name` at `temperature` (0: the suggested one), load it and swap to it: (the version
+        recalibrated, the new version, the suggestion, the temperature applied)."""
+        self._controllable()
+        if not (temperature == 0 or TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]):
+            raise InvalidInput(f"temperature must be 0 (the suggested one) or in [{TEMPERATURE_RANGE[0]}, "
+                               f"{TEMPERATURE_RANGE[1]}], got {temperature}")
+        async with self._recalibrating:  # one publication at a time: each takes the next version number
+            model, suggestion = await asyncio.to_thread(self.suggestion, name, version)
+            applied = temperature or suggestion.suggested
+            policy = self.repository.policy_of(model.name)
+            if not policy.serves_newest:
+                raise LoadFailed(f"model {model.name!r} serves by the version policy {policy}, which would not serve "
+                                 "a new version: set a latest:N or all policy, then recalibrate")
+            window = self.feedback.window_of(model.name, model.version)
+            assert window is not None
+            after = await asyncio.to_thread(live_metrics, window, model.ensemble.manifest.temperature, applied)
+            published = await asyncio.to_thread(publish, model.ensemble.directory, applied, suggestion, after, caller)
+            new = int(published.name)
+            await self.repository.refresh(model.name)  # a refused version raises LoadFailed with the reason
+            if new not in self.repository.versions(model.name):
+                raise LoadFailed(f"version {new} of {model.name!r} was published but the version policy "
+                                 f"{self.repository.policy_of(model.name)} does not serve it")
+            return model.version, new, suggestion, applied
 
     def _controllable(self) -> None:
         if self.shutting_down:

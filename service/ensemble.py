@@ -31,7 +31,7 @@ import onnxruntime
 
 from artefact.cascade import Cascade
 from artefact.manifest import FileEntry, Manifest, ManifestError, load_manifest, verify_files
-from artefact.uncertainty import ensemble_outputs, softmax
+from artefact.uncertainty import outputs_by_members, softmax
 from service.batching import RunOutput, Segment
 from service.errors import InvalidInput
 from service.settings import Device, Execution, Precision
@@ -140,7 +140,8 @@ class Ensemble:
         members = len(self.manifest.members)
         exits = _exit_thresholds(segments or [(len(pixels), None)], members)
         member_probabilities, used, seconds = self._staged(pixels, exits)
-        results = _outputs(member_probabilities, used)
+        results = outputs_by_members(member_probabilities, used)
+        results[MEMBERS_USED] = used
         return RunOutput({name: results[name] for name in outputs}, seconds)
 
     def infer(self, pixels: np.ndarray, outputs: Sequence[str], cascade: Cascade | None = None
@@ -222,29 +223,6 @@ def _exit_thresholds(segments: Sequence[Segment], members: int) -> np.ndarray:
             row[stage - 1] = threshold
         rows.append(np.broadcast_to(row, (count, members)))
     return np.concatenate(rows)
-
-
-def _outputs(member_probabilities: np.ndarray, used: np.ndarray) -> dict[str, np.ndarray]:
-    """Every output of images answered by different numbers of members: each group by the members it used."""
-    counts = np.unique(used)
-    if len(counts) == 1:
-        results = ensemble_outputs(member_probabilities[:, :counts[0]])
-        results["member_probabilities"] = member_probabilities
-    else:
-        results = {}
-        for count in counts:
-            rows = np.flatnonzero(used == count)
-            group = ensemble_outputs(member_probabilities[rows, :count])
-            for name, value in group.items():
-                if name == "member_probabilities":
-                    continue
-                if name not in results:
-                    results[name] = np.empty((len(used), *value.shape[1:]), dtype=value.dtype)
-                results[name][rows] = value
-        results["member_probabilities"] = member_probabilities
-    results[MEMBERS_USED] = used
-    return results
-
 
 
 def _graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], FileEntry]:

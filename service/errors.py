@@ -36,6 +36,10 @@ class ModelControlOff(ServingError):
     """Load and unload requests are off (--model-control-mode none): FAILED_PRECONDITION."""
 
 
+class NotEnoughLabels(ServingError):
+    """Recalibration asked for before enough labels came back: FAILED_PRECONDITION."""
+
+
 class LoadFailed(ServingError):
     """A version could not be loaded (bad manifest, changed file, wrong samples): FAILED_PRECONDITION."""
 
@@ -85,6 +89,7 @@ STATUS: dict[type[ServingError], str] = {
     ModelNotFound: "NOT_FOUND",
     ModelNotReady: "UNAVAILABLE",
     LoadFailed: "FAILED_PRECONDITION",
+    NotEnoughLabels: "FAILED_PRECONDITION",
     ModelControlOff: "FAILED_PRECONDITION",
     QueueFull: "UNAVAILABLE",
     QueueWait: "UNAVAILABLE",

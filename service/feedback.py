@@ -6,7 +6,9 @@ without an id cannot be labelled and are not kept. The store is bounded three ti
 with many classes costs more per image), and at most `ttl_seconds` old. A
 second request with the same id for the same model replaces the first. Every joined label is
 scored (`artefact.calibration`), counted by the observer and added to its model's window of
-the last labelled predictions.
+the last labelled predictions. The store keeps the members' probabilities too (and how many
+members answered each image): from them `service.recalibrate` fits a new temperature for the
+window's labels, as export fits one on the validation split.
 """
 
 from __future__ import annotations
@@ -33,19 +35,32 @@ class Label:
 
 
 @dataclass(frozen=True)
+class Served:
+    """What one request was served: the ensemble's probabilities [B, C], its members' [B, K, C] (zero for members
+    an image did not go through) and how many members answered each image [B]."""
+
+    probabilities: np.ndarray
+    member_probabilities: np.ndarray
+    used: np.ndarray
+
+
+@dataclass(frozen=True)
 class Joined:
     """A label joined to what was served for it."""
 
     model: str
     version: int
     probabilities: np.ndarray
+    member_probabilities: np.ndarray
+    """[K, C], as served: zero for members that did not answer."""
+    used: int
     true_class: int
 
 
 @dataclass
 class _Served:
     version: int
-    probabilities: np.ndarray  # [B, C] as served
+    served: Served
     labelled: np.ndarray  # [B] bool
     expires: float
 
@@ -57,7 +72,9 @@ MAX_LABELS = 10_000
 
 
 def _size(key: tuple[str, str, str], served: _Served) -> int:
-    return _ENTRY_BYTES + sum(len(part) for part in key) + served.probabilities.nbytes + served.labelled.nbytes
+    arrays = served.served
+    return (_ENTRY_BYTES + sum(len(part) for part in key) + arrays.probabilities.nbytes
+            + arrays.member_probabilities.nbytes + arrays.used.nbytes + served.labelled.nbytes)
 
 
 class PredictionStore:
@@ -83,24 +100,27 @@ class PredictionStore:
         """What the kept predictions cost, as the store counts it against `max_bytes`."""
         return self._bytes
 
-    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray, caller: str = "") -> None:
-        """Keep a request's probabilities [B, C] for `caller`; a request without an id is not kept."""
+    def remember(self, model: str, version: int, request_id: str, answer: Served, caller: str = "") -> None:
+        """Keep what a request was served, for `caller`; a request without an id is not kept."""
         if not request_id:
             return
         key = (caller, model, request_id)
+        images = len(answer.probabilities)
         with self._lock:
             now = self._clock()
             self._drop(key, self._served.pop(key, None))
-            served = _Served(version, np.array(probabilities, dtype=np.float32),
-                             np.zeros(len(probabilities), dtype=bool), now + self.ttl_seconds)
+            kept = Served(np.array(answer.probabilities, dtype=np.float32),
+                          np.array(answer.member_probabilities, dtype=np.float32),
+                          np.array(answer.used, dtype=np.int16))
+            served = _Served(version, kept, np.zeros(images, dtype=bool), now + self.ttl_seconds)
             size = _size(key, served)
-            if len(probabilities) > self.max_predictions or size > self.max_bytes:
+            if images > self.max_predictions or size > self.max_bytes:
                 return
             self._expire(now)
-            while self._count + len(probabilities) > self.max_predictions or self._bytes + size > self.max_bytes:
+            while self._count + images > self.max_predictions or self._bytes + size > self.max_bytes:
                 self._drop(*self._served.popitem(last=False))
             self._served[key] = served
-            self._count += len(probabilities)
+            self._count += images
             self._bytes += size
 
     def join(self, labels: Sequence[Label], caller: str = "") -> list[Joined]:
@@ -121,7 +141,7 @@ class PredictionStore:
                 if label.position >= len(served.labelled):
                     raise InvalidInput(f"{where}: that request had {len(served.labelled)} images; no label of this "
                                        "report was counted")
-                classes = served.probabilities.shape[1]
+                classes = served.served.probabilities.shape[1]
                 if label.true_class >= classes:
                     raise InvalidInput(f"{where}: true class {label.true_class} is not one of the model's "
                                        f"{classes} classes (0..{classes - 1}); no label of this report was counted")
@@ -133,7 +153,9 @@ class PredictionStore:
                 found.append((served, label))
             for served, label in found:
                 served.labelled[label.position] = True
-            return [Joined(label.model, served.version, served.probabilities[label.position], label.true_class)
+            return [Joined(label.model, served.version, served.served.probabilities[label.position],
+                           served.served.member_probabilities[label.position],
+                           int(served.served.used[label.position]), label.true_class)
                     for served, label in found]
 
     def _expire(self, now: float) -> None:
@@ -151,30 +173,49 @@ class PredictionStore:
 
 
 class CalibrationWindow:
-    """ECE, accuracy, NLL and Brier over the last `size` labelled predictions."""
+    """ECE, accuracy, NLL and Brier over the last `size` labelled predictions, and what their members answered."""
 
     def __init__(self, size: int) -> None:
         self._scored: deque[Scored] = deque(maxlen=size)
+        self._members: deque[tuple[np.ndarray, int, int]] = deque(maxlen=size)
+        self.generation = 0
+        """Counts the labels added: what was computed from the window is stale once it moves."""
+        # Labels arrive on the event loop; a recalibration reads from a worker thread or the metrics server's.
+        self._lock = threading.Lock()
 
-    def add(self, scored: Scored) -> None:
-        self._scored.append(scored)
+    def add(self, scored: Scored, joined: Joined) -> None:
+        with self._lock:
+            self._scored.append(scored)
+            self._members.append((joined.member_probabilities, joined.used, joined.true_class))
+            self.generation += 1
+
+    def members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window's member probabilities [N, K, C], members used [N] and true classes [N]."""
+        with self._lock:
+            entries = list(self._members)
+        if not entries:
+            return np.zeros((0, 0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return (np.stack([entry[0] for entry in entries]), np.array([entry[1] for entry in entries]),
+                np.array([entry[2] for entry in entries]))
 
     def __len__(self) -> int:
         return len(self._scored)
 
     def summary(self) -> dict[str, float]:
         """The four metrics (accuracy and ECE as fractions); empty while nothing is labelled."""
-        if not self._scored:
+        with self._lock:
+            scored = list(self._scored)
+        if not scored:
             return {}
-        count = len(self._scored)
-        index = np.fromiter((s.bin for s in self._scored), dtype=np.int64, count=count)
-        confidence = np.fromiter((s.confidence for s in self._scored), dtype=np.float64, count=count)
-        correct = np.fromiter((s.correct for s in self._scored), dtype=np.float64, count=count)
+        count = len(scored)
+        index = np.fromiter((s.bin for s in scored), dtype=np.int64, count=count)
+        confidence = np.fromiter((s.confidence for s in scored), dtype=np.float64, count=count)
+        correct = np.fromiter((s.correct for s in scored), dtype=np.float64, count=count)
         return {
             "ece": binned_ece(index, confidence, correct),
             "accuracy": float(correct.sum() / count),
-            "nll": sum(s.nll for s in self._scored) / count,
-            "brier": sum(s.brier for s in self._scored) / count,
+            "nll": sum(s.nll for s in scored) / count,
+            "brier": sum(s.brier for s in scored) / count,
         }
 
 
@@ -189,10 +230,18 @@ class Feedback:
         """Whether what a request is served is kept for labels: feedback is on and the request has an id."""
         return self.store is not None and bool(request_id)
 
-    def remember(self, model: str, version: int, request_id: str, probabilities: np.ndarray, caller: str = "") -> None:
+    def remember(self, model: str, version: int, request_id: str, answer: Served, caller: str = "") -> None:
         """Keep what a request with an id was served to `caller`, to join that caller's labels to it later."""
         if self.store is not None:
-            self.store.remember(model, version, request_id, probabilities, caller)
+            self.store.remember(model, version, request_id, answer, caller)
+
+    def window_of(self, model: str, version: int) -> CalibrationWindow | None:
+        """The calibration window of a model version; None before its first label."""
+        return self._windows.get((model, version))
+
+    def windows(self) -> list[tuple[str, int, CalibrationWindow]]:
+        """Every model version's calibration window."""
+        return [(model, version, window) for (model, version), window in list(self._windows.items())]
 
     def report(self, labels: Sequence[Label], caller: str = "") -> int:
         """Join every label (all or none), count and score them; returns how many were accepted."""
@@ -215,7 +264,7 @@ class Feedback:
             if window is None:
                 window = self._windows[key] = CalibrationWindow(self.window)
             scored = score(label.probabilities, label.true_class)
-            window.add(scored)
+            window.add(scored, label)
             self._observer.observe_label(label.model, label.version, scored)
             touched[key] = window
         # The window's summary walks the whole window: once per model in the report, not per label.

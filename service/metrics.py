@@ -20,8 +20,10 @@ from prometheus_client.registry import Collector
 from artefact.calibration import Scored, bin_upper_edges
 from artefact.manifest import Manifest
 from service.batching import BatchRecord
+from service.drift import DriftWindow
 from service.ensemble import MEMBERS_USED, Ensemble
 from service.feedback import CalibrationWindow
+from service.recalibrate import Suggestion
 
 # Latency buckets from 0.5 ms to 10 s: batch-1 CPU requests sit in the low milliseconds, big
 # batches on a busy server in the hundreds.
@@ -43,9 +45,15 @@ SIGNAL_OUTPUTS = ("probabilities", "predicted_class", "confidence", "entropy", "
 
 # (model, version, value) of every ensemble version being served, read at scrape time.
 LiveValues = Callable[[], Iterable[tuple[str, str, int]]]
+# (model, version, suggestion) of every version whose live labels suggest a temperature, read at scrape time.
+Suggestions = Callable[[], Iterable[tuple[str, str, Suggestion]]]
 
 
 def _nothing() -> Iterable[tuple[str, str, int]]:
+    return ()
+
+
+def _no_suggestions() -> Iterable[tuple[str, str, Suggestion]]:
     return ()
 
 
@@ -188,6 +196,57 @@ class _SignalCollector(Collector):
         yield counter
 
 
+class _DriftCollector(Collector):
+    """Each version's drift score, computed from its window of answers at scrape time."""
+
+    def __init__(self) -> None:
+        self.windows: dict[tuple[str, str], DriftWindow] = {}
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        windows = list(self.windows.items())  # one step under the GIL: loads and unloads may change the dict
+        score = GaugeMetricFamily("valley_drift_score", "Label-free drift: Jensen-Shannon divergence (bits, 0-1) of "
+                                  "the last answers' confidence, entropy, mutual information and predicted-class "
+                                  "histograms from the validation baseline's, averaged; absent until the window "
+                                  "is full", labels=MODEL)
+        clean = GaugeMetricFamily("valley_drift_clean_level", "The drift score that clean windows of this size "
+                                  "stay under 99 times in 100 (fitted on validation at export)", labels=MODEL)
+        filled = GaugeMetricFamily("valley_drift_window_images", "Answers in the drift window now", labels=MODEL)
+        size = GaugeMetricFamily("valley_drift_window_size_images", "Answers the drift window holds when full "
+                                 "(--drift-window)", labels=MODEL)
+        for labels, window in windows:
+            value = window.score()
+            if value is not None:
+                score.add_metric(list(labels), value)
+            clean.add_metric(list(labels), window.clean_level)
+            filled.add_metric(list(labels), window.filled)
+            size.add_metric(list(labels), window.size)
+        yield from (score, clean, filled, size)
+
+
+class _RecalibrationCollector(Collector):
+    """What the temperature live labels suggest would do, per version, computed at scrape time."""
+
+    def __init__(self, suggestions: Suggestions) -> None:
+        self._suggestions = suggestions
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        suggested = GaugeMetricFamily("valley_suggested_temperature", "The temperature that minimises the NLL of the "
+                                      "labelled live predictions in the calibration window (the fit export runs)",
+                                      labels=MODEL)
+        labels = GaugeMetricFamily("valley_suggested_temperature_labels", "Labelled predictions the suggested "
+                                   "temperature was fitted on", labels=MODEL)
+        metric = GaugeMetricFamily("valley_recalibration_metric", "NLL, ECE and accuracy (fractions) of the "
+                                   "calibration window at the current and at the suggested temperature",
+                                   labels=[*MODEL, "metric", "temperature"])
+        for model, version, suggestion in self._suggestions():
+            suggested.add_metric([model, version], suggestion.suggested)
+            labels.add_metric([model, version], suggestion.labels)
+            for which, values in (("current", suggestion.current_metrics), ("suggested", suggestion.suggested_metrics)):
+                for name, value in values.items():
+                    metric.add_metric([model, version, name, which], value)
+        yield from (suggested, labels, metric)
+
+
 @dataclass(frozen=True)
 class _Series:
     """One ensemble version's children of the request-path metrics, looked up once, not per request."""
@@ -208,7 +267,8 @@ class ServingMetrics:
     signal_outputs: tuple[str, ...] = (*SIGNAL_OUTPUTS, MEMBERS_USED)
 
     def __init__(self, registry: CollectorRegistry, depths: LiveValues = _nothing,
-                 in_flight: LiveValues = _nothing) -> None:
+                 in_flight: LiveValues = _nothing, drift_window: int = 0,
+                 suggestions: Suggestions = _no_suggestions) -> None:
         self.requests = Counter("valley_requests_total", "Inference requests answered, by gRPC status code",
                                 [*MODEL, "code"], registry=registry)
         self.request_seconds = Histogram("valley_request_duration_seconds", "Time from a request's arrival to its "
@@ -258,8 +318,14 @@ class ServingMetrics:
                           "labelled predictions (the calibration window)", [*MODEL, "metric"], registry=registry)
         self.live_count = Gauge("valley_live_window_predictions", "Labelled predictions in the calibration window",
                                 MODEL, registry=registry)
+        self.selective = Counter("valley_selective_images_total", "Images answered with an abstain output, by "
+                                 "whether the ensemble abstained (below its target accuracy's threshold)",
+                                 [*MODEL, "abstained"], registry=registry)
         self._signals = _SignalCollector()
         registry.register(self._signals)
+        self._drift, self._drift_window = _DriftCollector(), drift_window
+        registry.register(self._drift)
+        registry.register(_RecalibrationCollector(suggestions))
         registry.register(_LiveCollector(depths, in_flight))
         self._series: dict[tuple[str, str], _Series] = {}
 
@@ -284,6 +350,11 @@ class ServingMetrics:
         # Counters a dashboard divides by exist from the load on, at 0, so rate() has a start.
         self.degraded.labels(*labels)
         self.member_images.labels(*labels)
+        if manifest.selective is not None:
+            for abstained in ("true", "false"):
+                self.selective.labels(*labels, abstained)
+        if manifest.drift is not None:
+            self._drift.windows[labels] = DriftWindow(manifest, self._drift_window)
         for calibrated, metrics in (("false", manifest.metrics.uncalibrated), ("true", manifest.metrics.calibrated)):
             for metric in ("accuracy", "ece", "nll", "brier"):
                 self.offline.labels(*labels, metric, calibrated).set(getattr(metrics, metric))
@@ -291,6 +362,7 @@ class ServingMetrics:
     def observe_unload(self, name: str, version: int) -> None:
         self.ready.labels(name, str(version)).set(0)
         self._signals.release((name, str(version)))
+        self._drift.windows.pop((name, str(version)), None)
 
     # -- requests and runs ----------------------------------------------------------------
 
@@ -332,6 +404,13 @@ class ServingMetrics:
             members[member].observe(seconds)
         if all(output in record.outputs for output in SIGNAL_OUTPUTS):
             self._signals.add(labels, classes, record.outputs)
+            window = self._drift.windows.get(labels)
+            if window is not None:
+                window.add(record.outputs)
+
+    def observe_abstentions(self, name: str, version: str, images: int, abstained: int) -> None:
+        self.selective.labels(name, version, "true").inc(abstained)
+        self.selective.labels(name, version, "false").inc(images - abstained)
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:
         """One label joined to its prediction: the bin counters and the sums."""

@@ -43,6 +43,9 @@ class Observer(Protocol):
     def observe_degraded(self, name: str, version: str, requests: int) -> None:
         """Overload cut the default plan of `requests` requests to the degraded plan."""
 
+    def observe_abstentions(self, name: str, version: str, images: int, abstained: int) -> None:
+        """An answer with an `abstain` output: of its `images`, the ensemble abstained on `abstained`."""
+
     def observe_label(self, name: str, version: int, scored: Scored) -> None:
         """One label was joined to the prediction served for it."""
 
@@ -74,6 +77,9 @@ class NullObserver:
         pass
 
     def observe_degraded(self, name: str, version: str, requests: int) -> None:
+        pass
+
+    def observe_abstentions(self, name: str, version: str, images: int, abstained: int) -> None:
         pass
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:

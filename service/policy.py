@@ -34,6 +34,11 @@ class VersionPolicy:
         return newest_first
 
     @property
+    def serves_newest(self) -> bool:
+        """Whether a version newer than every other would serve once it loads (a specific policy pins others)."""
+        return self.kind != "specific"
+
+    @property
     def wanted(self) -> int:
         """How many versions the policy serves at most."""
         return self.count if self.kind == "latest" else MAX_VERSIONS

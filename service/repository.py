@@ -36,6 +36,7 @@ import numpy as np
 
 from artefact.cascade import Cascade
 from artefact.manifest import MANIFEST_FILE, ManifestError
+from service.abstention import Abstention
 from service.batching import DynamicBatcher, ModelKey
 from service.cpus import lower_thread_priority
 from service.ensemble import Ensemble, load_ensemble
@@ -76,6 +77,8 @@ class ServedModel:
     default_plan: Plan
     """What answers a request that does not name its members."""
     fingerprint: Fingerprint = ()
+    abstention: Abstention | None = None
+    """Selective prediction (the `abstain` output); None for a version exported without it."""
 
     @property
     def statistics(self) -> ModelStatistics:
@@ -322,6 +325,12 @@ class Repository:
                                 f"{MANIFEST_FILE})")
         return await asyncio.shield(self._sync(name, override))
 
+    async def refresh(self, name: str) -> list[ServedModel]:
+        """Load `name` again under the policy it serves by now (a load request's config stays in force): what a
+        version published by the server itself needs."""
+        slot = self._slots.get(name)
+        return await asyncio.shield(self._sync(name, slot.override if slot is not None else None))
+
     async def _sync(self, name: str, override: VersionPolicy | None) -> list[ServedModel]:
         """Serve what `override` (or config.json, or the server's policy) asks for; the override holds from now on
         only if something new was swapped in under it (a pin that cannot be served is refused, not kept)."""
@@ -432,7 +441,8 @@ class Repository:
                                  ModelKey(manifest.name, manifest.version, manifest.classes), self._observer,
                                  settings.max_queue_wait, degraded_plan(manifest), settings.degrade_after)
         batcher.start()
-        return ServedModel(instances, batcher, default_plan(manifest, settings.members), fingerprint)
+        return ServedModel(instances, batcher, default_plan(manifest, settings.members), fingerprint,
+                           Abstention.of(manifest))
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""

@@ -41,6 +41,8 @@ REQUIRED_ROLE = {
     "RepositoryModelLoad": "admin",
     "RepositoryModelUnload": "admin",
     "RepositoryIndex": "admin",
+    "Suggest": "admin",
+    "Recalibrate": "admin",
 }
 RECHECK_S = 1.0
 MAX_TOKEN_BYTES = 4096

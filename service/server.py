@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
+from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.dataplane import DataPlane
 from service.feedback import Feedback, PredictionStore
@@ -36,13 +37,20 @@ from service.metrics import ServingMetrics
 from service.observer import NULL_OBSERVER, Observer
 from service.repository import Repository
 from service.security import Authorizer, Tokens, server_credentials
-from service.servicer import ConcurrencyLimit, FeedbackServicer, InferenceServicer, add_servicer
+from service.servicer import (
+    CalibrationServicer,
+    ConcurrencyLimit,
+    FeedbackServicer,
+    InferenceServicer,
+    add_servicer,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 FEEDBACK = feedback_pb.DESCRIPTOR.services_by_name["Feedback"]
+CALIBRATION = calibration_pb.DESCRIPTOR.services_by_name["Calibration"]
 INFERENCE_SERVICE = INFERENCE.full_name
 # grpc's own services, served through the same guard as ours (open to all): a body that does not parse is
 # INVALID_ARGUMENT there too, never grpc's UNKNOWN.
@@ -72,7 +80,7 @@ def _enable_reflection(server: grpc.aio.Server) -> None:
             POOL.FindFileByName(module.DESCRIPTOR.name)
         except KeyError:
             POOL.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    names = [INFERENCE_SERVICE, FEEDBACK.full_name, HEALTH.full_name, REFLECTION.full_name]
+    names = [INFERENCE_SERVICE, FEEDBACK.full_name, CALIBRATION.full_name, HEALTH.full_name, REFLECTION.full_name]
     add_servicer(server, reflection.aio.ReflectionServicer(names, pool=POOL), REFLECTION)
 
 
@@ -87,14 +95,15 @@ class Server:
         self.health = HealthServicer()
         # The gauges read the data plane at scrape time, once it exists.
         self.observer: Observer = ServingMetrics(self.registry, lambda: self.dataplane.queue_depths(),
-                                                 lambda: self.dataplane.in_flight()) \
+                                                 lambda: self.dataplane.in_flight(), settings.drift_window,
+                                                 lambda: self.dataplane.suggestions()) \
             if settings.metrics else NULL_OBSERVER
         self.repository = Repository(settings, self.observer, on_state=self._model_state)
         store = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s,
                                 settings.feedback_max_bytes) if settings.feedback_on else None
         feedback = Feedback(store, settings.calibration_window, self.observer)
         self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback,
-                                   settings.model_control_mode)
+                                   settings.model_control_mode, settings.recalibration_min_labels)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
@@ -105,6 +114,7 @@ class Server:
         self.inference = InferenceServicer(self.dataplane)
         add_servicer(self.grpc, self.inference, INFERENCE, authorizer, self.concurrency)
         add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, self.concurrency)
+        add_servicer(self.grpc, CalibrationServicer(self.dataplane), CALIBRATION, authorizer, self.concurrency)
         add_servicer(self.grpc, self.health, HEALTH)
         _enable_reflection(self.grpc)
         # Probes that cannot do TLS get the same health service in plaintext, and nothing else, on a port of its own.

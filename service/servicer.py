@@ -27,7 +27,9 @@ from google.protobuf.message_factory import GetMessageClass
 
 from artefact.manifest import TensorSpec
 from service._proto.inference import grpc_service_pb2 as pb
+from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.codec import MAX_TENSORS, TYPED_ON_LOOP, Expect, decode_inputs, encode_outputs, typed_values
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Parameter, Tensors
 from service.errors import (
@@ -43,6 +45,7 @@ from service.errors import (
 from service.feedback import MAX_LABELS, Label
 from service.members import PARAMETER
 from service.observer import NULL_OBSERVER, Observer
+from service.recalibrate import Suggestion
 from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
 
@@ -259,20 +262,29 @@ def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
 
 def _members(request: pb.ModelInferRequest) -> str | int | None:
     """The `members` parameter as sent (the data plane says what it accepts); None when absent."""
-    if PARAMETER not in request.parameters:
-        return None
-    parameter = request.parameters[PARAMETER]
-    kind = parameter.WhichOneof("parameter_choice")
-    value = getattr(parameter, kind) if kind else ""
+    value = _parameter(request, PARAMETER)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    return str(value)
+
+
+def _parameter(request: pb.ModelInferRequest, name: str) -> bool | int | float | str | None:
+    """A request parameter's value as sent, of whichever kind; None when absent."""
+    if name not in request.parameters:
+        return None
+    parameter = request.parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    value: bool | int | float | str = getattr(parameter, kind) if kind else ""
+    return value
 
 
 def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
     return InferenceRequest(request.model_name, request.model_version, request.id,
                             functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal,
-                            heavy=typed_values(request) > TYPED_ON_LOOP, members=_members(request))
+                            heavy=typed_values(request) > TYPED_ON_LOOP, members=_members(request),
+                            target_accuracy=_parameter(request, TARGET_PARAMETER))
 
 
 def _set_parameters(target: MutableMapping[str, pb.InferParameter], parameters: dict[str, Parameter]) -> None:
@@ -281,6 +293,8 @@ def _set_parameters(target: MutableMapping[str, pb.InferParameter], parameters: 
             target[key].bool_param = value
         elif isinstance(value, int):
             target[key].int64_param = value
+        elif isinstance(value, float):
+            target[key].double_param = value
         else:
             target[key].string_param = value
 
@@ -493,3 +507,35 @@ class FeedbackServicer:
         labels = [Label(label.model_name, label.request_id, label.position, label.true_class)
                   for label in request.labels[:MAX_LABELS + 1]]
         return feedback_pb.ReportResponse(accepted=self.dataplane.report(labels, CALLER.get().principal))
+
+
+def _live(metrics: dict[str, float]) -> calibration_pb.LiveMetrics:
+    return calibration_pb.LiveMetrics(nll=metrics["nll"], ece=metrics["ece"], accuracy=metrics["accuracy"])
+
+
+def _suggestion(name: str, version: int, suggestion: Suggestion) -> calibration_pb.Suggestion:
+    return calibration_pb.Suggestion(
+        model_name=name, model_version=str(version), labels=suggestion.labels, temperature=suggestion.temperature,
+        suggested_temperature=suggestion.suggested, current=_live(suggestion.current_metrics),
+        suggested=_live(suggestion.suggested_metrics))
+
+
+class CalibrationServicer:
+    """valley.v1.Calibration: the temperature live labels suggest, and a new version applying it."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def Suggest(self, request: calibration_pb.SuggestRequest, context: Context) -> calibration_pb.Suggestion:
+        model, suggestion = await asyncio.to_thread(self.dataplane.suggestion, request.model_name,
+                                                    request.model_version)
+        return _suggestion(model.name, model.version, suggestion)
+
+    async def Recalibrate(self, request: calibration_pb.RecalibrateRequest, context: Context
+                          ) -> calibration_pb.RecalibrateResponse:
+        name, version = request.model_name, request.model_version
+        parent_version, new, suggestion, applied = await self.dataplane.recalibrate(
+            name, version, request.temperature, CALLER.get().principal)
+        return calibration_pb.RecalibrateResponse(model_name=name, published_version=str(new),
+                                                  suggestion=_suggestion(name, parent_version, suggestion),
+                                                  temperature=applied)

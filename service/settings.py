@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a served prediction can still be labelled")
     calibration_window: int = Field(1000, ge=1, description="labelled predictions in the live ECE/accuracy/NLL/"
                                     "Brier gauges")
+    recalibration_min_labels: int = Field(100, ge=1, description="labels a model version's calibration window "
+                                          "must hold before a temperature is suggested from it (metrics and the "
+                                          "Calibration RPCs)")
+    drift_window: int = Field(0, ge=0, description="answers in each model's sliding window for the drift score "
+                              "(valley_drift_score); 0: the window the manifest's baseline was fitted for (1000 "
+                              "by default), whose clean level is exact (another size scales it)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain) of the gRPC port: TLS; with --tls-key")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from service.errors import AlreadyLabelled, InvalidInput, UnknownPrediction
-from service.feedback import MAX_LABELS, Feedback, Label, PredictionStore
+from service.feedback import MAX_LABELS, Feedback, Label, PredictionStore, Served
 from service.observer import NULL_OBSERVER
 
 
@@ -16,30 +16,34 @@ class Clock:
         return self.now
 
 
-def _probabilities(rows: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).dirichlet(np.ones(4), size=rows).astype(np.float32)
+def _served(rows: int, seed: int = 0, classes: int = 4, members: int = 2) -> Served:
+    """What `rows` images were served by an ensemble of `members`, all of them answering."""
+    member_probabilities = np.random.default_rng(seed).dirichlet(np.ones(classes), size=(rows, members))
+    return Served(member_probabilities.mean(axis=1).astype(np.float32), member_probabilities.astype(np.float32),
+                  np.full(rows, members))
 
 
 def test_labels_join_the_prediction_served_for_them() -> None:
     store = PredictionStore(max_predictions=100, ttl_seconds=60)
-    served = _probabilities(3)
+    served = _served(3)
     store.remember("m", 2, "req-1", served)
     joined = store.join([Label("m", "req-1", 2, 1), Label("m", "req-1", 0, 3)])
-    assert [(j.version, j.true_class) for j in joined] == [(2, 1), (2, 3)]
-    np.testing.assert_array_equal(joined[0].probabilities, served[2])
-    np.testing.assert_array_equal(joined[1].probabilities, served[0])
+    assert [(j.version, j.true_class, j.used) for j in joined] == [(2, 1, 2), (2, 3, 2)]
+    np.testing.assert_array_equal(joined[0].probabilities, served.probabilities[2])
+    np.testing.assert_array_equal(joined[1].probabilities, served.probabilities[0])
+    np.testing.assert_array_equal(joined[0].member_probabilities, served.member_probabilities[2])
 
 
 def test_a_second_label_for_one_prediction_is_refused_and_nothing_of_that_report_counts() -> None:
     store = PredictionStore(max_predictions=100, ttl_seconds=60)
-    store.remember("m", 1, "r", _probabilities(2))
+    store.remember("m", 1, "r", _served(2))
     store.join([Label("m", "r", 0, 1)])
     with pytest.raises(AlreadyLabelled, match="already labelled"):
         store.join([Label("m", "r", 1, 0), Label("m", "r", 0, 2)])
     assert len(store.join([Label("m", "r", 1, 0)])) == 1, "position 1 was not marked by the refused report"
     with pytest.raises(AlreadyLabelled):
         store.join([Label("m", "r", 1, 0)])
-    store.remember("m", 1, "s", _probabilities(1))
+    store.remember("m", 1, "s", _served(1))
     with pytest.raises(AlreadyLabelled):
         store.join([Label("m", "s", 0, 0), Label("m", "s", 0, 0)])
 
@@ -52,7 +56,7 @@ def test_a_second_label_for_one_prediction_is_refused_and_nothing_of_that_report
 ])
 def test_bad_labels_are_named(label: Label, error: type[Exception], words: str) -> None:
     store = PredictionStore(max_predictions=100, ttl_seconds=60)
-    store.remember("m", 1, "r", _probabilities(2))
+    store.remember("m", 1, "r", _served(2))
     with pytest.raises(error, match=words):
         store.join([label])
 
@@ -60,10 +64,10 @@ def test_bad_labels_are_named(label: Label, error: type[Exception], words: str) 
 def test_predictions_expire_and_the_oldest_go_when_full() -> None:
     clock = Clock()
     store = PredictionStore(max_predictions=5, ttl_seconds=10, clock=clock)
-    store.remember("m", 1, "old", _probabilities(2))
+    store.remember("m", 1, "old", _served(2))
     clock.now = 5
-    store.remember("m", 1, "mid", _probabilities(2))
-    store.remember("m", 1, "new", _probabilities(2))  # 6 > 5: "old" is pushed out
+    store.remember("m", 1, "mid", _served(2))
+    store.remember("m", 1, "new", _served(2))  # 6 > 5: "old" is pushed out
     assert len(store) == 4
     with pytest.raises(UnknownPrediction):
         store.join([Label("m", "old", 0, 0)])
@@ -71,7 +75,7 @@ def test_predictions_expire_and_the_oldest_go_when_full() -> None:
     with pytest.raises(UnknownPrediction):
         store.join([Label("m", "mid", 0, 0)])
     assert len(store) == 0
-    store.remember("m", 1, "", _probabilities(1))
+    store.remember("m", 1, "", _served(1))
     assert len(store) == 0, "a request without an id cannot be labelled, so it is not kept"
 
 
@@ -79,14 +83,14 @@ def test_the_store_is_bounded_in_bytes_whatever_the_classes_and_ids() -> None:
     budget = 64 << 10
     store = PredictionStore(max_predictions=1_000_000, ttl_seconds=60, max_bytes=budget)
     rng = np.random.default_rng(0)
-    for index in range(300):  # 1000 classes: 4 kB per image, far over the budget in total
-        probabilities = rng.dirichlet(np.ones(1000), size=int(rng.integers(1, 4))).astype(np.float32)
-        store.remember("m", 1, f"{index:0>200}", probabilities, caller="c" * 64)
+    for index in range(300):  # 1000 classes, 2 members: 12 kB per image, far over the budget in total
+        store.remember("m", 1, f"{index:0>200}", _served(int(rng.integers(1, 4)), index, classes=1000),
+                       caller="c" * 64)
         assert store.bytes <= budget
     assert 0 < len(store) < 300 * 3
     newest = store.join([Label("m", f"{299:0>200}", 0, 1)], caller="c" * 64)
     assert len(newest) == 1, "the newest request is kept; the oldest went first"
-    store.remember("m", 1, "huge", rng.dirichlet(np.ones(1000), size=100).astype(np.float32))
+    store.remember("m", 1, "huge", _served(100, classes=1000))
     assert store.bytes <= budget, "a request larger than the whole budget is not kept"
     with pytest.raises(UnknownPrediction):
         store.join([Label("m", "huge", 0, 0)])
@@ -100,8 +104,8 @@ def test_a_report_with_too_many_labels_is_refused_before_any_is_joined() -> None
 
 def test_the_same_id_again_replaces_the_prediction() -> None:
     store = PredictionStore(max_predictions=10, ttl_seconds=60)
-    store.remember("m", 1, "r", _probabilities(1, seed=1))
-    second = _probabilities(3, seed=2)
+    store.remember("m", 1, "r", _served(1, seed=1))
+    second = _served(3, seed=2)
     store.remember("m", 1, "r", second)
     assert len(store) == 3
-    np.testing.assert_array_equal(store.join([Label("m", "r", 2, 0)])[0].probabilities, second[2])
+    np.testing.assert_array_equal(store.join([Label("m", "r", 2, 0)])[0].probabilities, second.probabilities[2])

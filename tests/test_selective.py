@@ -84,3 +84,14 @@ def test_bad_input_is_named() -> None:
         risk_coverage(np.array([np.nan]), np.array([True]))
     with pytest.raises(ValueError, match="as many scores"):
         risk_coverage(np.array([]), np.array([]))
+
+
+def test_served_outputs_score_as_the_probabilities_do() -> None:
+    from artefact.selective import score_served
+    from artefact.uncertainty import ensemble_outputs
+
+    members = np.random.default_rng(5).dirichlet(np.ones(4), (50, 3))
+    outputs = ensemble_outputs(members)
+    for signal in SIGNALS:
+        np.testing.assert_allclose(score_served(signal, outputs), score(signal, outputs["probabilities"], members),
+                                   rtol=1e-6, atol=1e-7, err_msg=signal)  # the served MI is float32

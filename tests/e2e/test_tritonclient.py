@@ -12,6 +12,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from service.abstention import ABSTAIN
 from service.dataplane import DEFAULT_OUTPUTS
 from service.dataplane import SERVED_OUTPUTS as OUTPUTS
 from service.launch import ServerProcess
@@ -41,7 +42,8 @@ def test_liveness_readiness_and_metadata(client: triton.InferenceServerClient, r
     assert model["versions"] == ["1"]
     shape = ["-1", *map(str, reference.input_shape)]
     assert model["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": shape}]
-    assert [o["name"] for o in model["outputs"]] == list(OUTPUTS)
+    assert [o["name"] for o in model["outputs"]] == [*OUTPUTS, ABSTAIN], "an export with selective prediction"
+    assert model["outputs"][-1] == {"name": ABSTAIN, "datatype": "BOOL", "shape": ["-1"]}
 
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 32, 64])
@@ -59,7 +61,7 @@ def test_without_requested_outputs_all_but_member_probabilities_come_back(client
                                                                           reference: Reference) -> None:
     pixels = reference.images(3, seed=0)
     result = client.infer(MODEL, triton_inputs(pixels))
-    assert [o.name for o in result.get_response().outputs] == list(DEFAULT_OUTPUTS)
+    assert [o.name for o in result.get_response().outputs] == [*DEFAULT_OUTPUTS, ABSTAIN]
     _assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
 
 

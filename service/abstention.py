@@ -1,0 +1,96 @@
+"""Selective prediction at serve time: the `abstain` output and the `target_accuracy` request parameter.
+
+An ensemble exported with a selective spec (`artefact.selective`, the manifest's `selective`)
+answers an `abstain` output: true for every image whose score under the chosen signal is below
+the threshold of the request's target accuracy. A request names its target with the Open
+Inference Protocol parameter `target_accuracy` (a number in (0, 1], or a string holding one);
+without it the manifest's default applies. Targets fitted at export use their exact threshold;
+any other is read off the stored validation curve (its points at 1 % coverage resolution) with
+the same margin, so it too is met on validation with two standard errors to spare. A target
+that no threshold meets abstains on every image.
+
+A version made by recalibration (`service.recalibrate`) serves at a new temperature, but its
+thresholds were fitted at the old one: its members' probabilities are brought back to that
+temperature before scoring, so the decision stays the one validation vouches for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from artefact.manifest import Manifest, SelectiveSpec
+from artefact.selective import SERVED_FROM, RiskCoverage, fit_threshold, score_served
+from artefact.uncertainty import outputs_by_members, retempered
+from service.ensemble import MEMBERS_USED
+from service.errors import InvalidInput
+
+ABSTAIN = "abstain"
+"""The output: one flag per image, true where the ensemble abstains."""
+PARAMETER = "target_accuracy"
+"""The request parameter (and the response parameter saying which target answered)."""
+
+
+def target_of(value: float | int | str) -> float:
+    """The `target_accuracy` parameter as a number in (0, 1]; `InvalidInput` saying what is accepted otherwise."""
+    try:
+        target = float(value) if not isinstance(value, bool) else math.nan
+    except ValueError:
+        target = math.nan
+    if not 0 < target <= 1:
+        shown = str(value)[:40]
+        raise InvalidInput(f"parameter '{PARAMETER}' must be a number in (0, 1], e.g. 0.97, not {shown!r}")
+    return target
+
+
+@dataclass
+class Abstention:
+    """One version's selective prediction: thresholds by target, and the flags of a batch of answers."""
+
+    spec: SelectiveSpec
+    ratio: float
+    """The serving temperature over the one the thresholds were fitted at (1: the same)."""
+    _thresholds: dict[float, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Abstention | None:
+        """The manifest's selective prediction; None for a version exported without it."""
+        spec = manifest.selective
+        if spec is None:
+            return None
+        fitted = spec.temperature if spec.temperature is not None else manifest.temperature
+        return cls(spec, manifest.temperature / fitted)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The outputs a batch must compute for `flags`."""
+        if self.ratio == 1.0:
+            return (SERVED_FROM[self.spec.signal],)
+        return ("member_probabilities", MEMBERS_USED)
+
+    def threshold(self, target: float) -> float:
+        """The lowest score answered at `target` accuracy (inf: no threshold meets it, every image abstains)."""
+        if target not in self._thresholds:
+            fitted = {entry.target_accuracy: entry.threshold for entry in self.spec.thresholds}
+            if target in fitted:
+                threshold = fitted[target]
+            else:
+                curve = self.spec.curve()
+                points = RiskCoverage(np.asarray(curve.coverage), np.asarray(curve.accuracy),
+                                      np.asarray(curve.thresholds), curve.count)
+                threshold = fit_threshold(points, target, self.spec.margin)
+            if len(self._thresholds) < 1024:  # targets come from requests: the cache stays bounded
+                self._thresholds[target] = math.inf if threshold is None else threshold
+            else:
+                return math.inf if threshold is None else threshold
+        return self._thresholds[target]
+
+    def flags(self, outputs: dict[str, np.ndarray], target: float) -> np.ndarray:
+        """Abstain (true) or answer, per image of a batch's outputs (holding `needs`)."""
+        if self.ratio != 1.0:
+            members = retempered(outputs["member_probabilities"], outputs[MEMBERS_USED], self.ratio)
+            outputs = outputs_by_members(members, outputs[MEMBERS_USED])
+        flags: np.ndarray = score_served(self.spec.signal, outputs) < self.threshold(target)
+        return flags

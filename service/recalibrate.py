@@ -1,0 +1,167 @@
+"""Recalibration from feedback: a temperature fitted on the live labels, and a version that applies it.
+
+`suggest` refits the temperature on a version's calibration window, the last labelled live
+predictions, with the fit export runs on the validation split (`artefact.calibration`). The
+members' served probabilities stand in for their logits: log p is the logits over the serving
+temperature less a constant per member, and the fit does not see such constants. It reports the
+window's NLL, ECE and accuracy as served and at the suggested temperature.
+
+`publish` applies a temperature the way every version change happens: a new version folder in
+the repository, so the change is audited (the manifest's `recalibration` says where it came from
+and why), reversible (the parent stays on disk; a version policy can pin it again) and survives
+restarts. The new version holds the parent's member graphs (hard links where the file system
+allows), its fused graphs with the new temperature written in, and sample outputs recomputed from
+the FP32 member graphs at the new temperature, so the load's sample check verifies the rewritten
+graphs against an independent computation. It is written under a hidden name and renamed into
+place: the repository never sees half a version. Loading, verifying and swapping are the
+repository's, as for any version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from artefact.calibration import binned_ece, confidence_bin, fit_temperature
+from artefact.manifest import FileEntry, Manifest, Recalibration, load_manifest, sha256_of, write_manifest
+from artefact.uncertainty import LOG_FLOOR, outputs_by_members, retempered, softmax
+from service.ensemble import create_session
+from service.feedback import CalibrationWindow
+
+TEMPERATURE_INITIALIZER = "temperature"
+"""The fused graphs' scalar the member logits are divided by (training's FusedEnsemble buffer)."""
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A temperature fitted on a window of labelled live predictions, and what it does to them."""
+
+    labels: int
+    temperature: float
+    """The temperature the predictions were served at."""
+    suggested: float
+    current_metrics: dict[str, float]
+    """nll, ece and accuracy of the window as served."""
+    suggested_metrics: dict[str, float]
+    """The same at the suggested temperature."""
+
+
+def _metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    rows = np.arange(len(labels))
+    confidence = probabilities.max(axis=-1)
+    correct = (probabilities.argmax(axis=-1) == labels).astype(np.float64)
+    return {"nll": float(-np.mean(np.log(np.maximum(probabilities[rows, labels], LOG_FLOOR)))),
+            "ece": binned_ece(confidence_bin(confidence), confidence, correct),
+            "accuracy": float(correct.mean())}
+
+
+def _at(members: np.ndarray, used: np.ndarray, served: float, temperature: float) -> np.ndarray:
+    """The ensemble's probabilities at `temperature` of members served at `served`."""
+    tempered = members if temperature == served else retempered(members, used, served / temperature)
+    probabilities: np.ndarray = outputs_by_members(tempered, used)["probabilities"]
+    return probabilities
+
+
+def suggest(window: CalibrationWindow, temperature: float) -> Suggestion | None:
+    """The temperature that minimises the NLL of the window (served at `temperature`); None while it is empty."""
+    members, used, labels = window.members()
+    if not len(labels):
+        return None
+    member_logits = np.log(np.maximum(members.astype(np.float64), LOG_FLOOR)) * temperature
+    suggested = fit_temperature(member_logits, labels, used)
+    return Suggestion(len(labels), temperature, suggested, _metrics(_at(members, used, temperature, temperature),
+                                                                    labels),
+                      _metrics(_at(members, used, temperature, suggested), labels))
+
+
+def live_metrics(window: CalibrationWindow, served: float, temperature: float) -> dict[str, float]:
+    """nll, ece and accuracy of the window (served at `served`) at `temperature`."""
+    members, used, labels = window.members()
+    return _metrics(_at(members, used, served, temperature), labels) if len(labels) else {}
+
+
+def _next_version(folder: Path) -> int:
+    versions = [int(entry.name) for entry in folder.iterdir() if entry.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(source, target)
+
+
+def _with_temperature(source: Path, target: Path, temperature: float) -> str:
+    """Copy a fused graph with its temperature replaced (in the graph's own precision); its new sha256."""
+    model = onnx.load(str(source))
+    found = [tensor for tensor in model.graph.initializer if tensor.name == TEMPERATURE_INITIALIZER]
+    if len(found) != 1:
+        raise ValueError(f"{source.name} has no scalar initializer {TEMPERATURE_INITIALIZER!r} to rewrite (a graph "
+                         "not exported by valley-train export): recalibrate it by exporting again")
+    old = numpy_helper.to_array(found[0])
+    found[0].CopyFrom(numpy_helper.from_array(np.asarray(temperature, dtype=old.dtype).reshape(old.shape),
+                                              TEMPERATURE_INITIALIZER))
+    onnx.save(model, str(target))
+    return sha256_of(target)
+
+
+def _samples(manifest: Manifest, directory: Path, temperature: float) -> list[list[float]]:
+    """The samples' probabilities at `temperature`, from the FP32 member graphs run here on the CPU."""
+    pixels = np.asarray(manifest.samples.inputs, dtype=np.uint8)
+    logits = np.stack([create_session(directory / member.file, "cpu").run(None, {manifest.input.name: pixels})[0]
+                       for member in manifest.members])  # [K, N, C]
+    probabilities: np.ndarray = softmax(logits.astype(np.float64) / temperature).mean(axis=0)
+    return [[float(p) for p in row] for row in probabilities]
+
+
+def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after: dict[str, float],
+            caller: str = "") -> Path:
+    """Write a new version of the ensemble in `parent_dir` with `temperature` (`after`: what it does to the live
+    labels); returns its folder."""
+    parent = load_manifest(parent_dir)
+    folder = parent_dir.parent
+    staging = folder / f".recalibrating-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        fused_files = {parent.fused.file, *(variant.fused.file for variant in parent.variants)}
+        for entry in parent.files():
+            if entry.file not in fused_files:
+                _link_or_copy(parent_dir / entry.file, staging / entry.file)
+        rewritten = {name: FileEntry(file=name, sha256=_with_temperature(parent_dir / name, staging / name,
+                                                                         temperature))
+                     for name in sorted(fused_files)}
+        selective, drift = parent.selective, parent.drift
+        record = Recalibration(parent_version=parent.version, parent_temperature=parent.temperature,
+                               labels=suggestion.labels, live_before=suggestion.current_metrics,
+                               live_after=after, created_by=caller)
+        version = _next_version(folder)
+        manifest = parent.model_copy(update={
+            "version": version, "created": datetime.now(UTC), "temperature": temperature,
+            "fused": rewritten[parent.fused.file],
+            "variants": [variant.model_copy(update={"fused": rewritten[variant.fused.file]})
+                         for variant in parent.variants],
+            "samples": parent.samples.model_copy(update={"probabilities": _samples(parent, parent_dir,
+                                                                                   temperature)}),
+            # Thresholds and baselines keep the temperature they were fitted at; the server scores them there.
+            "selective": selective.model_copy(update={"temperature": selective.temperature or parent.temperature})
+            if selective is not None else None,
+            "drift": drift.model_copy(update={"temperature": drift.temperature or parent.temperature})
+            if drift is not None else None,
+            "recalibration": record})
+        write_manifest(manifest, staging)
+        target = folder / str(version)
+        staging.rename(target)  # fails if the version appeared meanwhile: nothing is overwritten
+        return target
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
