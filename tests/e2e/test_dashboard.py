@@ -40,9 +40,13 @@ def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(reposito
     manifest = json.loads((own / MODEL / "2" / "manifest.json").read_text())
     (own / MODEL / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
     (own / MODEL / "2" / manifest["fused"]["file"]).write_bytes(b"not a graph")
-    with ThreadServer(thread_settings(own, execution="members")) as server:
+    # A drift window and a labels minimum of 4: the score and the suggested temperature exist after these 4 images.
+    with ThreadServer(thread_settings(own, execution="members", drift_window=4,
+                                      recalibration_min_labels=4)) as server:
         pixels = reference.images(4, seed=1)
-        result = triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="dash")
+        result = triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="dash",
+                                                                outputs=[triton.InferRequestedOutput(name) for name
+                                                                         in ("probabilities", "abstain")])
         predicted = result.as_numpy("probabilities").argmax(axis=1)
         assert report(server.url, [("dash", i, int(c)) for i, c in enumerate(predicted)]) == len(pixels)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
@@ -54,5 +58,5 @@ def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(reposito
     missing = sorted(queried - exported)
     assert not missing, f"queried but not exported: {missing}"
     for panel in ("Latency", "Queue depth", "Mean batch size", "confidence", "entropy", "disagreement", "Members run",
-                  "live ECE vs offline"):
+                  "live ECE vs offline", "drift", "Abstained", "suggested temperature"):
         assert any(panel in p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]), panel
