@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import onnxruntime
 import pytest
@@ -20,7 +21,12 @@ from training.data import load_data
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.export import export_ensemble, fit_cascade_spec, fit_selective_spec
+from training.metrics import classification_metrics
+from training.plots import reliability_bins
 from training.runs import RunDir
+
+PLOTS = ["reliability.png", "risk-coverage.png"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _session(path: Path) -> onnxruntime.InferenceSession:
@@ -99,8 +105,9 @@ def test_existing_version_needs_overwrite(exported: Path, fge_run: Path) -> None
     again = cli("export", "--from", fge_run, "--name", "synth", "--version", "1", "--out", repository, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     old = load_manifest(exported).created
-    cli("export", "--from", fge_run, "--name", "synth", "--version", "1", "--out", repository, "--overwrite")
+    result = cli("export", "--from", fge_run, "--name", "synth", "--version", "1", "--out", repository, "--overwrite")
     assert load_manifest(exported).created > old
+    assert json.loads(result.stdout)["plots"] == [str(exported / name) for name in PLOTS], "the report names its plots"
     assert sorted(p.name for p in (repository / "synth").iterdir()) == ["1"], "no staging or retired folder left"
 
 
@@ -232,3 +239,40 @@ def test_the_manifest_records_the_drift_baseline_and_noise_images_drift(exported
     names = ["confidence", "entropy", "mutual_information", "predicted_class"]
     answers = dict(zip(names, session.run(names, {"pixels": noise}), strict=True))
     assert drift_score(baseline, answers) > 3 * drift.clean_level, "random pixels are not the validation images"
+
+
+def test_the_export_draws_its_plots_beside_the_manifest(exported: Path) -> None:
+    for name in PLOTS:
+        data = (exported / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and 10_000 < len(data) < 1_000_000, f"{name}: {len(data)} bytes"
+        height, width, _ = matplotlib.image.imread(exported / name).shape
+        assert width >= 600 and height >= 400, f"{name} is {width}x{height}"
+
+
+def test_the_reliability_diagram_has_the_metrics_ece() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 10, 2000)
+    logits = rng.normal(0, 2, (2000, 10))
+    logits[np.arange(2000), labels] += rng.uniform(0, 5, 2000)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    bins = reliability_bins(probabilities, labels)
+    assert bins.count.sum() == 2000 and len(bins.count) == 15
+    assert bins.ece == pytest.approx(classification_metrics(probabilities, labels).ece, abs=1e-12)
+    filled = bins.count > 0
+    assert np.all((bins.confidence[filled] > np.flatnonzero(filled) / 15) &
+                  (bins.confidence[filled] <= (np.flatnonzero(filled) + 1) / 15)), "each bin's confidences in it"
+    weighted = np.sum(bins.count[filled] * bins.accuracy[filled]) / 2000
+    assert weighted == pytest.approx(classification_metrics(probabilities, labels).accuracy)
+
+
+def test_selective_spec_fits_a_named_signal() -> None:
+    """The exporter's plots fit a single network's thresholds on the signal the manifest chose."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 3000)
+    val = rng.normal(0, 1, (3, 3000, 10))
+    val[:, np.arange(3000), labels] += rng.uniform(0, 8, 3000)
+    chosen = fit_selective_spec(val, labels, val, labels, 1.0)
+    other = next(name for name in SIGNALS if name != chosen.signal)
+    named = fit_selective_spec(val, labels, val, labels, 1.0, signal=other)
+    assert named.signal == other and named.curves == chosen.curves
+    assert [t.threshold for t in named.thresholds] != [t.threshold for t in chosen.thresholds]

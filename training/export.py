@@ -2,7 +2,8 @@
 
 Writes `REPO/NAME/VERSION/` with one graph per member (`member-XX.onnx`: uint8 pixels in,
 logits out), one fused graph (`ensemble.onnx`: every member, the fitted temperature, the
-mean and the uncertainty outputs), and `manifest.json` (schema in `artefact.manifest`).
+mean and the uncertainty outputs), `manifest.json` (schema in `artefact.manifest`), and two PNGs of the test split
+(`reliability.png` before and after temperature scaling, `risk-coverage.png` with the abstention thresholds).
 Every graph passes `onnx.checker`'s full check and matches PyTorch within 1e-4 on real
 validation images before the version directory appears; it appears by a single rename.
 
@@ -52,7 +53,7 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
-from artefact.selective import best_signal, fit_threshold
+from artefact.selective import RiskCoverage, best_signal, fit_threshold, risk_coverage
 from artefact.selective import score as selective_score
 from artefact.uncertainty import LOG_FLOOR, ensemble_outputs, softmax
 from training import checkpoint
@@ -83,6 +84,9 @@ VARIANT_NLL_FLOOR = 1e-3
 SELECTIVE_MARGIN = 2.0
 # Live answers per drift window: what the baseline's clean level is fitted for (the server's default window).
 DRIFT_WINDOW = 1000
+# The PNGs an export writes beside its manifest: not graphs, so the manifest lists no checksum for them.
+RELIABILITY_PLOT = "reliability.png"
+RISK_COVERAGE_PLOT = "risk-coverage.png"
 
 
 class PixelClassifier(nn.Module):
@@ -332,6 +336,8 @@ class ExportReport(BaseModel):
     cascade: CascadeSpec | None = Field(None, description="the anytime ensemble fitted on validation, with its "
                                         "validation and test figures")
     variants: list[VariantComparison] | None = Field(None, description="the lower-precision variants beside FP32")
+    plots: list[Path] | None = Field(None, description="the PNGs in the version folder: the test split's reliability "
+                                     "diagram and risk-coverage curves")
 
 
 @dataclass(frozen=True)
@@ -343,6 +349,7 @@ class Exported:
     manifest: Manifest
     comparison: list[Comparison] | None = None
     variants: list[VariantComparison] | None = None
+    plots: list[Path] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as `target, manifest`, as the earlier two-field tuple did."""
@@ -356,20 +363,29 @@ class Exported:
             test_nll=CalibrationEffect(uncalibrated=metrics.uncalibrated.nll, calibrated=metrics.calibrated.nll),
             test_ece=CalibrationEffect(uncalibrated=metrics.uncalibrated.ece, calibrated=metrics.calibrated.ece),
             comparison=self.comparison, cascade=self.manifest.cascade, variants=self.variants,
+            plots=self.plots or None,
         )
 
 
-def compare_with_endpoints(sources: Sources, splits: DataSplits, member_val: np.ndarray, member_test: np.ndarray,
-                           val_labels: np.ndarray, test_labels: np.ndarray,
-                           temperature: float) -> list[Comparison] | None:
-    """Curves: the exported ensemble (before and after temperature scaling) against the ensemble of its two
-    endpoints and each endpoint alone, every one with its own trained batch-norm statistics."""
+def endpoint_logits(sources: Sources, splits: DataSplits) -> tuple[np.ndarray, np.ndarray] | None:
+    """Curves: the two endpoints' logits [2, N, C] on the validation and test splits, each network with its own
+    trained batch-norm statistics; None for other exports."""
     if not sources.endpoints:
         return None
     device = torch.device("cpu")
     networks = [endpoint.build(splits) for endpoint in sources.endpoints]
-    ends_val = np.stack([predict_logits(network, splits.val, splits, device)[0] for network in networks])
-    ends_test = np.stack([predict_logits(network, splits.test, splits, device)[0] for network in networks])
+    return (np.stack([predict_logits(network, splits.val, splits, device)[0] for network in networks]),
+            np.stack([predict_logits(network, splits.test, splits, device)[0] for network in networks]))
+
+
+def compare_with_endpoints(endpoints: tuple[np.ndarray, np.ndarray] | None, member_val: np.ndarray,
+                           member_test: np.ndarray, val_labels: np.ndarray, test_labels: np.ndarray,
+                           temperature: float) -> list[Comparison] | None:
+    """Curves: the exported ensemble (before and after temperature scaling) against the ensemble of its two
+    endpoints and each endpoint alone (`endpoint_logits`)."""
+    if endpoints is None:
+        return None
+    ends_val, ends_test = endpoints
 
     def row(name: str, val: np.ndarray, test: np.ndarray, t: float = 1.0) -> Comparison:
         return Comparison(name=name, members=len(val),
@@ -402,12 +418,14 @@ def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test
 
 def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
                        test_labels: np.ndarray, temperature: float, targets: Sequence[float] = (0.95, 0.97, 0.99),
-                       default_target: float = 0.99) -> SelectiveSpec:
-    """The signal and thresholds of selective prediction, fitted on the validation logits [K, N, C] alone, then
-    measured on the test logits: the test split never takes part in choosing them."""
+                       default_target: float = 0.99, signal: str | None = None) -> SelectiveSpec:
+    """The signal (the best on validation, unless `signal` names one) and thresholds of selective prediction,
+    fitted on the validation logits [K, N, C] alone, then measured on the test logits: the test split never takes
+    part in choosing them."""
     val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
     val_probabilities, test_probabilities = val.mean(axis=1), test.mean(axis=1)
-    signal, curves = best_signal(val_probabilities, val, val_labels)
+    best, curves = best_signal(val_probabilities, val, val_labels)
+    signal = best if signal is None else signal
     val_scores = selective_score(signal, val_probabilities, val)
     test_scores = selective_score(signal, test_probabilities, test)
     val_correct = val_probabilities.argmax(axis=-1) == val_labels
@@ -428,6 +446,49 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
                                                    accuracy=points.accuracy.tolist(),
                                                    thresholds=points.thresholds.tolist(), count=points.count)
                                  for name, curve in curves.items() for points in [sampled[name]]])
+
+
+def selective_curve(member_logits: np.ndarray, labels: np.ndarray, temperature: float, signal: str) -> RiskCoverage:
+    """The risk-coverage curve of the tempered ensemble of member logits [K, N, C] ranked by `signal`."""
+    members = tempered_members(member_logits, temperature)
+    probabilities = members.mean(axis=1)
+    return risk_coverage(selective_score(signal, probabilities, members), probabilities.argmax(axis=-1) == labels)
+
+
+def write_plots(folder: Path, title: str, member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
+                test_labels: np.ndarray, temperature: float, selective: SelectiveSpec,
+                endpoints: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
+    """The test split's reliability diagram before and after temperature scaling, and its risk-coverage curves (the
+    first member alone, the ensemble, curves' endpoints) with the thresholds fitted on validation, as PNGs in
+    `folder`; returns their file names."""
+    # matplotlib loads only when plots are drawn, not wherever the exporter's helpers are imported.
+    from training.plots import SelectiveLine, plot_reliability, plot_risk_coverage
+
+    panels = {f"{when} temperature scaling (T = {t:.3f})": tempered_ensemble_probabilities(member_test, t)
+              for when, t in (("before", 1.0), ("after", temperature))}
+    plot_reliability(panels, test_labels, folder / RELIABILITY_PLOT, f"{title}: test split, {len(test_labels)} images")
+    targets = [threshold.target_accuracy for threshold in selective.thresholds]
+    # One network's members never disagree: its mutual information is 0 for every image and ranks nothing.
+    alone = "confidence" if selective.signal == "negative_mutual_information" else selective.signal
+
+    def line(label: str, val: np.ndarray, test: np.ndarray) -> SelectiveLine:
+        signal = alone if len(val) == 1 else selective.signal
+        fitted = fit_selective_spec(val, val_labels, test, test_labels, temperature, targets,
+                                    selective.default_target, signal)
+        curve = selective_curve(test, test_labels, temperature, signal)
+        return SelectiveLine(f"{label}, {signal}", curve.coverage, curve.accuracy, fitted.thresholds)
+
+    ensemble = selective_curve(member_test, test_labels, temperature, selective.signal)
+    lines = [line("first member alone", member_val[:1], member_test[:1])] if len(member_val) > 1 else []
+    lines.append(SelectiveLine(f"the ensemble ({len(member_val)}), {selective.signal}", ensemble.coverage,
+                               ensemble.accuracy, selective.thresholds))
+    if endpoints is not None:
+        ends_val, ends_test = endpoints
+        lines += [line("endpoint ensemble (2)", ends_val, ends_test), line("start network alone", ends_val[:1],
+                  ends_test[:1]), line("end network alone", ends_val[1:], ends_test[1:])]
+    plot_risk_coverage(lines, targets, folder / RISK_COVERAGE_PLOT,
+                       f"{title}: test split, temperature {temperature:.3f}; thresholds fitted on validation")
+    return [RELIABILITY_PLOT, RISK_COVERAGE_PLOT]
 
 
 def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int = DRIFT_WINDOW) -> DriftBaseline:
@@ -547,7 +608,8 @@ def export_ensemble(export: ExportConfig) -> Exported:
     calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
     log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
              calibrated.nll, uncalibrated.ece, calibrated.ece)
-    comparison = compare_with_endpoints(sources, splits, member_val, member_test, val_labels[0], test_labels[0],
+    endpoints = endpoint_logits(sources, splits)
+    comparison = compare_with_endpoints(endpoints, member_val, member_test, val_labels[0], test_labels[0],
                                         temperature)
     cascade = fit_cascade_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
                                export.cascade_nll_tolerance, export.cascade_accuracy_tolerance)
@@ -617,12 +679,15 @@ def export_ensemble(export: ExportConfig) -> Exported:
             drift=drift,
             variants=[variant for variant, _ in variants],
         )
+        plots = write_plots(staging, f"{name} version {version}", member_val, val_labels[0], member_test,
+                            test_labels[0], temperature, selective, endpoints)
         write_manifest(manifest, staging)
         _publish(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Exported(target, manifest, comparison, [comparison for _, comparison in variants] or None)
+    return Exported(target, manifest, comparison, [comparison for _, comparison in variants] or None,
+                    [target / plot for plot in plots])
 
 
 def _output_specs(members: int, classes: int) -> list[TensorSpec]:
