@@ -30,6 +30,7 @@ from service.errors import (
     LoadFailed,
     ModelControlOff,
     NotEnoughLabels,
+    RepositoryNotWritable,
     Retired,
     ServingError,
     ShuttingDown,
@@ -436,7 +437,14 @@ class DataPlane:
             window = self.feedback.window_of(model.name, model.version)
             assert window is not None
             after = await asyncio.to_thread(live_metrics, window, model.ensemble.manifest.temperature, applied)
-            published = await asyncio.to_thread(publish, model.ensemble.directory, applied, suggestion, after, caller)
+            try:
+                published = await asyncio.to_thread(publish, model.ensemble.directory, applied, suggestion, after,
+                                                    caller)
+            except OSError as error:
+                raise RepositoryNotWritable(
+                    f"the new version of {model.name!r} could not be written into the repository ({error.strerror}): "
+                    "recalibration publishes a version there, so the server needs write access to it (the default "
+                    "Kubernetes deployment mounts it read-only)") from error
             new = int(published.name)
             await self.repository.refresh(model.name)  # a refused version raises LoadFailed with the reason
             if new not in self.repository.versions(model.name):

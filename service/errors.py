@@ -40,6 +40,10 @@ class NotEnoughLabels(ServingError):
     """Recalibration asked for before enough labels came back: FAILED_PRECONDITION."""
 
 
+class RepositoryNotWritable(ServingError):
+    """A version the server publishes (recalibration) cannot be written into the repository: FAILED_PRECONDITION."""
+
+
 class LoadFailed(ServingError):
     """A version could not be loaded (bad manifest, changed file, wrong samples): FAILED_PRECONDITION."""
 
@@ -90,6 +94,7 @@ STATUS: dict[type[ServingError], str] = {
     ModelNotReady: "UNAVAILABLE",
     LoadFailed: "FAILED_PRECONDITION",
     NotEnoughLabels: "FAILED_PRECONDITION",
+    RepositoryNotWritable: "FAILED_PRECONDITION",
     ModelControlOff: "FAILED_PRECONDITION",
     QueueFull: "UNAVAILABLE",
     QueueWait: "UNAVAILABLE",

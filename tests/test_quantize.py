@@ -199,3 +199,33 @@ def test_precisions_are_asked_for_once_and_none_by_default(fashion_fge: Path, tm
     assert ExportConfig(runs=[fashion_fge], name="x", repository=tmp_path).precisions == []
     with pytest.raises(ValidationError):
         ExportConfig(runs=[fashion_fge], name="x", repository=tmp_path, precisions=["int4"])
+
+
+def test_a_recalibrated_version_rewrites_every_precisions_fused_graph(exported: Path, tmp_path: Path) -> None:
+    """Recalibration's publication on a real export with variants: each fused graph carries the new temperature in
+    its own precision, and each precision loads (its samples check the rewritten graph)."""
+    from onnx import numpy_helper
+
+    from service.ensemble import load_ensemble
+    from service.recalibrate import TEMPERATURE_INITIALIZER, Suggestion, publish
+
+    parent = tmp_path / "fashion" / "1"
+    shutil.copytree(exported, parent)
+    temperature = 1.7 * load_manifest(parent).temperature
+    live = {"nll": 1.0, "ece": 0.1, "accuracy": 0.8}
+    published = publish(parent, temperature, Suggestion(500, load_manifest(parent).temperature, temperature, live,
+                                                        live), live, caller="operator")
+    assert published == tmp_path / "fashion" / "2" and not list((tmp_path / "fashion").glob(".*"))
+    manifest = load_manifest(published)
+    verify_files(manifest, published)
+    assert manifest.version == 2 and manifest.temperature == temperature
+    assert manifest.recalibration is not None and manifest.recalibration.created_by == "operator"
+    for entry, dtype in ((manifest.fused, np.float32), *((v.fused, {"int8": np.float32, "fp16": np.float16}[
+            v.precision]) for v in manifest.variants)):
+        graph = onnx.load(str(published / entry.file))
+        value = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.name == TEMPERATURE_INITIALIZER]
+        assert len(value) == 1 and value[0].dtype == dtype
+        assert float(value[0]) == pytest.approx(temperature, rel=1e-3)
+    for precision in ("fp32", "int8"):  # FP16 graphs load on the CUDA provider only
+        ensemble = load_ensemble(published, device="cpu", precision=precision)  # type: ignore[arg-type]
+        assert ensemble.manifest.version == 2
