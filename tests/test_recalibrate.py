@@ -1,0 +1,53 @@
+"""The temperature a window of labelled live predictions suggests, from the members' served probabilities alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from artefact.calibration import fit_temperature, score
+from artefact.uncertainty import retempered, softmax
+from service.feedback import CalibrationWindow, Joined
+from service.recalibrate import live_metrics, suggest
+
+
+def _logits(images: int = 1500, members: int = 3, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Members that mostly agree (one shared opinion, a little noise each) and are far too sure of it."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, images)
+    shared = rng.normal(size=(images, 1, classes)) * 3
+    shared[np.arange(images), 0, labels] += 2.5
+    return shared + rng.normal(size=(images, members, classes)) * 0.5, labels
+
+
+def test_retempering_served_probabilities_is_serving_at_the_other_temperature() -> None:
+    logits, _ = _logits(50)
+    served = softmax(logits / 0.8)
+    used = np.array([3, 1, 2] * 16 + [3, 3])
+    moved = retempered(served, used, 0.8 / 1.9)
+    expected = softmax(logits / 1.9)
+    for image, count in enumerate(used):
+        np.testing.assert_allclose(moved[image, :count], expected[image, :count], atol=1e-9)
+        assert not moved[image, count:].any(), "members an image did not go through stay zero"
+
+
+def test_the_window_suggests_the_temperature_export_would_fit() -> None:
+    logits, labels = _logits()
+    served_at = 0.9
+    window = CalibrationWindow(size=len(labels))
+    members = softmax(logits / served_at).astype(np.float32)
+    for image, label in enumerate(labels):
+        probabilities = members[image].mean(axis=0)
+        window.add(score(probabilities, int(label)),
+                   Joined("m", 1, probabilities, members[image], members.shape[1], int(label)))
+    suggestion = suggest(window, served_at)
+    assert suggestion is not None and suggestion.labels == len(labels)
+    # From float32 probabilities instead of the logits, the same temperature to a part in a thousand.
+    assert suggestion.suggested == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
+    assert suggestion.suggested > 1.5 * served_at, "these members are overconfident"
+    assert suggestion.suggested_metrics["ece"] < 0.5 * suggestion.current_metrics["ece"]
+    assert suggestion.suggested_metrics["nll"] < suggestion.current_metrics["nll"]
+    assert suggestion.current_metrics["ece"] == pytest.approx(window.summary()["ece"], abs=1e-6)
+    assert suggestion.suggested_metrics["accuracy"] == pytest.approx(suggestion.current_metrics["accuracy"], abs=0.01)
+    assert live_metrics(window, served_at, suggestion.suggested) == pytest.approx(suggestion.suggested_metrics)
+    assert suggest(CalibrationWindow(5), served_at) is None
