@@ -5,7 +5,8 @@ The process is what users run (flags, env vars, signals), started on port 0 thro
 too), for tests that must hold a model run at a gate to fill the queue or pass a deadline.
 
 The answers these servers give are compared with the fused graph run in process (`Reference`),
-so both start with every member answering (`--members full`) unless a test sets `--members`;
+so both start with every member answering (`--members full`, never degraded under load) unless a test sets
+`--members`;
 tests/e2e/test_members.py serves the default, the fitted cascade.
 """
 
@@ -104,6 +105,9 @@ def start_server_process(repository: Path, *flags: str, env: dict[str, str] | No
     log = Path(tempfile.mkstemp(prefix="valley-serve-", suffix=".log", dir=repository.parent)[1])
     if not any(flag.startswith("--members") for flag in flags):
         flags = ("--members", "full", *flags)
+    if not any(flag.startswith("--degrade-queue-ms") for flag in flags):
+        # Answers are compared with the full ensemble: a busy test machine must not cut them to the first stage.
+        flags = ("--degrade-queue-ms", "0", *flags)
     server = start_server(repository, *flags, log=log, cwd=REPO, env={"OMP_NUM_THREADS": "2", **(env or {})},
                           timeout=60)
     if not server.ready:
@@ -174,6 +178,7 @@ class ThreadServer:
 
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
     overrides.setdefault("members", "full")
+    overrides.setdefault("degrade_queue_ms", 0)
     return Settings(repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, shutdown_grace_s=5,
                     **overrides)
 
