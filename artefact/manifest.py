@@ -149,14 +149,15 @@ class RiskCoverageCurve(_Strict):
     area: float = Field(description="area under risk against coverage: lower ranks better")
     coverage: list[float]
     accuracy: list[float]
-    thresholds: list[float]
-    count: int = Field(ge=1, description="validation images the curve was measured on")
+    thresholds: list[float] = Field(default_factory=list, description="empty in versions exported before they "
+                                    "were stored: only the fitted targets can then be asked for")
+    count: int = Field(0, ge=0, description="validation images the curve was measured on")
 
     @model_validator(mode="after")
     def _points(self) -> RiskCoverageCurve:
-        if not len(self.coverage) == len(self.accuracy) == len(self.thresholds) >= 1:
-            raise ValueError(f"curve {self.signal!r}: as many coverages, accuracies and thresholds are needed, at "
-                             "least one")
+        if not len(self.coverage) == len(self.accuracy) >= 1 or len(self.thresholds) not in (0, len(self.coverage)):
+            raise ValueError(f"curve {self.signal!r}: as many coverages and accuracies (and thresholds, if any) are "
+                             "needed, at least one")
         return self
 
 
@@ -179,7 +180,7 @@ class SelectiveSpec(_Strict):
     margin: float
     curves: list[RiskCoverageCurve]
     thresholds: list[AbstentionThreshold]
-    default_target: float = Field(gt=0, le=1, description="the target accuracy of a request that names none")
+    default_target: float = Field(0.99, gt=0, le=1, description="the target accuracy of a request that names none")
     temperature: float | None = Field(None, gt=0, description="the temperature the signal and thresholds were "
                                       "fitted at, when it is not the manifest's (a recalibrated version)")
 

@@ -78,6 +78,10 @@ class Abstention:
                 threshold = fitted[target]
             else:
                 curve = self.spec.curve()
+                if not curve.thresholds:
+                    raise InvalidInput(f"parameter '{PARAMETER}' {target:g}: this version stores thresholds only for "
+                                       f"the targets fitted at export ({', '.join(f'{t:g}' for t in fitted)}); "
+                                       "export it again to ask for any other")
                 points = RiskCoverage(np.asarray(curve.coverage), np.asarray(curve.accuracy),
                                       np.asarray(curve.thresholds), curve.count)
                 threshold = fit_threshold(points, target, self.spec.margin)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from service.errors import (
 from service.feedback import Feedback, Label, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.observer import Observer
-from service.recalibrate import Suggestion, live_metrics, publish, suggest
+from service.recalibrate import Suggestion, live_metrics, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.statistics import ModelStatistics
 
@@ -437,20 +438,36 @@ class DataPlane:
             window = self.feedback.window_of(model.name, model.version)
             assert window is not None
             after = await asyncio.to_thread(live_metrics, window, model.ensemble.manifest.temperature, applied)
-            try:
-                published = await asyncio.to_thread(publish, model.ensemble.directory, applied, suggestion, after,
-                                                    caller)
-            except OSError as error:
-                raise RepositoryNotWritable(
-                    f"the new version of {model.name!r} could not be written into the repository ({error.strerror}): "
-                    "recalibration publishes a version there, so the server needs write access to it (the default "
-                    "Kubernetes deployment mounts it read-only)") from error
+            # Publishing and loading run to the end even if the caller goes away: a version is never left half
+            # published, or published and not loaded.
+            published = await asyncio.shield(self._publish(model, applied, suggestion, after, caller))
             new = int(published.name)
-            await self.repository.refresh(model.name)  # a refused version raises LoadFailed with the reason
-            if new not in self.repository.versions(model.name):
-                raise LoadFailed(f"version {new} of {model.name!r} was published but the version policy "
-                                 f"{self.repository.policy_of(model.name)} does not serve it")
             return model.version, new, suggestion, applied
+
+    async def _publish(self, model: ServedModel, temperature: float, suggestion: Suggestion,
+                       after: dict[str, float], caller: str) -> Path:
+        """Publish the recalibrated version and load it; a version that is not served afterwards is withdrawn."""
+        try:
+            published = await asyncio.to_thread(publish, model.ensemble.directory, temperature, suggestion, after,
+                                                caller)
+        except OSError as error:
+            raise RepositoryNotWritable(
+                f"the new version of {model.name!r} could not be written into the repository ({error.strerror}): "
+                "recalibration publishes a version there, so the server needs write access to it (the default "
+                "Kubernetes deployment mounts it read-only)") from error
+        new = int(published.name)
+        problem: LoadFailed | None = None
+        try:
+            await self.repository.refresh(model.name)
+        except LoadFailed as error:  # may name another version's refusal while the new one serves
+            problem = error
+        if new in self.repository.versions(model.name):
+            return published
+        hidden = await asyncio.to_thread(withdraw, published)
+        reason = str(problem) if problem is not None else \
+            f"the version policy {self.repository.policy_of(model.name)} does not serve it"
+        raise LoadFailed(f"version {new} of {model.name!r} was published but not served, and was withdrawn to "
+                         f"{hidden.name}: {reason}")
 
     def _controllable(self) -> None:
         if self.shutting_down:

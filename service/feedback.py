@@ -186,7 +186,8 @@ class CalibrationWindow:
     def add(self, scored: Scored, joined: Joined) -> None:
         with self._lock:
             self._scored.append(scored)
-            self._members.append((joined.member_probabilities, joined.used, joined.true_class))
+            # A copy: the joined row is a view of its whole request, which must not outlive the store's bounds.
+            self._members.append((joined.member_probabilities.copy(), joined.used, joined.true_class))
             self.generation += 1
 
     def members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

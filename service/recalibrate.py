@@ -20,6 +20,7 @@ repository's, as for any version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -32,11 +33,21 @@ import onnx
 from onnx import numpy_helper
 
 from artefact.calibration import binned_ece, confidence_bin, fit_temperature
-from artefact.manifest import FileEntry, Manifest, Recalibration, load_manifest, sha256_of, write_manifest
+from artefact.manifest import (
+    FileEntry,
+    Manifest,
+    ManifestError,
+    Recalibration,
+    load_manifest,
+    sha256_of,
+    write_manifest,
+)
 from artefact.uncertainty import LOG_FLOOR, outputs_by_members, retempered, softmax
 from service.ensemble import create_session
+from service.errors import LoadFailed
 from service.feedback import CalibrationWindow
 
+_ATTEMPTS = 3
 TEMPERATURE_INITIALIZER = "temperature"
 """The fused graphs' scalar the member logits are divided by (training's FusedEnsemble buffer)."""
 
@@ -103,10 +114,13 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def _with_temperature(source: Path, target: Path, temperature: float) -> str:
     """Copy a fused graph with its temperature replaced (in the graph's own precision); its new sha256."""
-    model = onnx.load(str(source))
+    try:
+        model = onnx.load(str(source))
+    except Exception as error:  # onnx's own errors: the file changed under the serving version
+        raise LoadFailed(f"{source.name} is not a readable ONNX graph any more: {error}") from error
     found = [tensor for tensor in model.graph.initializer if tensor.name == TEMPERATURE_INITIALIZER]
     if len(found) != 1:
-        raise ValueError(f"{source.name} has no scalar initializer {TEMPERATURE_INITIALIZER!r} to rewrite (a graph "
+        raise LoadFailed(f"{source.name} has no scalar initializer {TEMPERATURE_INITIALIZER!r} to rewrite (a graph "
                          "not exported by valley-train export): recalibrate it by exporting again")
     old = numpy_helper.to_array(found[0])
     found[0].CopyFrom(numpy_helper.from_array(np.asarray(temperature, dtype=old.dtype).reshape(old.shape),
@@ -118,17 +132,33 @@ def _with_temperature(source: Path, target: Path, temperature: float) -> str:
 def _samples(manifest: Manifest, directory: Path, temperature: float) -> list[list[float]]:
     """The samples' probabilities at `temperature`, from the FP32 member graphs run here on the CPU."""
     pixels = np.asarray(manifest.samples.inputs, dtype=np.uint8)
-    logits = np.stack([create_session(directory / member.file, "cpu").run(None, {manifest.input.name: pixels})[0]
-                       for member in manifest.members])  # [K, N, C]
+    try:
+        logits = np.stack([create_session(directory / member.file, "cpu").run(None, {manifest.input.name: pixels})[0]
+                           for member in manifest.members])  # [K, N, C]
+    except Exception as error:  # onnxruntime's own errors: the files changed under the serving version
+        raise LoadFailed(f"the member graphs of {manifest.name} version {manifest.version} did not run: {error}") \
+            from error
     probabilities: np.ndarray = softmax(logits.astype(np.float64) / temperature).mean(axis=0)
     return [[float(p) for p in row] for row in probabilities]
+
+
+def withdraw(version_dir: Path) -> Path:
+    """Move a published version that was refused out of the repository's sight (a hidden name beside it), so it is
+    not tried again at every poll or restart and its number is not skipped; kept for whoever looks into why."""
+    hidden = version_dir.with_name(f".refused-{version_dir.name}-{uuid.uuid4().hex[:8]}")
+    version_dir.rename(hidden)
+    return hidden
 
 
 def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after: dict[str, float],
             caller: str = "") -> Path:
     """Write a new version of the ensemble in `parent_dir` with `temperature` (`after`: what it does to the live
     labels); returns its folder."""
-    parent = load_manifest(parent_dir)
+    try:
+        parent = load_manifest(parent_dir)
+    except ManifestError as error:
+        raise LoadFailed(f"the serving version's manifest can no longer be read, so it cannot be recalibrated: "
+                         f"{error}") from error
     folder = parent_dir.parent
     staging = folder / f".recalibrating-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -158,10 +188,18 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
             "drift": drift.model_copy(update={"temperature": drift.temperature or parent.temperature})
             if drift is not None else None,
             "recalibration": record})
-        write_manifest(manifest, staging)
-        target = folder / str(version)
-        staging.rename(target)  # fails if the version appeared meanwhile: nothing is overwritten
-        return target
+        for _ in range(_ATTEMPTS):
+            manifest = manifest.model_copy(update={"version": version})
+            write_manifest(manifest, staging)
+            target = folder / str(version)
+            try:
+                staging.rename(target)  # fails if the version appeared meanwhile: nothing is overwritten
+                return target
+            except OSError as error:
+                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                version = _next_version(folder)  # another publisher (a replica on a shared volume) took it
+        raise LoadFailed(f"version numbers kept being taken while publishing into {folder.name}: try again")
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging)

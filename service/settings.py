@@ -102,9 +102,9 @@ class Settings(BaseSettings):
     recalibration_min_labels: int = Field(100, ge=1, description="labels a model version's calibration window "
                                           "must hold before a temperature is suggested from it (metrics and the "
                                           "Calibration RPCs)")
-    drift_window: int = Field(0, ge=0, description="answers in each model's sliding window for the drift score "
-                              "(valley_drift_score); 0: the window the manifest's baseline was fitted for (1000 "
-                              "by default), whose clean level is exact (another size scales it)")
+    drift_window: int = Field(0, ge=0, le=1_000_000, description="answers in each model's sliding window for the "
+                              "drift score (valley_drift_score); 0: the window the manifest's baseline was fitted "
+                              "for (1000 by default), whose clean level is exact (another size scales it)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
     tls_cert: Path | None = Field(None, description="PEM certificate (chain) of the gRPC port: TLS; with --tls-key")
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
@@ -162,6 +162,10 @@ class Settings(BaseSettings):
                 parse_tokens(self.tokens_file.read_text(encoding="utf-8"), str(self.tokens_file))
             except (OSError, UnicodeDecodeError) as error:
                 raise ValueError(f"--tokens-file {self.tokens_file}: {error}") from None
+        if self.recalibration_min_labels > self.calibration_window:
+            raise ValueError(f"--recalibration-min-labels {self.recalibration_min_labels} is more than the "
+                             f"--calibration-window {self.calibration_window} can hold: no temperature could ever be "
+                             "suggested")
         if self.tokens_file is None and not self.insecure and not _loopback(self.host):
             raise ValueError(f"--host {self.host} without --tokens-file would let anyone who reaches the port "
                              "call everything, model unloading included: give --tokens-file, bind 127.0.0.1, "

@@ -227,5 +227,5 @@ def test_a_recalibrated_version_rewrites_every_precisions_fused_graph(exported: 
         assert len(value) == 1 and value[0].dtype == dtype
         assert float(value[0]) == pytest.approx(temperature, rel=1e-3)
     for precision in ("fp32", "int8"):  # FP16 graphs load on the CUDA provider only
-        ensemble = load_ensemble(published, device="cpu", precision=precision)  # type: ignore[arg-type]
+        ensemble = load_ensemble(published, device="cpu", precision=precision)
         assert ensemble.manifest.version == 2

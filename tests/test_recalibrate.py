@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from artefact.calibration import fit_temperature, score
+from artefact.manifest import MANIFEST_FILE, load_manifest
 from artefact.uncertainty import retempered, softmax
+from service.abstention import Abstention
+from service.errors import InvalidInput
 from service.feedback import CalibrationWindow, Joined
 from service.recalibrate import live_metrics, suggest
+from service.settings import Settings
 
 
 def _logits(images: int = 1500, members: int = 3, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -51,3 +60,25 @@ def test_the_window_suggests_the_temperature_export_would_fit() -> None:
     assert suggestion.suggested_metrics["accuracy"] == pytest.approx(suggestion.current_metrics["accuracy"], abs=0.01)
     assert live_metrics(window, served_at, suggestion.suggested) == pytest.approx(suggestion.suggested_metrics)
     assert suggest(CalibrationWindow(5), served_at) is None
+
+
+def test_a_selective_spec_from_before_thresholds_were_stored_still_loads(exported: Path, tmp_path: Path) -> None:
+    """Curves without thresholds and a spec without a default target: the version serves, abstention takes the
+    fitted targets only, and names them for any other."""
+    manifest = json.loads((exported / MANIFEST_FILE).read_text())
+    for curve in manifest["selective"]["curves"]:
+        del curve["thresholds"], curve["count"]
+    del manifest["selective"]["default_target"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    abstention = Abstention.of(load_manifest(tmp_path))
+    assert abstention is not None and abstention.spec.default_target == 0.99
+    fitted = abstention.spec.thresholds[0]
+    assert abstention.threshold(fitted.target_accuracy) == (fitted.threshold if fitted.threshold is not None
+                                                             else math.inf)
+    with pytest.raises(InvalidInput, match="fitted at export"):
+        abstention.threshold(0.9123)
+
+
+def test_a_minimum_of_labels_the_window_cannot_hold_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="recalibration-min-labels"):
+        Settings(repository=tmp_path, calibration_window=50, recalibration_min_labels=100)

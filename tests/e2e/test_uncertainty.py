@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from artefact.manifest import load_manifest
 from artefact.selective import score_served
+from artefact.uncertainty import outputs_by_members, retempered
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.abstention import Abstention
@@ -161,6 +162,7 @@ def test_recalibration_round_trip(server: tuple[Path, ServerProcess]) -> None:
                 report(served.url, [(request_id, row, int(labels[start + row])) for row in range(50)])
 
         stream(seed=31, version="1")
+        drift_before = _value(_metrics(served), "valley_drift_score", version="1")
         suggestion = calibration.Suggest(calibration_pb.SuggestRequest(model_name=MODEL), timeout=30)
         assert suggestion.labels == 400 and suggestion.model_version == "1"
         assert suggestion.suggested_temperature > 1.2 * suggestion.temperature, "shifted images are overconfident"
@@ -194,9 +196,29 @@ def test_recalibration_round_trip(server: tuple[Path, ServerProcess]) -> None:
     assert _value(_metrics(served), "valley_temperature", version="2") == pytest.approx(manifest.temperature)
 
     stream(seed=32, version="2")  # the same shift, new images, answered by the recalibrated version
-    after = _value(_metrics(served), "valley_live_metric", version="2", metric="ece")
+    metrics = _metrics(served)
+    after = _value(metrics, "valley_live_metric", version="2", metric="ece")
     assert before is not None and after is not None
     assert after < 0.7 * before, f"the live ECE fell: {before:.3f} -> {after:.3f}"
+    # The drift baseline was taken at version 1's temperature, and version 2's answers are scored there: the same
+    # shift drifts as much as before (answers at the new temperature would look like more drift).
+    drift_after = _value(metrics, "valley_drift_score", version="2")
+    assert drift_before is not None and drift_after is not None
+    assert drift_after == pytest.approx(drift_before, rel=0.5), (drift_before, drift_after)
+    # Abstention too is decided at the temperature its thresholds were fitted at.
+    abstention = Abstention.of(manifest)
+    assert abstention is not None and abstention.ratio == pytest.approx(manifest.temperature / parent.temperature)
+    pixels, _ = _images(64, seed=33, noise=70)
+    names = ("abstain", "member_probabilities", "members_used")
+    result = client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in names],
+                          parameters={"target_accuracy": 0.97})
+    expected = Abstention.of(parent)
+    assert expected is not None
+    at_parent = {"member_probabilities": retempered(result.as_numpy("member_probabilities"),
+                                                    result.as_numpy("members_used"), abstention.ratio)}
+    parent_outputs = outputs_by_members(at_parent["member_probabilities"], result.as_numpy("members_used"))
+    np.testing.assert_array_equal(result.as_numpy("abstain"),
+                                  score_served(expected.spec.signal, parent_outputs) < expected.threshold(0.97))
 
 
 def test_a_recalibrated_version_survives_a_restart(server: tuple[Path, ServerProcess]) -> None:
