@@ -392,8 +392,11 @@ class DataPlane:
         if window is None or labels < self.recalibration_min_labels:
             raise NotEnoughLabels(f"model {model.name!r} version {model.version} has {labels} labelled predictions "
                                   f"in its calibration window; a temperature is fitted from "
-                                  f"{self.recalibration_min_labels} (--recalibration-min-labels): report more "
-                                  "labels through valley.v1.Feedback")
+                                  f"{self.recalibration_min_labels} (--recalibration-min-labels): "
+                                  + ("report more labels through valley.v1.Feedback"
+                                     if self.recalibration_min_labels <= self.feedback.window else
+                                     f"the window holds at most {self.feedback.window} (--calibration-window), so "
+                                     "raise it or lower the minimum"))
         suggestion = suggest(window, model.ensemble.manifest.temperature)
         assert suggestion is not None, "the window holds labels"
         return model, suggestion

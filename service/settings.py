@@ -162,10 +162,6 @@ class Settings(BaseSettings):
                 parse_tokens(self.tokens_file.read_text(encoding="utf-8"), str(self.tokens_file))
             except (OSError, UnicodeDecodeError) as error:
                 raise ValueError(f"--tokens-file {self.tokens_file}: {error}") from None
-        if self.recalibration_min_labels > self.calibration_window:
-            raise ValueError(f"--recalibration-min-labels {self.recalibration_min_labels} is more than the "
-                             f"--calibration-window {self.calibration_window} can hold: no temperature could ever be "
-                             "suggested")
         if self.tokens_file is None and not self.insecure and not _loopback(self.host):
             raise ValueError(f"--host {self.host} without --tokens-file would let anyone who reaches the port "
                              "call everything, model unloading included: give --tokens-file, bind 127.0.0.1, "

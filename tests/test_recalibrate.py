@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 
 from artefact.calibration import fit_temperature, score
 from artefact.manifest import MANIFEST_FILE, load_manifest
@@ -17,7 +16,6 @@ from service.abstention import Abstention
 from service.errors import InvalidInput
 from service.feedback import CalibrationWindow, Joined
 from service.recalibrate import live_metrics, suggest
-from service.settings import Settings
 
 
 def _logits(images: int = 1500, members: int = 3, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +76,3 @@ def test_a_selective_spec_from_before_thresholds_were_stored_still_loads(exporte
     with pytest.raises(InvalidInput, match="fitted at export"):
         abstention.threshold(0.9123)
 
-
-def test_a_minimum_of_labels_the_window_cannot_hold_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="recalibration-min-labels"):
-        Settings(repository=tmp_path, calibration_window=50, recalibration_min_labels=100)
