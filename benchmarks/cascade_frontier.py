@@ -87,12 +87,9 @@ def main() -> None:
 
 
 def plot(prefixes: list[dict[str, float | str]], fitted: list[dict[str, float | str]], path: Path, title: str) -> None:
-    import matplotlib
+    from training.plots import chart, save_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = chart()
     axes.plot([float(p["members_per_image"]) for p in prefixes], [float(p["nll"]) for p in prefixes], "o-",
               label="the first N members for every image")
     axes.plot([float(f["members_per_image"]) for f in fitted], [float(f["nll"]) for f in fitted], "s--",
@@ -102,13 +99,7 @@ def plot(prefixes: list[dict[str, float | str]], fitted: list[dict[str, float | 
                       textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.set_xlabel("members run per image (mean)")
     axes.set_ylabel("test NLL")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_chart(figure, axes, title, path)
 
 
 if __name__ == "__main__":

@@ -160,12 +160,9 @@ def table(clean: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]], 
 
 def plot(clean: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]], clean_level: float,
          alert_multiple: float, path: Path, title: str) -> None:
-    import matplotlib
+    from training.plots import chart, save_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = chart()
     severities = [0, *SEVERITIES]
     for name, by_severity in results.items():
         axes.plot(severities, [clean["mean"], *(by_severity[s]["mean"] for s in SEVERITIES)], "o-", label=name)
@@ -178,13 +175,7 @@ def plot(clean: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]], c
     axes.set_xticks(severities, ["clean", *map(str, SEVERITIES)])
     axes.set_xlabel("severity")
     axes.set_ylabel("drift score (mean over windows)")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_chart(figure, axes, title, path)
 
 
 if __name__ == "__main__":

@@ -158,12 +158,9 @@ def table(results: Sequence[Measured], scenarios: Sequence[Scenario]) -> str:
 
 
 def plot(results: Sequence[Measured], scenario: Scenario, path: Path, title: str) -> None:
-    import matplotlib
+    from training.plots import chart, save_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = chart()
     for server, marker, label in (("valley", "o", f"through valley-serve, {scenario.batch}x{scenario.concurrency}"),
                                   ("inprocess", "s", f"in process, batch {scenario.batch}")):
         xs = [r.images_per_s(server, scenario.batch) for r in results]
@@ -192,13 +189,7 @@ def plot(results: Sequence[Measured], scenario: Scenario, path: Path, title: str
     axes.set_xscale("log")
     axes.set_xlabel("images/s (log scale)")
     axes.set_ylabel("test NLL (lower is better)")
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_chart(figure, axes, title, path)
 
 
 def parse_args() -> argparse.Namespace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -16,6 +17,28 @@ from matplotlib import ticker
 from artefact.calibration import ECE_BINS, bin_upper_edges, binned_ece, confidence_bin
 from artefact.manifest import AbstentionThreshold, Metrics
 from training.runs import CurveReport, CurveSide, FGEReport
+
+
+def save(figure: Any, path: Path, dpi: int = 120) -> None:
+    """Write `figure` to `path` (its folder made if needed) and free it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+
+
+def chart() -> tuple[Any, Any]:
+    """A figure with one axes, the size of the benchmarks' charts."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    return figure, axes
+
+
+def save_chart(figure: Any, axes: Any, title: str, path: Path) -> None:
+    """Title, grid and legend of a `chart`, then `save` it."""
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    save(figure, path)
 
 
 def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
@@ -42,9 +65,7 @@ def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
     config = report.config
     figure.suptitle(f"FGE from epoch {config.start_epoch}: {config.cycles} cycles of {config.cycle_epochs} "
                     f"epochs, lr {config.lr1} -> {config.lr2}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path)
 
 
 def plot_curve(report: CurveReport, path: Path) -> None:
@@ -77,9 +98,7 @@ def plot_curve(report: CurveReport, path: Path) -> None:
     axes[0].legend(loc="best", fontsize="small")
     figure.suptitle(f"{config.base.model} on {config.base.data.dataset}: {config.start_run.name} (t=0) to "
                     f"{config.end_run.name} (t=1), batch norm recomputed at every t")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save(figure, path)
 
 
 @dataclass(frozen=True)
@@ -136,9 +155,7 @@ def plot_reliability(probabilities: Mapping[str, np.ndarray], labels: np.ndarray
         histogram.set_ylabel("images")
         histogram.grid(alpha=0.3)
     figure.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save(figure, path, dpi=100)
 
 
 @dataclass(frozen=True)
@@ -182,6 +199,4 @@ def plot_risk_coverage(lines: Sequence[SelectiveLine], targets: Sequence[float],
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left", fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save(figure, path, dpi=100)
