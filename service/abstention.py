@@ -72,24 +72,25 @@ class Abstention:
 
     def threshold(self, target: float) -> float:
         """The lowest score answered at `target` accuracy (inf: no threshold meets it, every image abstains)."""
-        if target not in self._thresholds:
-            fitted = {entry.target_accuracy: entry.threshold for entry in self.spec.thresholds}
-            if target in fitted:
-                threshold = fitted[target]
-            else:
-                curve = self.spec.curve()
-                if not curve.thresholds:
-                    raise InvalidInput(f"parameter '{PARAMETER}' {target:g}: this version stores thresholds only for "
-                                       f"the targets fitted at export ({', '.join(f'{t:g}' for t in fitted)}); "
-                                       "export it again to ask for any other")
-                points = RiskCoverage(np.asarray(curve.coverage), np.asarray(curve.accuracy),
-                                      np.asarray(curve.thresholds), curve.count)
-                threshold = fit_threshold(points, target, self.spec.margin)
-            if len(self._thresholds) < 1024:  # targets come from requests: the cache stays bounded
-                self._thresholds[target] = math.inf if threshold is None else threshold
-            else:
-                return math.inf if threshold is None else threshold
-        return self._thresholds[target]
+        cached = self._thresholds.get(target)
+        if cached is not None:
+            return cached
+        fitted = {entry.target_accuracy: entry.threshold for entry in self.spec.thresholds}
+        if target in fitted:
+            threshold = fitted[target]
+        else:
+            curve = self.spec.curve()
+            if not curve.thresholds:
+                raise InvalidInput(f"parameter '{PARAMETER}' {target:g}: this version stores thresholds only for the "
+                                   f"targets fitted at export ({', '.join(f'{t:g}' for t in fitted)}); export it "
+                                   "again to ask for any other")
+            points = RiskCoverage(np.asarray(curve.coverage), np.asarray(curve.accuracy),
+                                  np.asarray(curve.thresholds), curve.count)
+            threshold = fit_threshold(points, target, self.spec.margin)
+        value = math.inf if threshold is None else threshold
+        if len(self._thresholds) < 1024:  # targets come from requests: the cache stays bounded
+            self._thresholds[target] = value
+        return value
 
     def flags(self, outputs: dict[str, np.ndarray], target: float) -> np.ndarray:
         """Abstain (true) or answer, per image of a batch's outputs (holding `needs`)."""

@@ -38,7 +38,7 @@ from service.errors import (
     check_length,
     status_of,
 )
-from service.feedback import Feedback, Label, Served
+from service.feedback import CalibrationWindow, Feedback, Label, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.observer import Observer
 from service.recalibrate import Suggestion, live_metrics, publish, suggest, withdraw
@@ -397,9 +397,20 @@ class DataPlane:
                                      if self.recalibration_min_labels <= self.feedback.window else
                                      f"the window holds at most {self.feedback.window} (--calibration-window), so "
                                      "raise it or lower the minimum"))
+        return model, self._fitted(model, window)
+
+    def _fitted(self, model: ServedModel, window: CalibrationWindow) -> Suggestion:
+        """The suggestion of a version's window (holding labels), fitted again only once new labels arrived: the
+        metrics and the Calibration RPCs share it."""
+        key = (model.name, model.version)
+        cached = self._suggested.get(key)
+        if cached is not None and cached[0] == window.generation:
+            return cached[1]
+        generation = window.generation
         suggestion = suggest(window, model.ensemble.manifest.temperature)
         assert suggestion is not None, "the window holds labels"
-        return model, suggestion
+        self._suggested[key] = (generation, suggestion)
+        return suggestion
 
     def suggestions(self) -> list[tuple[str, str, Suggestion]]:
         """(model, version, suggestion) of every serving version with enough labels, for the metrics; each is fitted
@@ -413,14 +424,7 @@ class DataPlane:
             except ServingError:
                 self._suggested.pop((name, number), None)
                 continue
-            cached = self._suggested.get((name, number))
-            if cached is None or cached[0] != window.generation:
-                generation = window.generation
-                suggestion = suggest(window, model.ensemble.manifest.temperature)
-                if suggestion is None:
-                    continue
-                cached = self._suggested[(name, number)] = (generation, suggestion)
-            found.append((name, str(number), cached[1]))
+            found.append((name, str(number), self._fitted(model, window)))
         return found
 
     async def recalibrate(self, name: str, version: str, temperature: float, caller: str = ""
@@ -438,9 +442,11 @@ class DataPlane:
             if not policy.serves_newest:
                 raise LoadFailed(f"model {model.name!r} serves by the version policy {policy}, which would not serve "
                                  "a new version: set a latest:N or all policy, then recalibrate")
-            window = self.feedback.window_of(model.name, model.version)
-            assert window is not None
-            after = await asyncio.to_thread(live_metrics, window, model.ensemble.manifest.temperature, applied)
+            after = suggestion.suggested_metrics
+            if applied != suggestion.suggested:
+                window = self.feedback.window_of(model.name, model.version)
+                assert window is not None
+                after = await asyncio.to_thread(live_metrics, window, model.ensemble.manifest.temperature, applied)
             # Publishing and loading run to the end even if the caller goes away: a version is never left half
             # published, or published and not loaded.
             published = await asyncio.shield(self._publish(model, applied, suggestion, after, caller))
