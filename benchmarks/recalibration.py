@@ -34,14 +34,13 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from artefact.calibration import binned_ece, confidence_bin  # noqa: E402
 from artefact.manifest import load_manifest  # noqa: E402
-from artefact.uncertainty import LOG_FLOOR  # noqa: E402
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb  # noqa: E402
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc  # noqa: E402
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb  # noqa: E402
 from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc  # noqa: E402
 from service.launch import ServerProcess, start_server  # noqa: E402
+from service.recalibrate import quality  # noqa: E402
 from training.corruptions import corrupt  # noqa: E402
 from training.data import load_splits  # noqa: E402
 
@@ -92,15 +91,6 @@ def _live(server: ServerProcess, model: str, version: str) -> dict[str, float]:
             and sample.labels["model"] == model and sample.labels["version"] == version}
 
 
-def _quality(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """ECE, NLL and accuracy as the server's calibration window computes them (`artefact.calibration`)."""
-    confidence = probabilities.max(axis=1).astype(np.float64)
-    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
-    truth = np.maximum(probabilities[np.arange(len(labels)), labels].astype(np.float64), LOG_FLOOR)
-    return {"ece": binned_ece(confidence_bin(confidence), confidence, correct), "nll": float(-np.log(truth).mean()),
-            "accuracy": float(correct.mean())}
-
-
 def _one(version_dir: Path, corruption: str, severity: int, pixels: np.ndarray, labels: np.ndarray,
          seed: int) -> dict[str, float | str | int]:
     manifest = load_manifest(version_dir)
@@ -117,7 +107,7 @@ def _one(version_dir: Path, corruption: str, severity: int, pixels: np.ndarray, 
             fitted_on = _live(server, manifest.name, first_version)
             # The held-out half as the exported version answers it (no ids: these answers are not labelled).
             _, held_out = _serve(server, manifest.name, shifted[half:], None, "held-out")
-            before = _quality(held_out, labels[half:])
+            before = quality(held_out, labels[half:])
             with grpc.insecure_channel(server.url) as channel:
                 calibration = calibration_grpc.CalibrationStub(channel)  # type: ignore[no-untyped-call]
                 started = time.perf_counter()

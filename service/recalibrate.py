@@ -66,12 +66,14 @@ class Suggestion:
     """The same at the suggested temperature."""
 
 
-def _metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def quality(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """nll, ece and accuracy of probabilities [N, C] against labels [N], as the calibration window scores them
+    (`artefact.calibration`'s bins, the same log floor)."""
     rows = np.arange(len(labels))
-    confidence = probabilities.max(axis=-1)
+    confidence = probabilities.max(axis=-1).astype(np.float64)
     correct = (probabilities.argmax(axis=-1) == labels).astype(np.float64)
-    return {"nll": float(-np.mean(np.log(np.maximum(probabilities[rows, labels], LOG_FLOOR)))),
-            "ece": binned_ece(confidence_bin(confidence), confidence, correct),
+    truth = np.maximum(probabilities[rows, labels].astype(np.float64), LOG_FLOOR)
+    return {"nll": float(-np.mean(np.log(truth))), "ece": binned_ece(confidence_bin(confidence), confidence, correct),
             "accuracy": float(correct.mean())}
 
 
@@ -89,15 +91,15 @@ def suggest(window: CalibrationWindow, temperature: float) -> Suggestion | None:
         return None
     member_logits = np.log(np.maximum(members.astype(np.float64), LOG_FLOOR)) * temperature
     suggested = fit_temperature(member_logits, labels, used)
-    return Suggestion(len(labels), temperature, suggested, _metrics(_at(members, used, temperature, temperature),
+    return Suggestion(len(labels), temperature, suggested, quality(_at(members, used, temperature, temperature),
                                                                     labels),
-                      _metrics(_at(members, used, temperature, suggested), labels))
+                      quality(_at(members, used, temperature, suggested), labels))
 
 
 def live_metrics(window: CalibrationWindow, served: float, temperature: float) -> dict[str, float]:
     """nll, ece and accuracy of the window (served at `served`) at `temperature`."""
     members, used, labels = window.members()
-    return _metrics(_at(members, used, served, temperature), labels) if len(labels) else {}
+    return quality(_at(members, used, served, temperature), labels) if len(labels) else {}
 
 
 def _next_version(folder: Path) -> int:
