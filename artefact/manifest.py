@@ -276,6 +276,10 @@ class Manifest(_Strict):
             raise ValueError(f"variants: every variant holds all {len(self.members)} members")
         return self
 
+    def temperature_ratio(self, fitted: float | None) -> float:
+        """This version's temperature over `fitted`, the one something was fitted at (None: at this one)."""
+        return 1.0 if fitted is None else self.temperature / fitted
+
     def variant(self, precision: str) -> Variant | None:
         """The variant of this precision; None when it was not exported."""
         return next((variant for variant in self.variants if variant.precision == precision), None)

@@ -90,3 +90,10 @@ def retempered(member_probabilities: np.ndarray, used: np.ndarray, ratio: float)
     answered = np.arange(member_probabilities.shape[1])[None, :] < np.asarray(used)[:, None]
     result: np.ndarray = np.where(answered[..., None], scaled, 0.0).astype(member_probabilities.dtype)
     return result
+
+
+def outputs_at(member_probabilities: np.ndarray, used: np.ndarray, ratio: float) -> dict[str, np.ndarray]:
+    """Every output of members served at temperature T, as they would be at T / `ratio` (`retempered`; as served
+    at ratio 1), each image by the members it used."""
+    tempered = member_probabilities if ratio == 1.0 else retempered(member_probabilities, used, ratio)
+    return outputs_by_members(tempered, used)

@@ -23,7 +23,7 @@ import numpy as np
 
 from artefact.manifest import Manifest, SelectiveSpec
 from artefact.selective import SERVED_FROM, RiskCoverage, fit_threshold, score_served
-from artefact.uncertainty import outputs_by_members, retempered
+from artefact.uncertainty import outputs_at
 from service.ensemble import MEMBERS_USED
 from service.errors import InvalidInput
 
@@ -60,8 +60,7 @@ class Abstention:
         spec = manifest.selective
         if spec is None:
             return None
-        fitted = spec.temperature if spec.temperature is not None else manifest.temperature
-        return cls(spec, manifest.temperature / fitted)
+        return cls(spec, manifest.temperature_ratio(spec.temperature))
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -95,7 +94,6 @@ class Abstention:
     def flags(self, outputs: dict[str, np.ndarray], target: float) -> np.ndarray:
         """Abstain (true) or answer, per image of a batch's outputs (holding `needs`)."""
         if self.ratio != 1.0:
-            members = retempered(outputs["member_probabilities"], outputs[MEMBERS_USED], self.ratio)
-            outputs = outputs_by_members(members, outputs[MEMBERS_USED])
+            outputs = outputs_at(outputs["member_probabilities"], outputs[MEMBERS_USED], self.ratio)
         flags: np.ndarray = score_served(self.spec.signal, outputs) < self.threshold(target)
         return flags

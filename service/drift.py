@@ -20,22 +20,15 @@ import numpy as np
 
 from artefact.drift import SIGNALS, Baseline, drift_score
 from artefact.manifest import Manifest
-from artefact.uncertainty import outputs_by_members, retempered
+from artefact.uncertainty import outputs_at
 from service.ensemble import MEMBERS_USED
 
 _COLUMNS = (*SIGNALS, "predicted_class")
 
 
-def _ratio(manifest: Manifest) -> float:
-    """Serving temperature over the baseline's (1 where it was taken at the serving temperature)."""
-    assert manifest.drift is not None
-    fitted = manifest.drift.temperature
-    return 1.0 if fitted is None else manifest.temperature / fitted
-
-
 def drift_needs(manifest: Manifest) -> tuple[str, ...]:
     """Outputs every run of this version must compute for its drift window, beyond the label-free signals."""
-    if manifest.drift is None or _ratio(manifest) == 1.0:
+    if manifest.drift is None or manifest.temperature_ratio(manifest.drift.temperature) == 1.0:
         return ()
     return ("member_probabilities", MEMBERS_USED)
 
@@ -51,7 +44,7 @@ class DriftWindow:
         self.baseline = Baseline(len(manifest.classes), spec.histograms, spec.predicted, spec.clean_level,
                                  spec.window)
         self.clean_level = spec.clean_level * spec.window / self.size
-        self._ratio = _ratio(manifest)
+        self._ratio = manifest.temperature_ratio(spec.temperature)
         self._values = {column: np.zeros(self.size, dtype=np.int64 if column == "predicted_class" else np.float64)
                         for column in _COLUMNS}
         self._next = self._filled = 0
@@ -66,8 +59,7 @@ class DriftWindow:
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """A batch's answers (its signals, and for a recalibrated version its members' probabilities)."""
         if self._ratio != 1.0:
-            used = outputs[MEMBERS_USED]
-            outputs = outputs_by_members(retempered(outputs["member_probabilities"], used, self._ratio), used)
+            outputs = outputs_at(outputs["member_probabilities"], outputs[MEMBERS_USED], self._ratio)
         count = len(outputs["predicted_class"])
         keep = min(count, self.size)  # a batch larger than the window leaves only its last answers
         with self._lock:

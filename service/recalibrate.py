@@ -42,7 +42,7 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
-from artefact.uncertainty import LOG_FLOOR, outputs_by_members, retempered, softmax
+from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax
 from service.ensemble import create_session
 from service.errors import LoadFailed
 from service.feedback import CalibrationWindow
@@ -79,8 +79,7 @@ def quality(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def _at(members: np.ndarray, used: np.ndarray, served: float, temperature: float) -> np.ndarray:
     """The ensemble's probabilities at `temperature` of members served at `served`."""
-    tempered = members if temperature == served else retempered(members, used, served / temperature)
-    probabilities: np.ndarray = outputs_by_members(tempered, used)["probabilities"]
+    probabilities: np.ndarray = outputs_at(members, used, served / temperature)["probabilities"]
     return probabilities
 
 

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from artefact.manifest import load_manifest
 from artefact.selective import score_served
-from artefact.uncertainty import outputs_by_members, retempered
+from artefact.uncertainty import outputs_at
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.abstention import Abstention
@@ -214,9 +214,8 @@ def test_recalibration_round_trip(server: tuple[Path, ServerProcess]) -> None:
                           parameters={"target_accuracy": 0.97})
     expected = Abstention.of(parent)
     assert expected is not None
-    at_parent = {"member_probabilities": retempered(result.as_numpy("member_probabilities"),
-                                                    result.as_numpy("members_used"), abstention.ratio)}
-    parent_outputs = outputs_by_members(at_parent["member_probabilities"], result.as_numpy("members_used"))
+    parent_outputs = outputs_at(result.as_numpy("member_probabilities"), result.as_numpy("members_used"),
+                                abstention.ratio)
     np.testing.assert_array_equal(result.as_numpy("abstain"),
                                   score_served(expected.spec.signal, parent_outputs) < expected.threshold(0.97))
 
