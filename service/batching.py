@@ -128,6 +128,11 @@ class DynamicBatcher:
         self._stopping = False
 
     @property
+    def max_queue_size(self) -> int:
+        """Requests that may wait at once."""
+        return self._queue.maxsize
+
+    @property
     def depth(self) -> int:
         """Requests waiting in the queue."""
         return self._queue.qsize()

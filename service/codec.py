@@ -141,11 +141,25 @@ def _typed(name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.d
     return wide.astype(dtype)
 
 
+def datatype_of(name: str, array: np.ndarray) -> str:
+    """The protocol's datatype of an output array: BYTES for an object array of bytes (classification strings)."""
+    if array.dtype == object:
+        return "BYTES"
+    if array.dtype not in _NAMES:
+        raise TypeError(f"output '{name}' has dtype {array.dtype}, which the protocol cannot carry")
+    return _NAMES[array.dtype]
+
+
+def raw_bytes(array: np.ndarray) -> bytes:
+    """An output's raw contents: little-endian values, or for BYTES each element's 4-byte little-endian length
+    followed by its bytes (the protocol's serialization, over gRPC and HTTP alike)."""
+    if array.dtype == object:
+        return b"".join(len(item).to_bytes(4, "little") + item for item in array.flat)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
 def encode_outputs(outputs: Mapping[str, np.ndarray], response: pb.ModelInferResponse) -> None:
-    """Append each array to `response` as an output tensor with raw little-endian contents."""
+    """Append each array to `response` as an output tensor with raw contents."""
     for name, array in outputs.items():
-        dtype = array.dtype
-        if dtype not in _NAMES:
-            raise TypeError(f"output '{name}' has dtype {dtype}, which the protocol cannot carry")
-        response.outputs.add(name=name, datatype=_NAMES[dtype], shape=list(array.shape))
-        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes())
+        response.outputs.add(name=name, datatype=datatype_of(name, array), shape=list(array.shape))
+        response.raw_output_contents.append(raw_bytes(array))

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from artefact.calibration import TEMPERATURE_RANGE
 from artefact.manifest import OUTPUTS, TensorSpec
 from service.abstention import ABSTAIN, target_of
 from service.abstention import PARAMETER as TARGET_PARAMETER
+from service.classification import class_count, top_classes
 from service.codec import Expect
 from service.drift import drift_needs
 from service.ensemble import MEMBERS_USED
@@ -40,14 +42,15 @@ from service.errors import (
 )
 from service.feedback import CalibrationWindow, Feedback, Label, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
+from service.modelconfig import PLATFORM, model_config
 from service.observer import Observer
 from service.recalibrate import Suggestion, live_metrics, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.statistics import ModelStatistics
 
 SERVER_NAME = "valley"
-EXTENSIONS = ("model_repository", "statistics")
-PLATFORM = "valley_ensemble"
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "binary_tensor_data",
+              "parameters")
 # The graphs' outputs and the one the server adds: how many members answered each image.
 SERVED_OUTPUTS = (*OUTPUTS, MEMBERS_USED)
 # Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
@@ -68,6 +71,8 @@ class Tensors:
 
     inputs: dict[str, np.ndarray]
     outputs: tuple[str, ...] = ()
+    classification: dict[str, object] = field(default_factory=dict)
+    """The `classification` (class_count) parameter of each output that has one, as sent."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,33 @@ def _no_selective(model: ServedModel) -> str:
             f"'{ABSTAIN}' output and takes no '{TARGET_PARAMETER}' (export it again to get them)")
 
 
+def _outputs(model: ServedModel) -> list[TensorSpec]:
+    """Every output the version serves: the graphs', how many members answered, and with selective prediction
+    whether to abstain."""
+    outputs = [*model.ensemble.manifest.outputs, TensorSpec(name=MEMBERS_USED, datatype="INT64", shape=[-1])]
+    if model.abstention is not None:
+        outputs.append(TensorSpec(name=ABSTAIN, datatype="BOOL", shape=[-1]))
+    return outputs
+
+
+def _parameters(model: ServedModel) -> dict[str, Parameter]:
+    """How the version answers: its default members, its cascade, its precision, its abstention."""
+    manifest = model.ensemble.manifest
+    cascade = manifest.cascade
+    parameters: dict[str, Parameter] = {
+        "members_default": model.default_plan.name, "members_count": len(manifest.members),
+        "cascade_stages": ",".join(str(s) for s in cascade.stages) if cascade else str(len(manifest.members)),
+        "cascade_thresholds": ",".join(f"{t:g}" for t in cascade.thresholds) if cascade else "",
+        "degrade_to_members": model.batcher.degraded.members if model.batcher.degraded else 0,
+        "precision": model.ensemble.precision}
+    if model.abstention is not None:
+        spec = model.abstention.spec
+        parameters.update({
+            "abstain_signal": spec.signal, "target_accuracy_default": spec.default_target,
+            "target_accuracies_fitted": ",".join(f"{t.target_accuracy:g}" for t in spec.thresholds)})
+    return parameters
+
+
 def _server_version() -> str:
     try:
         return version("valley-ensembles")
@@ -167,34 +199,33 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str) -> bool:
         try:
-            self.repository.get(name, version)
+            self.check_ready(name, version)
         except ServingError:
             return False
-        return not self.shutting_down
+        return True
+
+    def check_ready(self, name: str, version: str) -> None:
+        """Return if the version serves; else raise why not (unknown: `ModelNotFound`, else `ModelNotReady`)."""
+        for what, value in (("model_name", name), ("model_version", version)):
+            check_length(what, value)
+        self.repository.get(name, version)
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down: send requests to another replica")
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(SERVER_NAME, _server_version(), EXTENSIONS)
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         model = self.repository.get(name, version)
-        manifest = model.ensemble.manifest
         versions = [str(v) for v in self.repository.versions(model.name)]
-        outputs = [*manifest.outputs, TensorSpec(name=MEMBERS_USED, datatype="INT64", shape=[-1])]
-        if model.abstention is not None:
-            outputs.append(TensorSpec(name=ABSTAIN, datatype="BOOL", shape=[-1]))
-        cascade = manifest.cascade
-        parameters: dict[str, Parameter] = {
-            "members_default": model.default_plan.name, "members_count": len(manifest.members),
-            "cascade_stages": ",".join(str(s) for s in cascade.stages) if cascade else str(len(manifest.members)),
-            "cascade_thresholds": ",".join(f"{t:g}" for t in cascade.thresholds) if cascade else "",
-            "degrade_to_members": model.batcher.degraded.members if model.batcher.degraded else 0,
-            "precision": model.ensemble.precision}
-        if model.abstention is not None:
-            spec = model.abstention.spec
-            parameters.update({
-                "abstain_signal": spec.signal, "target_accuracy_default": spec.default_target,
-                "target_accuracies_fitted": ",".join(f"{t.target_accuracy:g}" for t in spec.thresholds)})
-        return ModelMetadata(model.name, versions, PLATFORM, [manifest.input], outputs, parameters)
+        return ModelMetadata(model.name, versions, PLATFORM, [model.ensemble.manifest.input], _outputs(model),
+                             _parameters(model))
+
+    def model_config(self, name: str, version: str) -> dict[str, Any]:
+        """The version's configuration as Triton's ModelConfig, in the JSON form of Triton's HTTP endpoint."""
+        model = self.repository.get(name, version)
+        parameters = {key: str(value) for key, value in _parameters(model).items()}
+        return model_config(model, _outputs(model), self.repository.policy_of(model.name), parameters)
 
     # -- inference ------------------------------------------------------------------------
 
@@ -226,7 +257,7 @@ class DataPlane:
 
     async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
         try:
-            pixels, outputs, chosen, target = await self._checked(model, request)
+            pixels, outputs, classes, chosen, target = await self._checked(model, request)
             keep = self.feedback.keeps(request.id)
             abstention = model.abstention if ABSTAIN in outputs else None
             # What the observer and the feedback need is computed for every image, whatever the client asked.
@@ -253,14 +284,16 @@ class DataPlane:
             parameters[DEGRADED] = True
         if ABSTAIN in outputs:
             parameters[TARGET_PARAMETER] = target
-        return InferenceResponse(model.name, str(model.version), request.id, {name: results[name] for name in outputs},
-                                 parameters)
+        labels = model.ensemble.manifest.classes
+        answered = {name: top_classes(results[name], classes[name], labels) if classes.get(name) else results[name]
+                    for name in outputs}
+        return InferenceResponse(model.name, str(model.version), request.id, answered, parameters)
 
     async def _checked(self, model: ServedModel, request: InferenceRequest
-                       ) -> tuple[np.ndarray, tuple[str, ...], Plan, float]:
-        """The request's pixels, outputs, plan and target accuracy, or `InvalidInput` naming what does not fit: the
-        one place requests are checked before they can join a batch. Declarations are checked before any data is
-        read."""
+                       ) -> tuple[np.ndarray, tuple[str, ...], dict[str, int], Plan, float]:
+        """The request's pixels, outputs, class counts (classification), plan and target accuracy, or `InvalidInput`
+        naming what does not fit: the one place requests are checked before they can join a batch. Declarations are
+        checked before any data is read."""
         ensemble = model.ensemble
         chosen = model.default_plan if request.members is None else plan(ensemble.manifest, request.members, True)
         spec = ensemble.manifest.input
@@ -296,7 +329,8 @@ class DataPlane:
             shape = ", ".join(str(d) for d in spec.shape)
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
                                f"[{shape}]), got {list(tensors.inputs) or 'none'}")
-        return tensors.inputs[spec.name], outputs, chosen, target
+        classes = {name: class_count(name, value) for name, value in tensors.classification.items()}
+        return tensors.inputs[spec.name], outputs, classes, chosen, target
 
     @contextmanager
     def _serving(self, model: ServedModel) -> Iterator[None]:

@@ -225,7 +225,7 @@ def _exit_thresholds(segments: Sequence[Segment], members: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def _graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], FileEntry]:
+def graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], FileEntry]:
     """The member graphs and the fused graph of `precision`; `ManifestError` when the manifest has no such variant."""
     if precision == "fp32":
         return list(manifest.members), manifest.fused
@@ -240,7 +240,7 @@ def _graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], 
 def _open(manifest: Manifest, directory: Path, device: Device, threads: int, execution: Execution,
           precision: Precision = "fp32") -> Ensemble:
     """Sessions for every member and, in `fused` execution, for the fused graph."""
-    members, fused = _graphs(manifest, precision)
+    members, fused = graphs(manifest, precision)
     session = create_session(directory / fused.file, device, threads) if execution == "fused" else None
     member_sessions = [create_session(directory / member.file, device, threads) for member in members]
     ensemble = Ensemble(manifest, directory, session, member_sessions, device, threads, precision)

@@ -7,8 +7,12 @@ Anything that is not a `ServingError` is a fault of ours: INTERNAL, with a gener
 
 from __future__ import annotations
 
+import logging
 import re
+import traceback
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 class ServingError(Exception):
@@ -107,6 +111,21 @@ STATUS: dict[type[ServingError], str] = {
     Unauthenticated: "UNAUTHENTICATED",
     PermissionDenied: "PERMISSION_DENIED",
 }
+# The HTTP status of each code: Google's canonical mapping (google/rpc/code.proto), which is also how Triton and
+# KServe answer the codes they share (Triton answers ALREADY_EXISTS 400 where this says 409).
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "INTERNAL": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
 INTERNAL = "INTERNAL"
 INTERNAL_MESSAGE = "internal error in the server (logged there); the request was not served"
 
@@ -145,6 +164,19 @@ def shown(message: str) -> str:
     """`message` as a client may see it: one line, no host paths, at most MAX_MESSAGE characters."""
     line = _HOST_PATH.sub(r"\1", " ".join(message.split()))
     return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 20] + " ... (message cut)"
+
+
+def answer_of(error: BaseException) -> Status:
+    """The status an exception is answered with; a fault of ours is logged here with its traceback.
+
+    The exception's frames are cleared once it is answered: they hold the request (up to --max-message-bytes),
+    which would otherwise live in a reference cycle until the garbage collector's next full pass.
+    """
+    status = status_of(error)
+    if status.internal:
+        log.error("internal error while serving a request", exc_info=error)
+    traceback.clear_frames(error.__traceback__)
+    return status
 
 
 def status_of(error: BaseException) -> Status:

@@ -96,11 +96,20 @@ class ServerProcess:
     _folder: Path
     health_port: int | None = None
     """The plaintext health-only port, when the server was given --health-port."""
+    http_port: int | None = None
+    """The HTTP/REST port; None when the server was started with --http false."""
 
     @property
     def url(self) -> str:
-        """HOST:PORT of the gRPC server, as tritonclient takes it."""
+        """HOST:PORT of the gRPC server, as tritonclient.grpc takes it."""
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """HOST:PORT of the HTTP/REST server, as tritonclient.http takes it."""
+        if self.http_port is None:
+            raise ValueError("this server serves no HTTP (it was started with --http false)")
+        return f"{self.host}:{self.http_port}"
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """Ask the server to stop (SIGTERM: a graceful drain), kill it after `timeout` s; its exit status."""
@@ -157,7 +166,7 @@ def start_server(repository: Path, *flags: str, host: str = "127.0.0.1", log: Pa
     folder = Path(tempfile.mkdtemp(prefix="valley-serve-"))
     ready_file = folder / "ready.json"
     command = [python, "-m", "service.cli", "--repository", str(repository), "--host", host, "--grpc-port", "0",
-               "--metrics-port", "0", "--ready-file", str(ready_file), *flags]
+               "--http-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file), *flags]
     with open(log, "wb") if log is not None else open(os.devnull, "wb") as sink:
         process = subprocess.Popen(command, cwd=cwd, env=None if env is None else {**os.environ, **env},
                                    stdin=subprocess.DEVNULL, stdout=sink,
@@ -173,9 +182,10 @@ def start_server(repository: Path, *flags: str, host: str = "127.0.0.1", log: Pa
                 raise ServerStartError(f"valley-serve wrote no ready file in {timeout:.0f} s; its log:\n{_tail(log)}")
             time.sleep(0.05)
         announced = json.loads(ready_file.read_text())
-        health = announced.get("health_port")
+        health, http = announced.get("health_port"), announced.get("http_port")
         return ServerProcess(process, host, int(announced["grpc_port"]), int(announced["metrics_port"]),
-                             bool(announced["ready"]), log, folder, None if health is None else int(health))
+                             bool(announced["ready"]), log, folder, None if health is None else int(health),
+                             None if http is None else int(http))
     except BaseException:  # whatever went wrong, no server is left running
         _kill(process)
         process.wait()

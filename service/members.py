@@ -53,6 +53,16 @@ def fitted_cascade(manifest: Manifest) -> Cascade:
     return Cascade(tuple(spec.stages), tuple(spec.thresholds)) if spec is not None else Cascade.full(members)
 
 
+def requested(value: bool | int | float | str | None) -> str | int | None:
+    """The `members` parameter as sent over either transport, for `plan` (which says what it accepts); None when
+    absent."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return str(value)
+
+
 def plan(manifest: Manifest, value: str | int, chosen: bool) -> Plan:
     """The plan that `value` names for this ensemble; `InvalidInput` saying what is accepted otherwise."""
     members = len(manifest.members)

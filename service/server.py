@@ -31,19 +31,15 @@ from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service.concurrency import ConcurrencyLimit
 from service.dataplane import DataPlane
 from service.feedback import Feedback, PredictionStore
 from service.metrics import ServingMetrics
 from service.observer import NULL_OBSERVER, Observer
 from service.repository import Repository
+from service.rest import Frontend, HttpServer
 from service.security import Authorizer, Tokens, server_credentials
-from service.servicer import (
-    CalibrationServicer,
-    ConcurrencyLimit,
-    FeedbackServicer,
-    InferenceServicer,
-    add_servicer,
-)
+from service.servicer import CalibrationServicer, FeedbackServicer, InferenceServicer, add_servicer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,6 +67,7 @@ class Ports:
     grpc: int
     metrics: int
     health: int | None = None
+    http: int | None = None
 
 
 def _enable_reflection(server: grpc.aio.Server) -> None:
@@ -117,6 +114,8 @@ class Server:
         add_servicer(self.grpc, CalibrationServicer(self.dataplane), CALIBRATION, authorizer, self.concurrency)
         add_servicer(self.grpc, self.health, HEALTH)
         _enable_reflection(self.grpc)
+        frontend = Frontend(self.dataplane, authorizer, self.concurrency, settings.max_message_bytes)
+        self.http = HttpServer(frontend, settings) if settings.http else None
         # Probes that cannot do TLS get the same health service in plaintext, and nothing else, on a port of its own.
         self.health_grpc: grpc.aio.Server | None = None
         if settings.health_port is not None:
@@ -165,21 +164,23 @@ class Server:
                 raise OSError(f"cannot listen for health checks on {health_address}: the port is in use or the "
                               "address is wrong") from error
             await self.health_grpc.start()
+        http_port = await self.http.start() if self.http is not None else None
         await self.grpc.start()
         transport = ("mutual TLS" if settings.tls_client_ca else "TLS") if settings.tls_cert else "plaintext"
         access = "bearer tokens" if settings.tokens_file else "no authentication"
         health = f", plaintext health checks on port {health_port}" if health_port is not None else ""
-        log.info("gRPC (%s, %s) on %s:%d, metrics on http://%s:%d/metrics%s; loading ensembles from %s", transport,
-                 access, settings.host, grpc_port, settings.host, metrics_port, health, settings.repository)
+        http = f", HTTP/REST on port {http_port}" if http_port is not None else ""
+        log.info("gRPC (%s, %s) on %s:%d%s, metrics on http://%s:%d/metrics%s; loading ensembles from %s", transport,
+                 access, settings.host, grpc_port, http, settings.host, metrics_port, health, settings.repository)
         await self.repository.load_all(settings.startup_models, stopping=self._stopping.is_set)
         if self._stopping.is_set():
-            return Ports(grpc_port, metrics_port, health_port)
+            return Ports(grpc_port, metrics_port, health_port, http_port)
         if settings.model_control_mode == "poll":
             self._poller = asyncio.create_task(self._poll(settings.repository_poll_s), name="valley-repository-poll")
         await self._server_state()
         ready = ", ".join(f"{m.name} v{m.version} ({m.ensemble.providers[0]})" for m in self.repository.served())
         log.info("ready: %s", ready or "no ensembles")
-        return Ports(grpc_port, metrics_port, health_port)
+        return Ports(grpc_port, metrics_port, health_port, http_port)
 
     async def _poll(self, interval: float) -> None:
         while True:
@@ -227,6 +228,8 @@ class Server:
         # What is left are health watches, which never end by themselves: a moment for answers just given to go
         # out, then they are cut.
         await self.grpc.stop(min(WATCH_GRACE_S, max(0.0, ends - time.monotonic())))
+        if self.http is not None:  # every HTTP request of ours has finished too: close its port and connections
+            await self.http.stop(min(WATCH_GRACE_S, max(0.0, ends - time.monotonic())) + 0.5)
         try:  # queued batches of unloaded models drain within what is left of the grace period
             await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
@@ -239,7 +242,8 @@ class Server:
 
     def announce(self, ports: Ports) -> None:
         """Print the ports bound and the readiness as one JSON line, and write it to `ready_file` if set."""
-        line = json.dumps({"grpc_port": ports.grpc, "metrics_port": ports.metrics, "health_port": ports.health,
+        line = json.dumps({"grpc_port": ports.grpc, "http_port": ports.http, "metrics_port": ports.metrics,
+                           "health_port": ports.health,
                            "host": self.settings.host, "ready": self.dataplane.ready(), "pid": os.getpid()})
         print(line, flush=True)
         path = self.settings.ready_file

@@ -12,44 +12,41 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 import time
-import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
 from artefact.manifest import TensorSpec
 from service._proto.inference import grpc_service_pb2 as pb
+from service._proto.inference import model_config_pb2 as config_pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.abstention import PARAMETER as TARGET_PARAMETER
+from service.classification import PARAMETER as CLASSIFICATION
 from service.codec import MAX_TENSORS, TYPED_ON_LOOP, Expect, decode_inputs, encode_outputs, typed_values
+from service.concurrency import UNLIMITED, ConcurrencyLimit
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Parameter, Tensors
 from service.errors import (
     MAX_NAME_CHARS,
     InvalidInput,
-    Overloaded,
     ShuttingDown,
     Status,
+    answer_of,
     check_length,
     shown,
-    status_of,
 )
 from service.feedback import MAX_LABELS, Label
-from service.members import PARAMETER
-from service.observer import NULL_OBSERVER, Observer
+from service.members import PARAMETER, requested
 from service.recalibrate import Suggestion
 from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
-
-log = logging.getLogger(__name__)
 
 STREAM_IN_FLIGHT = 256
 """Requests of one stream read and not yet answered."""
@@ -95,44 +92,11 @@ async def _parsed_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield _parsed(request)
 
 
-def answer_of(error: BaseException) -> Status:
-    """The status an exception is answered with; a fault of ours is logged here with its traceback.
-
-    The exception's frames are cleared once it is answered: they hold the request (up to --max-message-bytes),
-    which would otherwise live in a reference cycle until the garbage collector's next full pass.
-    """
-    status = status_of(error)
-    if status.internal:
-        log.error("internal error while serving a request", exc_info=error)
-    traceback.clear_frames(error.__traceback__)
-    return status
-
-
 async def _abort(context: Context, status: Status) -> NoReturn:
     await context.abort(grpc.StatusCode[status.code], status.message)
     raise AssertionError("grpc's context.abort returned instead of raising")
 
 
-class ConcurrencyLimit:
-    """RPCs being served at once; past `limit` (0: none) a new one is refused UNAVAILABLE before any work."""
-
-    def __init__(self, limit: int = 0, observer: Observer = NULL_OBSERVER) -> None:
-        self.limit, self.active, self._observer = limit, 0, observer
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        if self.limit and self.active >= self.limit:
-            self._observer.observe_refusal("", "", "concurrency")
-            raise Overloaded(f"the server is serving its limit of {self.limit} concurrent requests: retry later or "
-                             "on another replica")
-        self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
-
-
-UNLIMITED = ConcurrencyLimit()
 
 
 def _admit(authorizer: Authorizer, method: str, context: Context) -> None:
@@ -241,10 +205,9 @@ def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
         if any(key.startswith("shared_memory") for key in output.parameters):
             raise InvalidInput(f"output '{output.name}': shared-memory outputs are not supported; outputs come back "
                                "in the response")
-        if "classification" in output.parameters:
-            raise InvalidInput(f"output '{output.name}': classification (class_count) is not supported; ask for "
-                               "'predicted_class' and 'confidence', or 'probabilities'")
-    return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs))
+    classification: dict[str, object] = {output.name: _value(output.parameters[CLASSIFICATION])
+                                         for output in request.outputs if CLASSIFICATION in output.parameters}
+    return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs), classification)
 
 
 def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
@@ -260,21 +223,13 @@ def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
     return min(deadlines) if deadlines else None
 
 
-def _members(request: pb.ModelInferRequest) -> str | int | None:
-    """The `members` parameter as sent (the data plane says what it accepts); None when absent."""
-    value = _parameter(request, PARAMETER)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return str(value)
-
-
 def _parameter(request: pb.ModelInferRequest, name: str) -> bool | int | float | str | None:
     """A request parameter's value as sent, of whichever kind; None when absent."""
-    if name not in request.parameters:
-        return None
-    parameter = request.parameters[name]
+    return _value(request.parameters[name]) if name in request.parameters else None
+
+
+def _value(parameter: pb.InferParameter) -> bool | int | float | str:
+    """A parameter's value, of whichever kind was set ("" for none)."""
     kind = parameter.WhichOneof("parameter_choice")
     value: bool | int | float | str = getattr(parameter, kind) if kind else ""
     return value
@@ -283,7 +238,8 @@ def _parameter(request: pb.ModelInferRequest, name: str) -> bool | int | float |
 def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
     return InferenceRequest(request.model_name, request.model_version, request.id,
                             functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal,
-                            heavy=typed_values(request) > TYPED_ON_LOOP, members=_members(request),
+                            heavy=typed_values(request) > TYPED_ON_LOOP,
+                            members=requested(_parameter(request, PARAMETER)),
                             target_accuracy=_parameter(request, TARGET_PARAMETER))
 
 
@@ -381,6 +337,10 @@ class InferenceServicer:
                                             outputs=[_tensor_metadata(spec) for spec in metadata.outputs])
         _set_parameters(response.parameters, metadata.parameters)
         return response
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        config = self.dataplane.model_config(request.name, request.version)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, config_pb.ModelConfig()))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         return _response(await self.dataplane.infer(_inference_request(request, context)))

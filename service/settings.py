@@ -41,10 +41,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VALLEY_", extra="forbid")
 
     repository: Path = Field(description="folder holding <ensemble>/<version>/manifest.json")
-    host: str = Field("127.0.0.1", description="address the gRPC and metrics servers bind to (another than "
+    host: str = Field("127.0.0.1", description="address the gRPC, HTTP and metrics servers bind to (another than "
                       "loopback needs --tokens-file, or --insecure)")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0: pick a free one; the ready line and "
                            "--ready-file say which)")
+    http: bool = Field(True, description="also serve the protocol over HTTP/REST (Triton's and KServe's v2 "
+                       "routes, JSON and binary tensors) on --http-port")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP/REST port (0: pick a free one; the ready line "
+                           "and --ready-file say which)")
     health_port: int | None = Field(None, ge=0, le=65535, description="also answer grpc.health.v1 (and nothing "
                                     "else) in plaintext on this port: for probes that cannot do TLS or tokens, "
                                     "the kubelet's (0: pick a free one)")
@@ -86,7 +90,8 @@ class Settings(BaseSettings):
                                      "but the request's deadline)")
     max_concurrent_rpcs: int = Field(1024, ge=0, description="RPCs served at once (a stream counts as one; health "
                                      "is exempt); beyond it UNAVAILABLE at once (0: no limit)")
-    max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent")
+    max_message_bytes: int = Field(64 * MIB, ge=1024, description="largest gRPC message received or sent, and "
+                                   "largest HTTP request body (before and after decompression)")
     metrics: bool = Field(True, description="request, latency and uncertainty metrics on /metrics (off: only "
                           "process metrics, and runs compute only the outputs clients ask for)")
     feedback: bool | None = Field(None, description="keep served predictions of requests with an id and take "

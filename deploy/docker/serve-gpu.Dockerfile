@@ -30,7 +30,7 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     && rm /tmp/constraints.txt \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin valley
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # Every address of the container: valley-serve then needs --tokens-file (or VALLEY_TOKENS_FILE), or
 # VALLEY_INSECURE=true to accept plain access for everyone (docs/serving.md, "Security").
 ENTRYPOINT ["valley-serve"]

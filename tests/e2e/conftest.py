@@ -179,8 +179,8 @@ class ThreadServer:
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
     overrides.setdefault("members", "full")
     overrides.setdefault("degrade_queue_ms", 0)
-    return Settings(repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, shutdown_grace_s=5,
-                    **overrides)
+    return Settings(repository=repository, host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0,
+                    shutdown_grace_s=5, **overrides)
 
 
 def report(url: str, labels: list[tuple[str, int, int]], model: str = MODEL, timeout: float = 10,

@@ -291,9 +291,13 @@ def test_bad_settings_exit_2_with_the_flag_named(repository: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", str(repository), "--host",
-                                 "127.0.0.1", "--grpc-port", port, "--metrics-port", "0"], cwd=REPO,
+                                 "127.0.0.1", "--grpc-port", port, "--metrics-port", "0", "--http-port", "0"], cwd=REPO,
                                 capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stderr
+        assert result.returncode == 1 and f"cannot listen for gRPC on 127.0.0.1:{port}" in result.stderr
+        result = subprocess.run([sys.executable, "-m", "service.cli", "--repository", str(repository), "--host",
+                                 "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", port],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and f"cannot listen for HTTP on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
     env_port = subprocess.run([sys.executable, "-c", "from service.cli import parse_settings; "
                                "print(parse_settings(['--repository', 'r']).grpc_port)"], cwd=REPO,
@@ -312,7 +316,7 @@ def test_port_0_is_announced_on_stdout_and_in_the_ready_file(repository: Path, t
 
     ready_file = tmp_path / "ready.json"
     command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--host", "127.0.0.1",
-               "--grpc-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)]
+               "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--ready-file", str(ready_file)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -326,6 +330,8 @@ def test_port_0_is_announced_on_stdout_and_in_the_ready_file(repository: Path, t
         assert health_status(announced["grpc_port"]) == health_pb2.HealthCheckResponse.SERVING
         with urllib.request.urlopen(f"http://127.0.0.1:{announced['metrics_port']}/metrics", timeout=10) as answer:
             assert b"valley_model_ready" in answer.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{announced['http_port']}/v2/health/ready", timeout=10) as answer:
+            assert json.loads(answer.read()) == {"ready": True}
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)

@@ -165,7 +165,7 @@ def test_sigterm_while_loading_at_start_exits_within_the_grace(own: Path, tmp_pa
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "--repository", str(own), "--grpc-port", "0", "--metrics-port", "0",
-             "--shutdown-grace-s", str(GRACE_S)], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+             "--http-port", "0", "--shutdown-grace-s", str(GRACE_S)], cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "2"})
     try:
         ends = time.monotonic() + 60

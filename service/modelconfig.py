@@ -1,0 +1,79 @@
+"""A served version's configuration in the form of Triton's `ModelConfig`.
+
+Triton's tools start with this call (perf_analyzer and model_analyzer read the batch size, the
+tensors, the batching and the instances from it). It is built here once as the JSON object
+Triton's HTTP endpoint answers (`/v2/models/{name}/config`: proto field names, enum names,
+numbers as numbers); the gRPC servicer parses the same object into the `ModelConfig` message,
+so the two transports cannot disagree.
+
+Dims leave out the batch dimension (max_batch_size > 0); an output with one value per image is
+Triton's `dims: [1]` with `reshape: {shape: []}`. valley's own settings (members, cascade,
+precision, temperature, class names) go in `parameters`, as string values.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from artefact.manifest import TensorSpec
+from service.ensemble import CUDA, graphs
+from service.policy import VersionPolicy
+from service.repository import ServedModel
+
+PLATFORM = "valley_ensemble"
+BACKEND = "onnxruntime"
+FORMATS = {3: "FORMAT_NCHW"}
+"""The input's format by its rank without the batch: images are [C, H, W]."""
+
+
+def _tensor(spec: TensorSpec) -> dict[str, Any]:
+    dims = spec.shape[1:]
+    tensor: dict[str, Any] = {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": dims or [1]}
+    if not dims:
+        tensor["reshape"] = {"shape": []}
+    return tensor
+
+
+def _version_policy(policy: VersionPolicy) -> dict[str, Any]:
+    if policy.kind == "latest":
+        return {"latest": {"num_versions": policy.count}}
+    if policy.kind == "all":
+        return {"all": {}}
+    return {"specific": {"versions": list(policy.versions)}}
+
+
+def model_config(model: ServedModel, outputs: list[TensorSpec], policy: VersionPolicy,
+                 parameters: dict[str, str]) -> dict[str, Any]:
+    """The configuration of `model` serving `outputs` under `policy`, with valley's `parameters` (metadata's)."""
+    ensemble, batcher = model.ensemble, model.batcher
+    manifest = ensemble.manifest
+    on_gpu = ensemble.providers[0] == CUDA
+    image = _tensor(manifest.input)
+    if len(image["dims"]) in FORMATS:
+        image["format"] = FORMATS[len(image["dims"])]
+    queue_policy: dict[str, Any] = {"timeout_action": "REJECT", "max_queue_size": batcher.max_queue_size,
+                                    "allow_timeout_override": True}
+    if batcher.max_queue_wait is not None:
+        queue_policy["default_timeout_microseconds"] = round(batcher.max_queue_wait * 1e6)
+    return {
+        "name": model.name,
+        "platform": PLATFORM,
+        "backend": BACKEND,
+        "version_policy": _version_policy(policy),
+        "max_batch_size": batcher.max_batch_size,
+        "input": [image],
+        "output": [_tensor(spec) for spec in outputs],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": round(batcher.max_queue_delay * 1e6),
+            "preferred_batch_size": [batcher.max_batch_size],
+            "default_queue_policy": queue_policy,
+        },
+        "instance_group": [{"name": f"{model.name}_0", "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
+                            "count": len(model.instances), **({"gpus": [0]} if on_gpu else {})}],
+        "default_model_filename": graphs(manifest, ensemble.precision)[1].file,
+        "parameters": {key: {"string_value": value} for key, value in
+                       {**parameters, "classes": json.dumps(manifest.classes),
+                        "temperature": f"{manifest.temperature:g}", "method": manifest.method}.items()},
+        "model_transaction_policy": {"decoupled": False},
+    }
