@@ -206,24 +206,28 @@ class DataPlane:
 
     def check_ready(self, name: str, version: str) -> None:
         """Return if the version serves; else raise why not (unknown: `ModelNotFound`, else `ModelNotReady`)."""
-        for what, value in (("model_name", name), ("model_version", version)):
-            check_length(what, value)
-        self.repository.get(name, version)
+        self._get(name, version)
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down: send requests to another replica")
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(SERVER_NAME, _server_version(), EXTENSIONS)
 
+    def _get(self, name: str, version: str) -> ServedModel:
+        """The version serving for a client's model name and version ("": the newest), names checked first."""
+        for what, value in (("model_name", name), ("model_version", version)):
+            check_length(what, value)
+        return self.repository.get(name, version)
+
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
-        model = self.repository.get(name, version)
+        model = self._get(name, version)
         versions = [str(v) for v in self.repository.versions(model.name)]
         return ModelMetadata(model.name, versions, PLATFORM, [model.ensemble.manifest.input], _outputs(model),
                              _parameters(model))
 
     def model_config(self, name: str, version: str) -> dict[str, Any]:
         """The version's configuration as Triton's ModelConfig, in the JSON form of Triton's HTTP endpoint."""
-        model = self.repository.get(name, version)
+        model = self._get(name, version)
         parameters = {key: str(value) for key, value in _parameters(model).items()}
         return model_config(model, _outputs(model), self.repository.policy_of(model.name), parameters)
 
@@ -236,10 +240,8 @@ class DataPlane:
         try:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down: send the request to another replica")
-            for what, value in (("model_name", request.model), ("model_version", request.version),
-                                 ("id", request.id)):
-                check_length(what, value)
-            model = self.repository.get(request.model, request.version)
+            check_length("id", request.id)
+            model = self._get(request.model, request.version)
             for attempt in range(_RETRIES):
                 try:
                     with self._serving(model):
@@ -389,7 +391,7 @@ class DataPlane:
 
     def statistics(self, name: str, version: str) -> list[NamedStatistics]:
         """A consistent copy of the statistics of one model (`name`), or of every model served."""
-        models = [self.repository.get(name, version)] if name else self.repository.served()
+        models = [self._get(name, version)] if name else self.repository.served()
         return [NamedStatistics(m.name, str(m.version), m.statistics.snapshot()) for m in models]
 
     async def index(self, ready_only: bool) -> list[IndexEntry]:
@@ -418,9 +420,7 @@ class DataPlane:
     def suggestion(self, name: str, version: str) -> tuple[ServedModel, Suggestion]:
         """The temperature a serving version's labels suggest (`service.recalibrate`); `NotEnoughLabels` below the
         minimum. Fits on the window: call it from a worker thread."""
-        check_length("model_name", name)
-        check_length("model_version", version)
-        model = self.repository.get(name, version)
+        model = self._get(name, version)
         window = self.feedback.window_of(model.name, model.version)
         labels = len(window) if window is not None else 0
         if window is None or labels < self.recalibration_min_labels:

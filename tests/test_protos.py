@@ -11,9 +11,11 @@ import sys
 
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.json_format import MessageToDict
+from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2 as triton
 
 from service._proto.inference import grpc_service_pb2 as ours
+from service._proto.inference import model_config_pb2 as ours_config
 from tests.conftest import REPO
 
 
@@ -40,9 +42,10 @@ ADDITIONS = {("ModelMetadataResponse", "parameters")}
 
 
 def test_every_field_matches_triton() -> None:
-    theirs = dict(_message for top in triton.DESCRIPTOR.message_types_by_name.values() for _message in _messages(top))
+    theirs = dict(_message for module in (triton, triton_config)
+                  for top in module.DESCRIPTOR.message_types_by_name.values() for _message in _messages(top))
     checked = 0
-    for top in ours.DESCRIPTOR.message_types_by_name.values():
+    for top in (top for module in (ours, ours_config) for top in module.DESCRIPTOR.message_types_by_name.values()):
         for name, descriptor in _messages(top):
             assert name in theirs, f"{name} is not in Triton's protocol"
             for field in descriptor.fields:
@@ -55,14 +58,14 @@ def test_every_field_matches_triton() -> None:
                 assert (field.number, field.type, field.is_repeated) == (other.number, other.type, other.is_repeated), \
                     f"{name}.{field.name} differs"
                 checked += 1
-    assert checked > 80
+    assert checked > 130
 
 
 def test_service_methods_match_triton() -> None:
     service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == "inference.GRPCInferenceService"
-    assert len(service.methods) == 11
+    assert len(service.methods) == 12
     for method in service.methods:
         other = theirs.methods_by_name[method.name]
         assert (method.input_type.full_name, method.output_type.full_name, method.client_streaming,
@@ -94,3 +97,13 @@ def test_tritonclient_reads_metadata_with_our_parameters() -> None:
     ours_metadata.parameters["members_default"].string_param = "cascade"
     theirs = triton.ModelMetadataResponse.FromString(ours_metadata.SerializeToString())
     assert (theirs.name, list(theirs.versions), theirs.platform) == ("fashion", ["1"], "valley_ensemble")
+
+
+def test_model_config_enums_match_triton() -> None:
+    for name, enum in ours_config.DESCRIPTOR.enum_types_by_name.items():
+        assert {v.name: v.number for v in enum.values} == \
+            {v.name: v.number for v in triton_config.DESCRIPTOR.enum_types_by_name[name].values}
+    for message in ("ModelInstanceGroup", "ModelInput", "ModelQueuePolicy"):
+        for enum in ours_config.DESCRIPTOR.message_types_by_name[message].enum_types:
+            other = triton_config.DESCRIPTOR.message_types_by_name[message].enum_types_by_name[enum.name]
+            assert {v.name: v.number for v in enum.values} == {v.name: v.number for v in other.values}

@@ -37,7 +37,7 @@ from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
 from service.launch import ServerProcess, start_server
 from service.server import Ports, Server
 from service.settings import Settings
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 
 T = TypeVar("T")
 MODEL = "synth"
@@ -69,6 +69,18 @@ def repository(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     root = tmp_path_factory.mktemp("serve-repo")
     shutil.copytree(exported, root / MODEL / "1")
     return root
+
+
+@pytest.fixture(scope="session")
+def fashion_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real Fashion-MNIST FGE ensemble (2,000 training images, 2 members), exported as `fashion`."""
+    root = tmp_path_factory.mktemp("fashion")
+    cli("train", "--dataset", "fashion-mnist", "--subset", "2000", "--val-size", "500", "--epochs", "2",
+        "--save-epoch", "1", "--seed", "0", "--out", root / "base")
+    cli("fge", "--from", root / "base", "--start-epoch", "1", "--cycles", "2", "--cycle-epochs", "1", "--lr1", "0.05",
+        "--lr2", "0.005", "--out", root / "fge")
+    cli("export", "--from", root / "fge", "--name", "fashion", "--out", root / "repository")
+    return root / "repository"
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
-from tests.conftest import REPO, cli
+from tests.conftest import REPO
 from tests.e2e.conftest import (
     MODEL,
     Reference,
@@ -55,18 +55,6 @@ def test_the_served_metrics_pass_promtool(repository: Path, reference: Reference
     linted = _promtool("check", "metrics", stdin=text)
     assert linted.returncode == 0 and not linted.stdout.strip() and not linted.stderr.strip(), \
         linted.stdout + linted.stderr
-
-
-@pytest.fixture(scope="module")
-def fashion_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real Fashion-MNIST FGE ensemble (2,000 training images, 2 members), exported."""
-    root = tmp_path_factory.mktemp("fashion")
-    cli("train", "--dataset", "fashion-mnist", "--subset", "2000", "--val-size", "500", "--epochs", "2",
-        "--save-epoch", "1", "--seed", "0", "--out", root / "base")
-    cli("fge", "--from", root / "base", "--start-epoch", "1", "--cycles", "2", "--cycle-epochs", "1", "--lr1", "0.05",
-        "--lr2", "0.005", "--out", root / "fge")
-    cli("export", "--from", root / "fge", "--name", "fashion", "--out", root / "repository")
-    return root / "repository"
 
 
 @contextmanager

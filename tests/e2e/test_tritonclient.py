@@ -182,8 +182,10 @@ def test_errors_have_the_right_status_and_say_what_to_fix(client: triton.Inferen
         "unknown output": (lambda: client.infer(MODEL, triton_inputs(pixels),
                                                 outputs=[triton.InferRequestedOutput("x")]),
                            "INVALID_ARGUMENT", "unknown output 'x'"),
-        "classification": (lambda: client.infer(MODEL, triton_inputs(pixels), outputs=[
-            triton.InferRequestedOutput("probabilities", class_count=3)]), "INVALID_ARGUMENT", "classification"),
+        "classification of a non-class output": (lambda: client.infer(MODEL, triton_inputs(pixels), outputs=[
+            triton.InferRequestedOutput("confidence", class_count=3)]), "INVALID_ARGUMENT",
+            "classification (class_count) applies to 'probabilities'"),
+        "config of unknown model": (lambda: client.get_model_config("nope"), "NOT_FOUND", "unknown model"),
         "shared-memory output": (lambda: client.infer(MODEL, triton_inputs(pixels), outputs=[_shared("probabilities")]),
                                  "INVALID_ARGUMENT", "shared-memory outputs"),
         "shared-memory input": (lambda: client.infer(MODEL, _shared_input(pixels)), "INVALID_ARGUMENT",
