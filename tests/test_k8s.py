@@ -217,7 +217,9 @@ def test_the_settings_are_the_servers_and_parse(kustomization: str, monkeypatch:
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
     parsed = parse_settings([])
-    assert (parsed.grpc_port, parsed.metrics_port, str(parsed.repository)) == (8001, 8002, "/models")
+    assert (parsed.grpc_port, parsed.http_port, parsed.metrics_port, str(parsed.repository)) == \
+        (8001, 8000, 8002, "/models")
+    assert parsed.http
     assert parsed.device == ("cuda" if kustomization.endswith("gpu") else "cpu")
     assert parsed.tls_cert is not None and parsed.tokens_file is not None and parsed.health_port == 8003
 
@@ -228,8 +230,8 @@ def test_probes_use_the_servers_health_services_and_shutdown_fits_the_grace_peri
     spec = pod_spec(deployment)
     container = spec["containers"][0]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": int(settings["VALLEY_GRPC_PORT"]), "metrics": int(settings["VALLEY_METRICS_PORT"]),
-                     "health": int(settings["VALLEY_HEALTH_PORT"])}
+    assert ports == {"grpc": int(settings["VALLEY_GRPC_PORT"]), "http": int(settings["VALLEY_HTTP_PORT"]),
+                     "metrics": int(settings["VALLEY_METRICS_PORT"]), "health": int(settings["VALLEY_HEALTH_PORT"])}
     # The kubelet's gRPC probes cannot do TLS: they use the plaintext health-only port.
     for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": ports["health"], "service": LIVENESS_SERVICE}, probe
@@ -312,7 +314,8 @@ def test_services_monitors_budgets_and_policies_point_at_the_pods(kustomization:
     assert _selects(find(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
     policy = find(objects, "NetworkPolicy")
     assert _selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
-    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == {"grpc", "metrics"}
+    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == \
+        {"grpc", "http", "metrics"}
     assert policy["spec"]["egress"] == [] and "Egress" in policy["spec"]["policyTypes"]
     hpa = find(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
