@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
@@ -47,6 +48,14 @@ def triton_inputs(pixels: np.ndarray, name: str = "pixels", datatype: str = "UIN
     """The one input tensor of a tritonclient request, holding `pixels`."""
     tensor = triton.InferInput(name, list(pixels.shape), datatype)
     tensor.set_data_from_numpy(pixels)
+    return [tensor]
+
+
+def http_inputs(pixels: np.ndarray, binary: bool = True, name: str = "pixels",
+                datatype: str = "UINT8") -> list[triton_http.InferInput]:
+    """The one input tensor of a tritonclient.http request, holding `pixels` (binary data, or JSON)."""
+    tensor = triton_http.InferInput(name, list(pixels.shape), datatype)
+    tensor.set_data_from_numpy(pixels, binary_data=binary)
     return [tensor]
 
 

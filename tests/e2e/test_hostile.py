@@ -3,8 +3,11 @@ model takes (never by what the client declared), and leaves the event loop (and 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +186,13 @@ def test_rpcs_past_the_concurrency_limit_are_unavailable_at_once(repository: Pat
         started = time.monotonic()
         code, details = _infer(limited.url, body)
         assert code == grpc.StatusCode.UNAVAILABLE and "limit of 2 concurrent" in details, details
+        # The HTTP port shares the limit: its requests are refused the same way, 503.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{limited.ports.http}/v2/models/{MODEL}/infer", method="POST",
+                data=json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                                             "data": pixels.ravel().tolist()}]}).encode()), timeout=10)
+        assert refused.value.code == 503 and "limit of 2 concurrent" in json.loads(refused.value.read())["error"]
         assert time.monotonic() - started < 1.0
         with HealthWatch(limited.url) as health:
             time.sleep(0.1)

@@ -31,6 +31,7 @@ from tests.e2e.conftest import (
     MODEL,
     Reference,
     ThreadServer,
+    http_inputs,
     start_server_process,
     stop_server_process,
     thread_settings,
@@ -40,13 +41,6 @@ from tests.e2e.conftest import (
 @pytest.fixture(scope="module")
 def client(served: ServerProcess) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(served.http_url)
-
-
-def http_inputs(pixels: np.ndarray, binary: bool = True, name: str = "pixels",
-                datatype: str = "UINT8") -> list[triton.InferInput]:
-    tensor = triton.InferInput(name, list(pixels.shape), datatype)
-    tensor.set_data_from_numpy(pixels, binary_data=binary)
-    return [tensor]
 
 
 def call(server: ServerProcess | ThreadServer, method: str, path: str, body: bytes | dict[str, Any] | None = None,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import queue
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -31,6 +34,7 @@ from tests.e2e.conftest import (
     Reference,
     ThreadServer,
     health_status,
+    http_inputs,
     report,
     start_server_process,
     stop_server_process,
@@ -320,3 +324,74 @@ def test_throwaway_credentials_run_a_server_as_production_does(repository: Path,
         assert _code(refused.value) == "UNAUTHENTICATED"
     finally:
         stop_server_process(server)
+
+
+def _https(server: ThreadServer, certificates: Certificates, method: str, path: str, token: str | None = None,
+           body: bytes | None = None, client_cert: bool = False) -> tuple[int, dict[str, str], bytes]:
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    if client_cert:
+        context.load_cert_chain(str(certificates.client_cert), str(certificates.client_key))
+    assert server.ports.http is not None
+    connection = http.client.HTTPSConnection("127.0.0.1", server.ports.http, context=context, timeout=30)
+    try:
+        connection.request(method, path, body, {"authorization": f"Bearer {token}"} if token else {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def test_the_http_port_speaks_tls_and_checks_the_same_tokens(secured: ThreadServer, certificates: Certificates,
+                                                             reference: Reference) -> None:
+    pixels = reference.images(3, seed=12)
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{secured.ports.http}", ssl=True,
+                                               ssl_options={"ca_certs": str(certificates.ca)})
+    result = client.infer(MODEL, http_inputs(pixels), headers=_bearer(INFER), request_id="https-1")
+    np.testing.assert_allclose(result.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
+    assert client.get_model_metadata(MODEL, headers=_bearer(FEEDBACK))["name"] == MODEL, "any token reads metadata"
+    # Probes carry no token: health answers everyone, as grpc.health.v1 does.
+    assert _https(secured, certificates, "GET", "/v2/health/ready")[0] == 200
+    assert _https(secured, certificates, "GET", "/v2/health/live")[0] == 200
+    refusals = {
+        "no token": ("POST", f"/v2/models/{MODEL}/infer", None, 401),
+        "wrong token": ("POST", f"/v2/models/{MODEL}/infer", "x" * 22, 401),
+        "no token reads metadata": ("GET", f"/v2/models/{MODEL}", None, 401),
+        "feedback token infers": ("POST", f"/v2/models/{MODEL}/infer", FEEDBACK, 403),
+        "infer token reads the repository": ("POST", "/v2/repository/index", INFER, 403),
+        "infer token unloads": ("POST", f"/v2/repository/models/{MODEL}/unload", INFER, 403),
+        "infer token reports labels": ("POST", "/valley/v1/feedback", INFER, 403),
+        "infer token recalibrates": ("POST", f"/valley/v1/models/{MODEL}/recalibrate", INFER, 403),
+    }
+    for case, (method, path, token, status) in refusals.items():
+        answered, headers, body = _https(secured, certificates, method, path, token, b"{}")
+        assert answered == status, f"{case}: {answered} {body!r}"
+        assert INFER not in body.decode() and FEEDBACK not in body.decode(), "no token is echoed"
+        if status == 401:
+            assert headers["www-authenticate"] == "Bearer", case
+    assert client.is_model_ready(MODEL, headers=_bearer(INFER))
+    status, _, body = _https(secured, certificates, "POST", "/v2/repository/index", ADMIN)
+    assert status == 200 and json.loads(body)[0]["state"] == "READY"
+    # The labels a token reports over HTTP join what that token was served, over either transport.
+    labels = json.dumps({"labels": [{"model_name": MODEL, "request_id": "https-1", "position": 0,
+                                     "true_class": 1}]}).encode()
+    assert _https(secured, certificates, "POST", "/valley/v1/feedback", FEEDBACK, labels)[0] == 404
+    assert _https(secured, certificates, "POST", "/valley/v1/feedback", INFER, labels)[0] == 403
+    triton_http.InferenceServerClient(f"127.0.0.1:{secured.ports.http}", ssl=True, ssl_options={
+        "ca_certs": str(certificates.ca)}).infer(MODEL, http_inputs(pixels), headers=_bearer(TEAM_A),
+                                                  request_id="https-2")
+    team_labels = labels.replace(b"https-1", b"https-2")
+    status, _, body = _https(secured, certificates, "POST", "/valley/v1/feedback", TEAM_A, team_labels)
+    assert (status, json.loads(body)) == (200, {"accepted": 1})
+    with pytest.raises((ConnectionError, http.client.HTTPException)):  # plaintext HTTP to the TLS port
+        connection = http.client.HTTPConnection("127.0.0.1", secured.ports.http, timeout=10)
+        connection.request("GET", "/v2/health/ready")
+        connection.getresponse()
+
+
+def test_mutual_tls_on_the_http_port(repository: Path, certificates: Certificates, tokens: Path) -> None:
+    settings = thread_settings(repository, tls_cert=certificates.server_cert, tls_key=certificates.server_key,
+                               tls_client_ca=certificates.ca, tokens_file=tokens)
+    with ThreadServer(settings) as server:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _https(server, certificates, "GET", "/v2/health/live")
+        assert _https(server, certificates, "GET", "/v2/health/live", client_cert=True)[0] == 200
