@@ -123,10 +123,10 @@ def measure(name: str, version_dir: Path, manifest: Manifest, images: np.ndarray
     if "server" in args.where:
         args.valley_arg = [f"--precision={precision}", f"--members={members}", f"--device={args.device}",
                            *args.extra_valley_arg]
-        with serving("valley", version_dir, manifest, args, log_dir) as (url, pgid):
+        with serving("valley", version_dir, manifest, args, log_dir) as started:
             for scenario in args.scenarios:
-                result.throughput.append(run_load("valley", url, manifest, scenario, images, probabilities, args,
-                                                  pgid))
+                result.throughput.append(run_load("valley", started.url, manifest, scenario, images, probabilities,
+                                                  args, started.pgid))
     for r in result.throughput:
         print(f"  {r.server} {r.batch}x{r.concurrency}: {r.images_per_s:,.0f} images/s, p50 {r.p50_ms:.2f} ms, "
               f"{r.errors} errors, other CPU {r.other_cpu:.2f}", flush=True)

@@ -1,8 +1,9 @@
 """Load for the serving benchmark: inputs and their reference answers, a closed-loop load generator, the baseline.
 
-The load generator drives an Open Inference Protocol v2 gRPC server with tritonclient from
-spawned processes (sync clients in threads, one request in flight each), checks every response
-against the in-process fused graph, and measures throughput, latency and who used the CPU.
+The load generator drives an Open Inference Protocol v2 server with tritonclient from spawned
+processes (sync clients in threads, one request in flight each) over gRPC, or over HTTP with
+binary tensors (Triton's binary-data extension) or JSON ones, checks every response against the
+in-process fused graph, and measures throughput, latency and who used the CPU.
 `run_inprocess` calls the fused graph in a loop in this process: the limit a server can approach.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from processes import group_cpu_seconds, machine_busy_seconds
 from tqdm import tqdm
 
@@ -35,6 +37,8 @@ from service.ensemble import create_session
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 FASHION_MNIST_SHAPE = (1, 28, 28)
 OUTPUT = "probabilities"
+PROTOCOLS = ("grpc", "http", "http-json")
+"""How requests travel: gRPC (raw tensors), HTTP with binary data, HTTP with JSON tensors."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class LoadSpec:
     tolerance: float
     timeout: float
     seed: int
+    protocol: str = "grpc"
 
 
 # ---------------------------------------------------------------- inputs and the reference
@@ -125,12 +130,8 @@ def client_process(spec: LoadSpec, images: np.ndarray, reference: np.ndarray,
     for _ in range(spec.threads):
         requests = []
         for offset in rng.integers(0, len(images) - spec.batch + 1, per_thread):
-            pixels = images[offset:offset + spec.batch]
-            request = grpcclient.InferInput(spec.input_name, list(pixels.shape), "UINT8")
-            request.set_data_from_numpy(pixels)
-            requests.append((request, reference[offset:offset + spec.batch]))
+            requests.append((_request(spec, images[offset:offset + spec.batch]), reference[offset:offset + spec.batch]))
         plans.append(requests)
-    outputs = [grpcclient.InferRequestedOutput(OUTPUT)]
     results.put({"ready": True})
     start, stop = control.get()
 
@@ -139,7 +140,7 @@ def client_process(spec: LoadSpec, images: np.ndarray, reference: np.ndarray,
     samples: list[str] = []
 
     def loop(index: int) -> None:
-        client = grpcclient.InferenceServerClient(spec.url)
+        infer, close = _client(spec)
         mine, out = plans[index], latencies[index]
         position = 0
         while (began := time.monotonic()) < stop:
@@ -147,8 +148,7 @@ def client_process(spec: LoadSpec, images: np.ndarray, reference: np.ndarray,
             position = (position + 1) % len(mine)
             problem = ""
             try:
-                answer = client.infer(spec.model, [request], spec.version, outputs=outputs,
-                                      client_timeout=spec.timeout).as_numpy(OUTPUT)
+                answer = infer(request)
                 if answer is None or answer.shape != expected.shape:
                     problem = f"shape {None if answer is None else answer.shape} != {expected.shape}"
                 elif not float(np.abs(answer - expected).max()) <= spec.tolerance:
@@ -164,7 +164,7 @@ def client_process(spec: LoadSpec, images: np.ndarray, reference: np.ndarray,
                 errors[index] += 1
                 if len(samples) < 5:
                     samples.append(problem)
-        client.close()
+        close()
 
     threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(spec.threads)]
     for thread in threads:
@@ -179,6 +179,30 @@ def client_process(spec: LoadSpec, images: np.ndarray, reference: np.ndarray,
                  "errors": sum(errors), "samples": samples, "cpu": cpu_used})
 
 
+def _request(spec: LoadSpec, pixels: np.ndarray) -> Any:
+    """One request's input, serialised once (raw for gRPC and HTTP binary data, a JSON list for HTTP JSON)."""
+    if spec.protocol == "grpc":
+        tensor = grpcclient.InferInput(spec.input_name, list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        return tensor
+    tensor = httpclient.InferInput(spec.input_name, list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels, binary_data=spec.protocol == "http")
+    return tensor
+
+
+def _client(spec: LoadSpec) -> tuple[Any, Any]:
+    """(infer(request) -> the probabilities, close()) of a new client of `spec.protocol`."""
+    if spec.protocol == "grpc":
+        grpc_client = grpcclient.InferenceServerClient(spec.url)
+        grpc_outputs = [grpcclient.InferRequestedOutput(OUTPUT)]
+        return (lambda request: grpc_client.infer(spec.model, [request], spec.version, outputs=grpc_outputs,
+                                                  client_timeout=spec.timeout).as_numpy(OUTPUT)), grpc_client.close
+    http_client = httpclient.InferenceServerClient(spec.url, network_timeout=spec.timeout)
+    http_outputs = [httpclient.InferRequestedOutput(OUTPUT, binary_data=spec.protocol == "http")]
+    return (lambda request: http_client.infer(spec.model, [request], spec.version,
+                                              outputs=http_outputs).as_numpy(OUTPUT)), http_client.close
+
+
 def split(total: int, parts: int) -> list[int]:
     """`total` threads over at most `parts` processes, as evenly as possible, none empty."""
     parts = max(1, min(parts, total))
@@ -186,8 +210,9 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def run_load(server: str, url: str, manifest: Manifest, scenario: Scenario, images: np.ndarray,
-             reference: np.ndarray, args: argparse.Namespace, server_pgid: int) -> Result:
-    """Closed-loop load at `scenario` against the server at `url`, whose process group is `server_pgid`; one Result.
+             reference: np.ndarray, args: argparse.Namespace, server_pgid: int, protocol: str = "grpc") -> Result:
+    """Closed-loop load at `scenario` against the server at `url` (gRPC's, or HTTP's for the HTTP protocols),
+    whose process group is `server_pgid`; one Result.
 
     `args`: serving_throughput.py's command line (client processes, warm-up, duration, tolerance, timeout, seed).
     """
@@ -198,7 +223,7 @@ def run_load(server: str, url: str, manifest: Manifest, scenario: Scenario, imag
     try:
         for index, threads in enumerate(split(scenario.concurrency, args.client_processes)):
             spec = LoadSpec(url, manifest.name, str(manifest.version), manifest.input.name, scenario.batch, threads,
-                            args.tolerance, args.request_timeout, args.seed + index)
+                            args.tolerance, args.request_timeout, args.seed + index, protocol)
             control: Queue[tuple[float, float]] = context.Queue()
             process = context.Process(target=client_process, args=(spec, images, reference, control, results),
                                       daemon=True)

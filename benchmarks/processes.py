@@ -78,6 +78,11 @@ class Started:
     valley: ServerProcess | None = None
     """valley's handle from `start_server`, which also owns the folder of its ready file."""
 
+    @property
+    def pgid(self) -> int:
+        """The server's process group (it leads one of its own)."""
+        return self.process.pid
+
     def stop(self, timeout: float) -> None:
         """Stop the whole process group (`stop_group`) and remove what starting it left behind."""
         stop_group(self.process, timeout)
@@ -87,8 +92,8 @@ class Started:
 
 @contextlib.contextmanager
 def serving(server: str, version_dir: Path, manifest: Manifest, args: argparse.Namespace,
-            log_dir: Path) -> Iterator[tuple[str, int]]:
-    """Start `server`, wait until the model is ready, yield (url, process group); always stop it.
+            log_dir: Path) -> Iterator[Started]:
+    """Start `server`, wait until the model is ready, yield it (its gRPC url, its process group); always stop it.
 
     `args`: serving_throughput.py's command line. A start that fails is tried again (`--start-attempts`):
     PyTriton's second model instance sometimes reaches the first one's handshake socket before it
@@ -120,7 +125,7 @@ def serving(server: str, version_dir: Path, manifest: Manifest, args: argparse.N
         break
     assert started is not None  # the last failed attempt raised
     try:
-        yield started.url, started.process.pid
+        yield started
     finally:
         started.stop(args.stop_timeout)
 

@@ -170,9 +170,10 @@ def main() -> None:
                     results.append(run_inprocess(session, manifest, Scenario(batch, 1), images, reference, args))
                     print(f"  {summary_line(results[-1])}", flush=True)
                 continue
-            with serving(server, version_dir, manifest, args, log_dir) as (url, pgid):
+            with serving(server, version_dir, manifest, args, log_dir) as started:
                 for scenario in args.scenarios:
-                    results.append(run_load(server, url, manifest, scenario, images, reference, args, pgid))
+                    results.append(run_load(server, started.url, manifest, scenario, images, reference, args,
+                                            started.pgid))
                     print(f"  {summary_line(results[-1])}", flush=True)
 
     print()
