@@ -3,6 +3,8 @@ parse is INVALID_ARGUMENT, for every RPC of both services."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ CASES = [
     Case(INFERENCE, "ModelReady", "model_ready", lambda r: pb.ModelReadyRequest(name=MODEL)),
     Case(INFERENCE, "ServerMetadata", "server_metadata", lambda r: pb.ServerMetadataRequest()),
     Case(INFERENCE, "ModelMetadata", "model_metadata", lambda r: pb.ModelMetadataRequest(name=MODEL)),
+    Case(INFERENCE, "ModelConfig", "model_config", lambda r: pb.ModelConfigRequest(name=MODEL)),
     Case(INFERENCE, "ModelInfer", "infer", _infer),
     Case(INFERENCE, "ModelStreamInfer", "infer", _infer),
     Case(INFERENCE, "ModelStatistics", "statistics", lambda r: pb.ModelStatisticsRequest(name=MODEL)),
@@ -137,6 +140,42 @@ def test_a_stream_goes_on_after_a_request_that_fails_in_the_data_plane(server: T
     failed = [answer for answer in answers if answer.error_message]
     assert len(answers) == 2 and len(failed) == 1
     assert failed[0].error_message == f"INTERNAL: {INTERNAL_MESSAGE}" and SECRET not in str(answers)
+
+
+HTTP_CASES = [
+    ("GET", "/v2", "server_metadata", None),
+    ("GET", f"/v2/models/{MODEL}", "model_metadata", None),
+    ("GET", f"/v2/models/{MODEL}/ready", "check_ready", None),
+    ("GET", f"/v2/models/{MODEL}/config", "model_config", None),
+    ("GET", f"/v2/models/{MODEL}/stats", "statistics", None),
+    ("GET", "/v2/models/stats", "statistics", None),
+    ("POST", f"/v2/models/{MODEL}/infer", "infer", {"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                                                 "shape": [1, 1, 16, 16], "data": [0] * 256}]}),
+    ("POST", "/v2/repository/index", "index", {}),
+    ("POST", f"/v2/repository/models/{MODEL}/load", "load", {}),
+    ("POST", f"/v2/repository/models/{MODEL}/unload", "unload", {}),
+    ("POST", "/valley/v1/feedback", "report", {"labels": []}),
+    ("GET", f"/valley/v1/models/{MODEL}/calibration", "suggestion", None),
+    ("POST", f"/valley/v1/models/{MODEL}/recalibrate", "recalibrate", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "dataplane", "body"), HTTP_CASES, ids=lambda v: str(v))
+def test_a_fault_in_the_data_plane_is_a_500_over_http_with_a_generic_message(
+        server: ThreadServer, method: str, path: str, dataplane: str, body: dict[str, Any] | None,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(SECRET)
+
+    monkeypatch.setattr(server.server.dataplane, dataplane, broken)
+    connection = http.client.HTTPConnection("127.0.0.1", server.ports.http or 0, timeout=10)
+    with caplog.at_level(logging.ERROR, logger="service"):
+        connection.request(method, path, json.dumps(body).encode() if body is not None else None)
+        answer = connection.getresponse()
+        status, text = answer.status, answer.read()
+    connection.close()
+    assert (status, json.loads(text)) == (500, {"error": INTERNAL_MESSAGE})
+    assert any(SECRET in (record.exc_text or "") for record in caplog.records), "the server logs the traceback"
 
 
 def test_overlong_names_and_ids_are_refused_without_being_echoed(repository: Path, reference: Reference) -> None:
