@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import REPO
-from tests.e2e.conftest import MODEL, Reference, start_server_process, triton_inputs
+from tests.e2e.conftest import MODEL, Reference, http_inputs, start_server_process, triton_inputs
 
 GRACE_S = 4.0
 
@@ -73,6 +74,39 @@ class Unary(threading.Thread):
                 self.other.append("wrong probabilities")
 
 
+class HttpUnary(threading.Thread):
+    """`Unary` over HTTP: 503 while the server drains, then no connection once it has gone."""
+
+    def __init__(self, url: str, reference: Reference, seed: int) -> None:
+        super().__init__()
+        self.url, self.reference, self.seed = url, reference, seed
+        self.answered, self.refused, self.gone, self.other = 0, 0, 0, list[str]()
+
+    def run(self) -> None:
+        client = triton_http.InferenceServerClient(self.url, network_timeout=30)
+        rng = np.random.default_rng(self.seed)
+        while self.gone < 20:
+            pixels = self.reference.images(int(rng.integers(1, 5)), seed=int(rng.integers(1 << 30)))
+            try:
+                result = client.infer(MODEL, http_inputs(pixels))
+            except InferenceServerException as error:
+                if error.status() == "503" and "shutting down" in str(error.message()):
+                    self.refused += 1
+                    time.sleep(0.01)
+                else:
+                    self.other.append(f"{error.status()}: {error.message()}")
+                    return
+                continue
+            except OSError:  # the port has closed: the server is gone
+                self.gone += 1
+                time.sleep(0.01)
+                continue
+            if np.allclose(result.as_numpy("probabilities"), self.reference(pixels)["probabilities"], atol=1e-5):
+                self.answered += 1
+            else:
+                self.other.append("wrong probabilities")
+
+
 class Stream(threading.Thread):
     """One stream sending requests with ids s0, s1, ... until the server ends it; keeps every answer."""
 
@@ -119,7 +153,8 @@ def test_sigterm_under_load_loses_no_accepted_request_and_exits_within_the_grace
     server = start_server_process(own, "--shutdown-grace-s", str(GRACE_S), "--max-queue-delay-ms", "5")
     unary = [Unary(server.url, reference, seed) for seed in range(2)]
     streams = [Stream(server.url, reference) for _ in range(2)]
-    for thread in (*unary, *streams):
+    over_http = HttpUnary(server.http_url, reference, 3)
+    for thread in (*unary, *streams, over_http):
         thread.start()
     _slow_version(own, 2)
     loading: list[BaseException] = []
@@ -137,7 +172,7 @@ def test_sigterm_under_load_loses_no_accepted_request_and_exits_within_the_grace
     server.process.send_signal(signal.SIGTERM)
     code = server.process.wait(GRACE_S + 30)
     exited = time.monotonic() - sent
-    for thread in (*unary, *streams, loader):
+    for thread in (*unary, *streams, loader, over_http):
         thread.join(60)
     log = server.log.read_text() if server.log else ""
     assert code == 0, log
@@ -146,6 +181,8 @@ def test_sigterm_under_load_loses_no_accepted_request_and_exits_within_the_grace
     for client in unary:
         assert not client.other, client.other[:3]
         assert client.answered > 0 and client.refused > 0
+    assert not over_http.other, over_http.other[:3]
+    assert over_http.answered > 0 and over_http.refused > 0, "HTTP requests too are served, then refused 503"
     for stream in streams:
         served = sorted(int(key[1:]) for key, value in stream.answers.items() if value == "ok")
         assert "wrong" not in stream.answers.values()
