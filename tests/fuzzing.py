@@ -93,6 +93,7 @@ class Target:
             "ServerMetadata": pb.ServerMetadataRequest,
             "ModelReady": lambda: pb.ModelReadyRequest(name=self.model, version=self.version),
             "ModelMetadata": lambda: pb.ModelMetadataRequest(name=self.model, version=self.version),
+            "ModelConfig": lambda: pb.ModelConfigRequest(name=self.model, version=self.version),
             "ModelInfer": self.infer,
             "ModelStreamInfer": self.infer,
             "ModelStatistics": lambda: pb.ModelStatisticsRequest(name=self.model, version=self.version),
@@ -426,6 +427,8 @@ def structural(method: str, target: Target) -> st.SearchStrategy[Message]:
         return st.builds(pb.ModelMetadataRequest, name=model, version=version)
     if name == "ModelStatistics":
         return st.builds(pb.ModelStatisticsRequest, name=model, version=version)
+    if name == "ModelConfig":
+        return st.builds(pb.ModelConfigRequest, name=model, version=version)
     if name == "RepositoryIndex":
         return st.builds(pb.RepositoryIndexRequest, repository_name=strings(), ready=st.booleans())
     if name in ("ModelInfer", "ModelStreamInfer"):

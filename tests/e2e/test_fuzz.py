@@ -99,7 +99,8 @@ SIZES = [pytest.param(SHORT, id="short"), pytest.param(FULL, id="full", marks=py
 UNARY = [method for method in METHODS if method != STREAM_INFER]
 EXAMPLES = {  # per unit of scale
     **{method: 60 for method in UNARY},
-    f"/{INFERENCE}/ModelReady": 80, f"/{INFERENCE}/ModelMetadata": 80, f"/{INFERENCE}/ModelStatistics": 80,
+    f"/{INFERENCE}/ModelReady": 80, f"/{INFERENCE}/ModelMetadata": 80, f"/{INFERENCE}/ModelConfig": 80,
+    f"/{INFERENCE}/ModelStatistics": 80,
     f"/{INFERENCE}/RepositoryIndex": 80, LOAD: 100, UNLOAD: 100, MODEL_INFER: 320, f"/{FEEDBACK}/Report": 150,
 }
 STREAMS = 40
@@ -467,7 +468,8 @@ def test_while_the_served_model_is_unloaded(campaign: Campaign, request: pytest.
     try:
         assert campaign.call(MODEL_INFER, target.infer().SerializeToString()) == grpc.StatusCode.UNAVAILABLE
         methods = [MODEL_INFER, f"/{INFERENCE}/ModelReady", f"/{INFERENCE}/ModelMetadata",
-                   f"/{INFERENCE}/ModelStatistics", f"/{FEEDBACK}/Report", f"/{INFERENCE}/RepositoryIndex"]
+                   f"/{INFERENCE}/ModelConfig", f"/{INFERENCE}/ModelStatistics", f"/{FEEDBACK}/Report",
+                   f"/{INFERENCE}/RepositoryIndex"]
         calls = st.sampled_from(methods).flatmap(lambda method: st.tuples(st.just(method), bodies(method, target)))
         fuzz(calls, WHILE_UNLOADED * _size(request).scale, lambda call: campaign.call(*call))
         fuzz(st.lists(bodies(STREAM_INFER, target), min_size=1, max_size=4), 5, campaign.stream)

@@ -214,7 +214,7 @@ def test_the_async_client(served: ServerProcess, reference: Reference) -> None:
     ready, config, results, statistics = asyncio.run(session())
     assert ready and config["max_batch_size"] == 64
     for result in results:
-        _assert_matches(result, reference(pixels), list(OUTPUTS))  # type: ignore[arg-type]
+        _assert_matches(result, reference(pixels), list(OUTPUTS))
     assert statistics["model_stats"][0]["inference_count"] >= 6 + 6 + sum(1 + i % 4 for i in range(24))
 
 
@@ -282,7 +282,7 @@ def test_class_count_gives_the_right_labels_in_order_on_real_images(fashion_repo
         plain = http_client.infer("fashion", http_inputs(images[:2]), outputs=[
             triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("confidence")],
             parameters={})
-        assert plain.as_numpy("probabilities").dtype == np.float32  # type: ignore[union-attr]
+        assert plain.as_numpy("probabilities").dtype == np.float32
         status, _, body = call(server, "POST", "/v2/models/fashion/infer", infer_body(
             images[:1], outputs=[{"name": "probabilities", "parameters": {"classification": 0}}]))
         assert status == 200 and json.loads(body)["outputs"][0]["datatype"] == "FP32", "0 asks for no classification"
