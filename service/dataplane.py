@@ -10,6 +10,7 @@ request goes to the model's statistics and to the observer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -166,7 +167,9 @@ def _parameters(model: ServedModel) -> dict[str, Parameter]:
     return parameters
 
 
+@functools.cache
 def _server_version() -> str:
+    """The installed package's version, read once (importlib.metadata scans the installed distributions)."""
     try:
         return version("valley-ensembles")
     except PackageNotFoundError:

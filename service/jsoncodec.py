@@ -31,6 +31,8 @@ HEADER_LENGTH = "inference-header-content-length"
 BINARY_OUTPUT = "binary_data_output"
 JSON_ON_LOOP = 64 << 10
 """Bytes of JSON a request may hold and still be parsed on the event loop; larger ones go to a worker thread."""
+VALUES_ON_LOOP = 1 << 16
+"""Output values an answer may hold and still be encoded on the event loop; larger ones go to a worker thread."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gzip
 import inspect
 import logging
@@ -306,8 +307,10 @@ class Frontend:
             name, version, request_id, lambda expect: jsoncodec.decode(parsed, expect), _deadline(parameters),
             CALLER.get().principal, heavy=heavy, members=requested(parameters.get(PARAMETER)),
             target_accuracy=parameters.get(TARGET_PARAMETER)))
-        content, length = jsoncodec.encode(answer.model, answer.version, answer.id, answer.outputs, answer.parameters,
-                                           jsoncodec.binary_outputs(header, binary_default))
+        encode = functools.partial(jsoncodec.encode, answer.model, answer.version, answer.id, answer.outputs,
+                                   answer.parameters, jsoncodec.binary_outputs(header, binary_default))
+        large = sum(array.size for array in answer.outputs.values()) > jsoncodec.VALUES_ON_LOOP
+        content, length = await asyncio.to_thread(encode) if large else encode()
         headers: dict[str, str] = {}
         if length is not None:
             headers["Inference-Header-Content-Length"] = str(length)

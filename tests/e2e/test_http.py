@@ -10,10 +10,12 @@ import asyncio
 import gzip
 import http.client
 import json
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -23,6 +25,8 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from service._proto.valley.v1 import calibration_pb2 as calibration_pb
+from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.abstention import ABSTAIN
 from service.dataplane import DEFAULT_OUTPUTS
 from service.dataplane import SERVED_OUTPUTS as OUTPUTS
@@ -36,6 +40,7 @@ from tests.e2e.conftest import (
     stop_server_process,
     thread_settings,
 )
+from training.data import synthetic_images
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +440,42 @@ def test_labels_come_back_over_http_and_requests_are_counted(repository: Path, r
         registry = server.server.registry
         assert registry.get_sample_value("valley_requests_total", {"model": MODEL, "version": "1", "code": "OK"}) == 1
         assert registry.get_sample_value("valley_live_window_predictions", {"model": MODEL, "version": "1"}) == 2
+
+
+def test_calibration_over_http_suggests_and_publishes(exported: Path, tmp_path: Path) -> None:
+    """Labels for a shifted stream reported over HTTP; the suggestion over HTTP equals gRPC's; recalibrate publishes
+    version 2, which then serves."""
+    repository = tmp_path / "repository"
+    shutil.copytree(exported, repository / MODEL / "1")
+    server = start_server_process(repository, "--recalibration-min-labels", "100", "--calibration-window", "400")
+    try:
+        client = triton.InferenceServerClient(server.http_url)
+        split = synthetic_images(200, seed=41)
+        noisy = split.images.numpy() + np.random.default_rng(41).normal(0, 70, split.images.shape)
+        pixels, labels = np.clip(noisy, 0, 255).astype(np.uint8), split.labels.numpy()
+        status, _, body = call(server, "GET", f"/valley/v1/models/{MODEL}/calibration")
+        assert status == 400 and "labelled predictions" in json.loads(body)["error"], "FAILED_PRECONDITION: 400"
+        for start in range(0, 200, 50):
+            client.infer(MODEL, http_inputs(pixels[start:start + 50]), request_id=f"shift-{start}")
+            status, _, body = call(server, "POST", "/valley/v1/feedback", {"labels": [
+                {"model_name": MODEL, "request_id": f"shift-{start}", "position": row,
+                 "true_class": int(labels[start + row])} for row in range(50)]})
+            assert (status, json.loads(body)) == (200, {"accepted": 50})
+        status, _, body = call(server, "GET", f"/valley/v1/models/{MODEL}/calibration")
+        suggestion = json.loads(body)
+        assert status == 200 and suggestion["labels"] == 200 and suggestion["model_version"] == "1"
+        with grpc.insecure_channel(server.url) as channel:
+            stub = calibration_grpc.CalibrationStub(channel)  # type: ignore[no-untyped-call]
+            theirs = stub.Suggest(calibration_pb.SuggestRequest(model_name=MODEL), timeout=30)
+        assert suggestion["suggested_temperature"] == pytest.approx(theirs.suggested_temperature)
+        assert suggestion["current"]["ece"] == pytest.approx(theirs.current.ece)
+        status, _, body = call(server, "POST", f"/valley/v1/models/{MODEL}/recalibrate", {"temperature": "hot"})
+        assert status == 400 and "must be a number" in json.loads(body)["error"]
+        status, _, body = call(server, "POST", f"/valley/v1/models/{MODEL}/recalibrate", {})
+        published = json.loads(body)
+        assert status == 200 and published["published_version"] == "2", body
+        assert published["temperature"] == pytest.approx(suggestion["suggested_temperature"], rel=1e-3)
+        assert client.get_model_metadata(MODEL)["versions"] == ["2"]
+        assert client.infer(MODEL, http_inputs(pixels[:2])).get_response()["model_version"] == "2"
+    finally:
+        stop_server_process(server)
