@@ -1,7 +1,7 @@
-"""`valley-serve`: serve every ensemble in a model repository over gRPC.
+"""`valley-serve`: serve every ensemble in a model repository over gRPC and HTTP/REST.
 
-    valley-serve --repository runs/ensembles [--grpc-port 8001] [--metrics-port 8002]
-    valley-serve --repository runs/ensembles --grpc-port 0 --metrics-port 0 --ready-file ready.json
+    valley-serve --repository runs/ensembles [--grpc-port 8001] [--http-port 8000] [--metrics-port 8002]
+    valley-serve --repository runs/ensembles --grpc-port 0 --http-port 0 --metrics-port 0 --ready-file ready.json
 
 Once the ensembles are loaded, one JSON line on stdout (and in `--ready-file`) gives the ports
 bound and the readiness: with port 0 that is how a caller learns them. Every flag can also

@@ -1,6 +1,6 @@
 """Start `valley-serve` as a child process on free ports, and learn the ports without racing.
 
-The server is started with `--grpc-port 0 --metrics-port 0 --ready-file F`: the kernel picks
+The server is started with `--grpc-port 0 --http-port 0 --metrics-port 0 --ready-file F`: the kernel picks
 free ports when it binds them, and once the ensembles are loaded the server writes what it
 bound to F. Nothing guesses a free port first (which another process could take meanwhile).
 Standard library only, so tests, benchmarks and client programs use it without the server's

@@ -13,6 +13,7 @@ SIGINT readiness goes NOT_SERVING, new requests are refused, in-flight ones fini
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -173,6 +174,12 @@ class Server:
         log.info("gRPC (%s, %s) on %s:%d%s, metrics on http://%s:%d/metrics%s; loading ensembles from %s", transport,
                  access, settings.host, grpc_port, http, settings.host, metrics_port, health, settings.repository)
         await self.repository.load_all(settings.startup_models, stopping=self._stopping.is_set)
+        # What exists now (modules, loaded ensembles) lives as long as the server: moved out of the collector's sight
+        # (after a last collection, so no garbage is kept), a full collection scans only what requests made, and
+        # stops the event loop for about a millisecond instead of 25-30 ms (measured under HTTP load, where they
+        # held 1-2 % of the requests 40 ms). `stop` hands them back.
+        gc.collect()
+        gc.freeze()
         if self._stopping.is_set():
             return Ports(grpc_port, metrics_port, health_port, http_port)
         if settings.model_control_mode == "poll":
@@ -238,6 +245,7 @@ class Server:
             await self.health_grpc.stop(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        gc.unfreeze()  # a process that goes on (tests, an embedding program) can collect the server's objects
         log.info("stopped")
 
     def announce(self, ports: Ports) -> None:
