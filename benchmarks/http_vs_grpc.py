@@ -28,11 +28,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from loadgen import PROTOCOLS, Result, Scenario, fused_session, load_images, reference_probabilities, run_load
+from loadgen import PROTOCOLS, Result, Scenario, run_load, workload
 from processes import ROOT, serving
 from serving_throughput import _interrupt, parse_scenario
 
-from artefact.manifest import load_manifest
 from training.plots import chart, save_chart
 
 
@@ -59,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--log-dir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plot", type=Path, help="draw images/s and p50 latency per scenario and protocol here")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw --plot from a --json of an earlier run")
     args = parser.parse_args()
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not args.protocols or set(args.protocols) - set(PROTOCOLS):
@@ -103,25 +103,29 @@ def plot(results: list[Result], scenarios: list[Scenario], protocols: list[str],
         for bar, scenario in zip(bars, scenarios, strict=True):
             key = (scenario.batch, scenario.concurrency)
             if key in found:
-                axes.annotate(f"{found[key].p50_ms:.1f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                              ha="center", va="bottom", fontsize=7)
-    axes.set_xticks(range(len(scenarios)), [f"batch {s.batch} x {s.concurrency} in flight" for s in scenarios])
-    axes.set_ylabel("images/s (p50 latency on the bars)")
+                axes.annotate(f"{found[key].p50_ms:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                              ha="center", va="bottom", fontsize=6.5)
+    axes.set_xticks(range(len(scenarios)), [f"batch {s.batch}\n{s.concurrency} in flight" for s in scenarios],
+                    fontsize=8)
+    axes.set_ylabel("images/s (p50 latency in ms on the bars)")
     save_chart(figure, axes, "valley over gRPC and HTTP/REST: the same server and ensemble", path)
 
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        if not args.plot:
+            raise SystemExit("--replot needs --plot")
+        earlier = [Result(**r) for r in json.loads(args.replot.read_text())["results"]]
+        scenarios = list(dict.fromkeys(Scenario(r.batch, r.concurrency) for r in earlier))
+        plot(earlier, scenarios, list(dict.fromkeys(r.server for r in earlier)), args.plot)
+        print(markdown(earlier))
+        return
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
-    version_dir = args.version_dir.resolve()
-    manifest = load_manifest(version_dir)
-    session = fused_session(version_dir, manifest)
-    images, source = load_images(args.images, args.seed, manifest.input.shape[1:])
-    reference = reference_probabilities(session, manifest.input.name, images)
-    del session
-    print(f"{manifest.name} v{manifest.version}: {len(manifest.members)} members; inputs: {source}; "
-          f"{os.cpu_count()} CPUs; {args.duration:g} s per scenario after {args.warmup:g} s warm-up", flush=True)
+    work = workload(args)
+    version_dir, manifest, images, source, reference = (work.version_dir, work.manifest, work.images, work.source,
+                                                        work.reference)
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
         log_dir = (args.log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="http-")))).resolve()

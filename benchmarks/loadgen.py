@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import gzip
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -31,7 +32,7 @@ import tritonclient.http as httpclient
 from processes import group_cpu_seconds, machine_busy_seconds
 from tqdm import tqdm
 
-from artefact.manifest import Manifest
+from artefact.manifest import Manifest, load_manifest
 from service.ensemble import create_session
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -110,6 +111,32 @@ def reference_probabilities(session: onnxruntime.InferenceSession, input_name: s
     parts = [session.run([OUTPUT], {input_name: images[start:start + 256]})[0]
              for start in range(0, len(images), 256)]
     return np.concatenate(parts).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a serving benchmark sends and checks: the ensemble, its fused graph in this process, the images and
+    their reference probabilities."""
+
+    version_dir: Path
+    manifest: Manifest
+    session: onnxruntime.InferenceSession
+    images: np.ndarray
+    source: str
+    reference: np.ndarray
+
+
+def workload(args: argparse.Namespace, threads: int = 0) -> Workload:
+    """The workload of a benchmark's command line (`--version-dir`, `--images`, `--seed`), announced on stdout with
+    the machine and the timing (`--duration`, `--warmup`)."""
+    version_dir = args.version_dir.resolve()
+    manifest = load_manifest(version_dir)
+    session = fused_session(version_dir, manifest, threads)
+    images, source = load_images(args.images, args.seed, manifest.input.shape[1:])
+    reference = reference_probabilities(session, manifest.input.name, images)
+    print(f"{manifest.name} v{manifest.version}: {len(manifest.members)} members; inputs: {source}; "
+          f"{os.cpu_count()} CPUs; {args.duration:g} s per scenario after {args.warmup:g} s warm-up", flush=True)
+    return Workload(version_dir, manifest, session, images, source, reference)
 
 
 # ---------------------------------------------------------------- load generator

@@ -42,10 +42,8 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from loadgen import Result, Scenario, fused_session, load_images, reference_probabilities, run_inprocess, run_load
+from loadgen import Result, Scenario, run_inprocess, run_load, workload
 from processes import ROOT, serving
-
-from artefact.manifest import load_manifest
 
 # ---------------------------------------------------------------- report
 
@@ -152,13 +150,9 @@ def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     signal.signal(signal.SIGTERM, _interrupt)
-    version_dir = args.version_dir.resolve()
-    manifest = load_manifest(version_dir)
-    session = fused_session(version_dir, manifest, args.inprocess_threads)
-    images, source = load_images(args.images, args.seed, manifest.input.shape[1:])
-    reference = reference_probabilities(session, manifest.input.name, images)
-    print(f"{manifest.name} v{manifest.version}: {len(manifest.members)} members; inputs: {source}; "
-          f"{os.cpu_count()} CPUs; {args.duration:g} s per scenario after {args.warmup:g} s warm-up", flush=True)
+    work = workload(args, args.inprocess_threads)
+    version_dir, manifest, session, images, source, reference = (work.version_dir, work.manifest, work.session,
+                                                                  work.images, work.source, work.reference)
 
     results: list[Result] = []
     with contextlib.ExitStack() as stack:

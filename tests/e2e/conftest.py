@@ -23,7 +23,7 @@ from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -57,6 +57,21 @@ def http_inputs(pixels: np.ndarray, binary: bool = True, name: str = "pixels",
     tensor = triton_http.InferInput(name, list(pixels.shape), datatype)
     tensor.set_data_from_numpy(pixels, binary_data=binary)
     return [tensor]
+
+
+class Answer(Protocol):
+    """An inference result of tritonclient.grpc or tritonclient.http."""
+
+    def as_numpy(self, name: str) -> np.ndarray | None: ...
+
+
+def assert_matches(result: Answer, expected: dict[str, np.ndarray], names: list[str]) -> None:
+    """Every output in `names` is there, with the expected datatype and shape, within 1e-6 of `expected`."""
+    for name in names:
+        served = result.as_numpy(name)
+        assert served is not None, f"output {name} missing"
+        assert served.dtype == expected[name].dtype and served.shape == expected[name].shape, name
+        np.testing.assert_allclose(served, expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 def free_port() -> int:

@@ -142,7 +142,7 @@ def test_a_stream_goes_on_after_a_request_that_fails_in_the_data_plane(server: T
     assert failed[0].error_message == f"INTERNAL: {INTERNAL_MESSAGE}" and SECRET not in str(answers)
 
 
-HTTP_CASES = [
+HTTP_CASES: list[tuple[str, str, str, dict[str, Any] | None]] = [
     ("GET", "/v2", "server_metadata", None),
     ("GET", f"/v2/models/{MODEL}", "model_metadata", None),
     ("GET", f"/v2/models/{MODEL}/ready", "check_ready", None),

@@ -35,6 +35,7 @@ from tests.e2e.conftest import (
     MODEL,
     Reference,
     ThreadServer,
+    assert_matches,
     http_inputs,
     start_server_process,
     stop_server_process,
@@ -67,14 +68,6 @@ def infer_body(pixels: np.ndarray, **extra: Any) -> dict[str, Any]:
     """A JSON inference request as a curl user writes it: nested data."""
     return {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
                         "data": pixels.tolist()}], **extra}
-
-
-def _assert_matches(result: triton.InferResult, expected: dict[str, np.ndarray], names: list[str]) -> None:
-    for name in names:
-        served = result.as_numpy(name)
-        assert served is not None, f"output {name} missing"
-        assert served.dtype == expected[name].dtype and served.shape == expected[name].shape, name
-        np.testing.assert_allclose(served, expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 # -- health, metadata, configuration ----------------------------------------------------------
@@ -151,7 +144,7 @@ def test_every_output_in_binary_and_json(client: triton.InferenceServerClient, r
     assert (response["id"], response["model_name"], response["model_version"]) == ("r-5", MODEL, "1")
     assert response["parameters"]["members"] == "full"
     assert all(("data" in output) != binary for output in response["outputs"])
-    _assert_matches(result, reference(pixels), list(OUTPUTS))
+    assert_matches(result, reference(pixels), list(OUTPUTS))
 
 
 def test_without_requested_outputs_the_defaults_come_back_binary(client: triton.InferenceServerClient,
@@ -159,7 +152,7 @@ def test_without_requested_outputs_the_defaults_come_back_binary(client: triton.
     pixels = reference.images(3, seed=22)
     result = client.infer(MODEL, http_inputs(pixels))  # tritonclient asks binary_data_output: true
     assert [o["name"] for o in result.get_response()["outputs"]] == [*DEFAULT_OUTPUTS, ABSTAIN]
-    _assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
+    assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
 
 
 def test_curl_style_json_with_nested_data(served: ServerProcess, reference: Reference) -> None:
@@ -219,7 +212,7 @@ def test_the_async_client(served: ServerProcess, reference: Reference) -> None:
     ready, config, results, statistics = asyncio.run(session())
     assert ready and config["max_batch_size"] == 64
     for result in results:
-        _assert_matches(result, reference(pixels), list(OUTPUTS))
+        assert_matches(result, reference(pixels), list(OUTPUTS))
     assert statistics["model_stats"][0]["inference_count"] >= 6 + 6 + sum(1 + i % 4 for i in range(24))
 
 

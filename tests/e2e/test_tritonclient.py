@@ -16,20 +16,12 @@ from service.abstention import ABSTAIN
 from service.dataplane import DEFAULT_OUTPUTS
 from service.dataplane import SERVED_OUTPUTS as OUTPUTS
 from service.launch import ServerProcess
-from tests.e2e.conftest import MODEL, Reference, triton_inputs
+from tests.e2e.conftest import MODEL, Reference, assert_matches, triton_inputs
 
 
 @pytest.fixture(scope="module")
 def client(served: ServerProcess) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(served.url)
-
-
-def _assert_matches(result: triton.InferResult, expected: dict[str, np.ndarray], names: list[str]) -> None:
-    for name in names:
-        served = result.as_numpy(name)
-        assert served is not None, f"output {name} missing"
-        assert served.dtype == expected[name].dtype and served.shape == expected[name].shape, name
-        np.testing.assert_allclose(served, expected[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 def test_liveness_readiness_and_metadata(client: triton.InferenceServerClient, reference: Reference) -> None:
@@ -54,7 +46,7 @@ def test_every_output_at_every_batch_size(client: triton.InferenceServerClient, 
     result = client.infer(MODEL, triton_inputs(pixels), outputs=outputs, request_id=f"batch-{batch}")
     assert result.get_response().id == f"batch-{batch}"
     assert result.get_response().model_version == "1"
-    _assert_matches(result, reference(pixels), list(OUTPUTS))
+    assert_matches(result, reference(pixels), list(OUTPUTS))
 
 
 def test_without_requested_outputs_all_but_member_probabilities_come_back(client: triton.InferenceServerClient,
@@ -62,14 +54,14 @@ def test_without_requested_outputs_all_but_member_probabilities_come_back(client
     pixels = reference.images(3, seed=0)
     result = client.infer(MODEL, triton_inputs(pixels))
     assert [o.name for o in result.get_response().outputs] == [*DEFAULT_OUTPUTS, ABSTAIN]
-    _assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
+    assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
 
 
 def test_one_output_only(client: triton.InferenceServerClient, reference: Reference) -> None:
     pixels = reference.images(4, seed=1)
     result = client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput("mutual_information")])
     assert [o.name for o in result.get_response().outputs] == ["mutual_information"]
-    _assert_matches(result, reference(pixels), ["mutual_information"])
+    assert_matches(result, reference(pixels), ["mutual_information"])
 
 
 def test_a_concurrent_burst_matches_the_reference(served: ServerProcess, reference: Reference) -> None:
@@ -89,7 +81,7 @@ def test_a_concurrent_burst_matches_the_reference(served: ServerProcess, referen
     results, before, after = asyncio.run(burst())
     for i, (result, pixels) in enumerate(zip(results, batches, strict=True)):
         assert result.get_response().id == str(i)
-        _assert_matches(result, reference(pixels), ["probabilities", "predicted_class"])
+        assert_matches(result, reference(pixels), ["probabilities", "predicted_class"])
     stats_before, stats_after = before["model_stats"][0], after["model_stats"][0]
     images = sum(len(pixels) for pixels in batches)
     assert int(stats_after["inference_count"]) - int(stats_before.get("inference_count", 0)) == images
@@ -129,7 +121,7 @@ def test_streaming_answers_each_request_and_survives_a_bad_one(served: ServerPro
     for result, error in received:
         if error is None:
             request_id = result.get_response().id
-            _assert_matches(result, reference(batches[request_id]), ["probabilities"])
+            assert_matches(result, reference(batches[request_id]), ["probabilities"])
             assert result.get_response().parameters["triton_final_response"].bool_param
     assert {result.get_response().id for result, error in received if error is None} == set(batches)
 
