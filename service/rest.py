@@ -60,12 +60,19 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 BINARY = "application/octet-stream"
 COMPRESS_FROM_BYTES = 1024
+BODY_TIMEOUT_S = 120.0
+"""Longest a request body may take to arrive (64 MiB at 0.5 MiB/s): a client that trickles it holds a place of the
+concurrency limit no longer than this."""
 """Answers shorter than this go uncompressed whatever the client accepts (compressing them gains nothing)."""
 _Answer = Response | Awaitable[Response]
 
 
 class TooLarge(Exception):
     """A request body beyond --max-message-bytes: 413."""
+
+
+class TooSlow(Exception):
+    """A request body that did not arrive within BODY_TIMEOUT_S: 408."""
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -90,14 +97,21 @@ async def _body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"the request body has {declared} bytes; this server takes at most {limit} "
                        "(--max-message-bytes): split the request")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"the request body has more than {limit} bytes; this server takes at most {limit} "
-                           "(--max-message-bytes): split the request")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"the request body has more than {limit} bytes; this server takes at most {limit} "
+                               "(--max-message-bytes): split the request")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        body = await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise TooSlow(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -236,6 +250,8 @@ class Frontend:
                 return await result if inspect.isawaitable(result) else result
         except TooLarge as error:
             return _error(413, str(error))
+        except TooSlow as error:
+            return _error(408, str(error))
         except Exception as error:
             status = answer_of(error)
         return _answer_error(status)

@@ -11,6 +11,7 @@ import gzip
 import http.client
 import json
 import shutil
+import socket
 import zlib
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from service import rest
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.abstention import ABSTAIN
@@ -472,3 +474,19 @@ def test_calibration_over_http_suggests_and_publishes(exported: Path, tmp_path: 
         assert client.infer(MODEL, http_inputs(pixels[:2])).get_response()["model_version"] == "2"
     finally:
         stop_server_process(server)
+
+
+def test_a_body_that_trickles_is_refused_408_and_frees_its_place(repository: Path, reference: Reference,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rest, "BODY_TIMEOUT_S", 0.5)
+    with ThreadServer(thread_settings(repository, max_concurrent_rpcs=1)) as server:
+        assert server.ports.http is not None
+        with socket.create_connection(("127.0.0.1", server.ports.http), timeout=10) as slow:
+            slow.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{"
+                         .encode())
+            response = http.client.HTTPResponse(slow)
+            response.begin()
+            status, text = response.status, response.read()
+        assert status == 408 and "did not arrive within" in json.loads(text)["error"], text
+        status, _, body = call(server, "POST", f"/v2/models/{MODEL}/infer", infer_body(reference.images(1, seed=3)))
+        assert status == 200, body
