@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ from service.errors import (
 )
 from service.feedback import CalibrationWindow, Feedback, Label, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
-from service.modelconfig import PLATFORM, model_config
+from service.modelconfig import PLATFORM, model_config, unchanged
 from service.observer import Observer
 from service.recalibrate import Suggestion, live_metrics, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
@@ -411,7 +412,24 @@ class DataPlane:
                                "may set a version_policy; publish files into the repository folder")
         if config is not None and len(config) > _MAX_CONFIG_CHARS:
             raise InvalidInput(f"the config parameter has {len(config)} characters; at most {_MAX_CONFIG_CHARS}")
+        if config is not None:
+            config = self._settable(name, config)
         await self.repository.load(name, config)
+
+    def _settable(self, name: str, config: str) -> str:
+        """A load's config with the fields that repeat the served configuration dropped (`modelconfig.unchanged`);
+        what does not parse goes on as it is, for the version policy's parser to say why."""
+        try:
+            posted = json.loads(config)
+        except (ValueError, RecursionError):
+            return config
+        if not isinstance(posted, dict) or set(posted) <= {"version_policy"}:
+            return config
+        try:
+            current = self.model_config(name, "")
+        except ServingError:  # nothing of it serves: no field can repeat what it serves with
+            current = {}
+        return json.dumps(unchanged(posted, current, name))
 
     async def unload(self, name: str) -> None:
         self._controllable()

@@ -6,6 +6,11 @@ Triton's HTTP endpoint answers (`/v2/models/{name}/config`: proto field names, e
 numbers as numbers); the gRPC servicer parses the same object into the `ModelConfig` message,
 so the two transports cannot disagree.
 
+A load request may send the configuration back (`load_model(name, config=...)`, as model_analyzer
+does after changing it): `unchanged` keeps its version policy and drops every other field that
+says what the server already does, so that a round trip loads; a field that asks for something
+else is refused by name, since batching, instances and tensors are the server's settings.
+
 Dims leave out the batch dimension (max_batch_size > 0); an output with one value per image is
 Triton's `dims: [1]` with `reshape: {shape: []}`. valley's own settings (members, cascade,
 precision, temperature, class names) go in `parameters`, as string values.
@@ -16,8 +21,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
 from artefact.manifest import TensorSpec
+from service._proto.inference import model_config_pb2 as config_pb
 from service.ensemble import CUDA, graphs
+from service.errors import InvalidInput
 from service.policy import VersionPolicy
 from service.repository import ServedModel
 
@@ -77,3 +87,35 @@ def model_config(model: ServedModel, outputs: list[TensorSpec], policy: VersionP
                         "temperature": f"{manifest.temperature:g}", "method": manifest.method}.items()},
         "model_transaction_policy": {"decoupled": False},
     }
+
+
+def _message(field: str, value: Any) -> Message | None:
+    """`{field: value}` as a ModelConfig message; None when it is not one (a wrong type, an unknown enum name)."""
+    try:
+        return json_format.ParseDict({field: value}, config_pb.ModelConfig())
+    except (json_format.ParseError, ValueError, TypeError, RecursionError):
+        return None
+
+
+def unchanged(posted: dict[str, Any], current: dict[str, Any], name: str) -> dict[str, Any]:
+    """`posted` (a load's config) reduced to its version policy, once every other field is found to say what
+    `current` (the served configuration; {} when nothing serves) says, in Triton's JSON or protobuf's (int64 as
+    strings); `InvalidInput` names the fields that ask for something else."""
+    known = config_pb.ModelConfig.DESCRIPTOR.fields_by_name
+    changed = []
+    for field, value in posted.items():
+        if field == "version_policy":
+            continue
+        if field not in known:
+            if value not in (None, "", 0, False, [], {}):
+                changed.append(field)
+            continue
+        theirs = _message(field, value)
+        if theirs is None or field not in current or theirs != _message(field, current[field]):
+            changed.append(field)
+    if changed:
+        listed = ", ".join(changed)[:200]
+        raise InvalidInput(f"the config parameter asks {name!r} for other {listed} than it serves with: a load sets "
+                           "only version_policy; batching, instances and tensors are the server's settings "
+                           "(valley-serve --help), the rest the exported manifest's")
+    return {"version_policy": posted["version_policy"]} if "version_policy" in posted else {}

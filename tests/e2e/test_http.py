@@ -420,6 +420,18 @@ def test_the_repository_extension(versioned: tuple[Path, ServerProcess]) -> None
     assert status in (404, 503) and MODEL in json.loads(body)["error"]
     client.load_model(MODEL, config=json.dumps({"version_policy": {"all": {}}}))
     assert client.is_model_ready(MODEL) and client.get_model_config(MODEL)["version_policy"] == {"all": {}}
+    # A configuration sent back as it was read loads (model_analyzer's way), from either transport's JSON; one that
+    # asks for other settings is refused, naming them.
+    config = client.get_model_config(MODEL)
+    client.load_model(MODEL, config=json.dumps({**config, "version_policy": {"latest": {"num_versions": 1}}}))
+    assert client.get_model_config(MODEL)["version_policy"] == {"latest": {"num_versions": 1}}
+    grpc_client = triton_grpc.InferenceServerClient(server.url)
+    grpc_client.load_model(MODEL, config=json.dumps(grpc_client.get_model_config(MODEL, as_json=True)["config"]))
+    with pytest.raises(InferenceServerException) as refused:
+        client.load_model(MODEL, config=json.dumps({**config, "max_batch_size": 8, "optimization": {"priority": 1}}))
+    assert refused.value.status() == "400"
+    assert "other max_batch_size, optimization than it serves with" in str(refused.value.message())
+    assert client.is_model_ready(MODEL), "a refused load changes nothing"
 
 
 def test_labels_come_back_over_http_and_requests_are_counted(repository: Path, reference: Reference) -> None:
