@@ -212,8 +212,9 @@ class Frontend:
         self.dataplane, self.authorizer, self.limit, self.max_body_bytes = dataplane, authorizer, limit, max_body_bytes
         app = FastAPI(title="valley", docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(StarletteHTTPException, self._route_error)  # type: ignore[arg-type]
-        app.add_api_route("/v2/health/live", self.live, methods=["GET"])
-        app.add_api_route("/v2/health/ready", self.ready, methods=["GET"])
+        # HEAD too: load balancers that check health without a body.
+        app.add_api_route("/v2/health/live", self.live, methods=["GET", "HEAD"])
+        app.add_api_route("/v2/health/ready", self.ready, methods=["GET", "HEAD"])
         app.add_api_route("/v2", self.server_metadata, methods=["GET"])
         app.add_api_route("/v2/models/stats", self.statistics, methods=["GET"])
         app.add_api_route("/v2/repository/index", self.index, methods=["POST"])

@@ -95,6 +95,7 @@ def test_health_and_metadata_say_what_grpc_says(client: triton.InferenceServerCl
     assert metadata["parameters"]["members_default"] == "full" and metadata["parameters"]["members_count"] == 3
     status, headers, body = call(served, "GET", "/v2/health/live")
     assert (status, json.loads(body), headers["content-type"]) == (200, {"live": True}, "application/json")
+    assert call(served, "HEAD", "/v2/health/ready")[0] == 200
     status, _, body = call(served, "GET", "/v2/models/nope/ready")
     assert status == 404 and "unknown model 'nope'" in json.loads(body)["error"]
     status, _, body = call(served, "GET", f"/v2/models/{MODEL}/versions/9/ready")
