@@ -9,7 +9,9 @@ response checked against the in-process fused graph) drives it, scenario by scen
 - `http-json`: tritonclient.http with JSON tensors (what curl and KServe's JSON clients send).
 
 The three run against the same server process, one after another, each after a warm-up, so the
-ratios compare the transports and not two servers.
+ratios compare the transports and not two servers. With `--servers valley,pytriton` the same
+three run against Triton (through PyTriton, `benchmarks/pytriton_ensemble.py`, from
+`--pytriton-python`'s venv as in `serving_throughput.py`) too, and valley / Triton ratios follow.
 
     .venv/bin/python benchmarks/http_vs_grpc.py [--version-dir runs/ensembles/fashion-mnist-fge/3] \\
         [--scenarios 1x1 1x16 32x4] [--duration 10] [--json runs/http-vs-grpc.json] \\
@@ -42,6 +44,11 @@ def parse_args() -> argparse.Namespace:
                         default=[Scenario(1, 1), Scenario(1, 16), Scenario(32, 4)],
                         help="BATCHxCONCURRENCY pairs (default 1x1 1x16 32x4)")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"of {', '.join(PROTOCOLS)}")
+    parser.add_argument("--servers", default="valley", help="valley, and pytriton for Triton")
+    parser.add_argument("--pytriton-python", default=str(ROOT / ".venv-pytriton/bin/python"))
+    parser.add_argument("--pytriton-max-batch-size", type=int, default=64)
+    parser.add_argument("--pytriton-max-queue-delay-us", type=int, default=0)
+    parser.add_argument("--pytriton-arg", action="append", default=[])
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of load before each scenario")
     parser.add_argument("--client-processes", type=int, default=1)
@@ -63,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     args.protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not args.protocols or set(args.protocols) - set(PROTOCOLS):
         parser.error(f"--protocols takes {', '.join(PROTOCOLS)}")
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not args.servers or set(args.servers) - {"valley", "pytriton"}:
+        parser.error("--servers takes valley and pytriton")
     if not any(arg.startswith("--members") for arg in args.valley_arg):  # every member answers: the same work
         args.valley_arg = ["--members=full", *args.valley_arg]
     return args
@@ -74,16 +84,23 @@ def ratio(result: Result, baseline: Result | None, field: str) -> str:
     return f"{getattr(result, field) / getattr(baseline, field):.2f}x"
 
 
+def _find(results: list[Result], label: str, r: Result) -> Result | None:
+    return next((b for b in results if b.server == label and (b.batch, b.concurrency) == (r.batch, r.concurrency)),
+                None)
+
+
 def markdown(results: list[Result]) -> str:
-    lines = ["| protocol | batch | concurrency | images/s | p50 ms | p99 ms | errors | client CPU | server CPU "
-             "| images/s vs gRPC | p50 vs gRPC |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Rows labelled "SERVER PROTOCOL": each against its server's gRPC row, and valley's against Triton's."""
+    lines = ["| server | protocol | batch | concurrency | images/s | p50 ms | p99 ms | errors | client CPU "
+             "| server CPU | images/s vs its gRPC | images/s vs Triton's |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        baseline = next((b for b in results if b.server == "grpc" and (b.batch, b.concurrency) ==
-                         (r.batch, r.concurrency)), None)
-        lines.append(f"| {r.server} | {r.batch} | {r.concurrency} | {r.images_per_s:,.0f} | {r.p50_ms:.2f} "
-                     f"| {r.p99_ms:.2f} | {r.errors} | {r.client_cpu:.2f} | {r.server_cpu:.2f} "
-                     f"| {ratio(r, baseline, 'images_per_s')} | {ratio(r, baseline, 'p50_ms')} |")
+        server, _, protocol = r.server.partition(" ")
+        triton = _find(results, f"pytriton {protocol}", r) if server == "valley" else None
+        lines.append(f"| {server} | {protocol} | {r.batch} | {r.concurrency} | {r.images_per_s:,.0f} "
+                     f"| {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | {r.client_cpu:.2f} | {r.server_cpu:.2f} "
+                     f"| {ratio(r, _find(results, f'{server} grpc', r), 'images_per_s')} "
+                     f"| {ratio(r, triton, 'images_per_s')} |")
     busy = [r for r in results if r.other_cpu > 0.2]
     if busy:
         lines.append(f"\nWARNING: other work used up to {max(r.other_cpu for r in busy):.2f} cores: rerun on a quiet "
@@ -91,24 +108,26 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], scenarios: list[Scenario], protocols: list[str], path: Path) -> None:
+def plot(results: list[Result], scenarios: list[Scenario], path: Path) -> None:
+    labels = list(dict.fromkeys(r.server for r in results))
     figure, axes = chart()
-    width = 0.8 / len(protocols)
-    for index, protocol in enumerate(protocols):
-        found = {(r.batch, r.concurrency): r for r in results if r.server == protocol}
+    width = 0.8 / len(labels)
+    for index, label in enumerate(labels):
+        found = {(r.batch, r.concurrency): r for r in results if r.server == label}
         values = [found[(s.batch, s.concurrency)].images_per_s if (s.batch, s.concurrency) in found else 0
                   for s in scenarios]
-        positions = [i + (index - (len(protocols) - 1) / 2) * width for i in range(len(scenarios))]
-        bars = axes.bar(positions, values, width, label=protocol)
+        positions = [i + (index - (len(labels) - 1) / 2) * width for i in range(len(scenarios))]
+        bars = axes.bar(positions, values, width, label=label)
         for bar, scenario in zip(bars, scenarios, strict=True):
             key = (scenario.batch, scenario.concurrency)
             if key in found:
                 axes.annotate(f"{found[key].p50_ms:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                              ha="center", va="bottom", fontsize=6.5)
+                              ha="center", va="bottom", fontsize=6 if len(labels) > 3 else 6.5)
     axes.set_xticks(range(len(scenarios)), [f"batch {s.batch}\n{s.concurrency} in flight" for s in scenarios],
                     fontsize=8)
     axes.set_ylabel("images/s (p50 latency in ms on the bars)")
-    save_chart(figure, axes, "valley over gRPC and HTTP/REST: the same server and ensemble", path)
+    servers = " and Triton (PyTriton)" if any(label.startswith("pytriton") for label in labels) else ""
+    save_chart(figure, axes, f"valley{servers} over gRPC and HTTP/REST: the same ensemble", path)
 
 
 def main() -> None:
@@ -118,7 +137,7 @@ def main() -> None:
             raise SystemExit("--replot needs --plot")
         earlier = [Result(**r) for r in json.loads(args.replot.read_text())["results"]]
         scenarios = list(dict.fromkeys(Scenario(r.batch, r.concurrency) for r in earlier))
-        plot(earlier, scenarios, list(dict.fromkeys(r.server for r in earlier)), args.plot)
+        plot(earlier, scenarios, args.plot)
         print(markdown(earlier))
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -130,17 +149,17 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         log_dir = (args.log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="http-")))).resolve()
         log_dir.mkdir(parents=True, exist_ok=True)
-        with serving("valley", version_dir, manifest, args, log_dir) as started:
-            assert started.valley is not None
-            for scenario in args.scenarios:
-                for protocol in args.protocols:
-                    url = started.url if protocol == "grpc" else started.valley.http_url
-                    result = run_load(protocol, url, manifest, scenario, images, reference, args, started.pgid,
-                                      protocol)
-                    results.append(result)
-                    print(f"  {protocol} batch {scenario.batch} x {scenario.concurrency}: "
-                          f"{result.images_per_s:,.0f} images/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} "
-                          f"ms, {result.errors} errors", flush=True)
+        for server in args.servers:
+            with serving(server, version_dir, manifest, args, log_dir) as started:
+                for scenario in args.scenarios:
+                    for protocol in args.protocols:
+                        url = started.url if protocol == "grpc" else started.http_url
+                        result = run_load(f"{server} {protocol}", url, manifest, scenario, images, reference, args,
+                                          started.pgid, protocol)
+                        results.append(result)
+                        print(f"  {result.server} batch {scenario.batch} x {scenario.concurrency}: "
+                              f"{result.images_per_s:,.0f} images/s, p50 {result.p50_ms:.2f} ms, p99 "
+                              f"{result.p99_ms:.2f} ms, {result.errors} errors", flush=True)
     print()
     print(markdown(results))
     for result in results:
@@ -152,7 +171,7 @@ def main() -> None:
                                          "cpus": os.cpu_count(), "duration": args.duration,
                                          "results": [asdict(r) for r in results]}, indent=2) + "\n")
     if args.plot:
-        plot(results, args.scenarios, args.protocols, args.plot)
+        plot(results, args.scenarios, args.plot)
         print(f"plot: {args.plot}")
 
 

@@ -77,6 +77,8 @@ class Started:
     url: str
     valley: ServerProcess | None = None
     """valley's handle from `start_server`, which also owns the folder of its ready file."""
+    http_url: str = ""
+    """HOST:PORT of its HTTP/REST port."""
 
     @property
     def pgid(self) -> int:
@@ -138,7 +140,7 @@ def start_valley(version_dir: Path, manifest: Manifest, args: argparse.Namespace
     print(f"starting valley on port 0: {' '.join(command)}  (log: {log_path})", flush=True)
     valley = start_server(repository, *args.valley_arg, log=log_path, python=args.valley_python, cwd=ROOT,
                           timeout=args.start_timeout, new_session=True)
-    return Started(valley.process, valley.url, valley)
+    return Started(valley.process, valley.url, valley, valley.http_url)
 
 
 def start_pytriton(version_dir: Path, args: argparse.Namespace, folder: Path, log_path: Path) -> Started:
@@ -155,7 +157,7 @@ def start_pytriton(version_dir: Path, args: argparse.Namespace, folder: Path, lo
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    return Started(process, f"127.0.0.1:{grpc_port}")
+    return Started(process, f"127.0.0.1:{grpc_port}", http_url=f"127.0.0.1:{http_port}")
 
 
 def free_ports(count: int) -> list[int]:
