@@ -42,6 +42,7 @@ from tests.e2e.conftest import (
     start_server_process,
     stop_server_process,
     thread_settings,
+    triton_inputs,
 )
 from training.data import synthetic_images
 
@@ -503,3 +504,16 @@ def test_a_body_that_trickles_is_refused_408_and_frees_its_place(repository: Pat
         assert status == 408 and "did not arrive within" in json.loads(text)["error"], text
         status, _, body = call(server, "POST", f"/v2/models/{MODEL}/infer", infer_body(reference.images(1, seed=3)))
         assert status == 200, body
+
+
+def test_http_false_serves_grpc_only(repository: Path, reference: Reference) -> None:
+    server = start_server_process(repository, "--http", "false")
+    try:
+        assert server.http_port is None
+        with pytest.raises(ValueError, match="--http false"):
+            _ = server.http_url
+        pixels = reference.images(1, seed=5)
+        assert triton_grpc.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels)).as_numpy(
+            "probabilities") is not None
+    finally:
+        stop_server_process(server)
