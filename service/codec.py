@@ -13,7 +13,7 @@ client declared.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -62,11 +62,39 @@ def typed_values(request: pb.ModelInferRequest) -> int:
                for field in (*_WIDE, "bytes_contents"))
 
 
-def _dtype(name: str, datatype: str) -> np.dtype[np.generic]:
+def dtype_of(name: str, datatype: str) -> np.dtype[np.generic]:
+    """The numpy dtype of input `name`'s declared datatype; `InvalidInput` listing the supported ones."""
     if datatype not in DATATYPES:
         raise InvalidInput(f"input '{name}': datatype {datatype!r} is not supported; use one of "
                            f"{', '.join(DATATYPES)}")
     return DATATYPES[datatype]
+
+
+def refuse_shared_memory(kind: str, name: str, parameters: Iterable[str]) -> None:
+    """`InvalidInput` when an input's or output's (`kind`) parameters ask for shared memory, which is not served."""
+    if any(key.startswith("shared_memory") for key in parameters):
+        fix = "send the data in the request" if kind == "input" else "outputs come back in the response"
+        raise InvalidInput(f"{kind} '{name}': shared-memory {kind}s are not supported; {fix}")
+
+
+def check_range(name: str, datatype: str, values: np.ndarray) -> None:
+    """`InvalidInput` when integer `values` (of a wider type) do not fit the input's integer datatype."""
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu" and values.size:
+        limits = np.iinfo(dtype)  # type: ignore[type-var]
+        if values.min() < limits.min or values.max() > limits.max:
+            raise InvalidInput(f"input '{name}': values outside the {datatype} range [{limits.min}, {limits.max}]")
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """`InvalidInput` when a floating-point input holds NaN or infinite values."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"input '{name}' holds NaN or infinite values")
+
+
+def little_endian(data: bytes | memoryview, dtype: np.dtype[np.generic]) -> np.ndarray:
+    """Raw little-endian `data` (the protocol's byte order) as a flat array of `dtype`."""
+    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
 
 
 def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
@@ -91,11 +119,10 @@ def decode_inputs(request: pb.ModelInferRequest, expect: Expect = _anything) -> 
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         check_length("an input's name", name)
-        if any(key.startswith("shared_memory") for key in tensor.parameters):
-            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported; send the data in the request")
+        refuse_shared_memory("input", name, tensor.parameters)
         if name in arrays:
             raise InvalidInput(f"input '{name}' is given twice")
-        dtype = _dtype(name, tensor.datatype)
+        dtype = dtype_of(name, tensor.datatype)
         shape = _shape(name, tensor.shape)
         expect(name, tensor.datatype, shape)
         count = math.prod(shape)
@@ -106,15 +133,14 @@ def decode_inputs(request: pb.ModelInferRequest, expect: Expect = _anything) -> 
             if len(raw[index]) != expected:
                 raise InvalidInput(f"input '{name}': {len(raw[index])} bytes of raw data, but {tensor.datatype} "
                                    f"{list(shape)} needs {expected}")
-            array = np.frombuffer(raw[index], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+            array = little_endian(raw[index], dtype)
         else:
             array = _typed(name, tensor, dtype, count)
         try:
             array = array.reshape(shape)
         except ValueError as error:  # e.g. a zero-sized shape whose other dimensions overflow
             raise InvalidInput(f"input '{name}': shape {list(shape)} is not usable ({error})") from None
-        if dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidInput(f"input '{name}' holds NaN or infinite values")
+        check_finite(name, array)
         arrays[name] = array
     return arrays
 
@@ -133,11 +159,7 @@ def _typed(name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.d
         raise InvalidInput(f"input '{name}': {len(values)} values in contents.{field}, but shape "
                            f"{list(tensor.shape)} needs {count}")
     wide = np.fromiter(values, dtype=_WIDE[field], count=count)
-    if dtype.kind in "iu" and wide.size:
-        limits = np.iinfo(dtype)  # type: ignore[type-var]
-        if wide.min() < limits.min or wide.max() > limits.max:
-            raise InvalidInput(f"input '{name}': values outside the {tensor.datatype} range "
-                               f"[{limits.min}, {limits.max}]")
+    check_range(name, tensor.datatype, wide)
     return wide.astype(dtype)
 
 

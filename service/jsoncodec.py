@@ -22,7 +22,19 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.codec import DATATYPES, MAX_RANK, MAX_TENSORS, Expect, datatype_of, raw_bytes
+from service.codec import (
+    DATATYPES,
+    MAX_RANK,
+    MAX_TENSORS,
+    Expect,
+    check_finite,
+    check_range,
+    datatype_of,
+    dtype_of,
+    little_endian,
+    raw_bytes,
+    refuse_shared_memory,
+)
 from service.dataplane import Parameter, Tensors
 from service.errors import InvalidInput, check_length
 
@@ -49,6 +61,15 @@ def _object(value: object, what: str) -> dict[str, Any]:
     return value
 
 
+def json_object(data: bytes | memoryview, fix: str = "") -> dict[str, Any]:
+    """A request body that must be one JSON object; `fix`, if given, ends the message when it does not parse."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"the request body is not valid JSON ({error}){fix}") from None
+    return _object(value, "the request body")
+
+
 def parse_body(body: bytes, header_length: str | None) -> Body:
     """Split and parse a request body; `header_length` is the `Inference-Header-Content-Length` header, if any."""
     size = len(body)
@@ -61,12 +82,9 @@ def parse_body(body: bytes, header_length: str | None) -> Body:
         if not 0 < size <= len(body):
             raise InvalidInput(f"the Inference-Header-Content-Length header says {size} bytes of JSON, but the body "
                                f"has {len(body)}")
-    try:
-        header = orjson.loads(memoryview(body)[:size])
-    except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"the request body is not valid JSON ({error}); send a JSON object, with "
-                           "Inference-Header-Content-Length when binary data follows it") from None
-    return Body(_object(header, "the request body"), memoryview(body)[size:])
+    header = json_object(memoryview(body)[:size], "; send a JSON object, with Inference-Header-Content-Length when "
+                                                  "binary data follows it")
+    return Body(header, memoryview(body)[size:])
 
 
 def text(value: object, what: str) -> str:
@@ -118,10 +136,7 @@ def _json_data(name: str, datatype: str, data: object, shape: tuple[int, ...]) -
         wanted = {"b": "true or false", "u": "integers", "i": "integers", "f": "numbers"}[dtype.kind]
         raise InvalidInput(f"input '{name}': {datatype} data must be {wanted}, got "
                            f"{'text' if kind in 'US' else 'other values'} ({str(data)[:40]})")
-    if dtype.kind in "iu" and array.size:
-        limits = np.iinfo(dtype)  # type: ignore[type-var]
-        if array.min() < limits.min or array.max() > limits.max:
-            raise InvalidInput(f"input '{name}': values outside the {datatype} range [{limits.min}, {limits.max}]")
+    check_range(name, datatype, array)
     return array.astype(dtype).reshape(shape)
 
 
@@ -139,19 +154,15 @@ def decode(body: Body, expect: Expect) -> Tensors:
         tensor = _object(tensor, f"input {position}")
         name = text(tensor.get("name"), f"input {position}'s name")
         options = parameters(tensor, f"input '{name}'")
-        if any(key.startswith("shared_memory") for key in options):
-            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported; send the data in the request")
+        refuse_shared_memory("input", name, options)
         if name in arrays:
             raise InvalidInput(f"input '{name}' is given twice")
         datatype = text(tensor.get("datatype"), f"input '{name}''s datatype")
-        if datatype not in DATATYPES:
-            raise InvalidInput(f"input '{name}': datatype {datatype!r} is not supported; use one of "
-                               f"{', '.join(DATATYPES)}")
+        dtype = dtype_of(name, datatype)
         shape = _shape(name, tensor.get("shape"))
         expect(name, datatype, shape)
         if "binary_data_size" in options:
             size = options["binary_data_size"]
-            dtype = DATATYPES[datatype]
             needed = math.prod(shape) * dtype.itemsize
             if isinstance(size, bool) or not isinstance(size, int) or size != needed:
                 raise InvalidInput(f"input '{name}': binary_data_size {size!r}, but {datatype} {list(shape)} needs "
@@ -161,13 +172,11 @@ def decode(body: Body, expect: Expect) -> Tensors:
             if offset + size > len(body.binary):
                 raise InvalidInput(f"input '{name}': {size} bytes of binary data declared, but only "
                                    f"{len(body.binary) - offset} follow the JSON")
-            array = np.frombuffer(body.binary[offset:offset + size], dtype=dtype.newbyteorder("<"))
-            array = array.astype(dtype, copy=False).reshape(shape)
+            array = little_endian(body.binary[offset:offset + size], dtype).reshape(shape)
             offset += size
         else:
             array = _json_data(name, datatype, tensor.get("data"), shape)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise InvalidInput(f"input '{name}' holds NaN or infinite values")
+        check_finite(name, array)
         arrays[name] = array
     if offset != len(body.binary):
         raise InvalidInput(f"{len(body.binary) - offset} bytes of binary data follow the JSON that no input's "
@@ -187,9 +196,7 @@ def _outputs(requested: object) -> tuple[tuple[str, ...], dict[str, object]]:
         output = _object(output, f"output {position}")
         name = text(output.get("name"), f"output {position}'s name")
         options = parameters(output, f"output '{name}'")
-        if any(key.startswith("shared_memory") for key in options):
-            raise InvalidInput(f"output '{name}': shared-memory outputs are not supported; outputs come back in the "
-                               "response")
+        refuse_shared_memory("output", name, options)
         if "classification" in options:
             classification[name] = options["classification"]
         if not isinstance(options.get("binary_data", False), bool):

@@ -60,10 +60,10 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 BINARY = "application/octet-stream"
 COMPRESS_FROM_BYTES = 1024
+"""Answers shorter than this go uncompressed whatever the client accepts (compressing them gains nothing)."""
 BODY_TIMEOUT_S = 120.0
 """Longest a request body may take to arrive (64 MiB at 0.5 MiB/s): a client that trickles it holds a place of the
 concurrency limit no longer than this."""
-"""Answers shorter than this go uncompressed whatever the client accepts (compressing them gains nothing)."""
 _Answer = Response | Awaitable[Response]
 
 
@@ -134,15 +134,7 @@ async def _body(request: Request, limit: int) -> bytes:
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     """A small JSON object body; an empty body is an empty object."""
     body = await _body(request, limit)
-    if not body.strip():
-        return {}
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"the request body is not valid JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise InvalidInput(f"the request body must be a JSON object, got {type(value).__name__}")
-    return value
+    return jsoncodec.json_object(body) if body.strip() else {}
 
 
 def _compressed(body: bytes, accepted: str) -> tuple[bytes, str | None]:

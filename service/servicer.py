@@ -30,7 +30,15 @@ from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.classification import PARAMETER as CLASSIFICATION
-from service.codec import MAX_TENSORS, TYPED_ON_LOOP, Expect, decode_inputs, encode_outputs, typed_values
+from service.codec import (
+    MAX_TENSORS,
+    TYPED_ON_LOOP,
+    Expect,
+    decode_inputs,
+    encode_outputs,
+    refuse_shared_memory,
+    typed_values,
+)
 from service.concurrency import UNLIMITED, ConcurrencyLimit
 from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Parameter, Tensors
 from service.errors import (
@@ -95,8 +103,6 @@ async def _parsed_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 async def _abort(context: Context, status: Status) -> NoReturn:
     await context.abort(grpc.StatusCode[status.code], status.message)
     raise AssertionError("grpc's context.abort returned instead of raising")
-
-
 
 
 def _admit(authorizer: Authorizer, method: str, context: Context) -> None:
@@ -202,9 +208,7 @@ def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
         raise InvalidInput(f"the request asks for {len(request.outputs)} outputs; at most {MAX_TENSORS} are taken")
     for output in request.outputs:
         check_length("an output's name", output.name)
-        if any(key.startswith("shared_memory") for key in output.parameters):
-            raise InvalidInput(f"output '{output.name}': shared-memory outputs are not supported; outputs come back "
-                               "in the response")
+        refuse_shared_memory("output", output.name, output.parameters)
     classification: dict[str, object] = {output.name: _value(output.parameters[CLASSIFICATION])
                                          for output in request.outputs if CLASSIFICATION in output.parameters}
     return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs), classification)
