@@ -303,8 +303,10 @@ def _warm_up(campaign: Campaign) -> None:
     for round_ in range(14):
         for method in METHODS:
             request = target.valid(method)
-            if method in (LOAD, UNLOAD):
-                request = type(request)(model_name=f"{target.model}-missing-{round_}")
+            if method == LOAD:
+                request = pb.RepositoryModelLoadRequest(model_name=f"{target.model}-missing-{round_}")
+            elif method == UNLOAD:
+                request = pb.RepositoryModelUnloadRequest(model_name=f"{target.model}-missing-{round_}")
             body = request.SerializeToString()
             if method == STREAM_INFER:
                 campaign.stream([body, target.infer(batch=1 + round_ % 4).SerializeToString()])
