@@ -42,10 +42,11 @@ apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/nul
   echo "missing Debian packages: run 'apt-get install --no-install-recommends $(1)' as root"; exit 1; fi; \
   $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(1)
 
-# The tests: the Fashion-MNIST data set, and Prometheus (promtool and a real server).
-data: $(FASHION_MNIST) /usr/bin/promtool
-$(FASHION_MNIST) /usr/bin/promtool &:
-	@$(call apt_install,dataset-fashion-mnist prometheus)
+# The tests: the Fashion-MNIST data set, Prometheus (promtool and a real server), and qemu-user (INT8 graphs run on
+# an emulated CPU without VNNI).
+data: $(FASHION_MNIST) /usr/bin/promtool /usr/bin/qemu-x86_64
+$(FASHION_MNIST) /usr/bin/promtool /usr/bin/qemu-x86_64 &:
+	@$(call apt_install,dataset-fashion-mnist prometheus qemu-user)
 
 # The demo: the data set alone.
 data-demo:

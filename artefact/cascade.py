@@ -8,8 +8,11 @@ of an image is the number of members it went through.
 
 `fit_cascade` chooses the stages and thresholds on the validation split alone (it is never given
 another): the cheapest cascade whose validation NLL and accuracy stay within a stated
-tolerance of the full ensemble's. `run_cascade` answers a batch the way the server does, and
-is what training evaluates and the tests compare against. numpy only: the server uses it too.
+tolerance of the full ensemble's and that keeps a stated share (90 % by default) of what the
+ensemble buys: its NLL and ECE lead over its best single member. A cascade that spent the whole
+lead would serve an ensemble no better than one network at a few networks' cost. `run_cascade`
+answers a batch the way the server does, and is what training evaluates and the tests compare
+against. numpy only: the server uses it too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from artefact.calibration import binned_ece, confidence_bin
 from artefact.uncertainty import LOG_FLOOR
 
 # Confidence thresholds tried when fitting: dense near 1, where the confident images are.
@@ -53,11 +57,53 @@ class Cascade:
 
 @dataclass(frozen=True)
 class Quality:
-    """Accuracy (a fraction), NLL and the mean number of members per image of one way of answering."""
+    """Accuracy and ECE (fractions), NLL and the mean number of members per image of one way of answering."""
 
     accuracy: float
     nll: float
+    ece: float
     members_per_image: float
+
+
+@dataclass(frozen=True)
+class Lead:
+    """What an ensemble buys over its members: the lowest NLL and the lowest ECE of any single member (each may be a
+    different member), beside the full ensemble's."""
+
+    member_nll: float
+    member_ece: float
+    full: Quality
+
+    def kept(self, measured: Quality) -> tuple[float | None, float | None]:
+        """The share (1: all, 0: none, below 0: worse than the best member) of the NLL and of the ECE lead that
+        `measured` keeps; None for a metric on which the full ensemble does not lead."""
+        return (_share(self.member_nll, self.full.nll, measured.nll),
+                _share(self.member_ece, self.full.ece, measured.ece))
+
+    def allows(self, measured: Quality, min_kept: float) -> bool:
+        """Whether `measured` gives away at most `1 - min_kept` of the NLL lead and of the ECE lead (where there is
+        no lead, nothing: no worse than the full ensemble)."""
+        slack = 1.0 - min_kept
+        return (measured.nll <= self.full.nll + slack * max(self.member_nll - self.full.nll, 0.0)
+                and measured.ece <= self.full.ece + slack * max(self.member_ece - self.full.ece, 0.0))
+
+
+def _share(member: float, full: float, measured: float) -> float | None:
+    lead = member - full
+    return (member - measured) / lead if lead > 0 else None
+
+
+@dataclass(frozen=True)
+class CascadeFit:
+    """A fitted cascade with its quality, the full ensemble's and its lead, all on the data it was fitted on."""
+
+    cascade: Cascade
+    quality: Quality
+    lead: Lead
+
+    @property
+    def full(self) -> Quality:
+        return self.lead.full
 
 
 def run_cascade(member_probabilities: np.ndarray, cascade: Cascade) -> tuple[np.ndarray, np.ndarray]:
@@ -90,25 +136,40 @@ def _answer(running: np.ndarray, cascade: Cascade) -> tuple[np.ndarray, np.ndarr
 
 
 def quality(probabilities: np.ndarray, labels: np.ndarray, used: np.ndarray) -> Quality:
-    """Accuracy, NLL (probabilities floored at LOG_FLOOR, as everywhere) and mean members per image."""
+    """Accuracy, NLL (probabilities floored at LOG_FLOOR, as everywhere), ECE (`artefact.calibration`'s bins) and
+    mean members per image."""
     true = probabilities[np.arange(len(labels)), labels].astype(np.float64)
-    return Quality(float(np.mean(probabilities.argmax(axis=-1) == labels)),
-                   float(np.mean(-np.log(np.maximum(true, LOG_FLOOR)))), float(np.mean(used)))
+    confidence = probabilities.max(axis=-1).astype(np.float64)
+    correct = probabilities.argmax(axis=-1) == labels
+    return Quality(float(np.mean(correct)), float(np.mean(-np.log(np.maximum(true, LOG_FLOOR)))),
+                   binned_ece(confidence_bin(confidence), confidence, correct.astype(np.float64)),
+                   float(np.mean(used)))
+
+
+def lead(member_probabilities: np.ndarray, labels: np.ndarray) -> Lead:
+    """The full ensemble's quality and its best single members' NLL and ECE on predictions [N, K, C]."""
+    count, members = member_probabilities.shape[:2]
+    singles = [quality(member_probabilities[:, k], labels, np.ones(count)) for k in range(members)]
+    full = quality(member_probabilities.mean(axis=1), labels, np.full(count, members))
+    return Lead(min(single.nll for single in singles), min(single.ece for single in singles), full)
 
 
 def fit_cascade(member_probabilities: np.ndarray, labels: np.ndarray, max_nll_increase: float = 0.01,
-                max_accuracy_drop: float = 0.001, thresholds: Sequence[float] = THRESHOLDS,
-                max_stages: int = 3) -> tuple[Cascade, Quality, Quality]:
-    """The cheapest cascade whose NLL is at most `max_nll_increase` (relative) above the full ensemble's and whose
-    accuracy is at most `max_accuracy_drop` (absolute) below it, on these (validation) predictions [N, K, C].
+                max_accuracy_drop: float = 0.001, min_gain_kept: float = 0.9,
+                thresholds: Sequence[float] = THRESHOLDS, max_stages: int = 3) -> CascadeFit:
+    """The cheapest cascade on these (validation) predictions [N, K, C] whose NLL is at most `max_nll_increase`
+    (relative) above the full ensemble's, whose accuracy is at most `max_accuracy_drop` (absolute) below it, and
+    which keeps at least `min_gain_kept` of the full ensemble's NLL lead and of its ECE lead over its best single
+    member (`Lead.allows`).
 
     Tries every split of the members into two stages and, with `max_stages` 3, into three, each with every pair of
-    thresholds from `thresholds`; ties in cost go to the lower NLL. Returns the cascade, its quality and the full
-    ensemble's, both on the given predictions. With nothing cheaper within the tolerance, the full ensemble.
+    thresholds from `thresholds`; ties in cost go to the lower NLL. With nothing cheaper within the bounds, the full
+    ensemble.
     """
     labels = np.asarray(labels, dtype=np.int64)
     members = member_probabilities.shape[1]
-    full = quality(member_probabilities.mean(axis=1), labels, np.full(len(labels), members))
+    gained = lead(member_probabilities, labels)
+    full = gained.full
     best, best_quality = Cascade.full(members), full
     running = _running_means(member_probabilities)
     for stages in _stage_sets(members, max_stages):
@@ -117,11 +178,11 @@ def fit_cascade(member_probabilities: np.ndarray, labels: np.ndarray, max_nll_in
             answers, used = _answer(running, cascade)
             measured = quality(answers, labels, used)
             within = measured.nll <= full.nll * (1 + max_nll_increase) and \
-                measured.accuracy >= full.accuracy - max_accuracy_drop
+                measured.accuracy >= full.accuracy - max_accuracy_drop and gained.allows(measured, min_gain_kept)
             better = (measured.members_per_image, measured.nll) < (best_quality.members_per_image, best_quality.nll)
             if within and better:
                 best, best_quality = cascade, measured
-    return best, best_quality, full
+    return CascadeFit(best, best_quality, gained)
 
 
 def _stage_sets(members: int, max_stages: int) -> list[tuple[int, ...]]:

@@ -107,6 +107,14 @@ class CascadeQuality(_Strict):
     members_per_image: float
 
 
+class GainKept(_Strict):
+    """The share of the full ensemble's lead over its best single member that the cascade keeps, per metric (1: all
+    of it, 0: none, below 0: worse than that member); None where the full ensemble does not lead."""
+
+    nll: float | None
+    ece: float | None
+
+
 class CascadeSpec(_Strict):
     """The anytime ensemble (`artefact.cascade`): exits after `stages[i]` members for images whose running ensemble's
     confidence is at least `thresholds[i]`. Fitted on the validation split within the tolerances; the test split
@@ -117,10 +125,38 @@ class CascadeSpec(_Strict):
     rule: Literal["confidence"] = "confidence"
     max_nll_increase: float = Field(ge=0, description="relative to the full ensemble's NLL, on validation")
     max_accuracy_drop: float = Field(ge=0, description="absolute (a fraction), on validation")
+    min_gain_kept: float | None = Field(None, ge=0, le=1, description="the share of the full ensemble's NLL and ECE "
+                                       "lead over its best single member the cascade had to keep on validation "
+                                       "(None: fitted before this bound existed)")
     validation: CascadeQuality
     validation_full: CascadeQuality
     test: CascadeQuality
     test_full: CascadeQuality
+    gain_kept_validation: GainKept | None = None
+    gain_kept_test: GainKept | None = None
+
+
+class QuantizationScheme(_Strict):
+    """How an INT8 variant was quantized (onnxruntime's static quantization)."""
+
+    format: Literal["qdq", "qoperator"] = "qdq"
+    activations: Literal["uint8"] = "uint8"
+    weights: Literal["int8", "uint8"] = "int8"
+    weight_bits: Literal[7, 8] = Field(7, description="7: onnxruntime's reduce_range, so that no sum of two u8 x "
+                                       "s8 products leaves 16 bits and the graph computes the same on CPUs with "
+                                       "and without VNNI")
+    per_channel: bool = True
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class ValidatedOn(_Strict):
+    """The machine a variant's figures and samples were measured on (`artefact.cpu`)."""
+
+    cpu: str = Field(description="the CPU's model name")
+    cpu_features: list[str] = Field(description="its features that decide how 8-bit products are added "
+                                    "(artefact.cpu.INT8_FEATURES); empty where the system does not list them")
+    machine: str = Field(description="x86_64, aarch64, ...")
+    onnxruntime: str = Field(description="the onnxruntime version whose kernels ran the graphs")
 
 
 class Variant(_Strict):
@@ -138,6 +174,10 @@ class Variant(_Strict):
     test: Metrics = Field(description="the whole ensemble (temperature applied) on the test split")
     samples_tolerance: float = Field(gt=0, description="largest difference from the samples' FP32 probabilities "
                                      "a load accepts")
+    scheme: QuantizationScheme | None = Field(None, description="INT8: how it was quantized (None: FP16, or "
+                                              "exported before the scheme was recorded)")
+    validated_on: ValidatedOn | None = Field(None, description="where its figures and samples were measured (None: "
+                                             "exported before this was recorded)")
 
 
 class RiskCoverageCurve(_Strict):

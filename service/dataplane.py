@@ -159,7 +159,7 @@ def _parameters(model: ServedModel) -> dict[str, Parameter]:
         "cascade_stages": ",".join(str(s) for s in cascade.stages) if cascade else str(len(manifest.members)),
         "cascade_thresholds": ",".join(f"{t:g}" for t in cascade.thresholds) if cascade else "",
         "degrade_to_members": model.batcher.degraded.members if model.batcher.degraded else 0,
-        "precision": model.ensemble.precision}
+        "precision": model.ensemble.precision, "precision_requested": model.ensemble.requested_precision}
     if model.abstention is not None:
         spec = model.abstention.spec
         parameters.update({

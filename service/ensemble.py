@@ -14,7 +14,10 @@ for fewer members, costs only the members it went through. Their probabilities a
 in numpy (`artefact.uncertainty`), with each member timed.
 
 A manifest's lower-precision variant (`--precision int8` or `fp16`) replaces the FP32 graphs;
-FP16 graphs are for the CUDA provider only.
+FP16 graphs are for the CUDA provider only. A variant whose samples do not reproduce on this
+machine (INT8 kernels add products differently on CPUs with and without VNNI: `artefact.cpu`)
+is refused with both CPUs named, and the FP32 graphs serve instead (`Ensemble.fallback`), so
+that nobody is served answers the manifest's figures do not vouch for.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import numpy as np
 import onnxruntime
 
 from artefact.cascade import Cascade
-from artefact.manifest import FileEntry, Manifest, ManifestError, load_manifest, verify_files
+from artefact.cpu import describe, this_machine
+from artefact.manifest import FileEntry, Manifest, ManifestError, Variant, load_manifest, verify_files
 from artefact.uncertainty import outputs_by_members, softmax
 from service.batching import RunOutput, Segment
 from service.errors import InvalidInput
@@ -74,6 +78,22 @@ def create_session(path: Path, device: Device = "auto", threads: int = 0,
     return session
 
 
+class SamplesMismatch(ManifestError):
+    """The graphs answer the manifest's sample inputs further from its probabilities than the tolerance."""
+
+    def __init__(self, message: str, difference: float, tolerance: float) -> None:
+        super().__init__(message)
+        self.difference, self.tolerance = difference, tolerance
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """The variant asked for, refused at load because its samples did not reproduce here, and why in words."""
+
+    precision: Precision
+    reason: str
+
+
 @dataclass
 class Ensemble:
     """A loaded, verified ensemble version; `infer` runs the fused graph, or the members one by one."""
@@ -86,6 +106,14 @@ class Ensemble:
     device: Device = "auto"
     threads: int = 0
     precision: Precision = "fp32"
+    """The graphs that run."""
+    fallback: Fallback | None = None
+    """Set when another precision was asked for and refused: the FP32 graphs run instead."""
+
+    @property
+    def requested_precision(self) -> Precision:
+        """The precision the server was asked to serve (`precision` unless a variant was refused)."""
+        return self.fallback.precision if self.fallback is not None else self.precision
 
     @property
     def execution(self) -> Execution:
@@ -99,7 +127,9 @@ class Ensemble:
 
     def another_instance(self) -> Ensemble:
         """The same verified graphs in sessions of their own, for a second compute thread."""
-        return _open(self.manifest, self.directory, self.device, self.threads, self.execution, self.precision)
+        instance = _open(self.manifest, self.directory, self.device, self.threads, self.execution, self.precision)
+        instance.fallback = self.fallback
+        return instance
 
     def check_input(self, name: str, datatype: str, shape: Sequence[int]) -> None:
         """Raise `InvalidInput` unless a tensor declared so is the ensemble's input (a `codec.Expect`).
@@ -192,7 +222,7 @@ class Ensemble:
         return probabilities, used, seconds
 
     def check_samples(self) -> float:
-        """Run the manifest's sample inputs; raise `ManifestError` unless they reproduce its outputs."""
+        """Run the manifest's sample inputs; raise `SamplesMismatch` unless they reproduce its outputs."""
         samples = self.manifest.samples
         pixels = np.asarray(samples.inputs, dtype=np.uint8)
         expected = np.asarray(samples.probabilities)
@@ -204,9 +234,9 @@ class Ensemble:
         variant = self.manifest.variant(self.precision)
         tolerance = variant.samples_tolerance if variant is not None else samples.tolerance
         if not difference <= tolerance:
-            raise ManifestError(f"{self.directory}: the sample inputs give probabilities {difference:.3g} away from "
-                                f"the manifest's (tolerance {tolerance}) at {self.precision}; refusing to serve "
-                                "this version")
+            raise SamplesMismatch(f"{self.directory}: the sample inputs give probabilities {difference:.3g} away "
+                                  f"from the manifest's (tolerance {tolerance:.3g}) at {self.precision}; refusing "
+                                  "to serve this version", difference, tolerance)
         return difference
 
 
@@ -252,11 +282,36 @@ def _open(manifest: Manifest, directory: Path, device: Device, threads: int, exe
 
 def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
                   execution: Execution = "fused", precision: Precision = "fp32") -> Ensemble:
-    """Read the manifest, verify every file's sha256, open the graphs and check the samples."""
+    """Read the manifest, verify every file's sha256, open the graphs and check the samples.
+
+    A variant whose samples miss their tolerance here is refused and the FP32 graphs serve (`Ensemble.fallback`,
+    with a warning naming this CPU and the one the variant was validated on); FP32 graphs that miss refuse the
+    version."""
     manifest = load_manifest(version_dir)
     verify_files(manifest, version_dir)
     ensemble = _open(manifest, version_dir, device, threads, execution, precision)
-    difference = ensemble.check_samples()
+    try:
+        difference = ensemble.check_samples()
+    except SamplesMismatch as mismatch:
+        variant = manifest.variant(precision)
+        if variant is None:
+            raise
+        fallback = Fallback(precision, _variant_refusal(manifest, variant, mismatch))
+        log.warning("%s", fallback.reason)
+        ensemble = _open(manifest, version_dir, device, threads, execution, "fp32")
+        ensemble.fallback = fallback
+        difference = ensemble.check_samples()
     log.info("loaded %s version %d from %s on %s, %s execution at %s (samples within %.1e)", manifest.name,
              manifest.version, version_dir, ensemble.providers[0], execution, precision, difference)
     return ensemble
+
+
+def _variant_refusal(manifest: Manifest, variant: Variant, mismatch: SamplesMismatch) -> str:
+    """Why a variant does not serve on this machine, naming this CPU and the one it was validated on."""
+    here = describe(this_machine(onnxruntime.__version__))
+    there = describe(variant.validated_on) if variant.validated_on is not None else "a machine it does not record"
+    return (f"{manifest.name} version {manifest.version}: the {variant.precision} variant is refused on this "
+            "machine and the FP32 graphs serve instead: its sample inputs give probabilities "
+            f"{mismatch.difference:.3g} away from the manifest's, beyond its tolerance {mismatch.tolerance:.3g}. "
+            f"This CPU: {here}. Validated on: {there}. Export the variant again with this valley (its scheme "
+            "computes the same on CPUs with and without VNNI) or on a CPU like this one, or serve --precision fp32")

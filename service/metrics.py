@@ -299,6 +299,9 @@ class ServingMetrics:
                            registry=registry)
         self.provider = Gauge("valley_execution_provider_info", "The onnxruntime execution provider in use (1)",
                               [*MODEL, "provider"], registry=registry)
+        self.precision = Gauge("valley_precision_info", "The precision of the graphs that serve (1), and the one "
+                               "asked for: they differ when a variant's samples did not reproduce on this CPU and "
+                               "the FP32 graphs serve instead", [*MODEL, "precision", "requested"], registry=registry)
         self.offline = Gauge("valley_offline_metric", "The ensemble's test-split quality measured at export "
                              "(accuracy, ece as fractions; nll, brier), before and after temperature scaling",
                              [*MODEL, "metric", "calibrated"], registry=registry)
@@ -346,6 +349,7 @@ class ServingMetrics:
         labels = (manifest.name, str(manifest.version))
         self.ready.labels(*labels).set(1)
         self.provider.labels(*labels, ensemble.providers[0]).set(1)
+        self.precision.labels(*labels, ensemble.precision, ensemble.requested_precision).set(1)
         self.temperature.labels(*labels).set(manifest.temperature)
         # Counters a dashboard divides by exist from the load on, at 0, so rate() has a start.
         self.degraded.labels(*labels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -55,6 +56,55 @@ def cli(*args: str | Path, check: bool = True, env: dict[str, str] | None = None
     if check and result.returncode != 0:
         raise AssertionError(f"valley-train {' '.join(map(str, args))} failed:\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def fashion_fge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-member FGE run of the small CNN on 2000 Fashion-MNIST images (of each split): real images, a minute.
+
+    Its cycles are wide enough for the members to differ: the ensemble leads its best member by about 9 % in
+    validation NLL, as an ensemble worth serving does."""
+    runs = tmp_path_factory.mktemp("fashion")
+    cli("train", "--dataset", "fashion-mnist", "--subset", "2000", "--epochs", "4", "--seed", "0", "--out",
+        runs / "base")
+    cli("fge", "--from", runs / "base", "--cycles", "3", "--cycle-epochs", "1", "--lr1", "0.05", "--lr2", "0.005",
+        "--out", runs / "fge")
+    return runs / "fge"
+
+
+@pytest.fixture(scope="session")
+def fashion_variants(fashion_fge: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`fashion_fge` exported as `fashion` with INT8 and FP16 variants through the CLI; the version directory."""
+    repository = tmp_path_factory.mktemp("variants")
+    result = cli("export", "--from", fashion_fge, "--name", "fashion", "--out", repository,
+                 "--precision", "int8", "--precision", "fp16", "--precision", "int8")
+    report = json.loads(result.stdout)
+    assert [variant["precision"] for variant in report["variants"]] == ["int8", "fp16"]
+    return repository / "fashion" / "1"
+
+
+@pytest.fixture(scope="session")
+def unreproducible_int8(fashion_variants: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `fashion_variants` (as `fashion/1` in a repository of its own) whose INT8 graphs were calibrated on
+    blank images, with their checksums in the manifest: sound files whose samples do not reproduce, as a variant
+    quantized for another CPU's arithmetic answers. Returns the version directory."""
+    from artefact.manifest import FileEntry, load_manifest, sha256_of, write_manifest
+    from training.quantize import quantize_int8
+
+    version = tmp_path_factory.mktemp("unreproducible") / "fashion" / "1"
+    shutil.copytree(fashion_variants, version)
+    manifest = load_manifest(version)
+    variant = manifest.variant("int8")
+    assert variant is not None
+    blank = np.zeros((64, *manifest.input.shape[1:]), dtype=np.uint8)
+    entries = []
+    for source, entry in zip([*manifest.members, manifest.fused], [*variant.members, variant.fused], strict=True):
+        quantize_int8(version / source.file, version / entry.file, blank)
+        entries.append(FileEntry(file=entry.file, sha256=sha256_of(version / entry.file)))
+    blanked = variant.model_copy(update={"members": entries[:-1], "fused": entries[-1]})
+    write_manifest(manifest.model_copy(update={"variants": [blanked if v.precision == "int8" else v
+                                                            for v in manifest.variants]}), version)
+    return version
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,9 @@ def test_the_manifest_records_an_anytime_ensemble_fitted_within_its_tolerance(ex
     assert cascade is not None and cascade.stages[-1] == len(manifest.members)
     assert cascade.validation.nll <= cascade.validation_full.nll * (1 + cascade.max_nll_increase) + 1e-12
     assert cascade.validation.accuracy >= cascade.validation_full.accuracy - cascade.max_accuracy_drop - 1e-12
+    assert cascade.min_gain_kept == 0.9 and cascade.gain_kept_validation is not None
+    for kept in (cascade.gain_kept_validation.nll, cascade.gain_kept_validation.ece):
+        assert kept is None or kept >= 0.9 - 1e-9
     assert cascade.validation_full.members_per_image == cascade.test_full.members_per_image == len(manifest.members)
     assert 1 <= cascade.test.members_per_image <= len(manifest.members)
     assert cascade.test_full.nll == pytest.approx(manifest.metrics.calibrated.nll, rel=1e-4), \
@@ -189,10 +192,12 @@ def test_the_cascade_is_fitted_on_validation_only() -> None:
     test = val[:, ::-1].copy()
     test_labels = labels[::-1].copy()
     noise = rng.normal(0, 3, test.shape)
-    fitted = fit_cascade_spec(val, labels, test, test_labels, 1.0, 0.01, 0.001)
-    with_noise = fit_cascade_spec(val, labels, noise, test_labels, 1.0, 0.01, 0.001)
+    fitted = fit_cascade_spec(val, labels, test, test_labels, 1.0, 0.01, 0.001, 0.9)
+    with_noise = fit_cascade_spec(val, labels, noise, test_labels, 1.0, 0.01, 0.001, 0.9)
     assert (fitted.stages, fitted.thresholds) == (with_noise.stages, with_noise.thresholds)
     assert fitted.validation == with_noise.validation and fitted.test != with_noise.test
+    assert fitted.gain_kept_validation == with_noise.gain_kept_validation
+    assert fitted.gain_kept_test != with_noise.gain_kept_test
     assert fitted.stages != [members], "informative members agree often enough to exit early"
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,41 +16,25 @@ import pytest
 from pydantic import ValidationError
 
 import training.export as export_module
+from artefact.cpu import cpu_features, cpu_model
 from artefact.manifest import ManifestError, load_manifest, verify_files
-from tests.conftest import cli
 from training.calibrate import tempered_ensemble_probabilities
 from training.config import ExportConfig, Precision
 from training.data import DataSplits, ImageTensors, load_data
 from training.errors import UsageError
 from training.export import export_ensemble
 from training.metrics import classification_metrics
-from training.quantize import ensemble_tail, lower_precision, measuring_session
+from training.quantize import INT8_SCHEME, ensemble_tail, lower_precision, measuring_session
 from training.runs import RunDir
 
 NLL_TOLERANCE, ACCURACY_TOLERANCE = 0.02, 0.005  # the export's defaults
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 
 
-@pytest.fixture(scope="module")
-def fashion_fge(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-member FGE run of the small CNN on 2000 Fashion-MNIST images (of each split): real images, seconds."""
-    runs = tmp_path_factory.mktemp("fashion")
-    cli("train", "--dataset", "fashion-mnist", "--subset", "2000", "--epochs", "3", "--seed", "0", "--out",
-        runs / "base")
-    cli("fge", "--from", runs / "base", "--cycles", "3", "--cycle-epochs", "1", "--lr1", "0.02", "--lr2", "0.002",
-        "--out", runs / "fge")
-    return runs / "fge"
-
-
-@pytest.fixture(scope="module")
-def exported(fashion_fge: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`fashion_fge` exported with INT8 and FP16 variants through the CLI; returns the version directory."""
-    repository = tmp_path_factory.mktemp("repository")
-    result = cli("export", "--from", fashion_fge, "--name", "fashion", "--out", repository,
-                 "--precision", "int8", "--precision", "fp16", "--precision", "int8")
-    report = json.loads(result.stdout)
-    assert [variant["precision"] for variant in report["variants"]] == ["int8", "fp16"]
-    return repository / "fashion" / "1"
+@pytest.fixture
+def exported(fashion_variants: Path) -> Path:
+    """`fashion_fge` exported with INT8 and FP16 variants (the version directory)."""
+    return fashion_variants
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +216,81 @@ def test_a_recalibrated_version_rewrites_every_precisions_fused_graph(exported: 
     for precision in ("fp32", "int8"):  # FP16 graphs load on the CUDA provider only
         ensemble = load_ensemble(published, device="cpu", precision=precision)
         assert ensemble.manifest.version == 2
+
+
+def test_the_variant_records_its_scheme_and_the_cpu_it_was_validated_on(exported: Path) -> None:
+    manifest = load_manifest(exported)
+    int8, fp16 = manifest.variant("int8"), manifest.variant("fp16")
+    assert int8 is not None and fp16 is not None
+    assert int8.scheme == INT8_SCHEME and int8.scheme.weight_bits == 7 and fp16.scheme is None
+    for variant in (int8, fp16):
+        assert variant.validated_on is not None
+        assert variant.validated_on.cpu == cpu_model() and variant.validated_on.cpu_features == cpu_features()
+        assert variant.validated_on.onnxruntime == onnxruntime.__version__
+    assert "reduced to 7 bits" in int8.method
+
+
+def test_a_variant_whose_samples_do_not_reproduce_is_refused_and_fp32_serves(
+        unreproducible_int8: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Loaded at INT8, a variant that misses its samples' tolerance on this CPU is refused with a reason naming this
+    CPU and the one it was validated on, and the FP32 graphs answer, exactly as the FP32 ensemble does."""
+    from service.ensemble import load_ensemble
+
+    manifest = load_manifest(unreproducible_int8)
+    variant = manifest.variant("int8")
+    assert variant is not None and variant.validated_on is not None
+    with caplog.at_level(logging.WARNING, logger="service.ensemble"):
+        ensemble = load_ensemble(unreproducible_int8, device="cpu", precision="int8")
+    assert ensemble.precision == "fp32" and ensemble.requested_precision == "int8"
+    assert ensemble.fallback is not None
+    reason = ensemble.fallback.reason
+    assert "int8 variant is refused" in reason and f"beyond its tolerance {variant.samples_tolerance:.3g}" in reason
+    assert f"This CPU: {cpu_model()} ({' '.join(cpu_features()) or 'no features listed'}" in reason
+    assert f"Validated on: {variant.validated_on.cpu}" in reason and "--precision fp32" in reason
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING] == [reason]
+    pixels = np.asarray(manifest.samples.inputs, dtype=np.uint8)
+    fp32 = load_ensemble(unreproducible_int8, device="cpu")
+    np.testing.assert_array_equal(ensemble.infer(pixels, ["probabilities"])["probabilities"],
+                                  fp32.infer(pixels, ["probabilities"])["probabilities"])
+    assert ensemble.another_instance().fallback == ensemble.fallback
+    # The variant really misses: run alone, its graphs are far from the samples.
+    blank = measuring_session(unreproducible_int8 / variant.fused.file).run(["probabilities"], {"pixels": pixels})[0]
+    assert np.max(np.abs(blank - np.asarray(manifest.samples.probabilities))) > variant.samples_tolerance
+
+
+_RUN_GRAPHS = """
+import sys
+import numpy as np
+import onnxruntime
+pixels = np.load(sys.argv[1])
+options = onnxruntime.SessionOptions()
+options.intra_op_num_threads = 1
+sessions = [onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"]) for path in sys.argv[3:]]
+outputs = [session.run(None, {"pixels": pixels})[0] for session in sessions]
+np.save(sys.argv[2], np.stack(outputs))
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="emulates an x86 CPU without VNNI")
+def test_int8_graphs_answer_the_same_on_a_cpu_without_vnni(exported: Path, splits: DataSplits,
+                                                           tmp_path: Path) -> None:
+    """The INT8 member graphs on 256 validation images, run here and on an emulated AVX2 CPU without AVX-512 or
+    VNNI (qemu-user, `make data` installs it), where onnxruntime adds u8 x s8 products in saturating 16-bit pairs:
+    the logits agree to float rounding, so the manifest's figures hold on either. (8-bit weights instead of the
+    scheme's 7 move this ensemble's probabilities by up to 0.65 there: docs/training.md.)"""
+    qemu = shutil.which("qemu-x86_64")
+    assert qemu is not None, "qemu-x86_64 is missing: `make data` installs Debian's qemu-user"
+    variant = load_manifest(exported).variant("int8")
+    assert variant is not None
+    pixels, _ = _pixels_and_labels(splits, "val")
+    np.save(tmp_path / "pixels.npy", pixels[:256])
+    graphs = [str(exported / member.file) for member in variant.members]
+    answers = {}
+    for machine, prefix in (("here", []), ("avx2", [qemu, "-cpu", "EPYC-Rome"])):
+        result = subprocess.run([*prefix, sys.executable, "-c", _RUN_GRAPHS, str(tmp_path / "pixels.npy"),
+                                 str(tmp_path / f"{machine}.npy"), *graphs], capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers[machine] = np.load(tmp_path / f"{machine}.npy")
+    assert answers["here"].shape == (len(graphs), 256, 10)
+    np.testing.assert_allclose(answers["avx2"], answers["here"], atol=1e-4)

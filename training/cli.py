@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 0.01)")
     export.add_argument("--cascade-accuracy-tolerance", type=float, default=0.001,
                         help="and its validation accuracy may fall below it by this much (default 0.001: 0.1 point)")
+    export.add_argument("--cascade-min-gain-kept", type=float, default=0.9,
+                        help="and it keeps at least this share of the full ensemble's validation NLL and ECE lead "
+                             "over its best single member, or every member serves (default 0.9)")
     export.add_argument("--precision", dest="precisions", choices=["int8", "fp16"], action="append", default=[],
                         help="also export every graph at this precision (repeatable): int8 is statically quantized "
                              "for the CPU, fp16 is meant for CUDA")
@@ -190,6 +193,7 @@ def _export(args: argparse.Namespace) -> str:
                           overwrite=args.overwrite, points=args.points, num_points=args.num_points,
                           cascade_nll_tolerance=args.cascade_nll_tolerance,
                           cascade_accuracy_tolerance=args.cascade_accuracy_tolerance,
+                          cascade_min_gain_kept=args.cascade_min_gain_kept,
                           # Asking twice for one precision asks for it once.
                           precisions=list(dict.fromkeys(args.precisions)),
                           variant_nll_tolerance=args.variant_nll_tolerance,

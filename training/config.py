@@ -135,6 +135,9 @@ class ExportConfig(BaseModel):
                                          "exceed the full ensemble's by this fraction.")
     cascade_accuracy_tolerance: float = Field(0.001, ge=0, le=1, description="...and its validation accuracy may "
                                               "fall below it by this much (a fraction: 0.001 is 0.1 point).")
+    cascade_min_gain_kept: float = Field(0.9, ge=0, le=1, description="...and it keeps at least this share of the "
+                                         "full ensemble's validation NLL and ECE lead over its best single member "
+                                         "(otherwise every member serves).")
     precisions: list[Precision] = Field(default_factory=list, description="Also export every graph at "
                                                       "these lower precisions (the manifest's variants).")
     variant_nll_tolerance: float = Field(0.02, ge=0, description="A variant's validation NLL may exceed the FP32 "

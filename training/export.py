@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field
 from torch import nn
 from tqdm import tqdm
 
-from artefact.cascade import Cascade, fit_cascade, run_cascade
+from artefact.cascade import Cascade, fit_cascade, lead, quality, run_cascade
+from artefact.cpu import this_machine
 from artefact.drift import fit_baseline
 from artefact.manifest import (
     OUTPUTS,
@@ -41,6 +42,7 @@ from artefact.manifest import (
     DriftBaseline,
     EnsembleMetrics,
     FileEntry,
+    GainKept,
     InputSpec,
     Manifest,
     Member,
@@ -65,7 +67,7 @@ from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
-from training.quantize import lower_precision, measuring_session, method_of
+from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
 from training.runs import FGEReport, RunDir
 
 log = logging.getLogger(__name__)
@@ -403,17 +405,34 @@ def compare_with_endpoints(endpoints: tuple[np.ndarray, np.ndarray] | None, memb
 
 
 def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray, test_labels: np.ndarray,
-                     temperature: float, max_nll_increase: float, max_accuracy_drop: float) -> CascadeSpec:
+                     temperature: float, max_nll_increase: float, max_accuracy_drop: float,
+                     min_gain_kept: float) -> CascadeSpec:
     """The anytime ensemble of tempered members, fitted on the validation logits [K, N, C] alone and then measured
     on the test logits: the test split never takes part in choosing it."""
     val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
-    cascade, _, _ = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop)
+    fitted = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop, min_gain_kept)
+    cascade = fitted.cascade
+    answers, used = run_cascade(test, cascade)
+    test_kept = lead(test, test_labels).kept(quality(answers, test_labels, used))
     full = Cascade.full(cascade.members)
     return CascadeSpec(
         stages=list(cascade.stages), thresholds=list(cascade.thresholds), max_nll_increase=max_nll_increase,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, min_gain_kept=min_gain_kept,
         validation=_cascade_quality(val, val_labels, cascade), validation_full=_cascade_quality(val, val_labels, full),
-        test=_cascade_quality(test, test_labels, cascade), test_full=_cascade_quality(test, test_labels, full))
+        test=_cascade_quality(test, test_labels, cascade), test_full=_cascade_quality(test, test_labels, full),
+        gain_kept_validation=_gain_kept(fitted.lead.kept(fitted.quality)), gain_kept_test=_gain_kept(test_kept))
+
+
+def _gain_kept(kept: tuple[float | None, float | None]) -> GainKept:
+    return GainKept(nll=kept[0], ece=kept[1])
+
+
+def _kept_in_words(kept: GainKept | None) -> str:
+    """'NLL 96 %, ECE 100 %' (a metric the ensemble does not lead on: 'no lead')."""
+    if kept is None:
+        return "nothing measured"
+    return ", ".join(f"{name} {'no lead' if value is None else f'{100 * value:.0f} %'}"
+                     for name, value in (("NLL", kept.nll), ("ECE", kept.ece)))
 
 
 def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
@@ -539,6 +558,8 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
                    reference: Reference, export: ExportConfig) -> tuple[Variant, VariantComparison]:
     """Write every graph in `folder` again at `precision`, measure the ensemble the variant's member graphs make
     on both splits, and refuse it (UsageError) when its validation figures miss the export's tolerances."""
+    import onnxruntime
+
     calibration = _uint8_images(splits.val, splits, CALIBRATION_IMAGES)
     files = [member.file.removesuffix(".onnx") + f".{precision}.onnx" for member in members]
     fused_file = f"ensemble.{precision}.onnx"
@@ -546,11 +567,11 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
         lower_precision(precision, folder / member.file, folder / file, calibration)
     lower_precision(precision, folder / "ensemble.onnx", folder / fused_file, calibration)
 
-    def quality(data: SizedDataset, labels: np.ndarray) -> Metrics:
+    def measure(data: SizedDataset, labels: np.ndarray) -> Metrics:
         logits = onnx_member_logits([folder / file for file in files], data, splits, precision)
         return classification_metrics(tempered_ensemble_probabilities(logits, reference.temperature), labels)
 
-    validation = quality(splits.val, reference.val_labels)
+    validation = measure(splits.val, reference.val_labels)
     fp32 = reference.validation
     # Relative, with an absolute floor: an ensemble whose NLL is near 0 would otherwise allow no rounding at all.
     nll_limit = max(fp32.nll * (1 + export.variant_nll_tolerance), fp32.nll + VARIANT_NLL_FLOOR)
@@ -562,7 +583,7 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
             f"{export.variant_nll_tolerance}), accuracy {validation.accuracy:.4f} (FP32 {fp32.accuracy:.4f}, at "
             f"least {accuracy_limit:.4f} allowed by --variant-accuracy-tolerance {export.variant_accuracy_tolerance})"
             f"; nothing was written: loosen the tolerances or export without --precision {precision}")
-    test = quality(splits.test, reference.test_labels)
+    test = measure(splits.test, reference.test_labels)
     fused = [_session(folder / fused_file)]
     if precision == "fp16":  # as the CPU provider runs the file (FP16 weights only), and as measured
         fused.append(measuring_session(folder / fused_file, precision))
@@ -578,6 +599,7 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
         fused=FileEntry(file=fused_file, sha256=sha256_of(folder / fused_file)),
         method=method_of(precision, len(calibration)), validation=validation, test=test,
         samples_tolerance=max(SAMPLES_MARGIN * difference, MIN_SAMPLES_TOLERANCE),
+        scheme=INT8_SCHEME if precision == "int8" else None, validated_on=this_machine(onnxruntime.__version__),
     )
     comparison = VariantComparison(precision=precision, validation=validation, validation_fp32=fp32, test=test,
                                    test_fp32=reference.test, samples_difference=difference)
@@ -612,10 +634,13 @@ def export_ensemble(export: ExportConfig) -> Exported:
     comparison = compare_with_endpoints(endpoints, member_val, member_test, val_labels[0], test_labels[0],
                                         temperature)
     cascade = fit_cascade_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
-                               export.cascade_nll_tolerance, export.cascade_accuracy_tolerance)
+                               export.cascade_nll_tolerance, export.cascade_accuracy_tolerance,
+                               export.cascade_min_gain_kept)
     log.info("cascade: stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full %.4f), "
-             "accuracy %.4f (full %.4f)", cascade.stages, cascade.thresholds, cascade.test.members_per_image,
-             len(models), cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy)
+             "accuracy %.4f (full %.4f); of the ensemble's lead over its best member it keeps %s on validation, "
+             "%s on test", cascade.stages, cascade.thresholds, cascade.test.members_per_image, len(models),
+             cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy,
+             _kept_in_words(cascade.gain_kept_validation), _kept_in_words(cascade.gain_kept_test))
     selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
                                    export.target_accuracies, export.default_target_accuracy)
     drift = fit_drift_baseline(member_val, temperature)
