@@ -302,7 +302,7 @@ def load_ensemble(version_dir: Path, device: Device = "auto", threads: int = 0,
         ensemble.fallback = fallback
         difference = ensemble.check_samples()
     log.info("loaded %s version %d from %s on %s, %s execution at %s (samples within %.1e)", manifest.name,
-             manifest.version, version_dir, ensemble.providers[0], execution, precision, difference)
+             manifest.version, version_dir, ensemble.providers[0], execution, ensemble.precision, difference)
     return ensemble
 
 
