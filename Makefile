@@ -18,7 +18,8 @@ DEMO_CURVE_EPOCHS ?= 40
 DEMO_CURVE_POINTS ?= 6
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup setup-demo data data-demo demo test test-long lint typecheck clean bench-serving bench-metrics
+.PHONY: setup setup-demo data data-demo demo test test-long lint typecheck clean bench-serving bench-metrics \
+  bench-feedback
 
 # pip runs without -q where it downloads gigabytes (torch): its progress bars show the set-up is alive.
 $(BIN)/python:
@@ -40,13 +41,18 @@ $(DEMO_STAMP): pyproject.toml constraints.txt | $(BIN)/python
 # $(call apt_install,PACKAGES): one apt-get update, then the Debian packages without their recommends.
 apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else \
   echo "missing Debian packages: run 'apt-get install --no-install-recommends $(1)' as root"; exit 1; fi; \
-  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(1)
+  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1)
 
-# The tests: the Fashion-MNIST data set, Prometheus (promtool and a real server), and qemu-user (INT8 graphs run on
-# an emulated CPU without VNNI).
-data: $(FASHION_MNIST) /usr/bin/promtool /usr/bin/qemu-x86_64
-$(FASHION_MNIST) /usr/bin/promtool /usr/bin/qemu-x86_64 &:
-	@$(call apt_install,dataset-fashion-mnist prometheus qemu-user)
+# The tests: the Fashion-MNIST data set, Prometheus (promtool and a real server), qemu-user (INT8 graphs run on an
+# emulated CPU without VNNI) and PostgreSQL (the fleet's feedback store; the tests start a throwaway cluster of their
+# own). One apt-get for whatever is missing, nothing when all is there.
+data:
+	@missing=; \
+	[ -f $(FASHION_MNIST) ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/promtool ] || missing="$$missing prometheus"; \
+	[ -x /usr/bin/qemu-x86_64 ] || missing="$$missing qemu-user"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -z "$$missing" ] || { $(call apt_install,$$missing); }
 
 # The demo: the data set alone.
 data-demo:
@@ -96,6 +102,10 @@ bench-serving: setup $(PYTRITON_VENV)/.installed
 bench-metrics: setup
 	$(BIN)/python benchmarks/metrics_cost.py
 	$(BIN)/python benchmarks/metrics_throughput.py --blocks 4
+
+# What the feedback store costs: memory vs the embedded SQLite vs PostgreSQL, every request with an id.
+bench-feedback: setup data
+	$(BIN)/python benchmarks/feedback_store_cost.py --blocks 4
 
 lint: setup
 	$(BIN)/ruff check .

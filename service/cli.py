@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
+from service.feedback import StoreConfigError
 from service.logs import configure as configure_logging
 from service.server import serve
 from service.settings import Settings
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         asyncio.run(serve(settings))
+    except StoreConfigError as error:
+        print(f"valley-serve: --feedback-store: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except OSError as error:
         log.error("cannot start: %s", error)
         raise SystemExit(1) from None

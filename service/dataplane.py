@@ -13,8 +13,8 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -39,14 +39,15 @@ from service.errors import (
     Retired,
     ServingError,
     ShuttingDown,
+    Superseded,
     check_length,
     status_of,
 )
-from service.feedback import CalibrationWindow, Feedback, Label, Served
+from service.feedback import CalibrationWindow, Feedback, Label, LabelledWindow, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.modelconfig import PLATFORM, model_config, unchanged
 from service.observer import Observer
-from service.recalibrate import Suggestion, live_metrics, publish, suggest, withdraw
+from service.recalibrate import Suggestion, live_metrics, lock_name, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.statistics import ModelStatistics
 
@@ -278,7 +279,8 @@ class DataPlane:
                 self.observer.observe_abstentions(model.name, str(model.version), len(flags), int(flags.sum()))
             if keep:
                 self.feedback.remember(model.name, model.version, request.id, Served(
-                    results["probabilities"], results["member_probabilities"], results[MEMBERS_USED]), request.caller)
+                    results["probabilities"], results["member_probabilities"], results[MEMBERS_USED]), time.time(),
+                    request.caller)
         except Retired:
             raise
         except BaseException:
@@ -389,8 +391,11 @@ class DataPlane:
 
     # -- feedback, statistics and repository ----------------------------------------------
 
-    def report(self, labels: Sequence[Label], caller: str = "") -> int:
-        """Join labels to the predictions served to `caller` for them (all or none); how many were accepted."""
+    async def report(self, labels: Sequence[Label], caller: str = "") -> int:
+        """Join labels to the predictions served to `caller` for them (all or none); how many were accepted. With a
+        database store the labels are committed first, in a worker thread."""
+        if self.feedback.shared:
+            return await asyncio.to_thread(self.feedback.report, labels, caller)
         return self.feedback.report(labels, caller)
 
     def statistics(self, name: str, version: str) -> list[NamedStatistics]:
@@ -438,21 +443,27 @@ class DataPlane:
 
     # -- recalibration --------------------------------------------------------------------
 
-    def suggestion(self, name: str, version: str) -> tuple[ServedModel, Suggestion]:
-        """The temperature a serving version's labels suggest (`service.recalibrate`); `NotEnoughLabels` below the
-        minimum. Fits on the window: call it from a worker thread."""
+    def suggestion(self, name: str, version: str) -> tuple[ServedModel, Suggestion, LabelledWindow]:
+        """The temperature a serving version's labels suggest (`service.recalibrate`), and the labels it was fitted
+        on: the fleet's from a database store, else this server's window. `NotEnoughLabels` below the minimum.
+        Blocking: call it from a worker thread."""
         model = self._get(name, version)
         window = self.feedback.window_of(model.name, model.version)
-        labels = len(window) if window is not None else 0
-        if window is None or labels < self.recalibration_min_labels:
-            raise NotEnoughLabels(f"model {model.name!r} version {model.version} has {labels} labelled predictions "
-                                  f"in its calibration window; a temperature is fitted from "
+        labelled = self.feedback.labelled(model.name, model.version)
+        if len(labelled) < self.recalibration_min_labels:
+            where = "in the feedback store" if self.feedback.shared else "in its calibration window"
+            raise NotEnoughLabels(f"model {model.name!r} version {model.version} has {len(labelled)} labelled "
+                                  f"predictions {where}; a temperature is fitted from "
                                   f"{self.recalibration_min_labels} (--recalibration-min-labels): "
                                   + ("report more labels through valley.v1.Feedback"
                                      if self.recalibration_min_labels <= self.feedback.window else
                                      f"the window holds at most {self.feedback.window} (--calibration-window), so "
                                      "raise it or lower the minimum"))
-        return model, self._fitted(model, window)
+        if window is not None and not self.feedback.shared:
+            return model, self._fitted(model, window), labelled
+        suggestion = suggest(labelled, model.ensemble.manifest.temperature)
+        assert suggestion is not None, "the window holds labels"
+        return model, suggestion, labelled
 
     def _fitted(self, model: ServedModel, window: CalibrationWindow) -> Suggestion:
         """The suggestion of a version's window (holding labels), fitted again only once new labels arrived: the
@@ -462,7 +473,7 @@ class DataPlane:
         if cached is not None and cached[0] == window.generation:
             return cached[1]
         generation = window.generation
-        suggestion = suggest(window, model.ensemble.manifest.temperature)
+        suggestion = suggest(window.labelled(), model.ensemble.manifest.temperature)
         assert suggestion is not None, "the window holds labels"
         self._suggested[key] = (generation, suggestion)
         return suggestion
@@ -490,8 +501,15 @@ class DataPlane:
         if not (temperature == 0 or TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]):
             raise InvalidInput(f"temperature must be 0 (the suggested one) or in [{TEMPERATURE_RANGE[0]}, "
                                f"{TEMPERATURE_RANGE[1]}], got {temperature}")
-        async with self._recalibrating:  # one publication at a time: each takes the next version number
-            model, suggestion = await asyncio.to_thread(self.suggestion, name, version)
+        # One publication at a time here, and under the store's lock across the fleet (valley-recalibrate takes it
+        # too): each takes the next version number, and a version is recalibrated once.
+        async with self._recalibrating, _held(self.feedback.lock(lock_name(name))):
+            model, suggestion, labelled = await asyncio.to_thread(self.suggestion, name, version)
+            newest = max(await asyncio.to_thread(self.repository.versions_on_disk, model.name), default=0)
+            if newest > model.version:
+                raise Superseded(f"model {model.name!r} has a newer version {newest} in the repository than version "
+                                 f"{model.version} (published meanwhile, perhaps recalibrated by another replica or "
+                                 "valley-recalibrate): recalibrate the newest version once it serves")
             applied = temperature or suggestion.suggested
             policy = self.repository.policy_of(model.name)
             if not policy.serves_newest:
@@ -499,9 +517,7 @@ class DataPlane:
                                  "a new version: set a latest:N or all policy, then recalibrate")
             after = suggestion.suggested_metrics
             if applied != suggestion.suggested:
-                window = self.feedback.window_of(model.name, model.version)
-                assert window is not None
-                after = await asyncio.to_thread(live_metrics, window, model.ensemble.manifest.temperature, applied)
+                after = await asyncio.to_thread(live_metrics, labelled, model.ensemble.manifest.temperature, applied)
             # Publishing and loading run to the end even if the caller goes away: a version is never left half
             # published, or published and not loaded.
             published = await asyncio.shield(self._publish(model, applied, suggestion, after, caller))
@@ -539,3 +555,13 @@ class DataPlane:
         if self.model_control == "none":
             raise ModelControlOff("this server takes no load or unload requests (--model-control-mode none): "
                                   "restart it, or run it with --model-control-mode explicit or poll")
+
+
+@asynccontextmanager
+async def _held(lock: AbstractContextManager[None]) -> AsyncIterator[None]:
+    """A blocking lock (the feedback store's, across processes) taken and released in worker threads."""
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(lock.__exit__, None, None, None)

@@ -84,6 +84,14 @@ class FeedbackOff(ServingError):
     """The server keeps no predictions to label (feedback is off): FAILED_PRECONDITION."""
 
 
+class StoreUnavailable(ServingError):
+    """The feedback store cannot be reached now, so labels cannot be committed: UNAVAILABLE, report them again."""
+
+
+class Superseded(ServingError):
+    """A newer version of the ensemble exists (published meanwhile): FAILED_PRECONDITION."""
+
+
 class Unauthenticated(ServingError):
     """No bearer token, or one the server does not know: UNAUTHENTICATED."""
 
@@ -108,6 +116,8 @@ STATUS: dict[type[ServingError], str] = {
     UnknownPrediction: "NOT_FOUND",
     AlreadyLabelled: "ALREADY_EXISTS",
     FeedbackOff: "FAILED_PRECONDITION",
+    StoreUnavailable: "UNAVAILABLE",
+    Superseded: "FAILED_PRECONDITION",
     Unauthenticated: "UNAUTHENTICATED",
     PermissionDenied: "PERMISSION_DENIED",
 }

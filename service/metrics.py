@@ -22,7 +22,8 @@ from artefact.manifest import Manifest
 from service.batching import BatchRecord
 from service.drift import DriftWindow
 from service.ensemble import MEMBERS_USED, Ensemble
-from service.feedback import CalibrationWindow
+from service.feedback import CalibrationWindow, Store
+from service.feedback.writer import DROP_REASONS
 from service.recalibrate import Suggestion
 
 # Latency buckets from 0.5 ms to 10 s: batch-1 CPU requests sit in the low milliseconds, big
@@ -71,6 +72,35 @@ class _LiveCollector(Collector):
             for model, version, value in values():
                 family.add_metric([model, version], value)
             yield family
+
+
+class FeedbackStoreCollector(Collector):
+    """The feedback store's writer, read at scrape time: what waits for the database, what was written and dropped."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        store = self._store
+        stats = store.stats()
+        info = GaugeMetricFamily("valley_feedback_store_info", "The feedback store in use (1): memory, sqlite or "
+                                 "postgresql", labels=["store"])
+        info.add_metric([store.kind], 1)
+        up = GaugeMetricFamily("valley_feedback_store_up", "1 while the feedback store answers (the last write or "
+                               "attempt to reach it succeeded), 0 while served predictions wait for it")
+        up.add_metric([], 1 if stats is None or stats.up else 0)
+        queued = GaugeMetricFamily("valley_feedback_queue_predictions", "Served requests waiting to be written to "
+                                   "the feedback store")
+        queued.add_metric([], stats.queued if stats is not None else 0)
+        written = CounterMetricFamily("valley_feedback_written", "Served requests written to the feedback store")
+        written.add_metric([], stats.written if stats is not None else 0)
+        dropped = CounterMetricFamily("valley_feedback_dropped", "Served requests the feedback store lost, by "
+                                      "reason: queue_full (it fell behind: the queue was at its bound), rejected "
+                                      "(the database refused them), shutdown (still queued at the end of the grace "
+                                      "period)", labels=["reason"])
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], stats.dropped.get(reason, 0) if stats is not None else 0)
+        yield from (info, up, queued, written, dropped)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Recalibration from feedback: a temperature fitted on the live labels, and a version that applies it.
 
-`suggest` refits the temperature on a version's calibration window, the last labelled live
-predictions, with the fit export runs on the validation split (`artefact.calibration`). The
-members' served probabilities stand in for their logits: log p is the logits over the serving
-temperature less a constant per member, and the fit does not see such constants. It reports the
-window's NLL, ECE and accuracy as served and at the suggested temperature.
+`suggest` refits the temperature on a version's last labelled live predictions (the fleet's,
+from a database feedback store, or one server's calibration window), with the fit export runs
+on the validation split (`artefact.calibration`). The members' served probabilities stand in for
+their logits: log p is the logits over the serving temperature less a constant per member, and
+the fit does not see such constants. It reports the window's NLL, ECE and accuracy as served and
+at the suggested temperature.
 
 `publish` applies a temperature the way every version change happens: a new version folder in
 the repository, so the change is audited (the manifest's `recalibration` says where it came from
@@ -45,7 +46,7 @@ from artefact.manifest import (
 from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax
 from service.ensemble import create_session
 from service.errors import LoadFailed
-from service.feedback import CalibrationWindow
+from service.feedback import LabelledWindow
 
 _ATTEMPTS = 3
 TEMPERATURE_INITIALIZER = "temperature"
@@ -83,9 +84,15 @@ def _at(members: np.ndarray, used: np.ndarray, served: float, temperature: float
     return probabilities
 
 
-def suggest(window: CalibrationWindow, temperature: float) -> Suggestion | None:
+def lock_name(model: str) -> str:
+    """The feedback store's lock every publisher of a recalibrated version of `model` holds: the Recalibrate RPC of
+    any replica and valley-recalibrate."""
+    return f"valley:recalibrate:{model}"
+
+
+def suggest(window: LabelledWindow, temperature: float) -> Suggestion | None:
     """The temperature that minimises the NLL of the window (served at `temperature`); None while it is empty."""
-    members, used, labels = window.members()
+    members, used, labels = window.members, window.used, window.labels
     if not len(labels):
         return None
     member_logits = np.log(np.maximum(members.astype(np.float64), LOG_FLOOR)) * temperature
@@ -95,10 +102,9 @@ def suggest(window: CalibrationWindow, temperature: float) -> Suggestion | None:
                       quality(_at(members, used, temperature, suggested), labels))
 
 
-def live_metrics(window: CalibrationWindow, served: float, temperature: float) -> dict[str, float]:
+def live_metrics(window: LabelledWindow, served: float, temperature: float) -> dict[str, float]:
     """nll, ece and accuracy of the window (served at `served`) at `temperature`."""
-    members, used, labels = window.members()
-    return quality(_at(members, used, served, temperature), labels) if len(labels) else {}
+    return quality(_at(window.members, window.used, served, temperature), window.labels) if len(window) else {}
 
 
 def _next_version(folder: Path) -> int:

@@ -367,15 +367,15 @@ class Frontend:
             if not isinstance(labels, list):
                 raise InvalidInput("the body needs 'labels': a list of {model_name, request_id, position, true_class}")
             # One past the limit is enough for the data plane to refuse an oversized report.
-            return _json({"accepted": self.dataplane.report([_label(label, index) for index, label in
-                                                             enumerate(labels[:MAX_LABELS + 1])],
-                                                            CALLER.get().principal)})
+            accepted = await self.dataplane.report([_label(label, index) for index, label in
+                                                    enumerate(labels[:MAX_LABELS + 1])], CALLER.get().principal)
+            return _json({"accepted": accepted})
 
         return await self._guard(request, "Report", answer)
 
     async def calibration(self, request: Request) -> Response:
         async def answer() -> Response:
-            model, suggestion = await asyncio.to_thread(self.dataplane.suggestion, *self._model(request))
+            model, suggestion, _ = await asyncio.to_thread(self.dataplane.suggestion, *self._model(request))
             return _json(_suggestion(model.name, model.version, suggestion))
 
         return await self._guard(request, "Suggest", answer)

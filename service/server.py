@@ -34,8 +34,8 @@ from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.concurrency import ConcurrencyLimit
 from service.dataplane import DataPlane
-from service.feedback import Feedback, PredictionStore
-from service.metrics import ServingMetrics
+from service.feedback import Feedback, open_store
+from service.metrics import FeedbackStoreCollector, ServingMetrics
 from service.observer import NULL_OBSERVER, Observer
 from service.repository import Repository
 from service.rest import Frontend, HttpServer
@@ -97,9 +97,15 @@ class Server:
                                                  lambda: self.dataplane.suggestions()) \
             if settings.metrics else NULL_OBSERVER
         self.repository = Repository(settings, self.observer, on_state=self._model_state)
-        store = PredictionStore(settings.feedback_max_predictions, settings.feedback_ttl_s,
-                                settings.feedback_max_bytes) if settings.feedback_on else None
-        feedback = Feedback(store, settings.calibration_window, self.observer)
+        self.store = open_store(settings.feedback_store, ttl_seconds=settings.feedback_ttl_s,
+                                max_predictions=settings.feedback_max_predictions,
+                                max_bytes=settings.feedback_max_bytes, replica=settings.replica,
+                                state_dir=settings.state_dir, flush_interval=settings.feedback_flush_ms / 1000,
+                                queue_items=settings.feedback_queue, queue_bytes=settings.feedback_queue_bytes) \
+            if settings.feedback_on else None
+        feedback = Feedback(self.store, settings.calibration_window, self.observer, settings.replica)
+        if settings.metrics and self.store is not None:
+            self.registry.register(FeedbackStoreCollector(self.store))
         self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback,
                                    settings.model_control_mode, settings.recalibration_min_labels)
         limit = settings.max_message_bytes
@@ -123,12 +129,25 @@ class Server:
             self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             add_servicer(self.health_grpc, self.health, HEALTH)
         self._stopping = asyncio.Event()
+        self._seeding: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._metrics_http: WSGIServer | None = None
 
     async def _model_state(self, name: str, serving: bool) -> None:
         await self.health.set(name, SERVING if serving else NOT_SERVING)
         await self._server_state()
+        if serving and self.dataplane.feedback.shared:
+            for version in self.repository.versions(name):
+                task = asyncio.create_task(self._seed(name, version), name=f"valley-seed-{name}-{version}")
+                self._seeding.add(task)
+                task.add_done_callback(self._seeding.discard)
+
+    async def _seed(self, name: str, version: int) -> None:
+        """Start a version's calibration window from the fleet's labels in the store (a restart is not blind)."""
+        try:
+            await asyncio.to_thread(self.dataplane.feedback.seed, name, version)
+        except Exception as error:  # the store is down: the window fills from the labels this replica receives
+            log.warning("the calibration window of %s version %d starts empty: %s", name, version, error)
 
     async def _server_state(self) -> None:
         ready = self.dataplane.ready()
@@ -153,6 +172,9 @@ class Server:
             tls = ", or the TLS certificate and key do not match" if settings.tls_cert else ""
             raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is wrong{tls}") \
                 from error
+        if self.store is not None:
+            self.store.start()
+            log.info("feedback store: %s (%s)", self.store.kind, self.store.location)
         metrics_http, _ = start_http_server(settings.metrics_port, settings.host, self.registry)
         self._metrics_http = metrics_http
         metrics_port = int(metrics_http.server_port)
@@ -241,6 +263,8 @@ class Server:
             await asyncio.wait_for(self.repository.close(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("the grace period ended before every queued batch finished; exiting anyway")
+        if self.store is not None:  # every answer is given: what waits for the feedback store is written now
+            await asyncio.to_thread(self.store.close, max(1.0, ends - time.monotonic()))
         if self.health_grpc is not None:
             await self.health_grpc.stop(0)
         if self._metrics_http is not None:

@@ -470,7 +470,7 @@ class FeedbackServicer:
         # One past the limit is enough for the data plane to refuse an oversized report.
         labels = [Label(label.model_name, label.request_id, label.position, label.true_class)
                   for label in request.labels[:MAX_LABELS + 1]]
-        return feedback_pb.ReportResponse(accepted=self.dataplane.report(labels, CALLER.get().principal))
+        return feedback_pb.ReportResponse(accepted=await self.dataplane.report(labels, CALLER.get().principal))
 
 
 def _live(metrics: dict[str, float]) -> calibration_pb.LiveMetrics:
@@ -491,8 +491,8 @@ class CalibrationServicer:
         self.dataplane = dataplane
 
     async def Suggest(self, request: calibration_pb.SuggestRequest, context: Context) -> calibration_pb.Suggestion:
-        model, suggestion = await asyncio.to_thread(self.dataplane.suggestion, request.model_name,
-                                                    request.model_version)
+        model, suggestion, _ = await asyncio.to_thread(self.dataplane.suggestion, request.model_name,
+                                                       request.model_version)
         return _suggestion(model.name, model.version, suggestion)
 
     async def Recalibrate(self, request: calibration_pb.RecalibrateRequest, context: Context

@@ -7,6 +7,7 @@ over environment variables, which win over the defaults here.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -97,11 +98,27 @@ class Settings(BaseSettings):
     feedback: bool | None = Field(None, description="keep served predictions of requests with an id and take "
                                   "their labels through valley.v1.Feedback (default: on when --metrics is on, "
                                   "whose calibration metrics the labels feed)")
-    feedback_max_predictions: int = Field(100_000, ge=1, description="served predictions (images) kept for "
+    feedback_store: str = Field("auto", description="where served predictions and their labels are kept: "
+                                "auto (sqlite: in --state-dir, or memory: where it cannot be written), memory:, "
+                                "sqlite:PATH, or postgresql://user@host/db, which every replica of a fleet shares "
+                                "(libpq's PG* variables and password file apply; the password is never logged)")
+    state_dir: Path | None = Field(None, description="the folder of the embedded feedback store (--feedback-store "
+                                   "auto); default $XDG_STATE_HOME/valley or ~/.local/state/valley")
+    replica: str = Field(default_factory=socket.gethostname, description="this server's name in the feedback "
+                         "store (labels record the replica that received them); default the host name, a pod's "
+                         "name on Kubernetes")
+    feedback_flush_ms: float = Field(200.0, gt=0, le=60_000, description="a database store writes the served "
+                                     "predictions queued within this many ms in one batch (a label reported "
+                                     "sooner after its answer may find nothing yet)")
+    feedback_queue: int = Field(10_000, ge=1, description="served requests waiting for a database store; beyond it "
+                                "they are dropped and counted (valley_feedback_dropped_total)")
+    feedback_queue_bytes: int = Field(64 * MIB, ge=MIB, description="memory those waiting requests may take")
+    feedback_max_predictions: int = Field(1_000_000, ge=1, description="served predictions (images) kept for "
                                           "feedback labels; the oldest go first")
-    feedback_max_bytes: int = Field(256 * MIB, ge=MIB, description="memory the kept predictions may take "
-                                    "(probabilities, ids); the oldest go first")
-    feedback_ttl_s: float = Field(3600.0, gt=0, description="how long a served prediction can still be labelled")
+    feedback_max_bytes: int = Field(256 * MIB, ge=MIB, description="memory the kept predictions may take with "
+                                    "--feedback-store memory: (probabilities, ids); the oldest go first")
+    feedback_ttl_s: float = Field(7 * 86_400.0, gt=0, description="how long a served prediction can still be "
+                                  "labelled, and a label stays in the store (default 7 days)")
     calibration_window: int = Field(1000, ge=1, description="labelled predictions in the live ECE/accuracy/NLL/"
                                     "Brier gauges")
     recalibration_min_labels: int = Field(100, ge=1, description="labels a model version's calibration window "

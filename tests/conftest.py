@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.batching import RunBatch, RunOutput, Segment
+from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,29 @@ def cli(*args: str | Path, check: bool = True, env: dict[str, str] | None = None
     if check and result.returncode != 0:
         raise AssertionError(f"valley-train {' '.join(map(str, args))} failed:\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers the tests start keep their feedback store (SQLite in the state folder) under the session's temporary
+    folder, never in the user's ~/.local/state."""
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server (Debian's package) for the session; `postgres.database()` makes a database."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

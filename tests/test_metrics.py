@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from artefact.calibration import confidence_bin, score
+from artefact.calibration import confidence_bin
 from artefact.uncertainty import entropy, mutual_information
-from service.feedback import CalibrationWindow, Joined
+from service.feedback import CalibrationWindow
 from training.ensembles import ensemble_probabilities, prefix_metrics
 from training.metrics import accuracy, brier, classification_metrics, ece, nll
 
@@ -70,7 +70,7 @@ def test_the_serving_window_agrees_with_the_training_metrics() -> None:
     labels = rng.integers(0, 10, size=500)
     window = CalibrationWindow(size=200)
     for row, label in zip(probabilities, labels, strict=True):
-        window.add(score(row, int(label)), Joined("m", 1, row, row[None, :], 1, int(label)))
+        window.add(row, row[None, :], 1, int(label))
     summary, last = window.summary(), slice(300, 500)
     assert len(window) == 200
     assert summary["ece"] == pytest.approx(ece(probabilities[last], labels[last]), abs=1e-12)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artefact.calibration import fit_temperature, score
+from artefact.calibration import fit_temperature
 from artefact.manifest import MANIFEST_FILE, load_manifest
 from artefact.uncertainty import retempered, softmax
 from service.abstention import Abstention
 from service.errors import InvalidInput
-from service.feedback import CalibrationWindow, Joined
+from service.feedback import CalibrationWindow
 from service.recalibrate import live_metrics, suggest
 
 
@@ -44,10 +44,8 @@ def test_the_window_suggests_the_temperature_export_would_fit() -> None:
     window = CalibrationWindow(size=len(labels))
     members = softmax(logits / served_at).astype(np.float32)
     for image, label in enumerate(labels):
-        probabilities = members[image].mean(axis=0)
-        window.add(score(probabilities, int(label)),
-                   Joined("m", 1, probabilities, members[image], members.shape[1], int(label)))
-    suggestion = suggest(window, served_at)
+        window.add(members[image].mean(axis=0), members[image], members.shape[1], int(label))
+    suggestion = suggest(window.labelled(), served_at)
     assert suggestion is not None and suggestion.labels == len(labels)
     # From float32 probabilities instead of the logits, the same temperature to a part in a thousand.
     assert suggestion.suggested == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
@@ -56,8 +54,9 @@ def test_the_window_suggests_the_temperature_export_would_fit() -> None:
     assert suggestion.suggested_metrics["nll"] < suggestion.current_metrics["nll"]
     assert suggestion.current_metrics["ece"] == pytest.approx(window.summary()["ece"], abs=1e-6)
     assert suggestion.suggested_metrics["accuracy"] == pytest.approx(suggestion.current_metrics["accuracy"], abs=0.01)
-    assert live_metrics(window, served_at, suggestion.suggested) == pytest.approx(suggestion.suggested_metrics)
-    assert suggest(CalibrationWindow(5), served_at) is None
+    assert live_metrics(window.labelled(), served_at, suggestion.suggested) == \
+        pytest.approx(suggestion.suggested_metrics)
+    assert suggest(CalibrationWindow(5).labelled(), served_at) is None
 
 
 def test_a_selective_spec_from_before_thresholds_were_stored_still_loads(exported: Path, tmp_path: Path) -> None:

@@ -17,10 +17,14 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -79,6 +83,35 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@contextmanager
+def prometheus(tmp: Path, metrics_ports: list[int]) -> Iterator[str]:
+    """A real Prometheus scraping valley's metrics ports every second and evaluating our rules every second; its
+    URL."""
+    rules = (REPO / "deploy" / "prometheus" / "rules.yml").read_text().replace("interval: 30s", "interval: 1s")
+    (tmp / "rules.yml").write_text(rules)
+    targets = ", ".join(f"'127.0.0.1:{port}'" for port in metrics_ports)
+    (tmp / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{tmp / 'rules.yml'}]\n"
+        f"scrape_configs: [{{job_name: valley, static_configs: [{{targets: [{targets}]}}]}}]\n")
+    port = free_port()  # Prometheus cannot say which port it bound when given 0
+    with open(tmp / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def prometheus_query(url: str, promql: str) -> list[dict[str, Any]]:
+    """The result of an instant query: one entry per series."""
+    with urllib.request.urlopen(f"{url}/api/v1/query?query={urllib.parse.quote(promql)}", timeout=10) as response:
+        return json.loads(response.read())["data"]["result"]  # type: ignore[no-any-return]
 
 
 def health_status(port: int, service: str = "") -> int:
@@ -144,7 +177,10 @@ def start_server_process(repository: Path, *flags: str, env: dict[str, str] | No
     if not any(flag.startswith("--degrade-queue-ms") for flag in flags):
         # Answers are compared with the full ensemble: a busy test machine must not cut them to the first stage.
         flags = ("--degrade-queue-ms", "0", *flags)
-    server = start_server(repository, *flags, log=log, cwd=REPO, env={"OMP_NUM_THREADS": "2", **(env or {})},
+    # A feedback store of its own (the default, SQLite in the state folder): no test sees another's labels.
+    state = tempfile.mkdtemp(prefix="valley-state-", dir=repository.parent)
+    server = start_server(repository, *flags, log=log, cwd=REPO,
+                          env={"OMP_NUM_THREADS": "2", "XDG_STATE_HOME": state, **(env or {})},
                           timeout=60)
     if not server.ready:
         server.stop()
@@ -215,6 +251,8 @@ class ThreadServer:
 def thread_settings(repository: Path, **overrides: Any) -> Settings:
     overrides.setdefault("members", "full")
     overrides.setdefault("degrade_queue_ms", 0)
+    # A feedback store of its own (the default, SQLite in the state folder): no test sees another's labels.
+    overrides.setdefault("state_dir", Path(tempfile.mkdtemp(prefix="valley-state-", dir=repository.parent)))
     return Settings(repository=repository, host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=0,
                     shutdown_grace_s=5, **overrides)
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +18,8 @@ from tests.e2e.conftest import (
     MODEL,
     Reference,
     ThreadServer,
-    free_port,
+    prometheus,
+    prometheus_query,
     report,
     start_server_process,
     stop_server_process,
@@ -57,37 +55,11 @@ def test_the_served_metrics_pass_promtool(repository: Path, reference: Reference
         linted.stdout + linted.stderr
 
 
-@contextmanager
-def prometheus(tmp: Path, metrics_port: int) -> Iterator[str]:
-    """A real Prometheus scraping valley every second and evaluating our rules every second."""
-    rules = (RULES / "rules.yml").read_text().replace("interval: 30s", "interval: 1s")
-    (tmp / "rules.yml").write_text(rules)
-    (tmp / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"rule_files: [{tmp / 'rules.yml'}]\n"
-        f"scrape_configs: [{{job_name: valley, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
-    port = free_port()  # Prometheus cannot say which port it bound when given 0
-    with open(tmp / "prometheus.log", "wb") as log:
-        process = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-                                    f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                                   stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-def _query(url: str, promql: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{url}/api/v1/query?query={urllib.parse.quote(promql)}", timeout=10) as response:
-        return json.loads(response.read())["data"]["result"]  # type: ignore[no-any-return]
-
-
 def _until(url: str, promql: str, predicate: Callable[[float], bool], timeout: float = 90) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            result = _query(url, promql)
+            result = prometheus_query(url, promql)
         except OSError:  # Prometheus still starting
             result = []
         if result and predicate(float(result[0]["value"][1])):
@@ -102,7 +74,7 @@ def test_prometheus_computes_the_ece_training_computes(fashion_repository: Path,
     labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:600].astype(np.int64)
     server = start_server_process(fashion_repository)
     try:
-        with prometheus(tmp_path, server.metrics_port) as url:
+        with prometheus(tmp_path, [server.metrics_port]) as url:
             client = triton.InferenceServerClient(server.url)
             served = []
             for start in range(0, len(images), 50):
