@@ -14,8 +14,8 @@ from tests.conftest import REPO
 
 K8S = REPO / "deploy" / "k8s"
 # Every kustomization an operator applies (deploy/README.md).
-KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu", "kserve", "train/base", "train/indexed-job",
-                  "train/pytorchjob", "tools")
+KUSTOMIZATIONS = ("base", "overlays/cpu", "overlays/gpu", "overlays/fleet", "fleet-database", "kserve", "train/base",
+                  "train/indexed-job", "train/pytorchjob", "tools")
 ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
 
 Object = dict[str, Any]
@@ -48,12 +48,14 @@ def find(objects: list[Object], kind: str, name: str | None = None) -> Object:
 
 
 def pod_spec(workload: Object) -> Object:
-    """The pod spec of a Pod, or the pod template's of a Deployment, Job or the master of a PyTorchJob."""
+    """The pod spec of a Pod, or the pod template's of a Deployment, Job, CronJob or the master of a PyTorchJob."""
     spec = workload["spec"]
     if workload["kind"] == "Pod":
         return dict(spec)
     if workload["kind"] == "PyTorchJob":
         return dict(spec["pytorchReplicaSpecs"]["Master"]["template"]["spec"])
+    if workload["kind"] == "CronJob":
+        return dict(spec["jobTemplate"]["spec"]["template"]["spec"])
     return dict(spec["template"]["spec"])
 
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from service.cli import parse_settings
+from service.recalibrate_job import build_parser as recalibrate_parser
 from service.reload import build_parser as reload_parser
 from service.server import LIVENESS_SERVICE
 from service.settings import Settings
@@ -46,7 +47,7 @@ from training.cli import build_parser
 OLDEST_KUBERNETES = "1.29.0"
 KUBERNETES_VERSIONS = (OLDEST_KUBERNETES, kubernetes_validate.latest_version())
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-SERVE_OVERLAYS = ("overlays/cpu", "overlays/gpu")
+SERVE_OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/fleet")
 
 
 def _strict(schema: Any) -> Any:
@@ -140,6 +141,7 @@ def validate_object(document: Object) -> None:
         schema = _strict(json.loads(schema_file.read_text()))
         body = {key: value for key, value in document.items() if key != "metadata"}
         schema["properties"].pop("metadata", None)
+        schema["required"] = [field for field in schema.get("required", []) if field != "metadata"]
         jsonschema.Draft7Validator(schema).validate(body)
         return
     _core(document)
@@ -266,7 +268,7 @@ def test_the_gpu_overlay_asks_for_a_gpu_node_and_the_cpu_one_for_cores() -> None
 def _containers(document: Object) -> list[Object]:
     if document["kind"] == "ServingRuntime":
         return list(document["spec"]["containers"])
-    if document["kind"] in ("Pod", "Deployment", "Job", "PyTorchJob"):
+    if document["kind"] in ("Pod", "Deployment", "Job", "CronJob", "PyTorchJob"):
         return list(pod_spec(document)["containers"])
     return []
 
@@ -280,7 +282,8 @@ def _pod_security(document: Object) -> Object:
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_container_runs_non_root_read_only_without_privileges(kustomization: str) -> None:
     workloads = [document for document in render(kustomization) if _containers(document)]
-    assert workloads or kustomization == "train/base", "only the training volumes and recipe run nothing"
+    assert workloads or kustomization in ("train/base", "fleet-database"), \
+        "only the training volumes and recipe, and the database an operator runs, run nothing of ours"
     for workload in workloads:
         pod = _pod_security(workload)
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 10001 and pod["seccompProfile"]["type"] == \
@@ -312,7 +315,7 @@ def test_services_monitors_budgets_and_policies_point_at_the_pods(kustomization:
     assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics"]
     assert _selects(find(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
-    policy = find(objects, "NetworkPolicy")
+    policy = find(objects, "NetworkPolicy", "valley-serve")
     assert _selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
     assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == \
         {"grpc", "http", "metrics"}
@@ -432,3 +435,57 @@ def test_the_adapter_queries_are_promql(tmp_path: Path) -> None:
         for index, expression in enumerate(adapter_expressions())]}]}))
     checked = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_fleet_shares_one_store_polls_the_repository_and_recalibrates_as_a_job() -> None:
+    objects, deployment, settings = _serve("overlays/fleet")
+    serving = pod_spec(deployment)
+    container = serving["containers"][0]
+    store = {"secretKeyRef": {"name": "valley-feedback-app", "key": "uri"}}
+    env = {entry["name"]: entry.get("valueFrom") for entry in container["env"]}
+    assert env == {"VALLEY_FEEDBACK_STORE": store, "VALLEY_REPLICA": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert settings["VALLEY_MODEL_CONTROL_MODE"] == "poll"
+    fields = {f"VALLEY_{name.upper()}" for name in Settings.model_fields}
+    assert set(env) <= fields, "the secret and the pod's name reach the server as its settings"
+    models = {volume["name"]: volume for volume in serving["volumes"]}["models"]["persistentVolumeClaim"]
+    assert models["readOnly"] is True and models["claimName"] == "valley-models"
+    assert find(objects, "PersistentVolumeClaim", "valley-models")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    job = pod_spec(find(objects, "CronJob", "valley-recalibrate"))
+    runner = job["containers"][0]
+    assert runner["image"] == container["image"], "valley-recalibrate ships in the serving image"
+    job_env = {entry["name"]: entry.get("value", entry.get("valueFrom")) for entry in runner["env"]}
+    assert job_env["VALLEY_FEEDBACK_STORE"] == store
+    mounts = {mount["name"]: mount for mount in runner["volumeMounts"]}
+    claim = {volume["name"]: volume for volume in job["volumes"]}["models"]["persistentVolumeClaim"]
+    assert claim["claimName"] == "valley-models" and not claim.get("readOnly") and not mounts["models"].get("readOnly")
+    script = runner["args"][0]
+    command = shlex.split(script.split(";")[0])
+    values = {f"${name}": str(value) for name, value in job_env.items() if isinstance(value, str)}
+    values["$VALLEY_FEEDBACK_STORE"] = "postgresql://valley@valley-feedback-rw.valley:5432/valley"
+    assert command[0] == "valley-recalibrate"
+    arguments = recalibrate_parser().parse_args([values.get(word, word) for word in command[1:]])
+    assert str(arguments.repository) == mounts["models"]["mountPath"] == "/models" and arguments.min_labels == 100
+    assert 'if [ "$status" -eq 3 ]; then exit 0; fi' in script, "not enough labels yet is not a failed Job"
+
+    policy = find(objects, "NetworkPolicy", "valley-feedback-store")
+    selected = policy["spec"]["podSelector"]["matchExpressions"][0]["values"]
+    assert set(selected) == {deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"],
+                             find(objects, "CronJob", "valley-recalibrate")["spec"]["jobTemplate"]["spec"]["template"]
+                             ["metadata"]["labels"]["app.kubernetes.io/name"]}
+    database = find(objects, "Cluster", "valley-feedback")
+    assert policy["spec"]["egress"][0]["to"][0]["podSelector"]["matchLabels"] == \
+        {"cnpg.io/cluster": database["metadata"]["name"]}
+    assert policy["spec"]["egress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    # CloudNativePG names the application Secret <cluster>-app; its `uri` reaches the database valley as valley.
+    assert store["secretKeyRef"]["name"] == f"{database['metadata']['name']}-app"
+    assert database["spec"]["bootstrap"]["initdb"]["database"] == database["spec"]["bootstrap"]["initdb"]["owner"] \
+        == "valley"
+
+
+def test_the_database_cluster_is_validated_against_its_crd() -> None:
+    cluster = find(render("fleet-database"), "Cluster", "valley-feedback")
+    validate_object(cluster)
+    cluster["spec"]["instance"] = cluster["spec"].pop("instances")
+    with pytest.raises(jsonschema.ValidationError, match="instance"):
+        validate_object(cluster)
