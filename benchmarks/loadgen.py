@@ -18,6 +18,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
@@ -80,6 +81,7 @@ class LoadSpec:
     timeout: float
     seed: int
     protocol: str = "grpc"
+    request_ids: bool = False  # a unique id on every request, as callers that report labels send
 
 
 # ---------------------------------------------------------------- inputs and the reference
@@ -164,18 +166,20 @@ def client_process(spec: LoadSpec, images: np.ndarray, reference: np.ndarray,
 
     latencies: list[list[float]] = [[] for _ in range(spec.threads)]
     errors = [0] * spec.threads
+    prefix = uuid.uuid4().hex[:12]  # ids unique across processes, scenarios and runs
     samples: list[str] = []
 
     def loop(index: int) -> None:
         infer, close = _client(spec)
         mine, out = plans[index], latencies[index]
-        position = 0
+        position = sent = 0
         while (began := time.monotonic()) < stop:
             request, expected = mine[position]
             position = (position + 1) % len(mine)
+            sent += 1
             problem = ""
             try:
-                answer = infer(request)
+                answer = infer(request, f"{prefix}-{index}-{sent}" if spec.request_ids else "")
                 if answer is None or answer.shape != expected.shape:
                     problem = f"shape {None if answer is None else answer.shape} != {expected.shape}"
                 elif not float(np.abs(answer - expected).max()) <= spec.tolerance:
@@ -218,16 +222,17 @@ def _request(spec: LoadSpec, pixels: np.ndarray) -> Any:
 
 
 def _client(spec: LoadSpec) -> tuple[Any, Any]:
-    """(infer(request) -> the probabilities, close()) of a new client of `spec.protocol`."""
+    """(infer(request, request_id) -> the probabilities, close()) of a new client of `spec.protocol`."""
     if spec.protocol == "grpc":
         grpc_client = grpcclient.InferenceServerClient(spec.url)
         grpc_outputs = [grpcclient.InferRequestedOutput(OUTPUT)]
-        return (lambda request: grpc_client.infer(spec.model, [request], spec.version, outputs=grpc_outputs,
-                                                  client_timeout=spec.timeout).as_numpy(OUTPUT)), grpc_client.close
+        return (lambda request, request_id: grpc_client.infer(
+            spec.model, [request], spec.version, outputs=grpc_outputs, request_id=request_id,
+            client_timeout=spec.timeout).as_numpy(OUTPUT)), grpc_client.close
     http_client = httpclient.InferenceServerClient(spec.url, network_timeout=spec.timeout)
     http_outputs = [httpclient.InferRequestedOutput(OUTPUT, binary_data=spec.protocol == "http")]
-    return (lambda request: http_client.infer(spec.model, [request], spec.version,
-                                              outputs=http_outputs).as_numpy(OUTPUT)), http_client.close
+    return (lambda request, request_id: http_client.infer(spec.model, [request], spec.version, outputs=http_outputs,
+                                                          request_id=request_id).as_numpy(OUTPUT)), http_client.close
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -250,7 +255,8 @@ def run_load(server: str, url: str, manifest: Manifest, scenario: Scenario, imag
     try:
         for index, threads in enumerate(split(scenario.concurrency, args.client_processes)):
             spec = LoadSpec(url, manifest.name, str(manifest.version), manifest.input.name, scenario.batch, threads,
-                            args.tolerance, args.request_timeout, args.seed + index, protocol)
+                            args.tolerance, args.request_timeout, args.seed + index, protocol,
+                            getattr(args, "request_ids", False))
             control: Queue[tuple[float, float]] = context.Queue()
             process = context.Process(target=client_process, args=(spec, images, reference, control, results),
                                       daemon=True)

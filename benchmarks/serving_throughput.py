@@ -105,6 +105,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds before a request is an error")
     parser.add_argument("--images", type=int, default=4096, help="distinct images the requests are drawn from")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-ids", action="store_true",
+                        help="a unique id on every request (what a caller that reports labels sends; valley keeps "
+                        "the served predictions of such requests in its feedback store)")
     parser.add_argument("--valley-python", default=sys.executable)
     parser.add_argument("--valley-arg", action="append", default=[],
                         help="extra flag for valley's CLI (repeatable), e.g. --valley-arg=--session-threads=1")
