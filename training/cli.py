@@ -1,6 +1,6 @@
 """`valley-train`: thin command line over the training library.
 
-`train`, `fge` and `curve` also run as several processes under `torchrun` (`training.distributed`):
+`train`, `fge`, `sse` and `curve` also run as several processes under `torchrun` (`training.distributed`):
 `torchrun --nproc_per_node=N -m training.cli train ...`; rank 0 alone logs events and prints.
 """
 
@@ -12,10 +12,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from training.errors import UsageError
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     fge.add_argument("--out", type=Path, required=True, help="FGE run directory")
     fge.add_argument("--resume", action="store_true")
 
+    sse = commands.add_parser("sse", parents=[common], help="a snapshot ensemble: cosine cycles with restarts, "
+                              "one member per cycle (Huang et al. 2017)")
+    _add_data_arguments(sse)
+    sse.add_argument("--model", default="cnn", help="registered model name or torchvision:<name>")
+    sse.add_argument("--epochs", type=int, default=40, help="the budget B, split into the cycles")
+    sse.add_argument("--cycles", type=int, default=5, help="cosine cycles M, one member each (default 5)")
+    sse.add_argument("--lr", type=float, default=0.05, help="lr0, where every cycle restarts (default 0.05)")
+    sse.add_argument("--momentum", type=float, default=0.9)
+    sse.add_argument("--weight-decay", type=float, default=5e-4)
+    sse.add_argument("--seed", type=int, default=0)
+    sse.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sse.add_argument("--out", type=Path, required=True, help="SSE run directory")
+    sse.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
     # --start-run also: torchrun's own parser takes a bare --start for an abbreviation of its --start-method.
     curve.add_argument("--start", "--start-run", dest="start_run", type=Path, required=True,
@@ -90,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
     export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
-                        help="one FGE run directory, one curve run directory, or one or more base run directories "
-                             "(independent ensemble)")
+                        help="one FGE or SSE run directory, one curve run directory, or one or more base run "
+                             "directories (independent ensemble)")
     export.add_argument("--name", required=True, help="ensemble name in the repository")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
@@ -132,18 +150,28 @@ def _t_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
 
 
-def _train(args: argparse.Namespace) -> str:
+def _train_config(args: argparse.Namespace, save_epochs: list[int]) -> TrainConfig:
     from training.config import DataConfig, TrainConfig
-    from training.train import train_network
 
     data = DataConfig(dataset=args.dataset, data_dir=args.data_dir, download=args.download, val_size=args.val_size,
                       subset=args.subset, image_size=args.image_size, batch_size=args.batch_size,
                       workers=args.workers)
-    config = TrainConfig(data=data, model=args.model, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                         weight_decay=args.weight_decay, seed=args.seed, device=args.device,
-                         save_epochs=args.save_epochs)
-    report = train_network(config, args.out, resume=args.resume)
+    return TrainConfig(data=data, model=args.model, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, seed=args.seed, device=args.device, save_epochs=save_epochs)
+
+
+def _train(args: argparse.Namespace) -> str:
+    from training.train import train_network
+
+    report = train_network(_train_config(args, args.save_epochs), args.out, resume=args.resume)
     return json.dumps({"run": str(args.out), "test": report.test.model_dump()})
+
+
+def _sse(args: argparse.Namespace) -> str:
+    from training.sse import resolve_sse_config, run_sse, summary_table
+
+    config = resolve_sse_config(_train_config(args, []), args.cycles)
+    return summary_table(run_sse(config, args.out, resume=args.resume))
 
 
 def _fge(args: argparse.Namespace) -> str:
@@ -204,7 +232,7 @@ def _export(args: argparse.Namespace) -> str:
 
 
 # What runs as several processes under torchrun; the others read a run and write one output.
-DISTRIBUTED_COMMANDS = ("train", "fge", "curve")
+DISTRIBUTED_COMMANDS = ("train", "fge", "sse", "curve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise UsageError(f"{args.command} runs as one process: run it without torchrun "
                              f"(only {', '.join(DISTRIBUTED_COMMANDS)} run under torchrun)")
-        commands = {"train": _train, "fge": _fge, "curve": _curve, "curve-eval": _curve_eval, "export": _export}
+        commands = {"train": _train, "fge": _fge, "sse": _sse, "curve": _curve, "curve-eval": _curve_eval,
+                    "export": _export}
         output = commands[args.command](args)
         if distributed.is_main():
             print(output)

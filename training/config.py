@@ -80,6 +80,25 @@ class FGERunConfig(BaseModel):
     base: TrainConfig
 
 
+class SSERunConfig(BaseModel):
+    """A snapshot ensemble (Huang et al. 2017) trained from scratch: `base` is the training (data, model, budget,
+    lr0 of the cosine cycles, seed), split into `cycles` cosine cycles of `cycle_epochs`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal["sse"] = "sse"
+    cycles: int = Field(ge=1)
+    cycle_epochs: int = Field(ge=1)
+    base: TrainConfig
+
+    @model_validator(mode="after")
+    def _whole_cycles(self) -> SSERunConfig:
+        if self.cycles * self.cycle_epochs != self.base.epochs:
+            raise ValueError(f"{self.cycles} cycles of {self.cycle_epochs} epochs are not the budget of "
+                             f"{self.base.epochs} epochs")
+        return self
+
+
 CurveKind = Literal["bezier", "polychain"]
 
 

@@ -37,9 +37,9 @@ _SPLIT_FIELDS = ("dataset", "data_dir", "val_size", "subset", "image_size")
 
 def _base_run(path: Path, option: str) -> tuple[RunDir, TrainConfig]:
     run = RunDir(path)
-    if run.is_fge or run.is_curve:
-        kind = "an FGE" if run.is_fge else "a curve"
-        raise UsageError(f"{option} {path} is {kind} run: a curve joins two base runs (`valley-train train --out`)")
+    if run.has_snapshots or run.is_curve:
+        raise UsageError(f"{option} {path} is {run.kind_in_words} run: a curve joins two base runs "
+                         "(`valley-train train --out`)")
     if not run.config_file.is_file():
         raise UsageError(f"{option} {path} is not a run directory (no {run.config_file.name}): "
                          "pass the --out of `valley-train train`")

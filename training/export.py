@@ -68,7 +68,7 @@ from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
-from training.runs import FGEReport, RunDir
+from training.runs import FGEReport, RunDir, SSEReport
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class MemberSource:
 
 @dataclass
 class Sources:
-    method: Literal["fge", "curve", "independent"]
+    method: Literal["fge", "sse", "curve", "independent"]
     config: TrainConfig
     members: list[MemberSource]
     # Curves: the two base runs' own networks, the baselines the export report compares the curve ensemble with.
@@ -222,16 +222,18 @@ def collect_sources(export: ExportConfig) -> Sources:
     if export.points is not None or export.num_points is not None:
         raise UsageError("--points and --num-points choose points on a curve: --from must be a curve run "
                          "(`valley-train curve --out`)")
-    if len(dirs) == 1 and dirs[0].is_fge:
+    if len(dirs) == 1 and dirs[0].has_snapshots:
         run = dirs[0]
+        command = "sse" if run.is_sse else "fge"
         if not run.report_file.is_file():
-            raise UsageError(f"FGE run {run.path} has no {run.report_file.name}: finish it first "
-                             "(valley-train fge ... --resume)")
+            raise UsageError(f"{command.upper()} run {run.path} has no {run.report_file.name}: finish it first "
+                             f"(valley-train {command} ... --resume)")
         config = run.read_config()
+        report = run.read_report(SSEReport) if run.is_sse else run.read_report(FGEReport)
         members = [_from_checkpoint(run.path / m.file, config.model,
                                     {"run": str(run.path), "index": m.index, "epoch": m.epoch, "lr": m.lr})
-                   for m in run.read_report(FGEReport).members]
-        return Sources("fge", config, members)
+                   for m in report.members]
+        return Sources("sse" if run.is_sse else "fge", config, members)
 
     configs = [run.read_config() for run in dirs]
     members = [_final_network(run, config) for run, config in zip(dirs, configs, strict=True)]

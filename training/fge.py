@@ -11,29 +11,25 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from artefact.manifest import Metrics
 from training import checkpoint, distributed
 from training.config import FGEConfig, FGERunConfig, TrainConfig, fge_start_epoch
-from training.data import DataSplits, load_data
-from training.engine import Trainer, build_model, evaluate, make_optimizer, resolve_device
-from training.ensembles import prefix_metrics
+from training.data import load_data
+from training.engine import Trainer, build_model, make_optimizer, resolve_device
 from training.errors import UsageError
 from training.plots import plot_ensemble_sizes
 from training.runs import (
-    FGEEnsemble,
-    FGEMember,
     FGEReport,
     RunDir,
     SingleNetwork,
     StartPoint,
     TrainReport,
-    snapshot_name,
 )
 from training.schedules import FGECycle
+from training.snapshots import evaluate_snapshots, snapshot_saver
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +61,9 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     base = base_run.read_config()
     if base_run.is_fge:
         raise UsageError(f"{config.base_run} is an FGE run: pass the base run it started from")
-    if base_run.is_curve:
-        raise UsageError(f"{config.base_run} is a curve run: FGE starts from a base run (`valley-train train --out`)")
+    if base_run.is_curve or base_run.is_sse:
+        raise UsageError(f"{config.base_run} is {base_run.kind_in_words} run: FGE starts from a base run "
+                         "(`valley-train train --out`)")
     resolved = resolve_fge_config(config, base)
     start_path = base_run.epoch_checkpoint(resolved.start_epoch)
     if not start_path.is_file():
@@ -90,26 +87,12 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     schedule = FGECycle(iterations_per_epoch=batches_per_epoch, lr1=resolved.lr1, lr2=resolved.lr2,
                         cycle_epochs=resolved.cycle_epochs)
 
-    def save_snapshot(trainer: Trainer, epoch: int, iteration: int) -> dict[str, Any]:
-        index = len(trainer.snapshots)
-        # Plain JSON values: the provenance travels in checkpoints (loaded with weights_only) and into reports.
-        provenance = {
-            "index": index,
-            "file": snapshot_name(index),
-            "epoch": resolved.start_epoch + epoch + (iteration + 1) / batches_per_epoch,
-            "cycle": epoch // resolved.cycle_epochs,
-            "lr": trainer.schedule.last_lr,
-        }
-        if distributed.is_main():
-            checkpoint.save_atomic({"model_name": base.model, "model": trainer.model.state_dict(),
-                                    "provenance": provenance}, run.snapshot(index))
-        return provenance
-
     trainer = Trainer(
         run=run, model=model, model_name=base.model, optimizer=optimizer, schedule=schedule, splits=splits,
         batch_size=base.data.batch_size, seed=resolved.seed, device=torch_device,
         config=resolved.model_dump(mode="json"), epoch_offset=resolved.start_epoch, workers=base.data.workers,
-        on_snapshot=save_snapshot,
+        on_snapshot=snapshot_saver(run, base.model, resolved.start_epoch, resolved.cycle_epochs,
+                                   batches_per_epoch),
     )
     if resume:
         trainer.resume()
@@ -120,7 +103,7 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    members, ensembles = _evaluate(trainer, run, base.model, splits, torch_device)
+    members, ensembles = evaluate_snapshots(trainer, run, base.model, splits, torch_device)
     report = FGEReport(
         config=resolved,
         single=_single_network(base_run, base),
@@ -136,30 +119,6 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
         run.write_report(report)
         plot_ensemble_sizes(report, run.plot_file)
     return report
-
-
-def _evaluate(trainer: Trainer, run: RunDir, model_name: str, splits: DataSplits,
-              device: torch.device) -> tuple[list[FGEMember], list[FGEEnsemble]]:
-    """Every snapshot alone, and the ensembles of its first 1..K snapshots, on the test and validation splits."""
-    members: list[FGEMember] = []
-    test_probabilities, val_probabilities = [], []
-    for snapshot in trainer.snapshots:
-        path = run.path / snapshot["file"]
-        checkpoint.load_model_weights(trainer.model, checkpoint.load(path), model_name, path)
-        test = evaluate(trainer.model, splits.test, splits, device)
-        test_probabilities.append(test.probabilities)
-        val = evaluate(trainer.model, splits.val, splits, device) if len(splits.val) else None
-        if val is not None:
-            val_probabilities.append(val.probabilities)
-        members.append(FGEMember(**snapshot, test=test.metrics, val=val.metrics if val else None))
-    test_prefixes = prefix_metrics(test_probabilities, test.labels)
-    val_prefixes: list[Metrics | None] = (
-        list(prefix_metrics(val_probabilities, val.labels)) if val is not None else [None] * len(test_prefixes)
-    )
-    ensembles = [FGEEnsemble(size=size, test=test_metrics, val=val_metrics)
-                 for size, (test_metrics, val_metrics) in enumerate(zip(test_prefixes, val_prefixes, strict=True),
-                                                                    start=1)]
-    return members, ensembles
 
 
 def _single_network(base_run: RunDir, base: TrainConfig) -> SingleNetwork | None:

@@ -16,7 +16,7 @@ from matplotlib import ticker
 
 from artefact.calibration import ECE_BINS, bin_upper_edges, binned_ece, confidence_bin
 from artefact.manifest import AbstentionThreshold, Metrics
-from training.runs import CurveReport, CurveSide, FGEReport
+from training.runs import CurveReport, CurveSide, FGEReport, SSEReport
 
 
 def save(figure: Any, path: Path, dpi: int = 120) -> None:
@@ -41,8 +41,10 @@ def save_chart(figure: Any, axes: Any, title: str, path: Path) -> None:
     save(figure, path)
 
 
-def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
-    """Test error and NLL against ensemble size: FGE prefixes, its members, the single network."""
+def plot_ensemble_sizes(report: FGEReport | SSEReport, path: Path) -> None:
+    """Test error and NLL against ensemble size: the prefixes of the run's snapshots, each snapshot alone, and (FGE)
+    the single network of the base run."""
+    method = "FGE" if isinstance(report, FGEReport) else "SSE"
     sizes = [entry.size for entry in report.ensembles]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for axis, key, label in ((axes[0], "accuracy", "test error (%)"), (axes[1], "nll", "test NLL")):
@@ -50,10 +52,10 @@ def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
         def value(metrics: Metrics, key: str = key) -> float:
             return 100 * (1 - metrics.accuracy) if key == "accuracy" else metrics.nll
 
-        axis.plot(sizes, [value(e.test) for e in report.ensembles], "o-", label="FGE ensemble of first K")
+        axis.plot(sizes, [value(e.test) for e in report.ensembles], "o-", label=f"{method} ensemble of first K")
         axis.plot([m.index + 1 for m in report.members], [value(m.test) for m in report.members],
-                  "x", color="gray", label="FGE member K alone")
-        single = report.single
+                  "x", color="gray", label=f"{method} member K alone")
+        single = report.single if isinstance(report, FGEReport) else None
         if single:
             axis.axhline(value(single.test), color="C3", linestyle="--",
                          label=f"single network, {single.epochs} epochs")
@@ -62,9 +64,14 @@ def plot_ensemble_sizes(report: FGEReport, path: Path) -> None:
         axis.set_xticks(sizes)
         axis.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize="small")
-    config = report.config
-    figure.suptitle(f"FGE from epoch {config.start_epoch}: {config.cycles} cycles of {config.cycle_epochs} "
-                    f"epochs, lr {config.lr1} -> {config.lr2}")
+    if isinstance(report, FGEReport):
+        fge = report.config
+        title = (f"FGE from epoch {fge.start_epoch}: {fge.cycles} cycles of {fge.cycle_epochs} epochs, "
+                 f"lr {fge.lr1} -> {fge.lr2}")
+    else:
+        sse = report.config
+        title = f"SSE: {sse.cycles} cosine cycles of {sse.cycle_epochs} epochs from lr {sse.base.lr}"
+    figure.suptitle(title)
     save(figure, path)
 
 

@@ -1,4 +1,4 @@
-"""The run directory of `valley-train train`, `fge` and `curve`: where every file lives, and the typed reports.
+"""The run directory of `valley-train train`, `fge`, `sse` and `curve`: where every file lives, and the typed reports.
 
 This module is the only one that knows the layout (docs/training.md, "What a run directory holds");
 `training.checkpoint` does the atomic writing.
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from artefact.manifest import Metrics
 from training import checkpoint
-from training.config import CurveRunConfig, FGERunConfig, TrainConfig
+from training.config import CurveRunConfig, FGERunConfig, SSERunConfig, TrainConfig
 from training.errors import UsageError
 
 REPORT_FORMAT: Final = "valley.report/1"
@@ -127,6 +127,22 @@ class FGEReport(_Report):
     evaluation_seconds: float
 
 
+class SSEReport(_Report):
+    """report.json of a snapshot ensemble: every snapshot (one per cosine cycle) and every ensemble prefix."""
+
+    format: Literal["valley.report/1"] = REPORT_FORMAT
+    kind: Literal["sse"] = "sse"
+    config: SSERunConfig
+    dataset: DatasetSummary
+    model: ModelSummary
+    members: list[FGEMember]
+    ensembles: list[FGEEnsemble]
+    device: str
+    train_seconds_this_process: float
+    train_seconds_total: float
+    evaluation_seconds: float
+
+
 class Endpoint(_Report):
     """One end of a curve: the base run and its trained network's own metrics (its batch-norm statistics)."""
 
@@ -179,7 +195,7 @@ class CurveReport(_Report):
     evaluation: CurveEvaluation | None = None
 
 
-ReportT = TypeVar("ReportT", TrainReport, FGEReport, CurveReport)
+ReportT = TypeVar("ReportT", TrainReport, FGEReport, SSEReport, CurveReport)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -243,9 +259,27 @@ class RunDir:
         return self.path / snapshot_name(index)
 
     @property
-    def is_fge(self) -> bool:
-        """Only FGE runs hold snapshots."""
+    def has_snapshots(self) -> bool:
+        """FGE and SSE runs hold snapshots, the ensemble's members."""
         return self.snapshots.is_dir()
+
+    @property
+    def is_sse(self) -> bool:
+        """Snapshot ensembles are told by their configuration's method."""
+        return self.config_file.is_file() and self._config_payload().get("method") == "sse"
+
+    @property
+    def is_fge(self) -> bool:
+        return self.has_snapshots and not self.is_sse
+
+    @property
+    def kind_in_words(self) -> str:
+        """"a base", "an FGE", "a snapshot-ensemble (SSE)" or "a curve": for messages that refuse a run."""
+        if self.is_curve:
+            return "a curve"
+        if self.is_sse:
+            return "a snapshot-ensemble (SSE)"
+        return "an FGE" if self.has_snapshots else "a base"
 
     @property
     def is_curve(self) -> bool:
@@ -299,15 +333,16 @@ class RunDir:
             raise UsageError(f"{self.config_file} is not a curve configuration valley can read: "
                              f"{error.errors()[0]['msg']}") from error
 
-    def write_config(self, config: TrainConfig | FGERunConfig | CurveRunConfig) -> None:
+    def write_config(self, config: TrainConfig | FGERunConfig | SSERunConfig | CurveRunConfig) -> None:
         """Save the resolved configuration beside the run's outputs (creating the directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(self.config_file, config.model_dump(mode="json"))
 
     def read_report(self, model: type[ReportT]) -> ReportT:
-        """The run's report.json as a `TrainReport`, `FGEReport` or `CurveReport` (check `report_file` exists first)."""
+        """The run's report.json as a `TrainReport`, `FGEReport`, `SSEReport` or `CurveReport` (check `report_file`
+        exists first)."""
         return model.model_validate_json(self.report_file.read_text())
 
-    def write_report(self, report: TrainReport | FGEReport | CurveReport) -> None:
+    def write_report(self, report: TrainReport | FGEReport | SSEReport | CurveReport) -> None:
         # Through `json`, as ever, so report.json stays byte-compatible (float spelling, ASCII escapes).
         checkpoint.write_json(self.report_file, report.model_dump(mode="json"))
