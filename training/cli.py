@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     sse.add_argument("--out", type=Path, required=True, help="SSE run directory")
     sse.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
+    swa = commands.add_parser("swa", parents=[common], help="average an FGE or SSE run's snapshots into one network "
+                              "(stochastic weight averaging), batch norm recomputed")
+    swa.add_argument("--from", dest="source_run", type=Path, required=True, help="FGE or SSE run directory")
+    swa.add_argument("--members", type=int, help="average the first K snapshots (default: all)")
+    swa.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    swa.add_argument("--out", type=Path, required=True, help="SWA run directory")
+
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
     # --start-run also: torchrun's own parser takes a bare --start for an abbreviation of its --start-method.
     curve.add_argument("--start", "--start-run", dest="start_run", type=Path, required=True,
@@ -108,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
     export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
-                        help="one FGE or SSE run directory, one curve run directory, or one or more base run "
-                             "directories (independent ensemble)")
+                        help="one FGE or SSE run directory, one curve run directory, one SWA run directory (one "
+                             "network), or one or more base run directories (independent ensemble)")
     export.add_argument("--name", required=True, help="ensemble name in the repository")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
@@ -183,6 +190,12 @@ def _fge(args: argparse.Namespace) -> str:
     return summary_table(run_fge(config, args.out, resume=args.resume))
 
 
+def _swa(args: argparse.Namespace) -> str:
+    from training.swa import run_swa, summary_table
+
+    return summary_table(run_swa(args.source_run, args.out, members=args.members, device=args.device))
+
+
 def _curve(args: argparse.Namespace) -> str:
     from training.config import CurveConfig
     from training.curve_train import run_curve
@@ -250,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise UsageError(f"{args.command} runs as one process: run it without torchrun "
                              f"(only {', '.join(DISTRIBUTED_COMMANDS)} run under torchrun)")
-        commands = {"train": _train, "fge": _fge, "sse": _sse, "curve": _curve, "curve-eval": _curve_eval,
-                    "export": _export}
+        commands = {"train": _train, "fge": _fge, "sse": _sse, "swa": _swa, "curve": _curve,
+                    "curve-eval": _curve_eval, "export": _export}
         output = commands[args.command](args)
         if distributed.is_main():
             print(output)

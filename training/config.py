@@ -99,6 +99,19 @@ class SSERunConfig(BaseModel):
         return self
 
 
+class SWARunConfig(BaseModel):
+    """Stochastic weight averaging of an FGE or SSE run's snapshots: which run, which members, and that run's
+    training (data, model) under `base`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal["swa"] = "swa"
+    source_run: Path
+    members: list[int] = Field(min_length=1, description="the snapshots averaged, by index")
+    device: str = "auto"
+    base: TrainConfig
+
+
 CurveKind = Literal["bezier", "polychain"]
 
 

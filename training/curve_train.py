@@ -37,7 +37,7 @@ _SPLIT_FIELDS = ("dataset", "data_dir", "val_size", "subset", "image_size")
 
 def _base_run(path: Path, option: str) -> tuple[RunDir, TrainConfig]:
     run = RunDir(path)
-    if run.has_snapshots or run.is_curve:
+    if run.config_file.is_file() and not run.is_base:
         raise UsageError(f"{option} {path} is {run.kind_in_words} run: a curve joins two base runs "
                          "(`valley-train train --out`)")
     if not run.config_file.is_file():

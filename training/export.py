@@ -68,7 +68,7 @@ from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
-from training.runs import FGEReport, RunDir, SSEReport
+from training.runs import FGEReport, RunDir, SSEReport, SWAReport
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class MemberSource:
 
 @dataclass
 class Sources:
-    method: Literal["fge", "sse", "curve", "independent"]
+    method: Literal["fge", "sse", "curve", "independent", "swa"]
     config: TrainConfig
     members: list[MemberSource]
     # Curves: the two base runs' own networks, the baselines the export report compares the curve ensemble with.
@@ -222,6 +222,16 @@ def collect_sources(export: ExportConfig) -> Sources:
     if export.points is not None or export.num_points is not None:
         raise UsageError("--points and --num-points choose points on a curve: --from must be a curve run "
                          "(`valley-train curve --out`)")
+    if len(dirs) == 1 and dirs[0].is_swa:
+        run = dirs[0]
+        if not run.report_file.is_file():
+            raise UsageError(f"SWA run {run.path} has no {run.report_file.name}: run `valley-train swa` again")
+        swa = run.read_report(SWAReport)
+        provenance = {"run": str(run.path), "source_run": str(swa.config.source_run), "averaged": swa.config.members}
+        return Sources("swa", swa.config.base, [_from_checkpoint(run.network_file, swa.config.base.model,
+                                                                 provenance)])
+    if any(run.is_swa for run in dirs):
+        raise UsageError("an SWA run is one network: export it alone (--from SWA_DIR)")
     if len(dirs) == 1 and dirs[0].has_snapshots:
         run = dirs[0]
         command = "sse" if run.is_sse else "fge"

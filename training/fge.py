@@ -61,7 +61,7 @@ def run_fge(config: FGEConfig, out: Path, resume: bool = False) -> FGEReport:
     base = base_run.read_config()
     if base_run.is_fge:
         raise UsageError(f"{config.base_run} is an FGE run: pass the base run it started from")
-    if base_run.is_curve or base_run.is_sse:
+    if not base_run.is_base:
         raise UsageError(f"{config.base_run} is {base_run.kind_in_words} run: FGE starts from a base run "
                          "(`valley-train train --out`)")
     resolved = resolve_fge_config(config, base)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from artefact.manifest import Metrics
 from training import checkpoint
-from training.config import CurveRunConfig, FGERunConfig, SSERunConfig, TrainConfig
+from training.config import CurveRunConfig, FGERunConfig, SSERunConfig, SWARunConfig, TrainConfig
 from training.errors import UsageError
 
 REPORT_FORMAT: Final = "valley.report/1"
@@ -26,6 +26,7 @@ _CHECKPOINTS = "checkpoints"
 _LAST = "last.pt"
 _SNAPSHOTS = "snapshots"
 _REPORT = "report.json"
+_NETWORK = "network.pt"
 _PLOT = "plots/ensemble_size.png"
 _CURVE_PLOT = "plots/curve.png"
 
@@ -143,6 +144,21 @@ class SSEReport(_Report):
     evaluation_seconds: float
 
 
+class SWAReport(_Report):
+    """report.json of an SWA run: the averaged network's metrics beside the snapshots' ensemble it stands for."""
+
+    format: Literal["valley.report/1"] = REPORT_FORMAT
+    kind: Literal["swa"] = "swa"
+    config: SWARunConfig
+    file: str = Field(description="the averaged network, relative to the run directory")
+    batch_norm_images: int = Field(description="training images its batch-norm statistics average over (0: none)")
+    ensemble: FGEEnsemble = Field(description="the ensemble of the same snapshots, from the source run's report")
+    test: Metrics
+    val: Metrics | None
+    device: str
+    seconds: float
+
+
 class Endpoint(_Report):
     """One end of a curve: the base run and its trained network's own metrics (its batch-norm statistics)."""
 
@@ -195,7 +211,7 @@ class CurveReport(_Report):
     evaluation: CurveEvaluation | None = None
 
 
-ReportT = TypeVar("ReportT", TrainReport, FGEReport, SSEReport, CurveReport)
+ReportT = TypeVar("ReportT", TrainReport, FGEReport, SSEReport, SWAReport, CurveReport)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -273,10 +289,28 @@ class RunDir:
         return self.has_snapshots and not self.is_sse
 
     @property
+    def is_swa(self) -> bool:
+        return self.config_file.is_file() and self._config_payload().get("method") == "swa"
+
+    @property
+    def network_file(self) -> Path:
+        """SWA (and distilled) runs: the one network they made."""
+        return self.path / _NETWORK
+
+    @property
+    def is_base(self) -> bool:
+        """A run of `valley-train train`: the start of FGE, of curves and of SSE's comparison."""
+        return (self.config_file.is_file() and not self.has_snapshots and not self.is_curve and not self.is_swa
+                and not self.is_sse)
+
+    @property
     def kind_in_words(self) -> str:
-        """"a base", "an FGE", "a snapshot-ensemble (SSE)" or "a curve": for messages that refuse a run."""
+        """"a base", "an FGE", "a snapshot-ensemble (SSE)", "an SWA" or "a curve": for messages that refuse a
+        run."""
         if self.is_curve:
             return "a curve"
+        if self.is_swa:
+            return "an SWA"
         if self.is_sse:
             return "a snapshot-ensemble (SSE)"
         return "an FGE" if self.has_snapshots else "a base"
@@ -333,7 +367,8 @@ class RunDir:
             raise UsageError(f"{self.config_file} is not a curve configuration valley can read: "
                              f"{error.errors()[0]['msg']}") from error
 
-    def write_config(self, config: TrainConfig | FGERunConfig | SSERunConfig | CurveRunConfig) -> None:
+    def write_config(self, config: TrainConfig | FGERunConfig | SSERunConfig | SWARunConfig | CurveRunConfig
+                     ) -> None:
         """Save the resolved configuration beside the run's outputs (creating the directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(self.config_file, config.model_dump(mode="json"))
@@ -343,6 +378,6 @@ class RunDir:
         exists first)."""
         return model.model_validate_json(self.report_file.read_text())
 
-    def write_report(self, report: TrainReport | FGEReport | SSEReport | CurveReport) -> None:
+    def write_report(self, report: TrainReport | FGEReport | SSEReport | SWAReport | CurveReport) -> None:
         # Through `json`, as ever, so report.json stays byte-compatible (float spelling, ASCII escapes).
         checkpoint.write_json(self.report_file, report.model_dump(mode="json"))
