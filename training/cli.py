@@ -1,6 +1,6 @@
 """`valley-train`: thin command line over the training library.
 
-`train`, `fge`, `sse` and `curve` also run as several processes under `torchrun` (`training.distributed`):
+`train`, `fge`, `sse`, `distill` and `curve` also run as several processes under `torchrun` (`training.distributed`):
 `torchrun --nproc_per_node=N -m training.cli train ...`; rank 0 alone logs events and prints.
 """
 
@@ -89,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     swa.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     swa.add_argument("--out", type=Path, required=True, help="SWA run directory")
 
+    distill = commands.add_parser("distill", parents=[common], help="train one network on an FGE or SSE "
+                                  "ensemble's probabilities (knowledge distillation)")
+    distill.add_argument("--teacher", dest="teacher_run", type=Path, required=True, help="FGE or SSE run directory")
+    distill.add_argument("--members", type=int, help="the teacher's first K snapshots (default: all)")
+    distill.add_argument("--temperature", type=float, default=2.0,
+                         help="of the softmax in the loss, teacher's and student's (default 2; choose on validation)")
+    distill.add_argument("--hard-label-weight", type=float, default=0.0,
+                         help="share of the loss that is the cross-entropy with the true labels (default 0)")
+    distill.add_argument("--epochs", type=int, help="the student's budget (default: the teacher's base budget)")
+    distill.add_argument("--lr", type=float, help="initial learning rate of the base schedule (default: the "
+                                                  "teacher's)")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    distill.add_argument("--out", type=Path, required=True, help="student run directory")
+    distill.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
     # --start-run also: torchrun's own parser takes a bare --start for an abbreviation of its --start-method.
     curve.add_argument("--start", "--start-run", dest="start_run", type=Path, required=True,
@@ -115,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
     export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
-                        help="one FGE or SSE run directory, one curve run directory, one SWA run directory (one "
-                             "network), or one or more base run directories (independent ensemble)")
+                        help="one FGE or SSE run directory, one curve run directory, one SWA or distilled run "
+                             "directory (one network), or one or more base run directories (independent ensemble)")
     export.add_argument("--name", required=True, help="ensemble name in the repository")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
@@ -196,6 +212,14 @@ def _swa(args: argparse.Namespace) -> str:
     return summary_table(run_swa(args.source_run, args.out, members=args.members, device=args.device))
 
 
+def _distill(args: argparse.Namespace) -> str:
+    from training.distill import resolve_distill_config, run_distill, summary_table
+
+    config = resolve_distill_config(args.teacher_run, args.members, args.temperature, args.hard_label_weight,
+                                    args.epochs, args.lr, args.seed, args.device)
+    return summary_table(run_distill(config, args.out, resume=args.resume))
+
+
 def _curve(args: argparse.Namespace) -> str:
     from training.config import CurveConfig
     from training.curve_train import run_curve
@@ -245,7 +269,7 @@ def _export(args: argparse.Namespace) -> str:
 
 
 # What runs as several processes under torchrun; the others read a run and write one output.
-DISTRIBUTED_COMMANDS = ("train", "fge", "sse", "curve")
+DISTRIBUTED_COMMANDS = ("train", "fge", "sse", "distill", "curve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise UsageError(f"{args.command} runs as one process: run it without torchrun "
                              f"(only {', '.join(DISTRIBUTED_COMMANDS)} run under torchrun)")
-        commands = {"train": _train, "fge": _fge, "sse": _sse, "swa": _swa, "curve": _curve,
+        commands = {"train": _train, "fge": _fge, "sse": _sse, "swa": _swa, "distill": _distill, "curve": _curve,
                     "curve-eval": _curve_eval, "export": _export}
         output = commands[args.command](args)
         if distributed.is_main():

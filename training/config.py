@@ -112,6 +112,21 @@ class SWARunConfig(BaseModel):
     base: TrainConfig
 
 
+class DistillRunConfig(BaseModel):
+    """A student trained on an FGE or SSE ensemble's probabilities: the teacher run and its members, the
+    distillation temperature, and the student's own training under `base` (the teacher's data and architecture)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal["distilled"] = "distilled"
+    teacher_run: Path
+    members: list[int] = Field(min_length=1, description="the teacher's snapshots, by index")
+    temperature: float = Field(gt=0, le=100, description="of the teacher's and the student's softmax in the loss")
+    hard_label_weight: float = Field(0.0, ge=0, le=1, description="share of the loss that is the cross-entropy "
+                                     "with the true labels (0: the ensemble's probabilities alone)")
+    base: TrainConfig
+
+
 CurveKind = Literal["bezier", "polychain"]
 
 

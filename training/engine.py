@@ -92,11 +92,14 @@ def train_epoch(
     on_step: Callable[[int, int], None] | None = None,
     workers: int = 0,
     penalty: Callable[[], torch.Tensor] | None = None,
+    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochResult:
     """One pass over the training split; `schedule` sets the lr before every step of `epoch`.
 
     `penalty`, called after each forward pass, is added to that step's loss (curves put their weight
-    decay there); the logged loss is the cross-entropy alone, comparable across run kinds.
+    decay there); `objective(logits, images, labels)`, when given, is minimised instead of the
+    cross-entropy (distillation's soft targets); the logged loss is the cross-entropy alone,
+    comparable across run kinds.
 
     In a process group `model` is the DistributedDataParallel wrapper and each process trains on its
     slice of every batch; the loss and accuracy returned are over all processes' images.
@@ -115,9 +118,11 @@ def train_epoch(
         images, labels = _to_device(images, labels, device)
         logits = model(images)
         loss = nn.functional.cross_entropy(logits, labels)
-        objective = loss if penalty is None else loss + penalty()
+        minimised = loss if objective is None else objective(logits, images, labels)
+        if penalty is not None:
+            minimised = minimised + penalty()
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()  # type: ignore[no-untyped-call]
+        minimised.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(dim=1) == labels).sum()
@@ -209,6 +214,7 @@ class Trainer:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     on_snapshot: Callable[[Trainer, int, int], dict[str, Any]] | None = None
     penalty: Callable[[], torch.Tensor] | None = None
+    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # DistributedDataParallel must search each step's graph for parameters it left out (a curve's bends with a
     # zero coefficient at that step's t), or it waits for their gradients forever.
     find_unused_parameters: bool = False
@@ -286,7 +292,7 @@ class Trainer:
             batch_seed = epoch_seed(self.seed, self.epoch_offset + epoch)
             result = train_epoch(network, self.splits, self.optimizer, self.schedule, epoch, batch_seed,
                                  self.batch_size, self.device, on_step=self._step_hook, workers=self.workers,
-                                 penalty=self.penalty)
+                                 penalty=self.penalty, objective=self.objective)
             # What is evaluated and saved is the processes' average statistic (identical weights everywhere).
             distributed.average_batch_norm(self.model)
             record: dict[str, Any] = {"epoch": self.epoch_offset + result.epoch, "lr": result.lr,

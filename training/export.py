@@ -68,7 +68,7 @@ from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
-from training.runs import FGEReport, RunDir, SSEReport, SWAReport
+from training.runs import DistillReport, FGEReport, RunDir, SSEReport, SWAReport
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class MemberSource:
 
 @dataclass
 class Sources:
-    method: Literal["fge", "sse", "curve", "independent", "swa"]
+    method: Literal["fge", "sse", "curve", "independent", "swa", "distilled"]
     config: TrainConfig
     members: list[MemberSource]
     # Curves: the two base runs' own networks, the baselines the export report compares the curve ensemble with.
@@ -211,6 +211,24 @@ def _curve_sources(run: RunDir, export: ExportConfig) -> Sources:
     return Sources("curve", config.base, members, endpoints)
 
 
+def _one_network(run: RunDir) -> Sources:
+    """An SWA run's averaged network or a distilled student, as a one-member model."""
+    if not run.report_file.is_file() or not run.network_file.is_file():
+        command = "swa" if run.is_swa else "distill ... --resume"
+        raise UsageError(f"{run.path} has no finished network: run `valley-train {command}` first")
+    if run.is_swa:
+        swa = run.read_report(SWAReport)
+        provenance: dict[str, Any] = {"run": str(run.path), "source_run": str(swa.config.source_run),
+                                      "averaged": swa.config.members}
+        return Sources("swa", swa.config.base, [_from_checkpoint(run.network_file, swa.config.base.model, provenance)])
+    student = run.read_report(DistillReport)
+    provenance = {"run": str(run.path), "teacher_run": str(student.config.teacher_run),
+                  "teacher_members": student.config.members, "temperature": student.config.temperature,
+                  "seed": student.config.base.seed}
+    return Sources("distilled", student.config.base,
+                   [_from_checkpoint(run.network_file, student.config.base.model, provenance)])
+
+
 def collect_sources(export: ExportConfig) -> Sources:
     """One FGE run (its snapshots), one curve run (points on it) or one or more base runs (their final networks)."""
     dirs = [RunDir(path) for path in export.runs]
@@ -222,16 +240,10 @@ def collect_sources(export: ExportConfig) -> Sources:
     if export.points is not None or export.num_points is not None:
         raise UsageError("--points and --num-points choose points on a curve: --from must be a curve run "
                          "(`valley-train curve --out`)")
-    if len(dirs) == 1 and dirs[0].is_swa:
-        run = dirs[0]
-        if not run.report_file.is_file():
-            raise UsageError(f"SWA run {run.path} has no {run.report_file.name}: run `valley-train swa` again")
-        swa = run.read_report(SWAReport)
-        provenance = {"run": str(run.path), "source_run": str(swa.config.source_run), "averaged": swa.config.members}
-        return Sources("swa", swa.config.base, [_from_checkpoint(run.network_file, swa.config.base.model,
-                                                                 provenance)])
-    if any(run.is_swa for run in dirs):
-        raise UsageError("an SWA run is one network: export it alone (--from SWA_DIR)")
+    if len(dirs) == 1 and (dirs[0].is_swa or dirs[0].is_distilled):
+        return _one_network(dirs[0])
+    if any(run.is_swa or run.is_distilled for run in dirs):
+        raise UsageError("an SWA or distilled run is one network: export it alone (--from RUN_DIR)")
     if len(dirs) == 1 and dirs[0].has_snapshots:
         run = dirs[0]
         command = "sse" if run.is_sse else "fge"

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from artefact.manifest import Metrics
 from training import checkpoint
-from training.config import CurveRunConfig, FGERunConfig, SSERunConfig, SWARunConfig, TrainConfig
+from training.config import CurveRunConfig, DistillRunConfig, FGERunConfig, SSERunConfig, SWARunConfig, TrainConfig
 from training.errors import UsageError
 
 REPORT_FORMAT: Final = "valley.report/1"
@@ -159,6 +159,21 @@ class SWAReport(_Report):
     seconds: float
 
 
+class DistillReport(_Report):
+    """report.json of a distilled student: its metrics beside its teacher's, the ensemble it learned from."""
+
+    format: Literal["valley.report/1"] = REPORT_FORMAT
+    kind: Literal["distilled"] = "distilled"
+    config: DistillRunConfig
+    file: str = Field(description="the student network, relative to the run directory")
+    teacher: FGEEnsemble = Field(description="the teacher ensemble, from its run's report")
+    test: Metrics
+    val: Metrics | None
+    device: str
+    train_seconds_this_process: float
+    train_seconds_total: float
+
+
 class Endpoint(_Report):
     """One end of a curve: the base run and its trained network's own metrics (its batch-norm statistics)."""
 
@@ -211,7 +226,7 @@ class CurveReport(_Report):
     evaluation: CurveEvaluation | None = None
 
 
-ReportT = TypeVar("ReportT", TrainReport, FGEReport, SSEReport, SWAReport, CurveReport)
+ReportT = TypeVar("ReportT", TrainReport, FGEReport, SSEReport, SWAReport, DistillReport, CurveReport)
 
 
 # --------------------------------------------------------------------------- the directory
@@ -279,10 +294,14 @@ class RunDir:
         """FGE and SSE runs hold snapshots, the ensemble's members."""
         return self.snapshots.is_dir()
 
+    def _method(self) -> object:
+        """The `method` of runs that record one in their configuration (SSE, SWA, distilled), else None."""
+        return self._config_payload().get("method") if self.config_file.is_file() else None
+
     @property
     def is_sse(self) -> bool:
         """Snapshot ensembles are told by their configuration's method."""
-        return self.config_file.is_file() and self._config_payload().get("method") == "sse"
+        return self._method() == "sse"
 
     @property
     def is_fge(self) -> bool:
@@ -290,7 +309,11 @@ class RunDir:
 
     @property
     def is_swa(self) -> bool:
-        return self.config_file.is_file() and self._config_payload().get("method") == "swa"
+        return self._method() == "swa"
+
+    @property
+    def is_distilled(self) -> bool:
+        return self._method() == "distilled"
 
     @property
     def network_file(self) -> Path:
@@ -300,17 +323,18 @@ class RunDir:
     @property
     def is_base(self) -> bool:
         """A run of `valley-train train`: the start of FGE, of curves and of SSE's comparison."""
-        return (self.config_file.is_file() and not self.has_snapshots and not self.is_curve and not self.is_swa
-                and not self.is_sse)
+        return self.config_file.is_file() and not self.has_snapshots and not self.is_curve and self._method() is None
 
     @property
     def kind_in_words(self) -> str:
-        """"a base", "an FGE", "a snapshot-ensemble (SSE)", "an SWA" or "a curve": for messages that refuse a
-        run."""
+        """"a base", "an FGE", "a snapshot-ensemble (SSE)", "an SWA", "a distilled" or "a curve": for messages
+        that refuse a run."""
         if self.is_curve:
             return "a curve"
         if self.is_swa:
             return "an SWA"
+        if self.is_distilled:
+            return "a distilled"
         if self.is_sse:
             return "a snapshot-ensemble (SSE)"
         return "an FGE" if self.has_snapshots else "a base"
@@ -367,8 +391,8 @@ class RunDir:
             raise UsageError(f"{self.config_file} is not a curve configuration valley can read: "
                              f"{error.errors()[0]['msg']}") from error
 
-    def write_config(self, config: TrainConfig | FGERunConfig | SSERunConfig | SWARunConfig | CurveRunConfig
-                     ) -> None:
+    def write_config(self, config: TrainConfig | FGERunConfig | SSERunConfig | SWARunConfig | DistillRunConfig
+                     | CurveRunConfig) -> None:
         """Save the resolved configuration beside the run's outputs (creating the directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(self.config_file, config.model_dump(mode="json"))
@@ -378,6 +402,7 @@ class RunDir:
         exists first)."""
         return model.model_validate_json(self.report_file.read_text())
 
-    def write_report(self, report: TrainReport | FGEReport | SSEReport | SWAReport | CurveReport) -> None:
+    def write_report(self, report: TrainReport | FGEReport | SSEReport | SWAReport | DistillReport | CurveReport
+                     ) -> None:
         # Through `json`, as ever, so report.json stays byte-compatible (float spelling, ASCII escapes).
         checkpoint.write_json(self.report_file, report.model_dump(mode="json"))
