@@ -6,6 +6,12 @@ so on, the last stage running every member. "Confident enough" is a threshold on
 ensemble's maximum probability, as in Wang et al., "Wisdom of Committees" (ICLR 2022). The cost
 of an image is the number of members it went through.
 
+A cascade may start with a front network: one network of the members' architecture that stands in for the
+ensemble (the weight average of its members, SWA, or a student distilled from it). Images its answer is
+confident about leave with it, at the cost of one member; the others go on to the members' stages as if there
+were no front, and their cost counts the front too. A front that keeps no image answers like the members' cascade
+alone.
+
 `fit_cascade` chooses the stages and thresholds on the validation split alone (it is never given
 another): the cheapest cascade whose validation NLL and accuracy stay within a stated
 tolerance of the full ensemble's and that keeps a stated share (90 % by default) of what the
@@ -33,10 +39,12 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.99
 @dataclass(frozen=True)
 class Cascade:
     """Exits after `stages[i]` members (cumulative, increasing, the last one every member) for images whose running
-    ensemble's confidence is at least `thresholds[i]`; one threshold per stage but the last."""
+    ensemble's confidence is at least `thresholds[i]`; one threshold per stage but the last. With `front`, a front
+    network answers first, and its images at least `front` confident leave with its answer."""
 
     stages: tuple[int, ...]
     thresholds: tuple[float, ...]
+    front: float | None = None
 
     def __post_init__(self) -> None:
         if not self.stages or any(b <= a for a, b in pairwise(self.stages)) \
@@ -106,12 +114,27 @@ class CascadeFit:
         return self.lead.full
 
 
-def run_cascade(member_probabilities: np.ndarray, cascade: Cascade) -> tuple[np.ndarray, np.ndarray]:
-    """The answers [N, C] and the members each used [N] (int64) for member probabilities [N, K, C]."""
+def run_cascade(member_probabilities: np.ndarray, cascade: Cascade, front_probabilities: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The answers [N, C] and each image's cost in members [N] (int64) for member probabilities [N, K, C] and, for a
+    cascade with a front, the front network's probabilities [N, C]. The cost counts the front as one member."""
     members = member_probabilities.shape[1]
     if members != cascade.members:
         raise ValueError(f"the cascade is for {cascade.members} members, the probabilities hold {members}")
-    return _answer(_running_means(member_probabilities), cascade)
+    answers, used = _answer(_running_means(member_probabilities), cascade)
+    if cascade.front is None:
+        return answers, used
+    if front_probabilities is None:
+        raise ValueError("the cascade starts with a front network: pass its probabilities")
+    return _in_front(front_probabilities, cascade.front, answers, used)
+
+
+def _in_front(front: np.ndarray, threshold: float, answers: np.ndarray, used: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The members' answers and costs with the front network's put before them."""
+    leaving = front.max(axis=-1) >= threshold
+    return (np.where(leaving[:, None], front, answers).astype(answers.dtype, copy=False),
+            np.where(leaving, 1, used + 1).astype(np.int64))
 
 
 def _running_means(member_probabilities: np.ndarray) -> np.ndarray:
@@ -156,15 +179,17 @@ def lead(member_probabilities: np.ndarray, labels: np.ndarray) -> Lead:
 
 def fit_cascade(member_probabilities: np.ndarray, labels: np.ndarray, max_nll_increase: float = 0.01,
                 max_accuracy_drop: float = 0.001, min_gain_kept: float = 0.9,
-                thresholds: Sequence[float] = THRESHOLDS, max_stages: int = 3) -> CascadeFit:
+                thresholds: Sequence[float] = THRESHOLDS, max_stages: int = 3,
+                front_probabilities: np.ndarray | None = None) -> CascadeFit:
     """The cheapest cascade on these (validation) predictions [N, K, C] whose NLL is at most `max_nll_increase`
     (relative) above the full ensemble's, whose accuracy is at most `max_accuracy_drop` (absolute) below it, and
     which keeps at least `min_gain_kept` of the full ensemble's NLL lead and of its ECE lead over its best single
     member (`Lead.allows`).
 
     Tries every split of the members into two stages and, with `max_stages` 3, into three, each with every pair of
-    thresholds from `thresholds`; ties in cost go to the lower NLL. With nothing cheaper within the bounds, the full
-    ensemble.
+    thresholds from `thresholds`; with `front_probabilities` [N, C] (a front network's), each of those and the full
+    ensemble also behind the front at every threshold of `thresholds`. Ties in cost go to the lower NLL. With
+    nothing cheaper within the bounds, the full ensemble: a front has to pay for itself.
     """
     labels = np.asarray(labels, dtype=np.int64)
     members = member_probabilities.shape[1]
@@ -172,16 +197,31 @@ def fit_cascade(member_probabilities: np.ndarray, labels: np.ndarray, max_nll_in
     full = gained.full
     best, best_quality = Cascade.full(members), full
     running = _running_means(member_probabilities)
-    for stages in _stage_sets(members, max_stages):
-        for chosen in _threshold_sets(len(stages) - 1, thresholds):
-            cascade = Cascade(stages, chosen)
-            answers, used = _answer(running, cascade)
+    fronts: list[float | None] = [None] if front_probabilities is None else [None, *thresholds]
+    leaving = {front: front_probabilities.max(axis=-1) >= front for front in fronts
+               if front is not None and front_probabilities is not None}
+    candidates = [Cascade.full(members), *(Cascade(stages, chosen) for stages in _stage_sets(members, max_stages)
+                                           for chosen in _threshold_sets(len(stages) - 1, thresholds))]
+    for members_cascade in candidates:
+        member_answers, member_used = _answer(running, members_cascade)
+        for front in fronts:
+            if front is None:
+                answers, used = member_answers, member_used
+            else:
+                assert front_probabilities is not None
+                exits = leaving[front]
+                answers = np.where(exits[:, None], front_probabilities, member_answers)
+                used = np.where(exits, 1, member_used + 1)
+            # The cheapest possible cost of this member cascade behind this front: skip what cannot win.
+            if float(np.mean(used)) > best_quality.members_per_image:
+                continue
             measured = quality(answers, labels, used)
             within = measured.nll <= full.nll * (1 + max_nll_increase) and \
                 measured.accuracy >= full.accuracy - max_accuracy_drop and gained.allows(measured, min_gain_kept)
             better = (measured.members_per_image, measured.nll) < (best_quality.members_per_image, best_quality.nll)
             if within and better:
-                best, best_quality = cascade, measured
+                best = Cascade(members_cascade.stages, members_cascade.thresholds, front)
+                best_quality = measured
     return CascadeFit(best, best_quality, gained)
 
 

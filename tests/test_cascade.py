@@ -51,6 +51,54 @@ def test_images_leave_at_the_first_stage_they_are_confident_at() -> None:
     np.testing.assert_allclose(answers[second], probabilities[second, :3].mean(axis=1), atol=1e-6)
 
 
+@pytest.mark.parametrize("members_cascade", [Cascade.full(8), Cascade((1, 4, 8), (0.95, 0.9))])
+def test_a_front_that_keeps_no_image_answers_like_the_members_alone(members_cascade: Cascade) -> None:
+    probabilities, _ = _members()
+    front = _members(seed=7)[0][:, 0]
+    expected, used = run_cascade(probabilities, members_cascade)
+    for threshold in (1.01, float("inf")):
+        answers, cost = run_cascade(probabilities, Cascade(members_cascade.stages, members_cascade.thresholds,
+                                                           threshold), front)
+        np.testing.assert_array_equal(answers, expected)
+        np.testing.assert_array_equal(cost, used + 1)  # the front ran, and costs a member
+
+
+def test_a_front_answers_the_images_it_is_confident_about_at_the_cost_of_one_member() -> None:
+    probabilities, _ = _members()
+    front = _members(seed=7)[0][:, 0]
+    cascade = Cascade((8,), (), 0.9)
+    answers, cost = run_cascade(probabilities, cascade, front)
+    confident = front.max(axis=-1) >= 0.9
+    assert 0 < confident.sum() < len(front)
+    np.testing.assert_array_equal(answers[confident], front[confident])
+    np.testing.assert_allclose(answers[~confident], probabilities[~confident].mean(axis=1), atol=1e-6)
+    assert (cost[confident] == 1).all() and (cost[~confident] == 9).all()
+    everything, all_cost = run_cascade(probabilities, Cascade((8,), (), 0.0), front)
+    np.testing.assert_array_equal(everything, front)
+    assert (all_cost == 1).all()
+    with pytest.raises(ValueError, match="front network"):
+        run_cascade(probabilities, cascade)
+
+
+def test_a_front_is_fitted_where_it_pays_and_left_out_where_it_does_not() -> None:
+    probabilities, labels = _members()
+    probabilities = probabilities ** 3  # sharper members: about half the ensemble's answers are confident
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    ensemble = probabilities.mean(axis=1)
+    # A front that answers like the ensemble itself: the fit puts it first, and it pays.
+    good = fit_cascade(probabilities, labels, front_probabilities=ensemble)
+    without = fit_cascade(probabilities, labels)
+    assert good.cascade.front is not None
+    assert good.quality.members_per_image < without.quality.members_per_image
+    assert good.quality.nll <= good.full.nll * 1.01 and good.quality.accuracy >= good.full.accuracy - 0.001
+    answers, cost = run_cascade(probabilities, good.cascade, ensemble)
+    assert quality(answers, labels, cost) == good.quality
+    # A front that knows nothing (uniform answers) never leaves an image early and only adds its cost.
+    uniform = np.full_like(ensemble, 1 / ensemble.shape[1])
+    useless = fit_cascade(probabilities, labels, front_probabilities=uniform)
+    assert useless.cascade.front is None and useless.cascade == without.cascade
+
+
 def test_the_fitted_cascade_is_cheaper_and_within_the_tolerance_on_its_data() -> None:
     probabilities, labels = _members()
     fit = fit_cascade(probabilities, labels, max_nll_increase=0.01, max_accuracy_drop=0.001)
