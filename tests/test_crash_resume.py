@@ -1,4 +1,5 @@
-"""SIGKILL `valley-train train`, `fge` and `export` at random moments, resume, and get an uninterrupted run's result.
+"""SIGKILL `valley-train train`, `fge`, `sse`, `distill` and `export` at random moments, resume, and get an
+uninterrupted run's result.
 
 Each command first runs once uninterrupted and timed: the reference. Then it runs again in fresh
 directories, killed at moments of the reference's timeline drawn from a seeded generator (one in
@@ -61,6 +62,9 @@ TRAIN = ("train", "--dataset", "synthetic", "--epochs", "8", "--save-epoch", "3"
 # Epochs 7-10 in two 2-epoch cycles: the snapshot falls on the first step of each cycle's second epoch.
 FGE = ("fge", "--cycles", "2", "--cycle-epochs", "2", "--lr1", "0.05", "--lr2", "0.005")
 EXPORT = ("export", "--name", "synth", "--version", "1", "--overwrite")
+# A snapshot ensemble of 3 cycles of 2 epochs, and a 6-epoch student of the FGE run (its teacher).
+SSE = ("sse", "--dataset", "synthetic", "--epochs", "6", "--cycles", "3", "--seed", "3")
+DISTILL = ("distill", "--epochs", "6", "--temperature", "2", "--seed", "3")
 # Wall-clock values, the only things a resumed run may write differently.
 TIMINGS = frozenset({"seconds", "train_seconds_this_process", "train_seconds_total", "evaluation_seconds", "created"})
 KILLED_EXPORT = re.compile(r"\.(staging|retired)-1-\d+")
@@ -145,6 +149,18 @@ def train_reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 def fge_reference(train_reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     out = tmp_path_factory.mktemp("reference") / "fge"
     return _timed((*FGE, "--from", train_reference.out, "--out", out), out)
+
+
+@pytest.fixture(scope="module")
+def sse_reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    out = tmp_path_factory.mktemp("reference") / "sse"
+    return _timed((*SSE, "--out", out), out)
+
+
+@pytest.fixture(scope="module")
+def distill_reference(fge_reference: Reference, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    out = tmp_path_factory.mktemp("reference") / "distill"
+    return _timed((*DISTILL, "--teacher", fge_reference.out, "--out", out), out)
 
 
 @pytest.fixture(scope="module")
@@ -300,10 +316,12 @@ def _files(out: Path) -> list[str]:
 
 
 def _checkpoints(run: Path) -> list[Path]:
-    """The checkpoints and snapshots a reader may open (temporaries are hidden)."""
+    """The checkpoints, snapshots and the finished network (distillation's) a reader may open (temporaries are
+    hidden)."""
     folders = [run / "checkpoints", run / "snapshots"]
-    return sorted(path for folder in folders if folder.is_dir() for path in folder.iterdir()
-                  if not path.name.startswith("."))
+    network = [run / "network.pt"] if (run / "network.pt").is_file() else []
+    return sorted([*network, *(path for folder in folders if folder.is_dir() for path in folder.iterdir()
+                               if not path.name.startswith("."))])
 
 
 def _kept_epochs(run: Path) -> set[int]:
@@ -434,6 +452,33 @@ def test_fge_killed_at_random_resumes_to_the_same_snapshots(train_reference: Ref
                               lambda run, _: _check_killed_run(run, fge_reference.out),
                               lambda run: _check_finished_run(run, fge_reference.out), _epochs_done)
     print(_summary("fge", fge_reference, landed, time.monotonic() - started))
+
+
+@pytest.mark.parametrize("kills", VARIANTS)
+def test_sse_killed_at_random_resumes_to_the_same_snapshots(sse_reference: Reference, kills: int,
+                                                             tmp_path: Path) -> None:
+    def args(out: Path, resumed: bool) -> tuple[str | Path, ...]:
+        return (*SSE, "--out", out, *(["--resume"] if resumed else []))
+
+    started = time.monotonic()
+    landed = crash_until_done(sse_reference, kills, random.Random(f"{SEED}-sse-{kills}"), tmp_path, args,
+                              lambda run, _: _check_killed_run(run, sse_reference.out),
+                              lambda run: _check_finished_run(run, sse_reference.out), _epochs_done)
+    print(_summary("sse", sse_reference, landed, time.monotonic() - started))
+
+
+@pytest.mark.parametrize("kills", VARIANTS)
+def test_distillation_killed_at_random_resumes_to_the_same_student(fge_reference: Reference,
+                                                                   distill_reference: Reference, kills: int,
+                                                                   tmp_path: Path) -> None:
+    def args(out: Path, resumed: bool) -> tuple[str | Path, ...]:
+        return (*DISTILL, "--teacher", fge_reference.out, "--out", out, *(["--resume"] if resumed else []))
+
+    started = time.monotonic()
+    landed = crash_until_done(distill_reference, kills, random.Random(f"{SEED}-distill-{kills}"), tmp_path, args,
+                              lambda run, _: _check_killed_run(run, distill_reference.out),
+                              lambda run: _check_finished_run(run, distill_reference.out), _epochs_done)
+    print(_summary("distill", distill_reference, landed, time.monotonic() - started))
 
 
 @pytest.mark.parametrize("kills", VARIANTS)

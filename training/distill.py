@@ -136,7 +136,7 @@ def run_distill(config: DistillRunConfig, out: Path, resume: bool = False) -> Di
                            train_seconds_total=round(sum(record["seconds"] for record in trainer.history), 2))
     if distributed.is_main():
         checkpoint.save_atomic({"model_name": base.model, "model": student.state_dict(),
-                                "provenance": {"run": str(out), "teacher_run": str(config.teacher_run),
+                                "provenance": {"teacher_run": str(config.teacher_run),
                                                "teacher_members": config.members,
                                                "temperature": config.temperature}}, run.network_file)
         run.write_report(report)
