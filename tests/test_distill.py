@@ -74,9 +74,11 @@ def test_distillation_resumes_after_a_kill_to_the_same_weights(fge_run: Path, tm
     ("fge", ["--members", "5"], "--members must be between 1 and the teacher's 3 snapshots"),
     ("fge", ["--temperature", "0"], "--temperature"),
     ("fge", ["--hard-label-weight", "2"], "--hard_label_weight"),
+    ("fge", ["--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
+    ("missing", [], "does not exist: it is not a valley run directory"),
 ])
 def test_distill_refuses_what_it_cannot_learn_from(teacher: str, extra: list[str], message: str, synthetic_run: Path,
                                                    fge_run: Path, tmp_path: Path) -> None:
-    result = cli("distill", "--teacher", synthetic_run if teacher == "base" else fge_run, *extra, "--out",
-                 tmp_path / "student", check=False)
+    runs = {"base": synthetic_run, "fge": fge_run, "missing": tmp_path / "no-such-run"}
+    result = cli("distill", "--teacher", runs[teacher], *extra, "--out", tmp_path / "student", check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

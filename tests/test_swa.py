@@ -71,13 +71,14 @@ def test_swa_runs_from_an_fge_run_and_exports_as_one_network(fge_run: Path, tmp_
 
 @pytest.mark.parametrize(("source", "extra", "message"), [
     ("base", [], "is a base run: SWA averages the snapshots of an FGE or SSE run"),
+    ("missing", [], "does not exist: it is not a valley run directory"),
     ("fge", ["--members", "0"], "--members must be between 1 and the run's 3 snapshots"),
     ("fge", ["--members", "4"], "--members must be between 1 and the run's 3 snapshots"),
 ])
 def test_swa_refuses_what_it_cannot_average(source: str, extra: list[str], message: str, synthetic_run: Path,
                                             fge_run: Path, tmp_path: Path) -> None:
-    result = cli("swa", "--from", synthetic_run if source == "base" else fge_run, *extra, "--out", tmp_path / "swa",
-                 check=False)
+    runs = {"base": synthetic_run, "fge": fge_run, "missing": tmp_path / "no-such-run"}
+    result = cli("swa", "--from", runs[source], *extra, "--out", tmp_path / "swa", check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 

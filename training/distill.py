@@ -61,6 +61,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probabilities: torch
 
 
 def _teacher_report(run: RunDir) -> FGEReport | SSEReport:
+    run.require_run()
     if not run.has_snapshots:
         raise UsageError(f"{run.path} is {run.kind_in_words} run: a student learns from an FGE or SSE ensemble "
                          "(`valley-train fge --out` or `valley-train sse --out`)")
@@ -79,7 +80,8 @@ def resolve_distill_config(teacher: Path, members: int | None, temperature: floa
     if not 1 <= count <= available:
         raise UsageError(f"--members must be between 1 and the teacher's {available} snapshots, got {count}")
     taught = run.read_config()
-    base = TrainConfig(data=taught.data, model=taught.model, epochs=epochs or taught.epochs, lr=lr or taught.lr,
+    base = TrainConfig(data=taught.data, model=taught.model, epochs=taught.epochs if epochs is None else epochs,
+                       lr=taught.lr if lr is None else lr,
                        momentum=taught.momentum, weight_decay=taught.weight_decay, seed=seed, device=device)
     return DistillRunConfig(teacher_run=teacher, members=[m.index for m in report.members[:count]],
                             temperature=temperature, hard_label_weight=hard_label_weight, base=base)

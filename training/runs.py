@@ -320,6 +320,12 @@ class RunDir:
         """SWA (and distilled) runs: the one network they made."""
         return self.path / _NETWORK
 
+    def require_run(self) -> None:
+        """A `UsageError` naming the path unless it is a valley run directory (it has a configuration)."""
+        if not self.config_file.is_file():
+            what = "does not exist" if not self.path.exists() else f"holds no {_CONFIG}"
+            raise UsageError(f"{self.path} {what}: it is not a valley run directory")
+
     @property
     def is_base(self) -> bool:
         """A run of `valley-train train`: the start of FGE, of curves and of SSE's comparison."""

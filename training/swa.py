@@ -51,6 +51,7 @@ def average_snapshots(model_name: str, splits: DataSplits, paths: Sequence[Path]
 def run_swa(source: Path, out: Path, members: int | None = None, device: str = "auto") -> SWAReport:
     """Average the first `members` snapshots (default all) of the FGE or SSE run `source` into the run `out`."""
     source_run, run = RunDir(source), RunDir(out)
+    source_run.require_run()
     if not source_run.has_snapshots:
         raise UsageError(f"{source} is {source_run.kind_in_words} run: SWA averages the snapshots of an FGE or SSE "
                          "run (`valley-train fge --out` or `valley-train sse --out`)")
