@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -27,8 +28,11 @@ from artefact.manifest import ManifestError, load_manifest
 from service.ensemble import load_ensemble
 from service.feedback import StoreConfigError, open_store
 from service.feedback.core import Store
+from service.feedback.urls import redact
 from service.recalibrate import live_metrics, lock_name, publish, suggest, withdraw
 
+# The manifest's rule for ensemble names: a name is one folder of the repository, never a path.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 NOT_ENOUGH_LABELS = 3
 USAGE = 2
 FAILED = 1
@@ -97,14 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-labels", type=int, default=100, help="labels needed to fit (default 100)")
     parser.add_argument("--window", type=int, default=1000, help="the newest labels fitted on (default 1000)")
     parser.add_argument("--temperature", type=float, help="apply this temperature instead of the fitted one")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if not MODEL_NAME.fullmatch(args.model):
+        parser.error(f"--model {args.model[:80]!r} is not an ensemble name (letters, digits, '_', '.', '-')")
     if args.min_labels < 1 or args.window < args.min_labels:
         parser.error("--min-labels must be at least 1 and --window at least --min-labels")
     if args.temperature is not None and not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(USAGE, str(error))
     except Exception as error:
         log.debug("recalibration failed", exc_info=True)
-        _fail(FAILED, " ".join(str(error).split())[:500])
+        _fail(FAILED, redact(" ".join(str(error).split()))[:500])
     finally:
         store.close(timeout=5.0)
     print(json.dumps(facts), flush=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from service.abstention import Abstention
 from service.errors import InvalidInput
 from service.feedback import CalibrationWindow
 from service.recalibrate import live_metrics, suggest
+from tests.conftest import REPO
 
 
 def _logits(images: int = 1500, members: int = 3, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -75,3 +78,21 @@ def test_a_selective_spec_from_before_thresholds_were_stored_still_loads(exporte
     with pytest.raises(InvalidInput, match="fitted at export"):
         abstention.threshold(0.9123)
 
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--model", "../etc"], "--model '../etc' is not an ensemble name"),
+    (["--model", "synth", "--log-level", "loud"], "argument --log-level: invalid choice"),
+    (["--model", "synth", "--window", "10", "--min-labels", "20"], "--window at least --min-labels"),
+    (["--model", "synth", "--temperature", "nan"], "--temperature must be in"),
+    (["--model", "nowhere"], "has no model 'nowhere'"),
+    (["--model", "synth", "--feedback-store", "memory:"], "this process's memory"),
+])
+def test_valley_recalibrate_refuses_in_one_line_with_status_2(arguments: list[str], message: str, exported: Path,
+                                                              tmp_path: Path) -> None:
+    store = ["--feedback-store", f"sqlite:{tmp_path / 'feedback.db'}"] if "--feedback-store" not in arguments else []
+    result = subprocess.run([sys.executable, "-m", "service.recalibrate_job", "--repository",
+                             str(exported.parent.parent), *store, *arguments], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not result.stdout
