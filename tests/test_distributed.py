@@ -42,6 +42,11 @@ ACCURACY_POINTS = 0.02
 FGE_NLL_RELATIVE = 0.06
 BASE_NLL_NATS = 0.005
 CURVE_LOSS_RELATIVE = 0.05
+# A 3-cycle snapshot ensemble (6 epochs from scratch): its last member and whole ensemble by 0.0 points and at most
+# 0.009 nats (its first member, one cycle into training, by up to 2 points: not compared); a 4-epoch student by
+# 0.2 points and 0.010 nats. Absolute tolerances with a margin over those.
+SSE_NLL_NATS = 0.02
+STUDENT_NLL_NATS = 0.025
 
 
 def torchrun(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -252,3 +257,26 @@ def test_commands_that_read_a_run_refuse_torchrun(synthetic_run: Path, tmp_path:
     result = cli("export", "--from", synthetic_run, "--name", "x", "--out", tmp_path, check=False,
                  env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert result.returncode == 2 and "export runs as one process: run it without torchrun" in result.stderr
+
+
+def test_a_snapshot_ensemble_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    args = ("sse", "--dataset", "synthetic", "--epochs", "6", "--cycles", "3", "--seed", "3")
+    cli(*args, "--out", tmp_path / "one")
+    result = torchrun(*args, "--out", tmp_path / "two")
+    assert result.stdout.count("| SSE | 3 |") == 1, "rank 0 alone prints the table"
+    one, two = _report(tmp_path / "one"), _report(tmp_path / "two")
+    for single, double in ((one["ensembles"][-1], two["ensembles"][-1]), (one["members"][-1], two["members"][-1])):
+        for split in ("test", "val"):
+            _assert_close(single[split], double[split], f"sse {split}", nll_tolerance=SSE_NLL_NATS)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_a_student_under_torchrun_matches_one_process(fge_run: Path, tmp_path: Path) -> None:
+    args = ("distill", "--teacher", fge_run, "--epochs", "4", "--seed", "3")
+    cli(*args, "--out", tmp_path / "one")
+    result = torchrun(*args, "--out", tmp_path / "two")
+    assert result.stdout.count("| student at T = 2 |") == 1, "rank 0 alone prints the table"
+    one, two = _report(tmp_path / "one"), _report(tmp_path / "two")
+    for split in ("test", "val"):
+        _assert_close(one[split], two[split], f"student {split}", nll_tolerance=STUDENT_NLL_NATS)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
