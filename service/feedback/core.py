@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from service.errors import InvalidInput
 from service.feedback.writer import WriterStats
 
 
@@ -25,6 +26,26 @@ class Label:
     request_id: str
     position: int
     true_class: int
+
+
+def where(index: int, label: Label) -> str:
+    """How a report's label is named in an error (both stores say it in the same words)."""
+    return f"label {index} (model {label.model!r}, request id {label.request_id!r}, position {label.position})"
+
+
+def check_label(index: int, label: Label, images: int, classes: int) -> None:
+    """`InvalidInput` unless the label's position and class fit the prediction it names."""
+    if label.position >= images:
+        raise InvalidInput(f"{where(index, label)}: that request had {images} images; no label of this report was "
+                           "counted")
+    if label.true_class >= classes:
+        raise InvalidInput(f"{where(index, label)}: true class {label.true_class} is not one of the model's "
+                           f"{classes} classes (0..{classes - 1}); no label of this report was counted")
+
+
+def already_labelled(index: int, label: Label) -> str:
+    return (f"{where(index, label)}: already labelled, not counted twice; no label of this report was counted "
+            "(send the others again without it)")
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ class Feedback:
     def remember(self, model: str, version: int, request_id: str, answer: Served, served_at: float,
                  caller: str = "") -> None:
         """Keep what a request with an id was served to `caller`, to join that caller's labels to it later."""
-        if self.store is not None and request_id:
+        if self.store is not None and self.keeps(request_id):
             self.store.remember(Prediction(caller, model, request_id, version, answer, served_at))
 
     def window_of(self, model: str, version: int) -> CalibrationWindow | None:
@@ -112,7 +112,7 @@ class Feedback:
     def seed(self, model: str, version: int) -> None:
         """Start a version's window from the store's last labels of it (a shared store only; blocking: call it
         from a worker thread)."""
-        if self.store is None or not self.store.shared:
+        if self.store is None or not self.shared:
             return
         stored = self.store.window(model, version, self.window)
         if stored is None or not len(stored):
@@ -129,7 +129,7 @@ class Feedback:
     def labelled(self, model: str, version: int) -> LabelledWindow:
         """The labels to fit a temperature on: the store's last `window` labels of the version where the store is
         shared (the fleet's), else this server's window. Blocking with a shared store."""
-        if self.store is not None and self.store.shared:
+        if self.store is not None and self.shared:
             stored = self.store.window(model, version, self.window)
             if stored is not None:
                 return stored

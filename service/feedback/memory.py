@@ -18,8 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import AlreadyLabelled, InvalidInput, UnknownPrediction
-from service.feedback.core import Joined, Label, LabelledWindow, Prediction, Served
+from service.errors import AlreadyLabelled, UnknownPrediction
+from service.feedback.core import (
+    Joined,
+    Label,
+    LabelledWindow,
+    Prediction,
+    Served,
+    already_labelled,
+    check_label,
+    where,
+)
 from service.feedback.writer import WriterStats
 
 # What a kept request costs beyond its arrays: the key's strings, the entry and the dictionary slot.
@@ -38,11 +47,6 @@ def _size(key: tuple[str, str, str], kept: _Kept) -> int:
     arrays = kept.served
     return (_ENTRY_BYTES + sum(len(part) for part in key) + arrays.probabilities.nbytes
             + arrays.member_probabilities.nbytes + arrays.used.nbytes + kept.labelled.nbytes)
-
-
-def where(index: int, label: Label) -> str:
-    """How a report's label is named in an error."""
-    return f"label {index} (model {label.model!r}, request id {label.request_id!r}, position {label.position})"
 
 
 class MemoryStore:
@@ -149,18 +153,3 @@ class MemoryStore:
         if kept is not None:
             self._count -= len(kept.labelled)
             self._bytes -= _size(key, kept)
-
-
-def check_label(index: int, label: Label, images: int, classes: int) -> None:
-    """`InvalidInput` unless the label's position and class fit the prediction it names."""
-    if label.position >= images:
-        raise InvalidInput(f"{where(index, label)}: that request had {images} images; no label of this report was "
-                           "counted")
-    if label.true_class >= classes:
-        raise InvalidInput(f"{where(index, label)}: true class {label.true_class} is not one of the model's "
-                           f"{classes} classes (0..{classes - 1}); no label of this report was counted")
-
-
-def already_labelled(index: int, label: Label) -> str:
-    return (f"{where(index, label)}: already labelled, not counted twice; no label of this report was counted "
-            "(send the others again without it)")

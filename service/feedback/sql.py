@@ -30,8 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from service.errors import AlreadyLabelled, StoreUnavailable, UnknownPrediction
-from service.feedback.core import Joined, Label, LabelledWindow, Prediction
-from service.feedback.memory import already_labelled, check_label, where
+from service.feedback.core import Joined, Label, LabelledWindow, Prediction, already_labelled, check_label, where
 from service.feedback.writer import Unavailable, Writer, WriterStats
 
 log = logging.getLogger(__name__)

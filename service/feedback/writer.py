@@ -118,6 +118,11 @@ class Writer(Generic[Item]):
         with self._condition:
             return not self._queue and not self._writing
 
+    def mark_down(self) -> None:
+        """The database did not answer (at start, before anything was written): `up` says so until a write succeeds."""
+        with self._condition:
+            self._up = False
+
     def stats(self) -> WriterStats:
         with self._condition:
             return WriterStats(len(self._queue), self._bytes, self._written, dict(self._dropped), self._up)
@@ -181,11 +186,6 @@ class Writer(Generic[Item]):
             self._bytes -= sum(size for _, size in taken)
             self._writing = len(taken)
             return [item for item, _ in taken]
-
-    def mark_down(self) -> None:
-        """The database did not answer (at start, before anything was written): `up` says so until a write succeeds."""
-        with self._condition:
-            self._up = False
 
     def _write_with_retries(self, batch: list[Item]) -> None:
         backoff = min(0.1, self.max_backoff)
