@@ -17,7 +17,7 @@ from artefact.manifest import load_manifest
 from tests.conftest import cli
 from tests.test_resume import _assert_same, _kill_after, _weights
 from training import engine
-from training import sse as sse_module
+from training import train as train_module
 from training.config import DataConfig, ExportConfig, TrainConfig
 from training.export import export_ensemble
 from training.runs import RunDir, SSEReport
@@ -74,7 +74,7 @@ def sse_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[
 
     base = TrainConfig(data=DataConfig(dataset="synthetic"), epochs=6, lr=0.05, seed=2, device="cpu")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sse_module, "make_optimizer", recording)
+        patch.setattr(train_module, "make_optimizer", recording)  # the optimizer every fresh run makes
         run_sse(resolve_sse_config(base, 3), out)
     return out, seen
 

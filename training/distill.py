@@ -13,8 +13,6 @@ resumed run is bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,13 +21,12 @@ from torch import nn
 
 from training import checkpoint, distributed
 from training.config import DistillRunConfig, TrainConfig
-from training.data import DataSplits, load_data, make_batches
-from training.engine import Trainer, build_model, evaluate, make_optimizer, resolve_device
-from training.errors import UsageError
+from training.data import DataSplits
+from training.engine import Trainer, build_model, evaluate
 from training.runs import DistillReport, FGEReport, RunDir, SSEReport
 from training.schedules import BaseSchedule
-
-log = logging.getLogger(__name__)
+from training.snapshots import finished_snapshot_run, first_members
+from training.train import fit_to_end, new_network, start_run
 
 
 class Teacher(nn.Module):
@@ -61,39 +58,29 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probabilities: torch
 
 
 def _teacher_report(run: RunDir) -> FGEReport | SSEReport:
-    run.require_run()
-    if not run.has_snapshots:
-        raise UsageError(f"{run.path} is {run.kind_in_words} run: a student learns from an FGE or SSE ensemble "
-                         "(`valley-train fge --out` or `valley-train sse --out`)")
-    if not run.report_file.is_file():
-        raise UsageError(f"{run.path} has no {run.report_file.name}: finish the teacher run first (--resume)")
-    return run.read_report(SSEReport) if run.is_sse else run.read_report(FGEReport)
+    return finished_snapshot_run(run, "a student learns from an FGE or SSE ensemble", "the teacher run")
 
 
 def resolve_distill_config(teacher: Path, members: int | None, temperature: float, hard_label_weight: float,
                            epochs: int | None, lr: float | None, seed: int, device: str) -> DistillRunConfig:
     """The student's training: the teacher's data and architecture, its own budget, learning rate and seed."""
     run = RunDir(teacher)
-    report = _teacher_report(run)
-    available = len(report.members)
-    count = available if members is None else members
-    if not 1 <= count <= available:
-        raise UsageError(f"--members must be between 1 and the teacher's {available} snapshots, got {count}")
+    teachers = first_members(_teacher_report(run), members, "the teacher's")
     taught = run.read_config()
     base = TrainConfig(data=taught.data, model=taught.model, epochs=taught.epochs if epochs is None else epochs,
                        lr=taught.lr if lr is None else lr,
                        momentum=taught.momentum, weight_decay=taught.weight_decay, seed=seed, device=device)
-    return DistillRunConfig(teacher_run=teacher, members=[m.index for m in report.members[:count]],
+    return DistillRunConfig(teacher_run=teacher, members=[m.index for m in teachers],
                             temperature=temperature, hard_label_weight=hard_label_weight, base=base)
 
 
-def load_teacher(config: DistillRunConfig, splits: DataSplits, device: torch.device) -> Teacher:
-    run = RunDir(config.teacher_run)
-    report = _teacher_report(run)
+def load_teacher(config: DistillRunConfig, report: FGEReport | SSEReport, splits: DataSplits,
+                 device: torch.device) -> Teacher:
+    """The members `config` names of the teacher run whose report is `report`."""
     by_index = {member.index: member for member in report.members}
     networks = []
     for index in config.members:
-        path = run.path / by_index[index].file
+        path = config.teacher_run / by_index[index].file
         network = build_model(config.base.model, splits.info, device)
         checkpoint.load_model_weights(network, checkpoint.load(path), config.base.model, path)
         networks.append(network.eval())
@@ -102,17 +89,13 @@ def load_teacher(config: DistillRunConfig, splits: DataSplits, device: torch.dev
 
 def run_distill(config: DistillRunConfig, out: Path, resume: bool = False) -> DistillReport:
     """Train the student into `out` (or continue it with `resume`); returns the report it also writes."""
-    run, base = RunDir(out), config.base
-    if not resume and run.last_checkpoint.exists():
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    device = distributed.setup(resolve_device(base.device), base.data.batch_size)
-    splits = load_data(base.data)
-    teacher = load_teacher(config, splits, device)
-    teacher_ensemble = _teacher_report(RunDir(config.teacher_run)).ensembles[len(config.members) - 1]
-    torch.manual_seed(base.seed)
-    student = build_model(base.model, splits.info, device)
-    optimizer = make_optimizer(student, base.lr, base.momentum, base.weight_decay)
-    iterations = len(make_batches(splits.train, splits.info, base.data.batch_size, train=True))
+    base = config.base
+    start = start_run(out, base, resume)
+    run, device, splits = start.run, start.device, start.splits
+    taught = _teacher_report(RunDir(config.teacher_run))
+    teacher = load_teacher(config, taught, splits, device)
+    teacher_ensemble = taught.ensembles[len(config.members) - 1]
+    student, optimizer, iterations = new_network(base, start)
     schedule = BaseSchedule(iterations_per_epoch=iterations, lr0=base.lr, budget_epochs=base.epochs)
 
     def objective(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,13 +107,7 @@ def run_distill(config: DistillRunConfig, out: Path, resume: bool = False) -> Di
         batch_size=base.data.batch_size, seed=base.seed, device=device, config=config.model_dump(mode="json"),
         workers=base.data.workers, objective=objective,
     )
-    if resume and not trainer.resume():
-        log.info("nothing to resume in %s: starting afresh", out)
-    if distributed.is_main():
-        run.write_config(config)
-    started = time.perf_counter()
-    trainer.fit(base.epochs)
-    seconds = time.perf_counter() - started
+    seconds = fit_to_end(trainer, config, base.epochs, resume)
     test = evaluate(student, splits.test, splits, device).metrics
     val = evaluate(student, splits.val, splits, device).metrics if len(splits.val) else None
     report = DistillReport(config=config, file=run.network_file.name, teacher=teacher_ensemble, test=test, val=val,

@@ -68,7 +68,7 @@ from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
-from training.runs import DistillReport, FGEReport, RunDir, SSEReport, SWAReport
+from training.runs import DistillReport, RunDir, SWAReport
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def collect_sources(export: ExportConfig) -> Sources:
             raise UsageError(f"{command.upper()} run {run.path} has no {run.report_file.name}: finish it first "
                              f"(valley-train {command} ... --resume)")
         config = run.read_config()
-        report = run.read_report(SSEReport) if run.is_sse else run.read_report(FGEReport)
+        report = run.read_snapshot_report()
         members = [_from_checkpoint(run.path / m.file, config.model,
                                     {"run": str(run.path), "index": m.index, "epoch": m.epoch, "lr": m.lr})
                    for m in report.members]

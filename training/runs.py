@@ -408,6 +408,10 @@ class RunDir:
         exists first)."""
         return model.model_validate_json(self.report_file.read_text())
 
+    def read_snapshot_report(self) -> FGEReport | SSEReport:
+        """The report of an FGE or SSE run (`has_snapshots`; check `report_file` exists first)."""
+        return self.read_report(SSEReport) if self.is_sse else self.read_report(FGEReport)
+
     def write_report(self, report: TrainReport | FGEReport | SSEReport | SWAReport | DistillReport | CurveReport
                      ) -> None:
         # Through `json`, as ever, so report.json stays byte-compatible (float spelling, ASCII escapes).

@@ -1,5 +1,5 @@
-"""What FGE and snapshot ensembles share: saving a snapshot mid-training, and evaluating every snapshot and every
-ensemble prefix of a finished run."""
+"""What FGE and snapshot ensembles share: saving a snapshot mid-training, evaluating every snapshot and every
+ensemble prefix of a finished run, and reading a finished run's snapshots for what is made of them (SWA, students)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from training import checkpoint, distributed
 from training.data import DataSplits
 from training.engine import Trainer, evaluate
 from training.ensembles import prefix_metrics
-from training.runs import FGEEnsemble, FGEMember, RunDir, snapshot_name
+from training.errors import UsageError
+from training.runs import FGEEnsemble, FGEMember, FGEReport, RunDir, SSEReport, snapshot_name
 
 
 def snapshot_saver(run: RunDir, model_name: str, epoch_offset: int, cycle_epochs: int,
@@ -60,3 +61,25 @@ def evaluate_snapshots(trainer: Trainer, run: RunDir, model_name: str, splits: D
                  for size, (test_metrics, val_metrics) in enumerate(zip(test_prefixes, val_prefixes, strict=True),
                                                                     start=1)]
     return members, ensembles
+
+
+def finished_snapshot_run(run: RunDir, wanted_by: str, finish: str) -> FGEReport | SSEReport:
+    """The report of the finished FGE or SSE run `run`; a `UsageError` saying what `wanted_by` takes (e.g. "SWA
+    averages the snapshots of an FGE or SSE run") where it is none, or that `finish` must end first."""
+    run.require_run()
+    if not run.has_snapshots:
+        raise UsageError(f"{run.path} is {run.kind_in_words} run: {wanted_by} (`valley-train fge --out` or "
+                         "`valley-train sse --out`)")
+    if not run.report_file.is_file():
+        raise UsageError(f"{run.path} has no {run.report_file.name}: finish {finish} first (--resume)")
+    return run.read_snapshot_report()
+
+
+def first_members(report: FGEReport | SSEReport, members: int | None, whose: str) -> list[FGEMember]:
+    """The first `members` snapshots of a run (all for None); a `UsageError` naming `whose` snapshots they would
+    be otherwise."""
+    available = len(report.members)
+    count = available if members is None else members
+    if not 1 <= count <= available:
+        raise UsageError(f"--members must be between 1 and {whose} {available} snapshots, got {count}")
+    return report.members[:count]

@@ -8,23 +8,18 @@ The run directory holds snapshots like an FGE run's, so `valley-train export --f
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
-import torch
-
 from training import distributed
 from training.config import SSERunConfig, TrainConfig
-from training.data import load_data, make_batches
-from training.engine import Trainer, build_model, make_optimizer, resolve_device
+from training.engine import Trainer
 from training.errors import UsageError
 from training.plots import plot_ensemble_sizes
-from training.runs import DatasetSummary, ModelSummary, RunDir, SSEReport
+from training.runs import SSEReport
 from training.schedules import CosineRestarts
 from training.snapshots import evaluate_snapshots, snapshot_saver
-
-log = logging.getLogger(__name__)
+from training.train import fit_to_end, new_network, start_run, summaries
 
 
 def resolve_sse_config(base: TrainConfig, cycles: int) -> SSERunConfig:
@@ -39,15 +34,10 @@ def resolve_sse_config(base: TrainConfig, cycles: int) -> SSERunConfig:
 
 def run_sse(config: SSERunConfig, out: Path, resume: bool = False) -> SSEReport:
     """Train a snapshot ensemble into `out` (or continue it with `resume`); returns the report it also writes."""
-    run, base = RunDir(out), config.base
-    if not resume and run.last_checkpoint.exists():
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    device = distributed.setup(resolve_device(base.device), base.data.batch_size)
-    splits = load_data(base.data)
-    torch.manual_seed(base.seed)
-    model = build_model(base.model, splits.info, device)
-    optimizer = make_optimizer(model, base.lr, base.momentum, base.weight_decay)
-    iterations = len(make_batches(splits.train, splits.info, base.data.batch_size, train=True))
+    base = config.base
+    start = start_run(out, base, resume)
+    run, device, splits = start.run, start.device, start.splits
+    model, optimizer, iterations = new_network(base, start)
     schedule = CosineRestarts(iterations_per_epoch=iterations, lr0=base.lr, cycle_epochs=config.cycle_epochs)
     trainer = Trainer(
         run=run, model=model, model_name=base.model, optimizer=optimizer, schedule=schedule, splits=splits,
@@ -55,22 +45,15 @@ def run_sse(config: SSERunConfig, out: Path, resume: bool = False) -> SSEReport:
         workers=base.data.workers,
         on_snapshot=snapshot_saver(run, base.model, 0, config.cycle_epochs, iterations),
     )
-    if resume and not trainer.resume():
-        log.info("nothing to resume in %s: starting afresh", out)
-    if distributed.is_main():
-        run.write_config(config)
-    started = time.perf_counter()
-    trainer.fit(base.epochs)
-    train_seconds = time.perf_counter() - started
+    train_seconds = fit_to_end(trainer, config, base.epochs, resume)
 
     started = time.perf_counter()
     members, ensembles = evaluate_snapshots(trainer, run, base.model, splits, device)
-    info = splits.info
+    dataset, network = summaries(splits, base.model, model)
     report = SSEReport(
         config=config,
-        dataset=DatasetSummary(name=info.name, classes=list(info.classes), train=len(splits.train),
-                               val=len(splits.val), test=len(splits.test), preprocessing=info.preprocessing()),
-        model=ModelSummary(name=base.model, parameters=sum(p.numel() for p in model.parameters())),
+        dataset=dataset,
+        model=network,
         members=members,
         ensembles=ensembles,
         device=str(device),

@@ -29,7 +29,8 @@ from training.curves import has_batch_norm, recompute_batch_norm
 from training.data import DataSplits, load_data
 from training.engine import build_model, evaluate, resolve_device
 from training.errors import UsageError
-from training.runs import FGEReport, RunDir, SSEReport, SWAReport
+from training.runs import RunDir, SWAReport
+from training.snapshots import finished_snapshot_run, first_members
 
 
 def average_snapshots(model_name: str, splits: DataSplits, paths: Sequence[Path], device: torch.device,
@@ -51,27 +52,16 @@ def average_snapshots(model_name: str, splits: DataSplits, paths: Sequence[Path]
 def run_swa(source: Path, out: Path, members: int | None = None, device: str = "auto") -> SWAReport:
     """Average the first `members` snapshots (default all) of the FGE or SSE run `source` into the run `out`."""
     source_run, run = RunDir(source), RunDir(out)
-    source_run.require_run()
-    if not source_run.has_snapshots:
-        raise UsageError(f"{source} is {source_run.kind_in_words} run: SWA averages the snapshots of an FGE or SSE "
-                         "run (`valley-train fge --out` or `valley-train sse --out`)")
-    if not source_run.report_file.is_file():
-        raise UsageError(f"{source} has no {source_run.report_file.name}: finish the run first (--resume)")
+    report = finished_snapshot_run(source_run, "SWA averages the snapshots of an FGE or SSE run", "the run")
     if run.report_file.exists():
         raise UsageError(f"{out} already holds an SWA run: choose another --out")
-    report: FGEReport | SSEReport = (source_run.read_report(SSEReport) if source_run.is_sse
-                                     else source_run.read_report(FGEReport))
-    available = len(report.members)
-    count = available if members is None else members
-    if not 1 <= count <= available:
-        raise UsageError(f"--members must be between 1 and the run's {available} snapshots, got {count}")
+    averaged = first_members(report, members, "the run's")
     base = source_run.read_config()
-    config = SWARunConfig(source_run=source, members=[m.index for m in report.members[:count]], device=device,
-                          base=base)
+    config = SWARunConfig(source_run=source, members=[m.index for m in averaged], device=device, base=base)
     torch_device = resolve_device(device)
     splits = load_data(base.data)
     started = time.perf_counter()
-    network, images = average_snapshots(base.model, splits, [source_run.path / m.file for m in report.members[:count]],
+    network, images = average_snapshots(base.model, splits, [source_run.path / m.file for m in averaged],
                                         torch_device, base.data.batch_size)
     test = evaluate(network, splits.test, splits, torch_device).metrics
     val = evaluate(network, splits.val, splits, torch_device).metrics if len(splits.val) else None
@@ -79,7 +69,7 @@ def run_swa(source: Path, out: Path, members: int | None = None, device: str = "
     checkpoint.save_atomic({"model_name": base.model, "model": network.state_dict(),
                             "provenance": {"run": str(source), "averaged": config.members}}, run.network_file)
     result = SWAReport(config=config, file=run.network_file.name, batch_norm_images=images,
-                       ensemble=report.ensembles[count - 1], test=test, val=val, device=str(torch_device),
+                       ensemble=report.ensembles[len(averaged) - 1], test=test, val=val, device=str(torch_device),
                        seconds=round(time.perf_counter() - started, 2))
     run.write_report(result)
     return result
