@@ -36,6 +36,7 @@ import pytest
 import tritonclient.grpc as triton
 import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc
@@ -106,6 +107,14 @@ def prometheus(tmp: Path, metrics_ports: list[int]) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(30)
+
+
+def scraped(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample the server's /metrics shows now: {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def prometheus_query(url: str, promql: str) -> list[dict[str, Any]]:

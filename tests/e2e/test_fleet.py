@@ -15,8 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -26,7 +24,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.launch import ServerProcess
 from tests.conftest import REPO
@@ -35,6 +32,7 @@ from tests.e2e.conftest import (
     prometheus,
     prometheus_query,
     report,
+    scraped,
     start_server_process,
     stop_server_process,
     triton_inputs,
@@ -93,13 +91,6 @@ def _report(replica: ServerProcess, labels: list[tuple[str, int, int]]) -> int:
     return report(replica.url, labels, model=MODEL)
 
 
-def _metrics(replica: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
 def _sum(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return sum(value for (metric, found), value in metrics.items()
                if metric == name and all((key, wanted) in found for key, wanted in labels.items()))
@@ -115,7 +106,7 @@ def _eventually(check: Callable[[], bool], seconds: float, what: str) -> None:
 
 
 def _written(replica: ServerProcess, requests: int) -> bool:
-    return _sum(_metrics(replica), "valley_feedback_written_total") >= requests
+    return _sum(scraped(replica), "valley_feedback_written_total") >= requests
 
 
 def _serves_version(replica: ServerProcess, version: str) -> bool:
@@ -193,7 +184,7 @@ def test_labels_join_at_any_replica_and_two_replicas_accept_one_label_once(repos
                 thread.join(30)
         assert sorted(outcomes) == ["ALREADY_EXISTS"] * 4 + ["accepted"] * 4
         # Each label is counted by the replica that received it, once in the fleet.
-        counted = [_sum(_metrics(replica), "valley_feedback_labels_total", model=MODEL)
+        counted = [_sum(scraped(replica), "valley_feedback_labels_total", model=MODEL)
                    for replica in (serving, second, third)]
         assert counted[0] == 0 and sum(counted) == 20 + 2 + 4 and counted[1] >= 20
 
@@ -212,7 +203,7 @@ def test_a_replica_killed_after_serving_loses_no_written_prediction(repository: 
                 _serve(victim, f"k{index}", 4 * index)
             _eventually(lambda: _written(victim, 8), 10, "the victim wrote what it served")
             _serve(slow, "queued", 0)
-            assert _sum(_metrics(slow), "valley_feedback_queue_predictions") == 1
+            assert _sum(scraped(slow), "valley_feedback_queue_predictions") == 1
             for replica in (victim, slow):
                 replica.process.send_signal(signal.SIGKILL)
                 replica.process.wait(10)
@@ -240,9 +231,9 @@ def test_the_database_down_under_load_fails_no_inference_and_labels_join_after(r
             postgres.stop()
             try:
                 down_since = time.monotonic()
-                _eventually(lambda: _sum(_metrics(serving), "valley_feedback_dropped_total", reason="queue_full") > 0,
+                _eventually(lambda: _sum(scraped(serving), "valley_feedback_dropped_total", reason="queue_full") > 0,
                             20, "the serving replica dropped what no longer fit its queue")
-                _eventually(lambda: _sum(_metrics(serving), "valley_feedback_store_up") == 0, 15,
+                _eventually(lambda: _sum(scraped(serving), "valley_feedback_store_up") == 0, 15,
                             "the serving replica reported the store down")
                 assert health_status(serving.grpc_port) == 1, "readiness does not depend on the database"
                 with pytest.raises(grpc.RpcError) as refused:
@@ -253,15 +244,15 @@ def test_the_database_down_under_load_fails_no_inference_and_labels_join_after(r
             finally:
                 postgres.start()
             down_for, restarted = time.monotonic() - down_since, time.monotonic()
-            _eventually(lambda: _sum(_metrics(serving), "valley_feedback_store_up") == 1, 30,
+            _eventually(lambda: _sum(scraped(serving), "valley_feedback_store_up") == 1, 30,
                         "the writer reconnected")
             back_after = time.monotonic() - restarted
             time.sleep(1.0)
         # What waited in the queue is written; then a new prediction has room in it, and its labels join.
-        _eventually(lambda: _sum(_metrics(serving), "valley_feedback_queue_predictions") == 0, 10,
+        _eventually(lambda: _sum(scraped(serving), "valley_feedback_queue_predictions") == 0, 10,
                     "the serving replica's queue drained")
         assert load.answers > 50 and not load.failures, load.failures[:5]
-        dropped = _sum(_metrics(serving), "valley_feedback_dropped_total")
+        dropped = _sum(scraped(serving), "valley_feedback_dropped_total")
         print(f"\nPostgreSQL down {down_for:.1f} s under load: {load.answers} requests answered, "
               f"{len(load.failures)} failed, {dropped:.0f} predictions dropped (queue_full), the writer back "
               f"{back_after:.1f} s after the restart")
@@ -281,7 +272,7 @@ def test_a_replica_starts_and_serves_while_the_database_is_down(repository: Path
         replica = _start(repository, url, "early")
         assert health_status(replica.grpc_port) == 1
         _serve(replica, "early", 0)
-        assert _sum(_metrics(replica), "valley_feedback_store_up") == 0
+        assert _sum(scraped(replica), "valley_feedback_store_up") == 0
         with pytest.raises(grpc.RpcError) as refused:
             _report(replica, _labels("early", 0))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -9,7 +9,6 @@ them: noise on top, which the ensemble answers far less accurately than its conf
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from artefact.manifest import load_manifest
@@ -27,7 +25,7 @@ from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.abstention import Abstention
 from service.launch import ServerProcess
-from tests.e2e.conftest import MODEL, report, start_server_process, stop_server_process, triton_inputs
+from tests.e2e.conftest import MODEL, report, scraped, start_server_process, stop_server_process, triton_inputs
 from training.data import synthetic_images
 
 WINDOW = 200
@@ -41,13 +39,6 @@ def _images(count: int, seed: int, noise: float = 0.0) -> tuple[np.ndarray, np.n
     if noise:
         pixels += np.random.default_rng(seed).normal(0, noise, pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8), split.labels.numpy()
-
-
-def _metrics(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def _value(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
@@ -101,7 +92,7 @@ def test_the_abstain_flag_follows_the_target_accuracy(server: tuple[Path, Server
     # A string holding a number is taken too (clients that send every parameter as a string).
     text = client.infer(MODEL, triton_inputs(pixels), outputs=outputs[:1], parameters={"target_accuracy": "0.9"})
     np.testing.assert_array_equal(text.as_numpy("abstain"), abstained[0.9])
-    metrics = _metrics(served)
+    metrics = scraped(served)
     assert _value(metrics, "valley_selective_images_total", version="1", abstained="true") == \
         sum(int(flags.sum()) for flags in abstained.values()) + abstained[0.99].sum() + abstained[0.9].sum()
 
@@ -123,7 +114,7 @@ def test_the_drift_score_is_low_on_the_training_distribution_and_rises_under_shi
     served = start_server_process(repository, "--drift-window", str(WINDOW))
     try:
         client = _client(served)
-        metrics = _metrics(served)
+        metrics = scraped(served)
         clean_level = _value(metrics, "valley_drift_clean_level", version="1")
         assert clean_level is not None and clean_level > 0
         assert _value(metrics, "valley_drift_score", version="1") is None, "no score before the window is full"
@@ -133,7 +124,7 @@ def test_the_drift_score_is_low_on_the_training_distribution_and_rises_under_shi
             pixels, _ = _images(WINDOW, seed=20 + int(noise), noise=noise)
             for start in range(0, WINDOW, 50):
                 client.infer(MODEL, triton_inputs(pixels[start:start + 50]))
-            score = _value(_metrics(served), "valley_drift_score", version="1")
+            score = _value(scraped(served), "valley_drift_score", version="1")
             assert score is not None
             scores.append(score)
         assert scores[0] < clean_level, f"the training distribution stays under the clean level: {scores}"
@@ -162,12 +153,12 @@ def test_recalibration_round_trip(server: tuple[Path, ServerProcess]) -> None:
                 report(served.url, [(request_id, row, int(labels[start + row])) for row in range(50)])
 
         stream(seed=31, version="1")
-        drift_before = _value(_metrics(served), "valley_drift_score", version="1")
+        drift_before = _value(scraped(served), "valley_drift_score", version="1")
         suggestion = calibration.Suggest(calibration_pb.SuggestRequest(model_name=MODEL), timeout=30)
         assert suggestion.labels == 400 and suggestion.model_version == "1"
         assert suggestion.suggested_temperature > 1.2 * suggestion.temperature, "shifted images are overconfident"
         assert suggestion.suggested.ece < suggestion.current.ece and suggestion.suggested.nll < suggestion.current.nll
-        metrics = _metrics(served)
+        metrics = scraped(served)
         assert _value(metrics, "valley_suggested_temperature", version="1") == \
             pytest.approx(suggestion.suggested_temperature)
         before = _value(metrics, "valley_live_metric", version="1", metric="ece")
@@ -193,10 +184,10 @@ def test_recalibration_round_trip(server: tuple[Path, ServerProcess]) -> None:
     assert manifest.fused.sha256 != parent.fused.sha256, "the fused graph carries the new temperature"
     assert manifest.drift is not None and manifest.drift.temperature == parent.temperature
     assert client.get_model_metadata(MODEL, as_json=True)["versions"] == ["2"]
-    assert _value(_metrics(served), "valley_temperature", version="2") == pytest.approx(manifest.temperature)
+    assert _value(scraped(served), "valley_temperature", version="2") == pytest.approx(manifest.temperature)
 
     stream(seed=32, version="2")  # the same shift, new images, answered by the recalibrated version
-    metrics = _metrics(served)
+    metrics = scraped(served)
     after = _value(metrics, "valley_live_metric", version="2", metric="ece")
     assert before is not None and after is not None
     assert after < 0.7 * before, f"the live ECE fell: {before:.3f} -> {after:.3f}"
