@@ -47,7 +47,7 @@ from service.feedback import CalibrationWindow, Feedback, Label, LabelledWindow,
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.modelconfig import PLATFORM, model_config, unchanged
 from service.observer import Observer
-from service.recalibrate import Suggestion, live_metrics, lock_name, publish, suggest, withdraw
+from service.recalibrate import Suggestion, applied, lock_name, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.statistics import ModelStatistics
 
@@ -510,19 +510,17 @@ class DataPlane:
                 raise Superseded(f"model {model.name!r} has a newer version {newest} in the repository than version "
                                  f"{model.version} (published meanwhile, perhaps recalibrated by another replica or "
                                  "valley-recalibrate): recalibrate the newest version once it serves")
-            applied = temperature or suggestion.suggested
             policy = self.repository.policy_of(model.name)
             if not policy.serves_newest:
                 raise LoadFailed(f"model {model.name!r} serves by the version policy {policy}, which would not serve "
                                  "a new version: set a latest:N or all policy, then recalibrate")
-            after = suggestion.suggested_metrics
-            if applied != suggestion.suggested:
-                after = await asyncio.to_thread(live_metrics, labelled, model.ensemble.manifest.temperature, applied)
+            chosen, after = await asyncio.to_thread(applied, suggestion, labelled, model.ensemble.manifest.temperature,
+                                                    temperature)
             # Publishing and loading run to the end even if the caller goes away: a version is never left half
             # published, or published and not loaded.
-            published = await asyncio.shield(self._publish(model, applied, suggestion, after, caller))
+            published = await asyncio.shield(self._publish(model, chosen, suggestion, after, caller))
             new = int(published.name)
-            return model.version, new, suggestion, applied
+            return model.version, new, suggestion, chosen
 
     async def _publish(self, model: ServedModel, temperature: float, suggestion: Suggestion,
                        after: dict[str, float], caller: str) -> Path:

@@ -107,6 +107,16 @@ def live_metrics(window: LabelledWindow, served: float, temperature: float) -> d
     return quality(_at(window.members, window.used, served, temperature), window.labels) if len(window) else {}
 
 
+def applied(suggestion: Suggestion, window: LabelledWindow, served: float, temperature: float | None
+            ) -> tuple[float, dict[str, float]]:
+    """The temperature a recalibration applies (`temperature`, or the suggested one for None or 0) and the window's
+    metrics at it (served at `served`): what the new version's manifest records as `live_after`."""
+    chosen = temperature or suggestion.suggested
+    if chosen == suggestion.suggested:
+        return chosen, suggestion.suggested_metrics
+    return chosen, live_metrics(window, served, chosen)
+
+
 def _next_version(folder: Path) -> int:
     versions = [int(entry.name) for entry in folder.iterdir() if entry.name.isdigit()]
     return max(versions, default=0) + 1

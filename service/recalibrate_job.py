@@ -29,7 +29,7 @@ from service.ensemble import load_ensemble
 from service.feedback import StoreConfigError, open_store
 from service.feedback.core import Store
 from service.feedback.urls import redact
-from service.recalibrate import live_metrics, lock_name, publish, suggest, withdraw
+from service.recalibrate import applied, lock_name, publish, suggest, withdraw
 
 # The manifest's rule for ensemble names: a name is one folder of the repository, never a path.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -76,17 +76,15 @@ def recalibrate(store: Store, repository: Path, model: str, min_labels: int, win
                                                  f"{min_labels} needed"}
         suggestion = suggest(labelled, manifest.temperature)
         assert suggestion is not None, "the window holds labels"
-        applied = temperature or suggestion.suggested
-        after = suggestion.suggested_metrics if applied == suggestion.suggested else \
-            live_metrics(labelled, manifest.temperature, applied)
-        published = publish(parent_dir, applied, suggestion, after, caller="valley-recalibrate")
+        chosen, after = applied(suggestion, labelled, manifest.temperature, temperature)
+        published = publish(parent_dir, chosen, suggestion, after, caller="valley-recalibrate")
         try:
             load_ensemble(published, device="cpu")
         except Exception as error:
             hidden = withdraw(published)
             raise RuntimeError(f"version {published.name} was published but does not load, and was withdrawn to "
                                f"{hidden.name}: {error}") from error
-        return 0, {**facts, "published": True, "new_version": int(published.name), "temperature": applied,
+        return 0, {**facts, "published": True, "new_version": int(published.name), "temperature": chosen,
                    "parent_temperature": manifest.temperature, "suggested_temperature": suggestion.suggested,
                    "before": suggestion.current_metrics, "after": after}
 
