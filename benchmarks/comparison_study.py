@@ -36,12 +36,12 @@ import matplotlib
 import numpy as np
 import torch
 
-from training import checkpoint
-from training.config import TrainConfig
+from training.config import ExportConfig
 from training.curve_train import network_at, open_curve
 from training.curves import evenly_spaced
 from training.data import DataSplits, load_data
-from training.engine import build_model, evaluate
+from training.engine import evaluate
+from training.export import collect_sources
 from training.metrics import classification_metrics
 from training.runs import DistillReport, FGEReport, RunDir, SSEReport, SWAReport
 
@@ -116,17 +116,11 @@ def _probabilities(network: torch.nn.Module, splits: DataSplits) -> tuple[np.nda
     return val.probabilities, val.labels, test.probabilities, test.labels
 
 
-def _final_network(run: Path, config: TrainConfig, splits: DataSplits) -> torch.nn.Module:
-    network = build_model(config.model, splits.info, CPU)
-    path = RunDir(run).final_checkpoint(config)
-    checkpoint.load_model_weights(network, checkpoint.load(path), config.model, path)
-    return network.eval()
-
-
 def independent(runs: Sequence[Path], splits: DataSplits) -> list[dict[str, dict[str, float]]]:
     """The ensembles of the first 1, 2, ... of `runs` (final networks): val and test metrics of each."""
-    config = RunDir(runs[0]).read_config()
-    outputs = [_probabilities(_final_network(run, config, splits), splits) for run in runs]
+    # The final networks as the exporter takes an independent ensemble's members (same architecture and data).
+    sources = collect_sources(ExportConfig(runs=list(runs), name="independent", repository=Path("/nonexistent")))
+    outputs = [_probabilities(member.build(splits), splits) for member in sources.members]
     results = []
     for count in range(1, len(runs) + 1):
         val = np.mean([output[0] for output in outputs[:count]], axis=0)
