@@ -134,6 +134,22 @@ class CascadeSpec(_Strict):
     test_full: CascadeQuality
     gain_kept_validation: GainKept | None = None
     gain_kept_test: GainKept | None = None
+    front: float | None = Field(None, gt=0, le=1, description="the confidence at which an image leaves with the "
+                                "front network's answer (the manifest's `front`); None: no front answers")
+
+
+class FrontSpec(FileEntry):
+    """The cascade's front: one network of the members' architecture that answers before them (the weight average
+    of the members, SWA, or a student distilled from them). Its graph takes the pixels and gives logits, as a
+    member's does; it answers at its own temperature, fitted on the validation split."""
+
+    method: Literal["swa", "distilled"]
+    provenance: dict[str, Any] = Field(description="where the network comes from: its run and that run's source")
+    temperature: float = Field(gt=0)
+    validation: Metrics = Field(description="the network alone at its temperature on the validation split")
+    test: Metrics = Field(description="the network alone at its temperature on the test split")
+    sample_probabilities: list[list[float]] = Field(description="its probabilities for the samples' inputs, to "
+                                                    "check its graph at load")
 
 
 class QuantizationScheme(_Strict):
@@ -178,6 +194,8 @@ class Variant(_Strict):
                                               "exported before the scheme was recorded)")
     validated_on: ValidatedOn | None = Field(None, description="where its figures and samples were measured (None: "
                                              "exported before this was recorded)")
+    front: FileEntry | None = Field(None, description="the front network at this precision (where the manifest "
+                                    "has one)")
 
 
 class RiskCoverageCurve(_Strict):
@@ -286,6 +304,8 @@ class Manifest(_Strict):
                                        "versions exported before it existed")
     recalibration: Recalibration | None = Field(None, description="set on a version made from another by a "
                                                 "temperature fitted on live labels")
+    front: FrontSpec | None = Field(None, description="a network that answers before the members where the "
+                                    "cascade says so; None: the members answer every image")
 
     @field_validator("schema_version")
     @classmethod
@@ -309,11 +329,18 @@ class Manifest(_Strict):
                     or stages[0] < 1 or len(self.cascade.thresholds) != len(stages) - 1:
                 raise ValueError(f"cascade: stages must rise from 1 to the {len(self.members)} members, with one "
                                  f"threshold per stage but the last; got {stages} and {self.cascade.thresholds}")
+            if self.cascade.front is not None and self.front is None:
+                raise ValueError("cascade: a front threshold needs the manifest's front network")
+        if self.front is not None and len(self.front.sample_probabilities) != len(self.samples.inputs):
+            raise ValueError("front: one sample probability row per sample input is needed")
         precisions = [variant.precision for variant in self.variants]
         if len(set(precisions)) != len(precisions):
             raise ValueError(f"variants: one per precision, got {precisions}")
         if any(len(variant.members) != len(self.members) for variant in self.variants):
             raise ValueError(f"variants: every variant holds all {len(self.members)} members")
+        if any((variant.front is None) != (self.front is None) for variant in self.variants):
+            raise ValueError("variants: every variant holds the front network where the manifest has one, and only "
+                             "then")
         return self
 
     def temperature_ratio(self, fitted: float | None) -> float:
@@ -325,8 +352,9 @@ class Manifest(_Strict):
         return next((variant for variant in self.variants if variant.precision == precision), None)
 
     def files(self) -> list[FileEntry]:
-        variants = [entry for variant in self.variants for entry in (*variant.members, variant.fused)]
-        return [*self.members, self.fused, *variants]
+        variants = [entry for variant in self.variants
+                    for entry in (*variant.members, variant.fused, *([variant.front] if variant.front else []))]
+        return [*self.members, self.fused, *([self.front] if self.front else []), *variants]
 
 
 def sha256_of(path: Path) -> str:

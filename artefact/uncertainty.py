@@ -7,6 +7,11 @@ use, and the definitions are the same: entropy in nats with probabilities floore
 member entropy (clipped at 0), disagreement as the fraction of members whose own top class
 differs from the ensemble's. Member probabilities are laid out [..., K, C] (members, then
 classes), the layout of the `member_probabilities` output.
+
+An image a cascade's front network answered (`artefact.cascade`) went through no member: its
+`members_used` is `FRONT` (0), its member probabilities are zero, and its probabilities are the
+front's. Recomputing its outputs (at another temperature, say) takes those served probabilities
+as the one network that answered (`with_front`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import numpy as np
 # Probabilities are clipped before the log so a confidently wrong prediction costs a large
 # but finite NLL or entropy instead of inf. Training and the fused graph use the same floor.
 LOG_FLOOR = 1e-12
+FRONT = 0
+"""Members used by an image the front network answered."""
 
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:
@@ -92,8 +99,24 @@ def retempered(member_probabilities: np.ndarray, used: np.ndarray, ratio: float)
     return result
 
 
-def outputs_at(member_probabilities: np.ndarray, used: np.ndarray, ratio: float) -> dict[str, np.ndarray]:
+def with_front(member_probabilities: np.ndarray, used: np.ndarray, probabilities: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Member probabilities [B, K, C] and members used [B] in which an image the front network answered (`FRONT`)
+    counts as answered by one network whose probabilities are the served ones [B, C]: what every recomputation of
+    served outputs takes."""
+    front = np.asarray(used) == FRONT
+    if not front.any():
+        return member_probabilities, used
+    members = member_probabilities.copy()
+    members[front, 0] = probabilities[front]
+    return members, np.where(front, 1, used)
+
+
+def outputs_at(member_probabilities: np.ndarray, used: np.ndarray, ratio: float, probabilities: np.ndarray
+               ) -> dict[str, np.ndarray]:
     """Every output of members served at temperature T, as they would be at T / `ratio` (`retempered`; as served
-    at ratio 1), each image by the members it used."""
-    tempered = member_probabilities if ratio == 1.0 else retempered(member_probabilities, used, ratio)
-    return outputs_by_members(tempered, used)
+    at ratio 1), each image by the members it used; `probabilities` [B, C] as served, for the images the front
+    network answered (its temperature scales by the same ratio)."""
+    members, counts = with_front(member_probabilities, used, probabilities)
+    tempered = members if ratio == 1.0 else retempered(members, counts, ratio)
+    return outputs_by_members(tempered, counts)

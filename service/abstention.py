@@ -67,7 +67,7 @@ class Abstention:
         """The outputs a batch must compute for `flags`."""
         if self.ratio == 1.0:
             return (SERVED_FROM[self.spec.signal],)
-        return ("member_probabilities", MEMBERS_USED)
+        return ("probabilities", "member_probabilities", MEMBERS_USED)
 
     def threshold(self, target: float) -> float:
         """The lowest score answered at `target` accuracy (inf: no threshold meets it, every image abstains)."""
@@ -94,6 +94,7 @@ class Abstention:
     def flags(self, outputs: dict[str, np.ndarray], target: float) -> np.ndarray:
         """Abstain (true) or answer, per image of a batch's outputs (holding `needs`)."""
         if self.ratio != 1.0:
-            outputs = outputs_at(outputs["member_probabilities"], outputs[MEMBERS_USED], self.ratio)
+            outputs = outputs_at(outputs["member_probabilities"], outputs[MEMBERS_USED], self.ratio,
+                                 outputs["probabilities"])
         flags: np.ndarray = score_served(self.spec.signal, outputs) < self.threshold(target)
         return flags

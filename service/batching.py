@@ -43,6 +43,8 @@ class RunOutput:
 
     outputs: dict[str, np.ndarray]
     member_seconds: list[float] = field(default_factory=list)
+    front_images: int = 0
+    """Images the front network ran on."""
 
 
 Segment = tuple[int, Cascade | None]
@@ -94,6 +96,8 @@ class BatchRecord:
     """Every output the run computed, for all its images."""
     member_seconds: list[float] = field(default_factory=list)
     """Each member's compute time, in per-member execution."""
+    front_images: int = 0
+    """Images the front network ran on."""
 
 
 class DynamicBatcher:
@@ -292,7 +296,8 @@ class DynamicBatcher:
             row += rows
         record = BatchRecord(images=int(pixels.shape[0]), requests=len(live),
                              queue_seconds=[now - item.enqueued for item in live], compute_seconds=compute,
-                             outputs=results, member_seconds=computed.member_seconds)
+                             outputs=results, member_seconds=computed.member_seconds,
+                             front_images=computed.front_images)
         self.statistics.record_batch(record)
         model = self._model
         self._observer.observe_batch(model.name, model.version, model.classes, record)

@@ -161,6 +161,11 @@ def _parameters(model: ServedModel) -> dict[str, Parameter]:
         "cascade_thresholds": ",".join(f"{t:g}" for t in cascade.thresholds) if cascade else "",
         "degrade_to_members": model.batcher.degraded.members if model.batcher.degraded else 0,
         "precision": model.ensemble.precision, "precision_requested": model.ensemble.requested_precision}
+    if manifest.front is not None:
+        front = cascade.front if cascade is not None else None
+        parameters.update({"front_method": manifest.front.method,
+                           "cascade_front": f"{front:g}" if front is not None else "",
+                           "degrade_to": model.batcher.degraded.name if model.batcher.degraded else ""})
     if model.abstention is not None:
         spec = model.abstention.spec
         parameters.update({

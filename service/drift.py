@@ -30,7 +30,7 @@ def drift_needs(manifest: Manifest) -> tuple[str, ...]:
     """Outputs every run of this version must compute for its drift window, beyond the label-free signals."""
     if manifest.drift is None or manifest.temperature_ratio(manifest.drift.temperature) == 1.0:
         return ()
-    return ("member_probabilities", MEMBERS_USED)
+    return ("probabilities", "member_probabilities", MEMBERS_USED)
 
 
 class DriftWindow:
@@ -59,7 +59,8 @@ class DriftWindow:
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """A batch's answers (its signals, and for a recalibrated version its members' probabilities)."""
         if self._ratio != 1.0:
-            outputs = outputs_at(outputs["member_probabilities"], outputs[MEMBERS_USED], self._ratio)
+            outputs = outputs_at(outputs["member_probabilities"], outputs[MEMBERS_USED], self._ratio,
+                                 outputs["probabilities"])
         count = len(outputs["predicted_class"])
         keep = min(count, self.size)  # a batch larger than the window leaves only its last answers
         with self._lock:

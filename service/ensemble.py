@@ -13,6 +13,11 @@ member runs only on the images still open, so an image that left a cascade early
 for fewer members, costs only the members it went through. Their probabilities are combined
 in numpy (`artefact.uncertainty`), with each member timed.
 
+A version with a front network (`artefact.manifest.FrontSpec`) runs it first for the rows
+whose plan has a front: images it is confident enough about are answered by it alone
+(`members_used` 0, member probabilities zero), and the others go on to the members as if
+there were no front.
+
 A manifest's lower-precision variant (`--precision int8` or `fp16`) replaces the FP32 graphs;
 FP16 graphs are for the CUDA provider only. A variant whose samples do not reproduce on this
 machine (INT8 kernels add products differently on CPUs with and without VNNI: `artefact.cpu`)
@@ -35,7 +40,7 @@ import onnxruntime
 from artefact.cascade import Cascade
 from artefact.cpu import describe, this_machine
 from artefact.manifest import FileEntry, Manifest, ManifestError, Variant, load_manifest, verify_files
-from artefact.uncertainty import outputs_by_members, softmax
+from artefact.uncertainty import FRONT, ensemble_outputs, outputs_by_members, softmax
 from service.batching import RunOutput, Segment
 from service.errors import InvalidInput
 from service.settings import Device, Execution, Precision
@@ -109,6 +114,8 @@ class Ensemble:
     """The graphs that run."""
     fallback: Fallback | None = None
     """Set when another precision was asked for and refused: the FP32 graphs run instead."""
+    front_session: onnxruntime.InferenceSession | None = None
+    """The front network's graph, where the manifest has one."""
 
     @property
     def requested_precision(self) -> Precision:
@@ -153,26 +160,52 @@ class Ensemble:
         """The named outputs (and `members_used`) for uint8 pixels [B, C, H, W], checked already.
 
         `segments` splits the batch into consecutive rows, each with the cascade that answers it; none: every member
-        answers every row. A batch that every member answers runs the fused graph when there is one.
+        answers every row. The front network runs first on the rows whose cascade has a front; the rows it does not
+        answer, and the others, go to the members. Rows that every member answers run the fused graph when there is
+        one.
         """
+        exits, fronts = _plans(segments or [(len(pixels), None)], len(self.manifest.members))
+        asking = np.flatnonzero(np.isfinite(fronts))
+        if self.front_session is None or not len(asking):
+            return self._run_members(pixels, outputs, exits)
+        front = self._front(pixels if len(asking) == len(pixels) else pixels[asking])
+        leaving = np.zeros(len(pixels), dtype=bool)
+        leaving[asking] = front.max(axis=-1) >= fronts[asking]
+        staying = np.flatnonzero(~leaving)
+        answered = _front_outputs(front[leaving[asking]], len(self.manifest.members))
+        if not len(staying):
+            return RunOutput({name: answered[name] for name in outputs}, front_images=len(asking))
+        rest = self._run_members(pixels[staying], outputs, exits[staying])
+        results = {}
+        for name in outputs:
+            value = rest.outputs[name]
+            merged = np.empty((len(pixels), *value.shape[1:]), dtype=value.dtype)
+            merged[staying] = value
+            merged[leaving] = answered[name]
+            results[name] = merged
+        return RunOutput(results, rest.member_seconds, front_images=len(asking))
+
+    def _run_members(self, pixels: np.ndarray, outputs: Sequence[str], exits: np.ndarray) -> RunOutput:
+        """`run` through the members alone: the fused graph for rows that every member answers, when there is one,
+        else the member sessions in stages."""
         members = len(self.manifest.members)
-        everyone = all(cascade is None or cascade.stages == (members,) for _, cascade in segments)
-        if self.session is not None and everyone:
+        if self.session is not None and bool(np.all(exits == _full_exits(members))):
             names = [name for name in outputs if name != MEMBERS_USED]
             values: list[Any] = self.session.run(names, {self.manifest.input.name: pixels})
             results = dict(zip(names, values, strict=True))
             results[MEMBERS_USED] = np.full(len(pixels), members, dtype=np.int64)
             return RunOutput({name: results[name] for name in outputs})
-        return self._run_members(pixels, outputs, segments)
-
-    def _run_members(self, pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment]) -> RunOutput:
-        """`run` through the member sessions, in stages, whatever the plans."""
-        members = len(self.manifest.members)
-        exits = _exit_thresholds(segments or [(len(pixels), None)], members)
         member_probabilities, used, seconds = self._staged(pixels, exits)
         results = outputs_by_members(member_probabilities, used)
         results[MEMBERS_USED] = used
         return RunOutput({name: results[name] for name in outputs}, seconds)
+
+    def _front(self, pixels: np.ndarray) -> np.ndarray:
+        """The front network's probabilities [B, C] at its temperature."""
+        assert self.front_session is not None and self.manifest.front is not None
+        logits = self.front_session.run(None, {self.manifest.input.name: pixels})[0]
+        probabilities: np.ndarray = softmax(logits / np.float32(self.manifest.front.temperature))
+        return probabilities
 
     def infer(self, pixels: np.ndarray, outputs: Sequence[str], cascade: Cascade | None = None
               ) -> dict[str, np.ndarray]:
@@ -227,10 +260,16 @@ class Ensemble:
         pixels = np.asarray(samples.inputs, dtype=np.uint8)
         expected = np.asarray(samples.probabilities)
         # Both paths answer: the fused graph (where there is one) and the member graphs the stages run.
+        members = len(self.manifest.members)
         paths = [self.infer(pixels, ["probabilities"])["probabilities"]]
         if self.session is not None:
-            paths.append(self._run_members(pixels, ["probabilities"], ()).outputs["probabilities"])
+            staged = np.tile(_stage_by_stage(members), (len(pixels), 1))
+            paths.append(self._run_members(pixels, ["probabilities"], staged).outputs["probabilities"])
         difference = max(float(np.max(np.abs(probabilities - expected))) for probabilities in paths)
+        front = self.manifest.front
+        if self.front_session is not None and front is not None:
+            difference = max(difference, float(np.max(np.abs(self._front(pixels)
+                                                              - np.asarray(front.sample_probabilities)))))
         variant = self.manifest.variant(self.precision)
         tolerance = variant.samples_tolerance if variant is not None else samples.tolerance
         if not difference <= tolerance:
@@ -240,9 +279,24 @@ class Ensemble:
         return difference
 
 
-def _exit_thresholds(segments: Sequence[Segment], members: int) -> np.ndarray:
-    """[B, K]: the confidence at which each image leaves after each member (see `Ensemble._staged`)."""
-    rows = []
+def _full_exits(members: int) -> np.ndarray:
+    """[K]: exits after every member (see `Ensemble._staged`)."""
+    row = np.full(members, np.inf)
+    row[-1] = -np.inf
+    return row
+
+
+def _stage_by_stage(members: int) -> np.ndarray:
+    """[K]: every member, but run through the member sessions (an exit no image takes after each member)."""
+    row = np.full(members, np.nextafter(np.float64(1.0), 2.0))
+    row[-1] = -np.inf
+    return row
+
+
+def _plans(segments: Sequence[Segment], members: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, K]: the confidence at which each image leaves after each member (see `Ensemble._staged`); [B]: the
+    confidence at which it leaves with the front network's answer (inf: the front does not run for it)."""
+    rows, fronts = [], []
     for count, plan in segments:
         cascade = plan if plan is not None else Cascade.full(members)
         if cascade.members > members:
@@ -252,28 +306,40 @@ def _exit_thresholds(segments: Sequence[Segment], members: int) -> np.ndarray:
         for stage, threshold in zip(cascade.stages, cascade.thresholds, strict=False):
             row[stage - 1] = threshold
         rows.append(np.broadcast_to(row, (count, members)))
-    return np.concatenate(rows)
+        fronts.append(np.full(count, np.inf if cascade.front is None else cascade.front))
+    return np.concatenate(rows), np.concatenate(fronts)
 
 
-def graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], FileEntry]:
-    """The member graphs and the fused graph of `precision`; `ManifestError` when the manifest has no such variant."""
+def _front_outputs(front: np.ndarray, members: int) -> dict[str, np.ndarray]:
+    """Every output of images the front network answered: its probabilities [B, C] as one network's, no member."""
+    results = ensemble_outputs(front[:, None, :])
+    results["member_probabilities"] = np.zeros((len(front), members, front.shape[-1]), dtype=front.dtype)
+    results[MEMBERS_USED] = np.full(len(front), FRONT, dtype=np.int64)
+    return results
+
+
+def graphs(manifest: Manifest, precision: Precision) -> tuple[list[FileEntry], FileEntry, FileEntry | None]:
+    """The member graphs, the fused graph and the front network's graph (None without one) of `precision`;
+    `ManifestError` when the manifest has no such variant."""
     if precision == "fp32":
-        return list(manifest.members), manifest.fused
+        return list(manifest.members), manifest.fused, manifest.front
     variant = manifest.variant(precision)
     if variant is None:
         exported = ", ".join(["fp32", *(v.precision for v in manifest.variants)])
         raise ManifestError(f"{manifest.name} version {manifest.version} has no {precision} variant (it has "
                             f"{exported}): export it with --precision {precision}, or serve it at another precision")
-    return list(variant.members), variant.fused
+    return list(variant.members), variant.fused, variant.front
 
 
 def _open(manifest: Manifest, directory: Path, device: Device, threads: int, execution: Execution,
           precision: Precision = "fp32") -> Ensemble:
     """Sessions for every member and, in `fused` execution, for the fused graph."""
-    members, fused = graphs(manifest, precision)
+    members, fused, front = graphs(manifest, precision)
     session = create_session(directory / fused.file, device, threads) if execution == "fused" else None
     member_sessions = [create_session(directory / member.file, device, threads) for member in members]
-    ensemble = Ensemble(manifest, directory, session, member_sessions, device, threads, precision)
+    front_session = create_session(directory / front.file, device, threads) if front is not None else None
+    ensemble = Ensemble(manifest, directory, session, member_sessions, device, threads, precision,
+                        front_session=front_session)
     if precision == "fp16" and ensemble.providers[0] != CUDA:
         raise ManifestError(f"{directory}: FP16 graphs are for the CUDA provider, and onnxruntime runs on "
                             f"{ensemble.providers[0]} here: serve --precision fp32 or int8 on the CPU")

@@ -320,6 +320,9 @@ class ServingMetrics:
         self.member_images = Counter("valley_member_images_total", "Images run through a member: each served image "
                                      "counts the members that answered it (divided by valley_batch_images_sum: "
                                      "members per image)", MODEL, registry=registry)
+        self.front_images = Counter("valley_front_images_total", "Images run through the front network (a version "
+                                    "whose cascade starts with one): added to valley_member_images_total, the "
+                                    "networks run", MODEL, registry=registry)
         self.degraded = Counter("valley_degraded_requests_total", "Requests whose default plan overload cut to the "
                                 "degraded plan (the first stage's members; --degrade-queue-ms)", MODEL,
                                 registry=registry)
@@ -384,6 +387,7 @@ class ServingMetrics:
         # Counters a dashboard divides by exist from the load on, at 0, so rate() has a start.
         self.degraded.labels(*labels)
         self.member_images.labels(*labels)
+        self.front_images.labels(*labels)
         if manifest.selective is not None:
             for abstained in ("true", "false"):
                 self.selective.labels(*labels, abstained)
@@ -428,6 +432,8 @@ class ServingMetrics:
         series.batch_images.observe(record.images)
         if MEMBERS_USED in record.outputs:
             series.member_images.inc(int(record.outputs[MEMBERS_USED].sum()))
+        if record.front_images:
+            self.front_images.labels(name, str(version)).inc(record.front_images)
         series.compute_seconds.observe(record.compute_seconds)
         for seconds in record.queue_seconds:
             series.queue_seconds.observe(seconds)

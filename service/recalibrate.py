@@ -36,6 +36,7 @@ from onnx import numpy_helper
 from artefact.calibration import binned_ece, confidence_bin, fit_temperature
 from artefact.manifest import (
     FileEntry,
+    FrontSpec,
     Manifest,
     ManifestError,
     Recalibration,
@@ -43,7 +44,7 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
-from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax
+from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax, with_front
 from service.ensemble import create_session
 from service.errors import LoadFailed
 from service.feedback import LabelledWindow
@@ -78,9 +79,10 @@ def quality(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "accuracy": float(correct.mean())}
 
 
-def _at(members: np.ndarray, used: np.ndarray, served: float, temperature: float) -> np.ndarray:
-    """The ensemble's probabilities at `temperature` of members served at `served`."""
-    probabilities: np.ndarray = outputs_at(members, used, served / temperature)["probabilities"]
+def _at(window: LabelledWindow, served: float, temperature: float) -> np.ndarray:
+    """The ensemble's probabilities at `temperature` of the window's predictions, served at `served`."""
+    probabilities: np.ndarray = outputs_at(window.members, window.used, served / temperature,
+                                           window.probabilities)["probabilities"]
     return probabilities
 
 
@@ -91,20 +93,22 @@ def lock_name(model: str) -> str:
 
 
 def suggest(window: LabelledWindow, temperature: float) -> Suggestion | None:
-    """The temperature that minimises the NLL of the window (served at `temperature`); None while it is empty."""
-    members, used, labels = window.members, window.used, window.labels
-    if not len(labels):
+    """The temperature that minimises the NLL of the window (served at `temperature`); None while it is empty. An
+    image the front network answered counts as one network's answer: the one temperature scales it and the members
+    alike, as the new version's front temperature is scaled with the members' (`publish`)."""
+    if not len(window.labels):
         return None
+    members, used = with_front(window.members, window.used, window.probabilities)
     member_logits = np.log(np.maximum(members.astype(np.float64), LOG_FLOOR)) * temperature
-    suggested = fit_temperature(member_logits, labels, used)
-    return Suggestion(len(labels), temperature, suggested, quality(_at(members, used, temperature, temperature),
-                                                                    labels),
-                      quality(_at(members, used, temperature, suggested), labels))
+    suggested = fit_temperature(member_logits, window.labels, used)
+    return Suggestion(len(window.labels), temperature, suggested,
+                      quality(_at(window, temperature, temperature), window.labels),
+                      quality(_at(window, temperature, suggested), window.labels))
 
 
 def live_metrics(window: LabelledWindow, served: float, temperature: float) -> dict[str, float]:
     """nll, ece and accuracy of the window (served at `served`) at `temperature`."""
-    return quality(_at(window.members, window.used, served, temperature), window.labels) if len(window) else {}
+    return quality(_at(window, served, temperature), window.labels) if len(window) else {}
 
 
 def applied(suggestion: Suggestion, window: LabelledWindow, served: float, temperature: float | None
@@ -159,6 +163,24 @@ def _samples(manifest: Manifest, directory: Path, temperature: float) -> list[li
     return [[float(p) for p in row] for row in probabilities]
 
 
+def _front_at(manifest: Manifest, directory: Path, temperature: float) -> FrontSpec | None:
+    """The front network of a version recalibrated to `temperature`: its own temperature scaled by the same ratio as
+    the members' (what `suggest` fitted), its samples' probabilities recomputed from its graph."""
+    front = manifest.front
+    if front is None:
+        return None
+    scaled = front.temperature * temperature / manifest.temperature
+    pixels = np.asarray(manifest.samples.inputs, dtype=np.uint8)
+    try:
+        logits = create_session(directory / front.file, "cpu").run(None, {manifest.input.name: pixels})[0]
+    except Exception as error:  # onnxruntime's own errors: the file changed under the serving version
+        raise LoadFailed(f"the front graph of {manifest.name} version {manifest.version} did not run: {error}") \
+            from error
+    probabilities = softmax(logits.astype(np.float64) / scaled)
+    return front.model_copy(update={"temperature": scaled,
+                                    "sample_probabilities": [[float(p) for p in row] for row in probabilities]})
+
+
 def withdraw(version_dir: Path) -> Path:
     """Move a published version that was refused out of the repository's sight (a hidden name beside it), so it is
     not tried again at every poll or restart and its number is not skipped; kept for whoever looks into why."""
@@ -204,6 +226,7 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
             if selective is not None else None,
             "drift": drift.model_copy(update={"temperature": drift.temperature or parent.temperature})
             if drift is not None else None,
+            "front": _front_at(parent, parent_dir, temperature),
             "recalibration": record})
         for _ in range(_ATTEMPTS):
             manifest = manifest.model_copy(update={"version": version})

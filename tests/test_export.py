@@ -13,6 +13,7 @@ import torch
 from artefact.drift import Baseline, drift_score
 from artefact.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
 from artefact.selective import SIGNALS
+from artefact.uncertainty import softmax
 from tests.conftest import cli
 from training import checkpoint
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
@@ -37,7 +38,8 @@ def test_round_trip_matches_manifest_and_pytorch(exported: Path, fge_run: Path) 
     manifest = load_manifest(exported)
     verify_files(manifest, exported)
     assert manifest.method == "fge" and len(manifest.members) == 3 and manifest.temperature > 0
-    assert [m.provenance["epoch"] for m in manifest.members] == pytest.approx([4.625, 5.625, 6.625])
+    # Every snapshot, best first by validation NLL (`--member-order best-first`, the default).
+    assert sorted(m.provenance["epoch"] for m in manifest.members) == pytest.approx([4.625, 5.625, 6.625])
     fused = _session(exported / manifest.fused.file)
     samples = np.asarray(manifest.samples.inputs, dtype=np.uint8)
     replayed = fused.run(["probabilities"], {"pixels": samples})[0]
@@ -59,7 +61,26 @@ def test_round_trip_matches_manifest_and_pytorch(exported: Path, fge_run: Path) 
     # Each member graph: uint8 pixels in, the member's logits out.
     member = _session(exported / manifest.members[0].file)
     assert member.get_inputs()[0].type == "tensor(uint8)"
-    assert np.max(np.abs(member.run(None, {"pixels": pixels})[0] - logits[0])) <= 1e-3
+    first = round(manifest.members[0].provenance["epoch"] - 4.625)
+    assert np.max(np.abs(member.run(None, {"pixels": pixels})[0] - logits[first])) <= 1e-3
+
+
+def test_members_are_written_best_first_on_validation_unless_asked_as_trained(exported: Path, fge_run: Path,
+                                                                             tmp_path: Path) -> None:
+    config = RunDir(fge_run).read_config()
+    splits = load_data(config.data)
+    manifest = load_manifest(exported)
+    pixels = splits.val.images.numpy()  # type: ignore[attr-defined]
+    labels = splits.val.labels.numpy()  # type: ignore[attr-defined]
+    validation_nll = []
+    for member in manifest.members:
+        logits = _session(exported / member.file).run(None, {"pixels": pixels})[0]
+        validation_nll.append(classification_metrics(softmax(logits.astype(np.float64)), labels).nll)
+    assert validation_nll == sorted(validation_nll)
+    as_trained = json.loads(cli("export", "--from", fge_run, "--name", "synth", "--out", tmp_path,
+                                "--member-order", "as-trained").stdout)
+    epochs = [m.provenance["epoch"] for m in load_manifest(Path(as_trained["exported"])).members]
+    assert epochs == pytest.approx([4.625, 5.625, 6.625])
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])

@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--cascade-min-gain-kept", type=float, default=0.9,
                         help="and it keeps at least this share of the full ensemble's validation NLL and ECE lead "
                              "over its best single member, or every member serves (default 0.9)")
+    export.add_argument("--front", type=Path,
+                        help="an SWA or distilled run of the members' data and architecture: its network answers "
+                             "before the members where the cascade fit finds that it pays (its own graph, at every "
+                             "precision exported)")
+    export.add_argument("--member-order", choices=["best-first", "as-trained"], default="best-first",
+                        help="the members' order in the manifest, which decides the first N a request for N members "
+                             "gets and the order of the cascade's stages: best-first by validation NLL (default) or "
+                             "as trained")
     export.add_argument("--precision", dest="precisions", choices=["int8", "fp16"], action="append", default=[],
                         help="also export every graph at this precision (repeatable): int8 is statically quantized "
                              "for the CPU, fp16 is meant for CUDA")
@@ -256,6 +264,7 @@ def _export(args: argparse.Namespace) -> str:
 
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
                           overwrite=args.overwrite, points=args.points, num_points=args.num_points,
+                          front=args.front, member_order=args.member_order,
                           cascade_nll_tolerance=args.cascade_nll_tolerance,
                           cascade_accuracy_tolerance=args.cascade_accuracy_tolerance,
                           cascade_min_gain_kept=args.cascade_min_gain_kept,

@@ -178,6 +178,10 @@ class ExportConfig(BaseModel):
     overwrite: bool = Field(False, description="Replace an existing version directory.")
     points: list[float] | None = Field(None, min_length=1, max_length=256, description="Curve runs: each member's t.")
     num_points: int | None = Field(None, ge=1, le=256, description="Curve runs: K members at evenly spaced t.")
+    front: Path | None = Field(None, description="An SWA or distilled run whose network answers before the members "
+                               "where the cascade fit finds that it pays.")
+    member_order: Literal["best-first", "as-trained"] = Field("best-first", description="The members' order: by "
+                                                              "validation NLL, best first, or as trained.")
     cascade_nll_tolerance: float = Field(0.01, ge=0, le=1, description="The anytime ensemble's validation NLL may "
                                          "exceed the full ensemble's by this fraction.")
     cascade_accuracy_tolerance: float = Field(0.001, ge=0, le=1, description="...and its validation accuracy may "

@@ -7,6 +7,10 @@ mean and the uncertainty outputs), `manifest.json` (schema in `artefact.manifest
 Every graph passes `onnx.checker`'s full check and matches PyTorch within 1e-4 on real
 validation images before the version directory appears; it appears by a single rename.
 
+With `front` (an SWA or distilled run), that network's graph too (`front.onnx`; `training.front`), fitted into
+the cascade as its first stage where that pays on validation. The members are written best first by validation NLL
+unless `member_order` says as trained: a request for N members, and each cascade stage, then gets the best N.
+
 With `precisions`, every graph again at INT8 or FP16 (`member-XX.int8.onnx`, `ensemble.int8.onnx`, ...;
 `training.quantize`), measured on the validation and test splits beside FP32 and recorded in the manifest's
 `variants`. A variant whose validation NLL or accuracy misses its tolerance fails the export.
@@ -42,6 +46,7 @@ from artefact.manifest import (
     DriftBaseline,
     EnsembleMetrics,
     FileEntry,
+    FrontSpec,
     GainKept,
     InputSpec,
     Manifest,
@@ -66,6 +71,7 @@ from training.curves import evenly_spaced
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
+from training.front import FRONT_FILE, FrontNetwork, load_front
 from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
 from training.runs import DistillReport, RunDir, SWAReport
@@ -211,7 +217,7 @@ def _curve_sources(run: RunDir, export: ExportConfig) -> Sources:
     return Sources("curve", config.base, members, endpoints)
 
 
-def _one_network(run: RunDir) -> Sources:
+def one_network(run: RunDir) -> Sources:
     """An SWA run's averaged network or a distilled student, as a one-member model."""
     if not run.report_file.is_file() or not run.network_file.is_file():
         command = "swa" if run.is_swa else "distill ... --resume"
@@ -241,7 +247,7 @@ def collect_sources(export: ExportConfig) -> Sources:
         raise UsageError("--points and --num-points choose points on a curve: --from must be a curve run "
                          "(`valley-train curve --out`)")
     if len(dirs) == 1 and (dirs[0].is_swa or dirs[0].is_distilled):
-        return _one_network(dirs[0])
+        return one_network(dirs[0])
     if any(run.is_swa or run.is_distilled for run in dirs):
         raise UsageError("an SWA or distilled run is one network: export it alone (--from RUN_DIR)")
     if len(dirs) == 1 and dirs[0].has_snapshots:
@@ -430,21 +436,35 @@ def compare_with_endpoints(endpoints: tuple[np.ndarray, np.ndarray] | None, memb
 
 def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray, test_labels: np.ndarray,
                      temperature: float, max_nll_increase: float, max_accuracy_drop: float,
-                     min_gain_kept: float) -> CascadeSpec:
-    """The anytime ensemble of tempered members, fitted on the validation logits [K, N, C] alone and then measured
-    on the test logits: the test split never takes part in choosing it."""
+                     min_gain_kept: float, front: FrontNetwork | None = None) -> CascadeSpec:
+    """The anytime ensemble of tempered members (behind the front network, where it pays), fitted on the validation
+    logits [K, N, C] alone and then measured on the test logits: the test split never takes part in choosing it."""
     val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
-    fitted = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop, min_gain_kept)
+    front_val, front_test = (front.val, front.test) if front is not None else (None, None)
+    fitted = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop, min_gain_kept,
+                         front_probabilities=front_val)
     cascade = fitted.cascade
-    answers, used = run_cascade(test, cascade)
+    answers, used = run_cascade(test, cascade, front_test)
     test_kept = lead(test, test_labels).kept(quality(answers, test_labels, used))
     full = Cascade.full(cascade.members)
     return CascadeSpec(
         stages=list(cascade.stages), thresholds=list(cascade.thresholds), max_nll_increase=max_nll_increase,
-        max_accuracy_drop=max_accuracy_drop, min_gain_kept=min_gain_kept,
-        validation=_cascade_quality(val, val_labels, cascade), validation_full=_cascade_quality(val, val_labels, full),
-        test=_cascade_quality(test, test_labels, cascade), test_full=_cascade_quality(test, test_labels, full),
+        max_accuracy_drop=max_accuracy_drop, min_gain_kept=min_gain_kept, front=cascade.front,
+        validation=_cascade_quality(val, val_labels, cascade, front_val),
+        validation_full=_cascade_quality(val, val_labels, full),
+        test=_cascade_quality(test, test_labels, cascade, front_test),
+        test_full=_cascade_quality(test, test_labels, full),
         gain_kept_validation=_gain_kept(fitted.lead.kept(fitted.quality)), gain_kept_test=_gain_kept(test_kept))
+
+
+def member_order(member_val: np.ndarray, val_labels: np.ndarray, order: Literal["best-first", "as-trained"]
+                 ) -> list[int]:
+    """The members' indices in the order export writes them: by each one's validation NLL, best first (ties keep the
+    trained order), or as trained."""
+    if order == "as-trained":
+        return list(range(len(member_val)))
+    nll = [classification_metrics(softmax(logits), val_labels).nll for logits in member_val]
+    return sorted(range(len(member_val)), key=lambda index: nll[index])
 
 
 def _gain_kept(kept: tuple[float | None, float | None]) -> GainKept:
@@ -547,8 +567,9 @@ def tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
     return np.ascontiguousarray(softmax(logits.astype(np.float64) / temperature).transpose(1, 0, 2))
 
 
-def _cascade_quality(members: np.ndarray, labels: np.ndarray, cascade: Cascade) -> CascadeQuality:
-    answers, used = run_cascade(members, cascade)
+def _cascade_quality(members: np.ndarray, labels: np.ndarray, cascade: Cascade, front: np.ndarray | None = None
+                     ) -> CascadeQuality:
+    answers, used = run_cascade(members, cascade, front)
     metrics = classification_metrics(answers, labels)
     return CascadeQuality(accuracy=metrics.accuracy, nll=metrics.nll, ece=metrics.ece,
                           members_per_image=float(np.mean(used)))
@@ -566,6 +587,8 @@ class Reference:
     test: Metrics
     sample_pixels: np.ndarray
     sample_probabilities: np.ndarray
+    front_temperature: float | None = None
+    front_sample_probabilities: np.ndarray | None = None
 
 
 def onnx_member_logits(paths: Sequence[Path], data: SizedDataset, splits: DataSplits,
@@ -590,6 +613,9 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
     for member, file in zip(members, files, strict=True):
         lower_precision(precision, folder / member.file, folder / file, calibration)
     lower_precision(precision, folder / "ensemble.onnx", folder / fused_file, calibration)
+    front_file = FRONT_FILE.removesuffix(".onnx") + f".{precision}.onnx"
+    if reference.front_temperature is not None:
+        lower_precision(precision, folder / FRONT_FILE, folder / front_file, calibration)
 
     def measure(data: SizedDataset, labels: np.ndarray) -> Metrics:
         logits = onnx_member_logits([folder / file for file in files], data, splits, precision)
@@ -613,6 +639,14 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
         fused.append(measuring_session(folder / fused_file, precision))
     difference = max(float(np.max(np.abs(session.run(["probabilities"], {INPUT_NAME: reference.sample_pixels})[0]
                                          - reference.sample_probabilities))) for session in fused)
+    front: FileEntry | None = None
+    if reference.front_temperature is not None and reference.front_sample_probabilities is not None:
+        logits = _session(folder / front_file).run(None, {INPUT_NAME: reference.sample_pixels})[0]
+        front_difference = float(np.max(np.abs(softmax(logits.astype(np.float64) / reference.front_temperature)
+                                                - reference.front_sample_probabilities)))
+        log.info("%s front network: samples within %.2e", precision, front_difference)
+        difference = max(difference, front_difference)
+        front = FileEntry(file=front_file, sha256=sha256_of(folder / front_file))
     log.info("%s vs FP32, temperature applied: test accuracy %.4f vs %.4f, NLL %.4f vs %.4f, ECE %.4f vs %.4f; "
              "validation accuracy %.4f vs %.4f, NLL %.4f vs %.4f; samples within %.2e", precision, test.accuracy,
              reference.test.accuracy, test.nll, reference.test.nll, test.ece, reference.test.ece,
@@ -624,6 +658,7 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
         method=method_of(precision, len(calibration)), validation=validation, test=test,
         samples_tolerance=max(SAMPLES_MARGIN * difference, MIN_SAMPLES_TOLERANCE),
         scheme=INT8_SCHEME if precision == "int8" else None, validated_on=this_machine(onnxruntime.__version__),
+        front=front,
     )
     comparison = VariantComparison(precision=precision, validation=validation, validation_fp32=fp32, test=test,
                                    test_fp32=reference.test, samples_difference=difference)
@@ -648,7 +683,12 @@ def export_ensemble(export: ExportConfig) -> Exported:
 
     val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, device) for m in models), strict=True)
     test_logits, test_labels = zip(*(predict_logits(m, splits.test, splits, device) for m in models), strict=True)
-    member_val, member_test = np.stack(val_logits), np.stack(test_logits)
+    order = member_order(np.stack(val_logits), val_labels[0], export.member_order)
+    models = [models[index] for index in order]
+    member_sources = [sources.members[index] for index in order]
+    member_val, member_test = np.stack(val_logits)[order], np.stack(test_logits)[order]
+    test_labels = tuple(test_labels[index] for index in order)
+    front = load_front(export.front, config, splits) if export.front is not None else None
     temperature = fit_temperature(member_val, val_labels[0])
     uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels[0])
     calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
@@ -659,10 +699,11 @@ def export_ensemble(export: ExportConfig) -> Exported:
                                         temperature)
     cascade = fit_cascade_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
                                export.cascade_nll_tolerance, export.cascade_accuracy_tolerance,
-                               export.cascade_min_gain_kept)
-    log.info("cascade: stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full %.4f), "
-             "accuracy %.4f (full %.4f); of the ensemble's lead over its best member it keeps %s on validation, "
-             "%s on test", cascade.stages, cascade.thresholds, cascade.test.members_per_image, len(models),
+                               export.cascade_min_gain_kept, front)
+    log.info("cascade: front %s, stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full "
+             "%.4f), accuracy %.4f (full %.4f); of the ensemble's lead over its best member it keeps %s on "
+             "validation, %s on test", "none" if front is None else cascade.front if cascade.front is not None
+             else "does not pay", cascade.stages, cascade.thresholds, cascade.test.members_per_image, len(models),
              cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy,
              _kept_in_words(cascade.gain_kept_validation), _kept_in_words(cascade.gain_kept_test))
     selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
@@ -679,15 +720,10 @@ def export_ensemble(export: ExportConfig) -> Exported:
         parity_pixels = _uint8_images(splits.val, splits, PARITY_IMAGES)
         example = torch.from_numpy(parity_pixels[:2])
         members = []
-        for index, (model, source) in enumerate(zip(models, sources.members, strict=True)):
+        for index, (model, source) in enumerate(zip(models, member_sources, strict=True)):
             file = f"member-{index:02d}.onnx"
-            wrapped = PixelClassifier(model)
-            export_graph(wrapped, example, staging / file, ["logits"])
-            with torch.no_grad():
-                expected = softmax(wrapped(torch.from_numpy(parity_pixels)).double().numpy())
-            actual = softmax(_session(staging / file).run(None, {INPUT_NAME: parity_pixels})[0].astype(np.float64))
-            _check_parity(file, expected, actual)
-            member_metrics = classification_metrics(softmax(test_logits[index]), test_labels[index])
+            _network_graph(model, example, parity_pixels, staging / file)
+            member_metrics = classification_metrics(softmax(member_test[index]), test_labels[index])
             members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
                                   metrics=member_metrics))
 
@@ -700,11 +736,22 @@ def export_ensemble(export: ExportConfig) -> Exported:
 
         sample_pixels = _uint8_images(splits.test, splits, SAMPLE_COUNT)
         sample_probabilities = session.run(["probabilities"], {INPUT_NAME: sample_pixels})[0]
+        front_spec = None
+        if front is not None:
+            _network_graph(front.network, example, parity_pixels, staging / FRONT_FILE)
+            front_samples = front.probabilities(
+                _session(staging / FRONT_FILE).run(None, {INPUT_NAME: sample_pixels})[0])
+            front_spec = FrontSpec(file=FRONT_FILE, sha256=sha256_of(staging / FRONT_FILE), method=front.method,
+                                   provenance=front.provenance, temperature=front.temperature,
+                                   validation=front.validation, test=front.test_metrics,
+                                   sample_probabilities=front_samples.tolist())
         reference = Reference(
             temperature=temperature, val_labels=val_labels[0], test_labels=test_labels[0],
             validation=classification_metrics(tempered_ensemble_probabilities(member_val, temperature),
                                               val_labels[0]),
-            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities)
+            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities,
+            front_temperature=front.temperature if front is not None else None,
+            front_sample_probabilities=np.asarray(front_spec.sample_probabilities) if front_spec else None)
         variants = [export_variant(precision, staging, members, splits, reference, export)
                     for precision in export.precisions]
         info = splits.info
@@ -724,6 +771,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
             metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
             samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
             cascade=cascade,
+            front=front_spec,
             selective=selective,
             drift=drift,
             variants=[variant for variant, _ in variants],
@@ -737,6 +785,16 @@ def export_ensemble(export: ExportConfig) -> Exported:
         raise
     return Exported(target, manifest, comparison, [comparison for _, comparison in variants] or None,
                     [target / plot for plot in plots])
+
+
+def _network_graph(network: nn.Module, example: torch.Tensor, parity_pixels: np.ndarray, path: Path) -> None:
+    """One network's graph (pixels in, logits out), its probabilities checked against PyTorch's."""
+    wrapped = PixelClassifier(network)
+    export_graph(wrapped, example, path, ["logits"])
+    with torch.no_grad():
+        expected = softmax(wrapped(torch.from_numpy(parity_pixels)).double().numpy())
+    actual = softmax(_session(path).run(None, {INPUT_NAME: parity_pixels})[0].astype(np.float64))
+    _check_parity(path.name, expected, actual)
 
 
 def _output_specs(members: int, classes: int) -> list[TensorSpec]:

@@ -200,13 +200,13 @@ def test_recalibration_round_trip(server: tuple[Path, ServerProcess]) -> None:
     abstention = Abstention.of(manifest)
     assert abstention is not None and abstention.ratio == pytest.approx(manifest.temperature / parent.temperature)
     pixels, _ = _images(64, seed=33, noise=70)
-    names = ("abstain", "member_probabilities", "members_used")
+    names = ("abstain", "probabilities", "member_probabilities", "members_used")
     result = client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in names],
                           parameters={"target_accuracy": 0.97})
     expected = Abstention.of(parent)
     assert expected is not None
     parent_outputs = outputs_at(result.as_numpy("member_probabilities"), result.as_numpy("members_used"),
-                                abstention.ratio)
+                                abstention.ratio, result.as_numpy("probabilities"))
     np.testing.assert_array_equal(result.as_numpy("abstain"),
                                   score_served(expected.spec.signal, parent_outputs) < expected.threshold(0.97))
 
