@@ -3,10 +3,11 @@
 For one exported ensemble (8-member Fashion-MNIST FGE by default) and every way of answering,
 `--configs` of:
 
-    single      the first member alone                      (--members 1)
+    single      the first member alone (the best on validation, as export orders them)  (--members 1)
+    front       the front network alone, for a version exported with --front             (--members front)
     full        every member, the fused graph               (--members full)
     cascade     the anytime ensemble fitted at export       (--members cascade, the server's default)
-    int8-single, int8-full, int8-cascade: the same on the manifest's INT8 variant (--precision int8)
+    int8-single, int8-full, int8-cascade, int8-front: the same on the manifest's INT8 variant (--precision int8)
     fp16-single, fp16-full, fp16-cascade: on its FP16 variant, CUDA only (--precision fp16 --device cuda)
 
 it measures test accuracy, NLL and ECE and the members run per image over the whole test split
@@ -55,6 +56,7 @@ CONFIGS = {  # name: (precision, the members flag)
     "single": ("fp32", "1"), "full": ("fp32", "full"), "cascade": ("fp32", "cascade"),
     "int8-single": ("int8", "1"), "int8-full": ("int8", "full"), "int8-cascade": ("int8", "cascade"),
     "fp16-single": ("fp16", "1"), "fp16-full": ("fp16", "full"), "fp16-cascade": ("fp16", "cascade"),
+    "front": ("fp32", "front"), "int8-front": ("int8", "front"),
 }
 
 
@@ -114,10 +116,12 @@ def measure(name: str, version_dir: Path, manifest: Manifest, images: np.ndarray
     cascade = None if chosen.cascade == Cascade.full(len(manifest.members)) else chosen.cascade
     runner = Planned(ensemble, cascade)
     probabilities, used = answers(runner, images)
+    # The networks each image went through: its members, and the front network where the plan runs one.
+    networks = used + (1 if chosen.cascade.front is not None else 0)
     metrics = classification_metrics(probabilities.astype(np.float64), labels)
-    result = Measured(name, precision, members, metrics.accuracy, metrics.nll, metrics.ece, float(used.mean()))
+    result = Measured(name, precision, members, metrics.accuracy, metrics.nll, metrics.ece, float(networks.mean()))
     print(f"{name}: accuracy {metrics.accuracy * 100:.2f} %, NLL {metrics.nll:.4f}, ECE {metrics.ece * 100:.2f} %, "
-          f"{used.mean():.2f} members per image", flush=True)
+          f"{networks.mean():.2f} networks per image", flush=True)
     for batch in dict.fromkeys(s.batch for s in args.scenarios):
         result.throughput.append(run_inprocess(runner, manifest, Scenario(batch, 1), images, probabilities, args))
     if "server" in args.where:
