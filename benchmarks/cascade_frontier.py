@@ -3,7 +3,8 @@
 For one FGE (or curve, or independent) run, every member's tempered probabilities on the
 validation and test splits (the temperature fitted on validation, as the exporter does), then:
 
-- the prefix ensembles: the first N members for every image, N = 1..K;
+- the prefix ensembles: the first N members for every image, N = 1..K, the members in the order export writes
+  them (`--member-order`, best first on validation by default);
 - cascades fitted on validation (`artefact.cascade.fit_cascade`) at a range of NLL tolerances with
   no bound on the lead they keep, each measured on test (the test split takes no part in any choice);
 - the exporter's default: 1 % NLL, 0.1 point accuracy, and at least 90 % of the full ensemble's
@@ -33,7 +34,8 @@ from training.calibrate import fit_temperature
 from training.config import ExportConfig
 from training.data import DataSplits, load_data
 from training.engine import predict_logits
-from training.export import MemberSource, collect_sources, tempered_members
+from training.export import MemberSource, collect_sources, member_order, tempered_members
+from training.front import load_front
 from training.metrics import classification_metrics
 
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--front", dest="fronts", type=Path, action="append", default=[],
                         help="an SWA or distilled run to try as the cascade's front (repeatable)")
     parser.add_argument("--accuracy-tolerance", type=float, default=0.001)
+    parser.add_argument("--member-order", choices=["best-first", "as-trained"], default="best-first",
+                        help="the members' order, as `valley-train export --member-order`")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -61,6 +65,8 @@ def main() -> None:
     sources = collect_sources(ExportConfig(runs=[args.run], name="frontier", repository=Path("/nonexistent")))
     splits = load_data(sources.config.data)
     val_logits, test_logits, val_labels, test_labels = _logits(sources.members, splits)
+    order = member_order(val_logits, val_labels, args.member_order)  # as export writes them
+    val_logits, test_logits = val_logits[order], test_logits[order]
     temperature = fit_temperature(val_logits, val_labels)
     val = tempered_members(val_logits, temperature)
     test = tempered_members(test_logits, temperature)
@@ -81,15 +87,10 @@ def main() -> None:
                     test_labels, default.cascade)
     fronted: dict[str, list[dict[str, float | str]]] = {}
     for front_run in args.fronts:
-        front = collect_sources(ExportConfig(runs=[front_run], name="front", repository=Path("/nonexistent")))
-        if front.config.data != sources.config.data:
-            parser.error(f"{front_run} was trained on other data than {args.run}")
-        front_val_logits, front_test_logits, _, _ = _logits(front.members, splits)
-        front_temperature = fit_temperature(front_val_logits, val_labels)
-        front_val = tempered_members(front_val_logits, front_temperature)[:, 0]
-        front_test = tempered_members(front_test_logits, front_temperature)[:, 0]
+        front = load_front(front_run, sources.config, splits)  # as export reads and measures it
+        front_val, front_test = front.val, front.test
         name = f"{front.method} front"
-        entries = [row(f"{name} alone (T {front_temperature:.3f})", front_test[:, None], test_labels,
+        entries = [row(f"{name} alone (T {front.temperature:.3f})", front_test[:, None], test_labels,
                        Cascade.full(1))]
         for tolerance in tqdm(TOLERANCES, desc=f"fits, {name}", unit="fit", disable=None):
             fit = fit_cascade(val, val_labels, tolerance, args.accuracy_tolerance, min_gain_kept=0.0,

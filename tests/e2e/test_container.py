@@ -48,7 +48,7 @@ def test_the_deployments_probes_pass_while_ensembles_load_and_readiness_waits_un
     port, health_port = free_port(), free_port()  # the probes ask the health-only port, as in the Deployment
     command = [sys.executable, "-m", "service.cli", "--repository", str(repository), "--grpc-port", str(port),
                "--http-port", "0", "--health-port", str(health_port), "--metrics-port", "0", "--instances", "1",
-               "--log-level", "WARNING"]
+               "--log-level", "WARNING", "--members", "full"]  # answers compared with the fused graph
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     seen: list[tuple[int, int, int]] = []

@@ -57,6 +57,6 @@ def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(reposito
     queried = {name for expression in expressions for name in METRIC.findall(expression)}
     missing = sorted(queried - exported)
     assert not missing, f"queried but not exported: {missing}"
-    for panel in ("Latency", "Queue depth", "Mean batch size", "confidence", "entropy", "disagreement", "Members run",
+    for panel in ("Latency", "Queue depth", "Mean batch size", "confidence", "entropy", "disagreement", "Networks run",
                   "live ECE vs offline", "drift", "Abstained", "suggested temperature"):
         assert any(panel in p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]), panel
