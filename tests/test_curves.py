@@ -171,7 +171,8 @@ def test_curve_eval_reports_the_curve_and_the_line(curve_run: Path) -> None:
 
 
 def test_curve_export_is_served_like_fge(curve_run: Path, tmp_path: Path) -> None:
-    result = cli("export", "--from", curve_run, "--points", "0.25,0.5,0.75", "--name", "curve", "--out", tmp_path)
+    result = cli("export", "--from", curve_run, "--points", "0.25,0.5,0.75", "--name", "curve", "--out", tmp_path,
+                 "--member-order", "as-trained")
     printed = json.loads(result.stdout)
     manifest = load_manifest(tmp_path / "curve" / "1")
     verify_files(manifest, tmp_path / "curve" / "1")
