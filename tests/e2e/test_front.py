@@ -208,3 +208,22 @@ def test_export_refuses_a_front_it_cannot_use(which: str, message: str, fge_run:
                  check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "repository" / MODEL / "1").exists()
+
+
+def test_a_manifest_whose_front_does_not_add_up_is_refused(fronted: Path) -> None:
+    manifest = load_manifest(fronted)
+    assert manifest.front is not None and manifest.cascade is not None
+    data = manifest.model_dump(mode="json")
+    cascade_only = {**data, "front": None, "variants": [], "cascade": {**data["cascade"], "front": 0.9}}
+    with pytest.raises(ValueError, match="a front threshold needs the manifest's front network"):
+        type(manifest).model_validate(cascade_only)
+    variant_without = {**data, "variants": [{**variant, "front": None} for variant in data["variants"]]}
+    with pytest.raises(ValueError, match="every variant holds the front network"):
+        type(manifest).model_validate(variant_without)
+    rows = data["front"]["sample_probabilities"][:1]
+    wrong_samples = {**data, "front": {**data["front"], "sample_probabilities": rows}}
+    with pytest.raises(ValueError, match="one sample probability row per sample input"):
+        type(manifest).model_validate(wrong_samples)
+    for threshold in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            type(manifest).model_validate({**data, "cascade": {**data["cascade"], "front": threshold}})
