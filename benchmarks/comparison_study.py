@@ -18,6 +18,10 @@ be interrupted and started again with the same command. At the end it writes `re
 (rows by method, columns by budget; mean +- standard deviation over the seeds) and draws `comparison.png`.
 
     python benchmarks/comparison_study.py --budget 24 --subset 20000 --seeds 0 1 2 --out runs/comparison
+
+On a small CPU two seeds trained side by side, one thread each, finish sooner than one after the other at two
+threads: run one process per seed (`OMP_NUM_THREADS=1 ... --seeds 1`, `... --seeds 2`), then the command above,
+which finds every run finished and writes the table over all seeds.
 """
 
 from __future__ import annotations
