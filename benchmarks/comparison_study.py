@@ -19,9 +19,8 @@ be interrupted and started again with the same command. At the end it writes `re
 
     python benchmarks/comparison_study.py --budget 24 --subset 20000 --seeds 0 1 2 --out runs/comparison
 
-On a small CPU two seeds trained side by side, one thread each, finish sooner than one after the other at two
-threads: run one process per seed (`OMP_NUM_THREADS=1 ... --seeds 1`, `... --seeds 2`), then the command above,
-which finds every run finished and writes the table over all seeds.
+Seeds can train side by side, one process per seed (`OMP_NUM_THREADS=1 ... --seeds 1`, `... --seeds 2`: one
+core each); the command above then finds every run finished and writes the table over all seeds.
 """
 
 from __future__ import annotations
