@@ -195,6 +195,10 @@ class Ensemble:
             results = dict(zip(names, values, strict=True))
             results[MEMBERS_USED] = np.full(len(pixels), members, dtype=np.int64)
             return RunOutput({name: results[name] for name in outputs})
+        return self._run_staged(pixels, outputs, exits)
+
+    def _run_staged(self, pixels: np.ndarray, outputs: Sequence[str], exits: np.ndarray) -> RunOutput:
+        """`run` through the member sessions, in stages, whatever the plans."""
         member_probabilities, used, seconds = self._staged(pixels, exits)
         results = outputs_by_members(member_probabilities, used)
         results[MEMBERS_USED] = used
@@ -260,11 +264,10 @@ class Ensemble:
         pixels = np.asarray(samples.inputs, dtype=np.uint8)
         expected = np.asarray(samples.probabilities)
         # Both paths answer: the fused graph (where there is one) and the member graphs the stages run.
-        members = len(self.manifest.members)
         paths = [self.infer(pixels, ["probabilities"])["probabilities"]]
         if self.session is not None:
-            staged = np.tile(_stage_by_stage(members), (len(pixels), 1))
-            paths.append(self._run_members(pixels, ["probabilities"], staged).outputs["probabilities"])
+            every = np.tile(_full_exits(len(self.manifest.members)), (len(pixels), 1))
+            paths.append(self._run_staged(pixels, ["probabilities"], every).outputs["probabilities"])
         difference = max(float(np.max(np.abs(probabilities - expected))) for probabilities in paths)
         front = self.manifest.front
         if self.front_session is not None and front is not None:
@@ -282,13 +285,6 @@ class Ensemble:
 def _full_exits(members: int) -> np.ndarray:
     """[K]: exits after every member (see `Ensemble._staged`)."""
     row = np.full(members, np.inf)
-    row[-1] = -np.inf
-    return row
-
-
-def _stage_by_stage(members: int) -> np.ndarray:
-    """[K]: every member, but run through the member sessions (an exit no image takes after each member)."""
-    row = np.full(members, np.nextafter(np.float64(1.0), 2.0))
     row[-1] = -np.inf
     return row
 

@@ -41,7 +41,7 @@ class Plan:
 
 
 def check_default(value: str) -> str:
-    """`--members`: 'cascade', 'full' or a positive number (a ValueError names what is wrong)."""
+    """`--members`: 'cascade', 'full', 'front' or a positive number (a ValueError names what is wrong)."""
     value = value.strip().lower()
     if value in (FULL, CASCADE, FRONT) or (value.isascii() and value.isdigit() and int(value) >= 1):
         return value

@@ -287,6 +287,7 @@ class _Series:
     compute_seconds: Histogram
     batch_images: Histogram
     member_images: Counter
+    front_images: Counter
     member_seconds: list[Histogram]
     """One child per member, added as members are first timed."""
 
@@ -371,7 +372,8 @@ class ServingMetrics:
             series = self._series[(name, version)] = _Series(
                 self.requests.labels(name, version, "OK"), self.request_seconds.labels(name, version),
                 self.queue_seconds.labels(name, version), self.compute_seconds.labels(name, version),
-                self.batch_images.labels(name, version), self.member_images.labels(name, version), [])
+                self.batch_images.labels(name, version), self.member_images.labels(name, version),
+                self.front_images.labels(name, version), [])
         return series
 
     # -- models ---------------------------------------------------------------------------
@@ -433,7 +435,7 @@ class ServingMetrics:
         if MEMBERS_USED in record.outputs:
             series.member_images.inc(int(record.outputs[MEMBERS_USED].sum()))
         if record.front_images:
-            self.front_images.labels(name, str(version)).inc(record.front_images)
+            series.front_images.inc(record.front_images)
         series.compute_seconds.observe(record.compute_seconds)
         for seconds in record.queue_seconds:
             series.queue_seconds.observe(seconds)

@@ -71,7 +71,7 @@ from training.curves import evenly_spaced
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
-from training.front import FRONT_FILE, FrontNetwork, load_front
+from training.front import FRONT_FILE, FrontNetwork, load_front, tempered
 from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
 from training.runs import DistillReport, RunDir, SWAReport
@@ -587,8 +587,8 @@ class Reference:
     test: Metrics
     sample_pixels: np.ndarray
     sample_probabilities: np.ndarray
-    front_temperature: float | None = None
-    front_sample_probabilities: np.ndarray | None = None
+    front: FrontSpec | None = None
+    """The front network, its temperature and its sample probabilities, where the version has one."""
 
 
 def onnx_member_logits(paths: Sequence[Path], data: SizedDataset, splits: DataSplits,
@@ -614,8 +614,8 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
         lower_precision(precision, folder / member.file, folder / file, calibration)
     lower_precision(precision, folder / "ensemble.onnx", folder / fused_file, calibration)
     front_file = FRONT_FILE.removesuffix(".onnx") + f".{precision}.onnx"
-    if reference.front_temperature is not None:
-        lower_precision(precision, folder / FRONT_FILE, folder / front_file, calibration)
+    if reference.front is not None:
+        lower_precision(precision, folder / reference.front.file, folder / front_file, calibration)
 
     def measure(data: SizedDataset, labels: np.ndarray) -> Metrics:
         logits = onnx_member_logits([folder / file for file in files], data, splits, precision)
@@ -640,10 +640,10 @@ def export_variant(precision: Precision, folder: Path, members: Sequence[Member]
     difference = max(float(np.max(np.abs(session.run(["probabilities"], {INPUT_NAME: reference.sample_pixels})[0]
                                          - reference.sample_probabilities))) for session in fused)
     front: FileEntry | None = None
-    if reference.front_temperature is not None and reference.front_sample_probabilities is not None:
+    if reference.front is not None:
         logits = _session(folder / front_file).run(None, {INPUT_NAME: reference.sample_pixels})[0]
-        front_difference = float(np.max(np.abs(softmax(logits.astype(np.float64) / reference.front_temperature)
-                                                - reference.front_sample_probabilities)))
+        front_difference = float(np.max(np.abs(tempered(logits, reference.front.temperature)
+                                                - np.asarray(reference.front.sample_probabilities))))
         log.info("%s front network: samples within %.2e", precision, front_difference)
         difference = max(difference, front_difference)
         front = FileEntry(file=front_file, sha256=sha256_of(folder / front_file))
@@ -687,7 +687,6 @@ def export_ensemble(export: ExportConfig) -> Exported:
     models = [models[index] for index in order]
     member_sources = [sources.members[index] for index in order]
     member_val, member_test = np.stack(val_logits)[order], np.stack(test_logits)[order]
-    test_labels = tuple(test_labels[index] for index in order)
     front = load_front(export.front, config, splits) if export.front is not None else None
     temperature = fit_temperature(member_val, val_labels[0])
     uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels[0])
@@ -723,7 +722,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
         for index, (model, source) in enumerate(zip(models, member_sources, strict=True)):
             file = f"member-{index:02d}.onnx"
             _network_graph(model, example, parity_pixels, staging / file)
-            member_metrics = classification_metrics(softmax(member_test[index]), test_labels[index])
+            member_metrics = classification_metrics(softmax(member_test[index]), test_labels[0])
             members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
                                   metrics=member_metrics))
 
@@ -739,8 +738,8 @@ def export_ensemble(export: ExportConfig) -> Exported:
         front_spec = None
         if front is not None:
             _network_graph(front.network, example, parity_pixels, staging / FRONT_FILE)
-            front_samples = front.probabilities(
-                _session(staging / FRONT_FILE).run(None, {INPUT_NAME: sample_pixels})[0])
+            front_samples = tempered(_session(staging / FRONT_FILE).run(None, {INPUT_NAME: sample_pixels})[0],
+                                     front.temperature)
             front_spec = FrontSpec(file=FRONT_FILE, sha256=sha256_of(staging / FRONT_FILE), method=front.method,
                                    provenance=front.provenance, temperature=front.temperature,
                                    validation=front.validation, test=front.test_metrics,
@@ -749,9 +748,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
             temperature=temperature, val_labels=val_labels[0], test_labels=test_labels[0],
             validation=classification_metrics(tempered_ensemble_probabilities(member_val, temperature),
                                               val_labels[0]),
-            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities,
-            front_temperature=front.temperature if front is not None else None,
-            front_sample_probabilities=np.asarray(front_spec.sample_probabilities) if front_spec else None)
+            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities, front=front_spec)
         variants = [export_variant(precision, staging, members, splits, reference, export)
                     for precision in export.precisions]
         info = splits.info

@@ -45,10 +45,12 @@ class FrontNetwork:
     validation: Metrics
     test_metrics: Metrics
 
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Its logits [N, C] as tempered probabilities."""
-        result: np.ndarray = softmax(logits.astype(np.float64) / self.temperature)
-        return result
+
+
+def tempered(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """One network's logits [N, C] as its probabilities at `temperature` (float64)."""
+    result: np.ndarray = softmax(logits.astype(np.float64) / temperature)
+    return result
 
 
 def load_front(path: Path, members: TrainConfig, splits: DataSplits) -> FrontNetwork:
@@ -73,8 +75,7 @@ def load_front(path: Path, members: TrainConfig, splits: DataSplits) -> FrontNet
     val_logits, val_labels = predict_logits(network, splits.val, splits, device)
     test_logits, test_labels = predict_logits(network, splits.test, splits, device)
     temperature = fit_temperature(val_logits[None], val_labels)
-    val = softmax(val_logits.astype(np.float64) / temperature)
-    test = softmax(test_logits.astype(np.float64) / temperature)
+    val, test = tempered(val_logits, temperature), tempered(test_logits, temperature)
     method: Literal["swa", "distilled"] = "swa" if sources.method == "swa" else "distilled"
     return FrontNetwork(method, source.provenance, network, temperature, val, test,
                         classification_metrics(val, val_labels), classification_metrics(test, test_labels))

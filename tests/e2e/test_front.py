@@ -27,8 +27,8 @@ from service.feedback import LabelledWindow
 from service.launch import ServerProcess
 from service.recalibrate import publish, suggest
 from tests.conftest import cli
-from tests.e2e.conftest import MODEL, Reference, start_server_process, stop_server_process, triton_inputs
-from tests.e2e.test_members import Members
+from tests.e2e.conftest import MODEL, Reference, start_server_process, stop_server_process
+from tests.e2e.test_members import Members, infer
 
 OUTPUTS = ["probabilities", "members_used", "member_probabilities", "mutual_information"]
 
@@ -81,9 +81,7 @@ def server(forced: Path) -> Iterator[ServerProcess]:
 
 
 def _infer(url: str, pixels: np.ndarray, **parameters: object) -> triton.InferResult:
-    client = triton.InferenceServerClient(url)
-    return client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS],
-                        parameters=parameters or None)
+    return infer(url, pixels, OUTPUTS, **parameters)
 
 
 def test_export_writes_the_front_graph_at_every_precision_and_the_fit_decides(fronted: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,9 +82,11 @@ def server(cascaded: Path) -> Iterator[ServerProcess]:
     stop_server_process(process)
 
 
-def _infer(url: str, pixels: np.ndarray, **parameters: object) -> triton.InferResult:
+def infer(url: str, pixels: np.ndarray, outputs: Sequence[str] = OUTPUTS, **parameters: object
+          ) -> triton.InferResult:
+    """`outputs` of the synthetic model for `pixels`, with the request `parameters`, through tritonclient."""
     client = triton.InferenceServerClient(url)
-    return client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS],
+    return client.infer(MODEL, triton_inputs(pixels), outputs=[triton.InferRequestedOutput(n) for n in outputs],
                         parameters=parameters or None)
 
 
@@ -101,7 +103,7 @@ def test_by_default_the_fitted_cascade_answers(server: ServerProcess, cascaded: 
     expected, used = run_cascade(members, cascade)
     assert 0 < np.sum(used == 1) < len(used), "the test images split between the two stages"
 
-    result = _infer(server.url, pixels)
+    result = infer(server.url, pixels)
     np.testing.assert_array_equal(result.as_numpy("members_used"), used)
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
     served = result.as_numpy("member_probabilities")
@@ -129,24 +131,24 @@ def test_a_request_names_its_members(server: ServerProcess, cascaded: Path, refe
     members = Members(cascaded)(pixels)
     count = members.shape[1]
     for asked in (2, "2", np.int64(2).item()):
-        result = _infer(server.url, pixels, members=asked)
+        result = infer(server.url, pixels, members=asked)
         assert result.as_numpy("members_used").tolist() == [2] * 9
         np.testing.assert_allclose(result.as_numpy("probabilities"), members[:, :2].mean(axis=1), atol=1e-5)
         assert _parameters(result) == {"members": "2"}
-    full = _infer(server.url, pixels, members="full")
+    full = infer(server.url, pixels, members="full")
     assert full.as_numpy("members_used").tolist() == [count] * 9
     np.testing.assert_allclose(full.as_numpy("probabilities"), reference(pixels)["probabilities"], atol=1e-6)
-    assert _parameters(_infer(server.url, pixels, members="cascade")) == {"members": "cascade"}
+    assert _parameters(infer(server.url, pixels, members="cascade")) == {"members": "cascade"}
 
 
 @pytest.mark.parametrize("value", [0, -1, 99, "most", "", True, 2.5, "1e3"])
 def test_a_bad_members_parameter_is_invalid_argument(server: ServerProcess, reference: Reference,
                                                      value: object) -> None:
     with pytest.raises(InferenceServerException) as caught:
-        _infer(server.url, _pixels(reference, 1), members=value)
+        infer(server.url, _pixels(reference, 1), members=value)
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "'members'" in str(caught.value.message())
-    assert _infer(server.url, _pixels(reference, 1)).as_numpy("probabilities").shape[0] == 1
+    assert infer(server.url, _pixels(reference, 1)).as_numpy("probabilities").shape[0] == 1
 
 
 def _metric(port: int, name: str) -> float:
@@ -164,7 +166,7 @@ def test_overload_cuts_the_default_plan_to_its_first_stage(cascaded: Path, refer
         count = len(json.loads((cascaded / "manifest.json").read_text())["members"])
         burst = [{} if index % 4 else {"members": "full"} for index in range(48)]
         with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda asked: (asked, _infer(process.url, pixels, **asked)), burst))
+            results = list(pool.map(lambda asked: (asked, infer(process.url, pixels, **asked)), burst))
         degraded = [result for asked, result in results if _parameters(result).get("degraded")]
         assert degraded, "a burst on one-image runs queued past 1 ms"
         for result in degraded:
@@ -173,7 +175,7 @@ def test_overload_cuts_the_default_plan_to_its_first_stage(cascaded: Path, refer
             if asked:
                 assert result.as_numpy("members_used").tolist() == [count] and "degraded" not in _parameters(result)
         assert _metric(process.metrics_port, "valley_degraded_requests_total") == len(degraded)
-        quiet = _infer(process.url, pixels)
+        quiet = infer(process.url, pixels)
         assert _parameters(quiet) == {"members": "cascade"}, "a lone request after the burst is not cut"
     finally:
         stop_server_process(process)
