@@ -43,11 +43,11 @@ from processes import ROOT, serving
 from tqdm import tqdm
 
 from artefact.cascade import Cascade
+from artefact.config import Precision
 from artefact.manifest import Manifest, load_manifest
 from service.batching import Segment
 from service.ensemble import MEMBERS_USED, Ensemble, load_ensemble
 from service.members import plan
-from service.settings import Precision
 from training.metrics import classification_metrics
 
 TEST_LABELS = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")

@@ -52,15 +52,26 @@ class Abstention:
     spec: SelectiveSpec
     ratio: float
     """The serving temperature over the one the thresholds were fitted at (1: the same)."""
+    default_target: float
+    """The target of a request that names none: the model's configuration's, else the manifest's."""
     _thresholds: dict[float, float] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, manifest: Manifest) -> Abstention | None:
-        """The manifest's selective prediction; None for a version exported without it."""
+    def of(cls, manifest: Manifest, default_target: float | None = None) -> Abstention | None:
+        """The manifest's selective prediction (None for a version exported without it) answering `default_target`
+        (None: the manifest's) where a request names none; `InvalidInput` where the version cannot take that
+        target."""
         spec = manifest.selective
         if spec is None:
+            if default_target is not None:
+                raise InvalidInput(f"target_accuracy {default_target:g} is configured, but version "
+                                   f"{manifest.version} was exported without selective prediction (export it with "
+                                   "it, or leave target_accuracy out of the model's config.json)")
             return None
-        return cls(spec, manifest.temperature_ratio(spec.temperature))
+        abstention = cls(spec, manifest.temperature_ratio(spec.temperature),
+                         spec.default_target if default_target is None else default_target)
+        abstention.threshold(abstention.default_target)
+        return abstention
 
     @property
     def needs(self) -> tuple[str, ...]:

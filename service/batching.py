@@ -1,9 +1,10 @@
 """Dynamic batching: requests from many clients merged into one model run.
 
 A bounded queue feeds one worker task per model instance. A free worker takes the oldest
-request, then keeps taking requests until the batch holds `max_batch_size` images or
-`max_queue_delay` has passed since it started collecting; requests whose deadline has
-already passed are dropped before compute. Each instance runs in a thread of its own, so the
+request, then keeps taking requests until the batch holds `max_batch_size` images (the largest
+preferred batch size, where some are given) or `max_queue_delay` has passed since it started
+collecting; a batch that has reached a preferred size leaves at once when nothing else waits.
+Requests whose deadline has already passed are dropped before compute. Each instance runs in a thread of its own, so the
 event loop never blocks on compute, and while one instance computes another collects the
 next batch. Every finished run goes into the model's statistics and to the observer, as one
 `BatchRecord`.
@@ -104,15 +105,21 @@ class DynamicBatcher:
     def __init__(self, runs: Sequence[RunBatch], max_batch_size: int = 64, max_queue_delay: float = 0.002,
                  max_queue_size: int = 1024, model: ModelKey = NO_MODEL, observer: Observer = NULL_OBSERVER,
                  max_queue_wait: float | None = None, degraded: Plan | None = None,
-                 degrade_after: float | None = None) -> None:
+                 degrade_after: float | None = None, preferred: Sequence[int] = ()) -> None:
         """`runs`: one callable per model instance; each gets a worker and a compute thread of its own.
 
         `max_queue_wait`: seconds a request may wait for its run (None: no bound but its deadline).
         `degraded`: the plan a batch runs instead of its requests' default plans once its oldest request has waited
         `degrade_after` seconds (None: never).
+        `preferred`: batch sizes (Triton's preferred_batch_size) a batch leaves at without waiting out the delay
+        when no other request waits; the largest is the size batches are collected up to.
         """
         if not runs or max_batch_size < 1 or max_queue_size < 1 or max_queue_delay < 0:
             raise ValueError("at least one run, max_batch_size and max_queue_size >= 1, max_queue_delay >= 0")
+        if any(not 1 <= size <= max_batch_size for size in preferred):
+            raise ValueError("preferred batch sizes are between 1 and max_batch_size")
+        self.preferred = frozenset(preferred)
+        self._target = max(preferred, default=max_batch_size)
         if max_queue_wait is not None and max_queue_wait <= 0:
             raise ValueError("max_queue_wait must be > 0, or None for no bound")
         self.max_queue_wait = max_queue_wait
@@ -198,8 +205,10 @@ class DynamicBatcher:
         batch = [first]
         images = batch[0].pixels.shape[0]
         closes = time.monotonic() + self.max_queue_delay
-        while images < self.max_batch_size:
+        while images < self._target:
             if self._queue.empty():
+                if images in self.preferred:
+                    break
                 remaining = closes - time.monotonic()
                 if remaining <= 0:
                     break

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from artefact.calibration import TEMPERATURE_RANGE
+from artefact.config import PLATFORM
 from artefact.manifest import OUTPUTS, TensorSpec
 from service.abstention import ABSTAIN, target_of
 from service.abstention import PARAMETER as TARGET_PARAMETER
@@ -45,7 +46,7 @@ from service.errors import (
 )
 from service.feedback import CalibrationWindow, Feedback, Label, LabelledWindow, Served
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
-from service.modelconfig import PLATFORM, model_config, unchanged
+from service.modelconfig import model_config, unchanged
 from service.observer import Observer
 from service.recalibrate import Suggestion, applied, lock_name, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
@@ -169,7 +170,7 @@ def _parameters(model: ServedModel) -> dict[str, Parameter]:
     if model.abstention is not None:
         spec = model.abstention.spec
         parameters.update({
-            "abstain_signal": spec.signal, "target_accuracy_default": spec.default_target,
+            "abstain_signal": spec.signal, "target_accuracy_default": model.abstention.default_target,
             "target_accuracies_fitted": ",".join(f"{t.target_accuracy:g}" for t in spec.thresholds)})
     return parameters
 
@@ -184,9 +185,9 @@ def _server_version() -> str:
 
 
 class DataPlane:
-    def __init__(self, repository: Repository, max_batch_size: int, observer: Observer, feedback: Feedback,
+    def __init__(self, repository: Repository, observer: Observer, feedback: Feedback,
                  model_control: str = "explicit", recalibration_min_labels: int = 100) -> None:
-        self.repository, self.max_batch_size, self.model_control = repository, max_batch_size, model_control
+        self.repository, self.model_control = repository, model_control
         self.observer, self.feedback = observer, feedback
         self.recalibration_min_labels = recalibration_min_labels
         self._recalibrating = asyncio.Lock()
@@ -315,14 +316,14 @@ class DataPlane:
             raise InvalidInput(f"parameter '{TARGET_PARAMETER}': {_no_selective(model)}")
         target = 0.0
         if abstention is not None:
-            target = abstention.spec.default_target if request.target_accuracy is None else \
+            target = abstention.default_target if request.target_accuracy is None else \
                 target_of(request.target_accuracy)
 
         def expect(name: str, datatype: str, shape: tuple[int, ...]) -> None:
             ensemble.check_input(name, datatype, shape)
-            if shape[0] > self.max_batch_size:
-                raise InvalidInput(f"input '{spec.name}' has a batch of {shape[0]} images; this server takes at "
-                                   f"most {self.max_batch_size} per request (split the request)")
+            if shape[0] > model.options.max_batch_size:
+                raise InvalidInput(f"input '{spec.name}' has a batch of {shape[0]} images; model {model.name!r} "
+                                   f"takes at most {model.options.max_batch_size} per request (split the request)")
 
         tensors = await asyncio.to_thread(request.decode, expect) if request.heavy else request.decode(expect)
         selective = (ABSTAIN,) if abstention is not None else ()
@@ -461,9 +462,9 @@ class DataPlane:
                                   f"predictions {where}; a temperature is fitted from "
                                   f"{self.recalibration_min_labels} (--recalibration-min-labels): "
                                   + ("report more labels through valley.v1.Feedback"
-                                     if self.recalibration_min_labels <= self.feedback.window else
-                                     f"the window holds at most {self.feedback.window} (--calibration-window), so "
-                                     "raise it or lower the minimum"))
+                                     if self.recalibration_min_labels <= model.options.calibration_window else
+                                     f"the window holds at most {model.options.calibration_window} (the model's "
+                                     "calibration_window, or --calibration-window), so raise it or lower the minimum"))
         if window is not None and not self.feedback.shared:
             return model, self._fitted(model, window), labelled
         suggestion = suggest(labelled, model.ensemble.manifest.temperature)

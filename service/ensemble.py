@@ -38,12 +38,12 @@ import numpy as np
 import onnxruntime
 
 from artefact.cascade import Cascade
+from artefact.config import Device, Execution, Precision
 from artefact.cpu import describe, this_machine
 from artefact.manifest import FileEntry, Manifest, ManifestError, Variant, load_manifest, verify_files
 from artefact.uncertainty import FRONT, ensemble_outputs, outputs_by_members, softmax
 from service.batching import RunOutput, Segment
 from service.errors import InvalidInput
-from service.settings import Device, Execution, Precision
 
 log = logging.getLogger(__name__)
 

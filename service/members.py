@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from artefact.cascade import Cascade
+from artefact.config import check_members
 from artefact.manifest import Manifest
 from service.errors import InvalidInput
 
@@ -42,10 +43,7 @@ class Plan:
 
 def check_default(value: str) -> str:
     """`--members`: 'cascade', 'full', 'front' or a positive number (a ValueError names what is wrong)."""
-    value = value.strip().lower()
-    if value in (FULL, CASCADE, FRONT) or (value.isascii() and value.isdigit() and int(value) >= 1):
-        return value
-    raise ValueError(f"--members takes 'cascade', 'full', 'front' or a number of members >= 1, not {value[:40]!r}")
+    return check_members(value, "--members")
 
 
 def fitted_cascade(manifest: Manifest) -> Cascade:

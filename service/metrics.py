@@ -298,8 +298,7 @@ class ServingMetrics:
     signal_outputs: tuple[str, ...] = (*SIGNAL_OUTPUTS, MEMBERS_USED)
 
     def __init__(self, registry: CollectorRegistry, depths: LiveValues = _nothing,
-                 in_flight: LiveValues = _nothing, drift_window: int = 0,
-                 suggestions: Suggestions = _no_suggestions) -> None:
+                 in_flight: LiveValues = _nothing, suggestions: Suggestions = _no_suggestions) -> None:
         self.requests = Counter("valley_requests_total", "Inference requests answered, by gRPC status code",
                                 [*MODEL, "code"], registry=registry)
         self.request_seconds = Histogram("valley_request_duration_seconds", "Time from a request's arrival to its "
@@ -360,7 +359,7 @@ class ServingMetrics:
                                  [*MODEL, "abstained"], registry=registry)
         self._signals = _SignalCollector()
         registry.register(self._signals)
-        self._drift, self._drift_window = _DriftCollector(), drift_window
+        self._drift = _DriftCollector()
         registry.register(self._drift)
         registry.register(_RecalibrationCollector(suggestions))
         registry.register(_LiveCollector(depths, in_flight))
@@ -378,8 +377,9 @@ class ServingMetrics:
 
     # -- models ---------------------------------------------------------------------------
 
-    def observe_load(self, ensemble: Ensemble) -> None:
-        """A version started serving: its provider, offline quality and temperature."""
+    def observe_load(self, ensemble: Ensemble, drift_window: int = 0) -> None:
+        """A version started serving: its provider, offline quality and temperature; its drift score over
+        `drift_window` answers (0: the window its baseline was fitted for)."""
         manifest: Manifest = ensemble.manifest
         labels = (manifest.name, str(manifest.version))
         self.ready.labels(*labels).set(1)
@@ -394,7 +394,7 @@ class ServingMetrics:
             for abstained in ("true", "false"):
                 self.selective.labels(*labels, abstained)
         if manifest.drift is not None:
-            self._drift.windows[labels] = DriftWindow(manifest, self._drift_window)
+            self._drift.windows[labels] = DriftWindow(manifest, drift_window)
         for calibrated, metrics in (("false", manifest.metrics.uncalibrated), ("true", manifest.metrics.calibrated)):
             for metric in ("accuracy", "ece", "nll", "brier"):
                 self.offline.labels(*labels, metric, calibrated).set(getattr(metrics, metric))

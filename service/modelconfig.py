@@ -1,4 +1,5 @@
-"""A served version's configuration in the form of Triton's `ModelConfig`.
+"""A served version's configuration in the form of Triton's `ModelConfig`: the values it really serves with
+(its config.json's over the server's flags, `service.modelsettings`).
 
 Triton's tools start with this call (perf_analyzer and model_analyzer read the batch size, the
 tensors, the batching and the instances from it). It is built here once as the JSON object
@@ -9,7 +10,8 @@ so the two transports cannot disagree.
 A load request may send the configuration back (`load_model(name, config=...)`, as model_analyzer
 does after changing it): `unchanged` keeps its version policy and drops every other field that
 says what the server already does, so that a round trip loads; a field that asks for something
-else is refused by name, since batching, instances and tensors are the server's settings.
+else is refused by name (batching and instances are set in the ensemble's config.json, tensors
+by its export).
 
 Dims leave out the batch dimension (max_batch_size > 0); an output with one value per image is
 Triton's `dims: [1]` with `reshape: {shape: []}`. valley's own settings (members, cascade,
@@ -24,15 +26,14 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from artefact.config import BACKEND, CONFIG_FILE, PLATFORM
 from artefact.manifest import TensorSpec
+from artefact.policy import VersionPolicy
 from service._proto.inference import model_config_pb2 as config_pb
 from service.ensemble import CUDA, graphs
 from service.errors import InvalidInput
-from service.policy import VersionPolicy
 from service.repository import ServedModel
 
-PLATFORM = "valley_ensemble"
-BACKEND = "onnxruntime"
 FORMATS = {3: "FORMAT_NCHW"}
 """The input's format by its rank without the batch: images are [C, H, W]."""
 
@@ -56,7 +57,7 @@ def _version_policy(policy: VersionPolicy) -> dict[str, Any]:
 def model_config(model: ServedModel, outputs: list[TensorSpec], policy: VersionPolicy,
                  parameters: dict[str, str]) -> dict[str, Any]:
     """The configuration of `model` serving `outputs` under `policy`, with valley's `parameters` (metadata's)."""
-    ensemble, batcher = model.ensemble, model.batcher
+    ensemble, batcher, options = model.ensemble, model.batcher, model.options
     manifest = ensemble.manifest
     on_gpu = ensemble.providers[0] == CUDA
     image = _tensor(manifest.input)
@@ -76,7 +77,7 @@ def model_config(model: ServedModel, outputs: list[TensorSpec], policy: VersionP
         "output": [_tensor(spec) for spec in outputs],
         "dynamic_batching": {
             "max_queue_delay_microseconds": round(batcher.max_queue_delay * 1e6),
-            "preferred_batch_size": [batcher.max_batch_size],
+            "preferred_batch_size": list(options.preferred_batch_sizes) or [batcher.max_batch_size],
             "default_queue_policy": queue_policy,
         },
         "instance_group": [{"name": f"{model.name}_0", "kind": "KIND_GPU" if on_gpu else "KIND_CPU",
@@ -84,7 +85,11 @@ def model_config(model: ServedModel, outputs: list[TensorSpec], policy: VersionP
         "default_model_filename": graphs(manifest, ensemble.precision)[1].file,
         "parameters": {key: {"string_value": value} for key, value in
                        {**parameters, "classes": json.dumps(manifest.classes),
-                        "temperature": f"{manifest.temperature:g}", "method": manifest.method}.items()},
+                        "temperature": f"{manifest.temperature:g}", "method": manifest.method,
+                        "execution": ensemble.execution, "session_threads": str(options.session_threads),
+                        "degrade_queue_ms": f"{(options.degrade_after or 0) * 1e3:g}",
+                        "calibration_window": str(options.calibration_window),
+                        "drift_window": str(options.drift_window)}.items()},
         "model_transaction_policy": {"decoupled": False},
     }
 
@@ -116,6 +121,6 @@ def unchanged(posted: dict[str, Any], current: dict[str, Any], name: str) -> dic
     if changed:
         listed = ", ".join(changed)[:200]
         raise InvalidInput(f"the config parameter asks {name!r} for other {listed} than it serves with: a load sets "
-                           "only version_policy; batching, instances and tensors are the server's settings "
-                           "(valley-serve --help), the rest the exported manifest's")
+                           f"only version_policy; batching, instances and valley's settings are set in "
+                           f"{name}/{CONFIG_FILE} (docs/serving.md), tensors by the export")
     return {"version_policy": posted["version_policy"]} if "version_policy" in posted else {}

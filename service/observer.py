@@ -22,8 +22,8 @@ class Observer(Protocol):
     signal_outputs: tuple[str, ...]
     """Outputs every model run must compute for this observer, whatever the client asked for."""
 
-    def observe_load(self, ensemble: Ensemble) -> None:
-        """A version started serving."""
+    def observe_load(self, ensemble: Ensemble, drift_window: int = 0) -> None:
+        """A version started serving; its drift score over `drift_window` answers (0: its baseline's window)."""
 
     def observe_unload(self, name: str, version: int) -> None:
         """A version stopped serving."""
@@ -58,7 +58,7 @@ class NullObserver:
 
     signal_outputs: tuple[str, ...] = ()
 
-    def observe_load(self, ensemble: Ensemble) -> None:
+    def observe_load(self, ensemble: Ensemble, drift_window: int = 0) -> None:
         pass
 
     def observe_unload(self, name: str, version: int) -> None:

@@ -1,13 +1,16 @@
 """The model repository: which ensembles exist on disk, which versions of each are served.
 
 Layout: `ROOT/<name>/<version>/manifest.json` (integer versions), and optionally
-`ROOT/<name>/config.json` holding a version policy (`service.policy`). Which versions serve is
-the policy's choice: by default the newest one that verifies. Loading reads and verifies a
-version beside the ones serving, in a worker thread (sha256s, the manifest's sample outputs, a
-warm-up run of a full batch), and only then swaps the new set in, in one assignment: requests
-already queued on a version that leaves finish on it, and a request that reaches a retired
-version is sent on to its successor. A version that fails is refused with the reason (and a
-metric) and never tried again until its manifest changes; what served before keeps serving.
+`ROOT/<name>/config.json`: the ensemble's own settings (`service.modelsettings`: batching, queue,
+instances, execution, precision, members, windows, version policy) over the server's flags, read at
+every load; a version serving under other settings than the file now gives is loaded again. Which
+versions serve is the version policy's choice: by default the newest one that verifies. Loading
+reads and verifies a version beside the ones serving, in a worker thread (sha256s, the manifest's
+sample outputs, a warm-up run of a full batch), and only then swaps the new set in, in one
+assignment: requests already queued on a version that leaves finish on it, and a request that
+reaches a retired version is sent on to its successor. A version that fails is refused with the
+reason (and a metric) and never tried again until its manifest changes; what served before keeps
+serving.
 
 Model control follows Triton's modes: `none` loads everything at start and takes no load or
 unload requests; `explicit` loads the names it is given at start (all by default) and then what
@@ -35,15 +38,17 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from artefact.cascade import Cascade
+from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, parse
 from artefact.manifest import MANIFEST_FILE, ManifestError
+from artefact.policy import PolicyError, VersionPolicy
 from service.abstention import Abstention
 from service.batching import DynamicBatcher, ModelKey
 from service.cpus import lower_thread_priority
 from service.ensemble import Ensemble, load_ensemble
 from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from service.members import Plan, default_plan, degraded_plan
+from service.modelsettings import ModelOptions
 from service.observer import Observer
-from service.policy import VersionPolicy
 from service.settings import Settings
 from service.statistics import ModelStatistics
 
@@ -53,7 +58,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION = re.compile(r"[1-9][0-9]{0,8}")
 """A version folder's name, and a request's version: a positive integer in its one spelling (not "01", not "²")."""
 """An ensemble's name: a folder name (never a path), short enough for every file system."""
-CONFIG_FILE = "config.json"
 T = TypeVar("T")
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -76,6 +80,8 @@ class ServedModel:
     batcher: DynamicBatcher
     default_plan: Plan
     """What answers a request that does not name its members."""
+    options: ModelOptions
+    """The settings it serves with: its config.json's over the server's flags."""
     fingerprint: Fingerprint = ()
     abstention: Abstention | None = None
     """Selective prediction (the `abstain` output); None for a version exported without it."""
@@ -127,10 +133,12 @@ class _Slot:
     wanted: bool = True
     """False once unloaded on request: then not being ready does not make the server unready, nor does polling
     load it again."""
-    refused: dict[int, tuple[str, Fingerprint]] = field(default_factory=dict)
-    """Versions that failed to load, with the reason and the manifest they had."""
+    refused: dict[int, tuple[str, tuple[Fingerprint, ModelOptions]]] = field(default_factory=dict)
+    """Versions that failed to load, with the reason, the files they had and the settings they were tried with."""
     override: VersionPolicy | None = None
     """The policy given by the last load request's `config` parameter."""
+    policy: VersionPolicy | None = None
+    """The policy the versions serving were chosen by."""
     seen: object = None
     """What the repository held for this name at the last load (polling loads again when it changes)."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -197,6 +205,8 @@ class Repository:
         self.root = settings.repository
         self._settings = settings
         self.policy = VersionPolicy.parse(settings.version_policy)
+        self.defaults = ModelOptions.of(settings)
+        """What a model whose config.json does not say is served with."""
         self._observer, self._on_state = observer, on_state
         self._slots: dict[str, _Slot] = {}
         self._reported: set[Oddity] = set()
@@ -257,25 +267,40 @@ class Repository:
         self._reported = set(oddities)
 
     def policy_of(self, name: str) -> VersionPolicy:
-        """The version policy of `name` now: the last load request's that took effect, its config.json's, or the
-        server's."""
+        """The version policy of `name`: the one its serving versions were chosen by, else what a load would use now
+        (the last load request's that took effect, its config.json's, or the server's; `LoadFailed` where its
+        config.json is wrong)."""
         slot = self._slots.get(name)
+        if slot is not None and slot.served and slot.policy is not None:
+            return slot.policy
         return self._policy(name, slot.override if slot is not None else None)
 
     def _policy(self, name: str, override: VersionPolicy | None) -> VersionPolicy:
         if override is not None:
             return override
+        config = self._config(name)
+        return (config.policy if config is not None else None) or self.policy
+
+    def _config(self, name: str) -> ModelSettings | None:
+        """`name`'s config.json (None where it has none); `LoadFailed` saying which key is wrong and why."""
         path = self.root / name / CONFIG_FILE
         if not path.is_file():
-            return self.policy
+            return None
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise LoadFailed(f"{name}/{CONFIG_FILE} cannot be read: {error}") from None
         try:
-            return VersionPolicy.from_config(text, f"{name}/{CONFIG_FILE}") or self.policy
-        except InvalidInput as error:
+            return parse(text, f"{name}/{CONFIG_FILE}", name)
+        except ConfigError as error:
             raise LoadFailed(str(error)) from None
+
+    def _options(self, name: str) -> ModelOptions:
+        """What `name` is served with now: its config.json over the server's flags (`LoadFailed` as `_config`)."""
+        try:
+            return self.defaults.over(self._config(name), self._settings)
+        except InvalidInput as error:
+            raise LoadFailed(f"{name}/{CONFIG_FILE}: {error}") from None
 
     def _signature(self, name: str, versions: list[int] | None = None) -> object:
         """What polling compares: every version's files and the config file (`versions`: as a scan just listed
@@ -319,7 +344,10 @@ class Repository:
         """
         if not NAME.fullmatch(name):
             raise ModelNotFound(f"no ensemble {name!r}: names are up to 128 letters, digits and _ . - (not a path)")
-        override = VersionPolicy.from_config(config, "the load's config parameter") if config is not None else None
+        try:
+            override = VersionPolicy.from_config(config, "the load's config parameter") if config is not None else None
+        except PolicyError as error:
+            raise InvalidInput(str(error)) from None
         if not self.versions_on_disk(name):
             raise ModelNotFound(f"no ensemble {name!r} in the repository (expected <repository>/{name}/<version>/"
                                 f"{MANIFEST_FILE})")
@@ -340,16 +368,17 @@ class Repository:
             slot.seen = await asyncio.to_thread(self._signature, name)
             try:
                 policy = self._policy(name, override)
+                options = self._options(name)
             except LoadFailed as error:
                 await self._refuse_all(name, slot, str(error))
-                raise
-            chosen, problems = await self._choose(name, slot, policy)
+                raise LoadFailed(str(error) + self._still_serving(slot)) from None
+            chosen, problems = await self._choose(name, slot, policy, options)
             if not chosen:
                 reason = "; ".join(problems) or f"no version on disk fits the version policy {policy}"
                 await self._refuse_all(name, slot, reason)
                 raise LoadFailed(reason + self._still_serving(slot))
             previous, slot.served = slot.served, chosen
-            slot.state, slot.reason, slot.override = State.READY, "", override
+            slot.state, slot.reason, slot.override, slot.policy = State.READY, "", override, policy
             retired = [model for version, model in previous.items() if chosen.get(version) is not model]
             added = [model for version, model in chosen.items() if previous.get(version) is not model]
             await self._notify(name, added, retired)
@@ -359,9 +388,10 @@ class Repository:
             raise LoadFailed("; ".join(problems) + self._still_serving(slot))
         return list(chosen.values())
 
-    async def _choose(self, name: str, slot: _Slot, policy: VersionPolicy
+    async def _choose(self, name: str, slot: _Slot, policy: VersionPolicy, options: ModelOptions
                       ) -> tuple[dict[int, ServedModel], list[str]]:
-        """The versions to serve under `policy` (kept or newly loaded), and what went wrong on the way."""
+        """The versions to serve under `policy` with `options` (kept or newly loaded), and what went wrong on the
+        way."""
         on_disk = self.versions_on_disk(name)
         chosen: dict[int, ServedModel] = {}
         problems = [f"version {version} of {name!r} is not in the repository" for version in policy.versions
@@ -372,11 +402,11 @@ class Repository:
             version_dir = self.root / name / str(version)
             fingerprint = _fingerprint(version_dir)
             current = slot.served.get(version)
-            if current is not None and current.fingerprint == fingerprint:
+            if current is not None and current.fingerprint == fingerprint and current.options == options:
                 chosen[version] = current
                 continue
             refused = slot.refused.get(version)
-            if refused is not None and refused[1] == fingerprint:  # tried, and unchanged since
+            if refused is not None and refused[1] == (fingerprint, options):  # tried, and unchanged since
                 problems.append(f"version {version} of {name!r} was refused: {refused[0]}")
                 if current is not None:
                     chosen[version] = current
@@ -384,9 +414,9 @@ class Repository:
             if not slot.served:
                 slot.state, slot.reason = State.LOADING, f"loading version {version}"
             try:
-                instances = await _in_daemon_thread(self._load_ensemble, name, version_dir)
+                instances = await _in_daemon_thread(self._load_ensemble, name, version_dir, options)
             except Exception as error:  # whatever the files do to onnxruntime, the version is refused
-                slot.refused[version] = (str(error), fingerprint)
+                slot.refused[version] = (str(error), (fingerprint, options))
                 self._observer.observe_load_failure(name, version)
                 problems.append(f"version {version} of {name!r} was refused: {error}")
                 log.error("version %d of %r was refused: %s", version, name, error)
@@ -394,7 +424,7 @@ class Repository:
                     chosen[version] = current
                 continue
             slot.refused.pop(version, None)
-            chosen[version] = self._serve(instances, fingerprint)
+            chosen[version] = self._serve(instances, fingerprint, options)
         return chosen, problems
 
     @staticmethod
@@ -412,18 +442,18 @@ class Repository:
             slot.state, slot.reason = State.UNAVAILABLE, reason
             await self._notify(name, [], [])
 
-    def _load_ensemble(self, name: str, version_dir: Path) -> list[Ensemble]:
-        """The verified, warmed-up ensemble, and as many instances of it as the settings ask for."""
-        settings = self._settings
-        ensemble = load_ensemble(version_dir, settings.device, settings.threads_per_instance, settings.execution,
-                                 settings.precision)
+    def _load_ensemble(self, name: str, version_dir: Path, options: ModelOptions) -> list[Ensemble]:
+        """The verified, warmed-up ensemble, and as many instances of it as `options` ask for."""
+        ensemble = load_ensemble(version_dir, options.device, options.session_threads, options.execution,
+                                 options.precision)
         manifest = ensemble.manifest
         if manifest.name != name or str(manifest.version) != version_dir.name:
             raise ManifestError(f"{version_dir}: the manifest names {manifest.name!r} version {manifest.version}; "
                                 f"the folder must be {manifest.name}/{manifest.version}")
-        instances = [ensemble] + [ensemble.another_instance() for _ in range(settings.instances - 1)]
+        Abstention.of(manifest, options.target_accuracy)  # a target the version cannot meet is refused here
+        instances = [ensemble] + [ensemble.another_instance() for _ in range(options.instances - 1)]
         # A full batch through every instance: the first requests do not pay for onnxruntime's first-run set-up.
-        shape = [settings.max_batch_size, *manifest.input.shape[1:]]
+        shape = [options.max_batch_size, *manifest.input.shape[1:]]
         warm_up = np.zeros(shape, dtype=np.uint8)
         # Both paths: the fused graph, and the member graphs the cascades run on part of a batch.
         count = len(manifest.members)
@@ -433,16 +463,16 @@ class Repository:
             instance.run(warm_up, ["probabilities"], staged)
         return instances
 
-    def _serve(self, instances: list[Ensemble], fingerprint: Fingerprint) -> ServedModel:
+    def _serve(self, instances: list[Ensemble], fingerprint: Fingerprint, options: ModelOptions) -> ServedModel:
         manifest = instances[0].manifest
-        settings = self._settings
-        batcher = DynamicBatcher([instance.run for instance in instances], settings.max_batch_size,
-                                 settings.max_queue_delay, settings.max_queue_size,
+        batcher = DynamicBatcher([instance.run for instance in instances], options.max_batch_size,
+                                 options.max_queue_delay, options.max_queue_size,
                                  ModelKey(manifest.name, manifest.version, manifest.classes), self._observer,
-                                 settings.max_queue_wait, degraded_plan(manifest), settings.degrade_after)
+                                 options.max_queue_wait, degraded_plan(manifest), options.degrade_after,
+                                 options.preferred_batch_sizes)
         batcher.start()
-        return ServedModel(instances, batcher, default_plan(manifest, settings.members), fingerprint,
-                           Abstention.of(manifest))
+        return ServedModel(instances, batcher, default_plan(manifest, options.members), options, fingerprint,
+                           Abstention.of(manifest, options.target_accuracy))
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""
@@ -489,7 +519,7 @@ class Repository:
         for model in retired:
             self._observer.observe_unload(model.name, model.version)
         for model in added:
-            self._observer.observe_load(model.ensemble)
+            self._observer.observe_load(model.ensemble, model.options.drift_window)
         await self._on_state(name, bool(self._slots[name].served))
 
     # -- lookups --------------------------------------------------------------------------
@@ -512,6 +542,12 @@ class Repository:
             serving = ", ".join(str(v) for v in sorted(served))
             raise ModelNotFound(f"model {name!r} has no version {version!r} being served (serving: {serving})")
         return model
+
+    def calibration_window(self, name: str) -> int:
+        """Labels in the calibration windows of `name`'s versions: its config.json's, else the server's."""
+        slot = self._slots.get(name)
+        served = slot.served if slot is not None else {}
+        return served[max(served)].options.calibration_window if served else self.defaults.calibration_window
 
     def versions(self, name: str) -> list[int]:
         """The versions of `name` serving, ascending."""

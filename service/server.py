@@ -93,7 +93,7 @@ class Server:
         self.health = HealthServicer()
         # The gauges read the data plane at scrape time, once it exists.
         self.observer: Observer = ServingMetrics(self.registry, lambda: self.dataplane.queue_depths(),
-                                                 lambda: self.dataplane.in_flight(), settings.drift_window,
+                                                 lambda: self.dataplane.in_flight(),
                                                  lambda: self.dataplane.suggestions()) \
             if settings.metrics else NULL_OBSERVER
         self.repository = Repository(settings, self.observer, on_state=self._model_state)
@@ -103,10 +103,11 @@ class Server:
                                 state_dir=settings.state_dir, flush_interval=settings.feedback_flush_ms / 1000,
                                 queue_items=settings.feedback_queue, queue_bytes=settings.feedback_queue_bytes) \
             if settings.feedback_on else None
-        feedback = Feedback(self.store, settings.calibration_window, self.observer, settings.replica)
+        feedback = Feedback(self.store, settings.calibration_window, self.observer, settings.replica,
+                            self.repository.calibration_window)
         if settings.metrics and self.store is not None:
             self.registry.register(FeedbackStoreCollector(self.store))
-        self.dataplane = DataPlane(self.repository, settings.max_batch_size, self.observer, feedback,
+        self.dataplane = DataPlane(self.repository, self.observer, feedback,
                                    settings.model_control_mode, settings.recalibration_min_labels)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.

@@ -14,15 +14,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
+from artefact.config import Device, Execution, Precision
+from artefact.policy import VersionPolicy
 from service.cpus import usable_cpus
-from service.errors import InvalidInput
 from service.members import check_default
-from service.policy import VersionPolicy
 from service.security import parse_tokens
-
-Device = Literal["auto", "cpu", "cuda"]
-Execution = Literal["fused", "members"]
-Precision = Literal["fp32", "int8", "fp16"]
 
 MIB = 1 << 20
 
@@ -144,10 +140,7 @@ class Settings(BaseSettings):
     @field_validator("version_policy")
     @classmethod
     def _policy(cls, value: str) -> str:
-        try:
-            VersionPolicy.parse(value)
-        except InvalidInput as error:
-            raise ValueError(str(error)) from None
+        VersionPolicy.parse(value)  # a PolicyError is a ValueError: pydantic reports it as the flag's
         return value
 
     @field_validator("members")

@@ -79,6 +79,27 @@ def test_batches_respect_the_size_bound_without_splitting_requests(ensemble: Ens
     assert sum(run.batches) == 18 and all(size <= 8 and size % 3 == 0 for size in run.batches)
 
 
+def test_a_batch_at_a_preferred_size_leaves_without_waiting_out_the_delay(ensemble: Ensemble) -> None:
+    run = Gate(ensemble.run, opened=True)
+
+    async def main(preferred: tuple[int, ...]) -> float:
+        batcher = DynamicBatcher([run], max_batch_size=64, max_queue_delay=1.5, preferred=preferred)
+        batcher.start()
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.submit(_images(1, s), ["confidence"]) for s in range(8)))
+        elapsed = time.monotonic() - started
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(main((2, 4))) < 1.0, "batches of 4 left at once"
+    assert run.batches == [4, 4]
+    run.batches.clear()
+    assert asyncio.run(main(())) >= 1.5, "without preferred sizes the batch waits the delay for more"
+    assert run.batches == [8]
+    with pytest.raises(ValueError, match="preferred batch sizes"):
+        DynamicBatcher([run], max_batch_size=8, preferred=(16,))
+
+
 def test_a_full_queue_is_refused_at_once(ensemble: Ensemble) -> None:
     run = Gate(ensemble.run)
 

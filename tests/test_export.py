@@ -302,3 +302,28 @@ def test_selective_spec_fits_a_named_signal() -> None:
     named = fit_selective_spec(val, labels, val, labels, 1.0, signal=other)
     assert named.signal == other and named.curves == chosen.curves
     assert [t.threshold for t in named.thresholds] != [t.threshold for t in chosen.thresholds]
+
+
+def test_export_writes_the_serving_config_it_is_given_and_refuses_a_wrong_key_before_exporting(
+        fge_run: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    settings = tmp_path / "serving.json"
+    settings.write_text(json.dumps({"execution": "members", "instance_group": [{"count": 1}]}))
+    refused = cli("export", "--from", fge_run, "--name", "m", "--out", repository, "--config", "max_batch=3",
+                  check=False)
+    assert refused.returncode == 2 and "unknown key 'max_batch'" in refused.stderr, refused.stderr
+    assert not repository.exists(), "nothing is exported under a config the server would refuse"
+
+    result = cli("export", "--from", fge_run, "--name", "m", "--out", repository, "--config", str(settings),
+                 "--config", "max_batch_size=16", "--config", "dynamic_batching.preferred_batch_size=[4, 8]",
+                 "--config", "members=2")
+    written = repository / "m" / "config.json"
+    assert json.loads(result.stdout)["config"] == str(written)
+    assert json.loads(written.read_text()) == {
+        "execution": "members", "instance_group": [{"count": 1}], "max_batch_size": 16,
+        "dynamic_batching": {"preferred_batch_size": [4, 8]}, "members": 2}
+    # The next export keeps what the file holds and changes only what it is told.
+    cli("export", "--from", fge_run, "--name", "m", "--out", repository, "--config", "max_batch_size=32")
+    assert json.loads(written.read_text())["max_batch_size"] == 32
+    assert json.loads(written.read_text())["execution"] == "members"
+    assert sorted(path.name for path in (repository / "m").iterdir()) == ["1", "2", "config.json"]

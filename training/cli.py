@@ -12,10 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from artefact.config import CONFIG_FILE, ConfigError, parse, read_config, set_key, write_config
 from training.errors import UsageError
 
 if TYPE_CHECKING:
@@ -167,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 0.95, 0.97 and 0.99)")
     export.add_argument("--default-target-accuracy", type=float, default=0.99,
                         help="the target accuracy of a request that names none (default 0.99; one of the targets)")
+    export.add_argument("--config", dest="serving", action="append", default=[], metavar="KEY=VALUE|FILE",
+                        help="the ensemble's serving settings, written to <out>/<name>/config.json over the one "
+                             "there (repeatable): a JSON file of them, or one KEY=VALUE (max_batch_size=16, "
+                             "members=2, dynamic_batching.max_queue_delay_microseconds=500; docs/serving.md lists "
+                             "the keys); checked before the export starts")
     points = export.add_mutually_exclusive_group()
     points.add_argument("--points", type=_t_list, help="curve runs: the members' t, e.g. 0.25,0.5,0.75")
     points.add_argument("--num-points", type=int,
@@ -258,10 +264,27 @@ def _curve_eval(args: argparse.Namespace) -> str:
     ])
 
 
+def _serving_config(folder: Path, items: Sequence[str]) -> dict[str, Any] | None:
+    """The config.json `--config` asks for: the one in `folder` with each file's and KEY=VALUE's settings over it,
+    checked; None without --config."""
+    if not items:
+        return None
+    existing = folder / CONFIG_FILE
+    try:
+        config = read_config(existing) if existing.is_file() else {}
+        for item in items:
+            config = set_key(config, item) if "=" in item else {**config, **read_config(Path(item))}
+        parse(json.dumps(config), f"--config ({folder.name}/{CONFIG_FILE})", folder.name)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    return config
+
+
 def _export(args: argparse.Namespace) -> str:
     from training.config import ExportConfig
     from training.export import export_ensemble
 
+    serving = _serving_config(args.out / args.name, args.serving)
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
                           overwrite=args.overwrite, points=args.points, num_points=args.num_points,
                           front=args.front, member_order=args.member_order,
@@ -274,7 +297,10 @@ def _export(args: argparse.Namespace) -> str:
                           variant_accuracy_tolerance=args.variant_accuracy_tolerance,
                           target_accuracies=args.target_accuracies or [0.95, 0.97, 0.99],
                           default_target_accuracy=args.default_target_accuracy)
-    return json.dumps(export_ensemble(config).report().model_dump(mode="json", exclude_none=True))
+    report = export_ensemble(config).report().model_dump(mode="json", exclude_none=True)
+    if serving is not None:
+        report["config"] = str(write_config(args.out / args.name, serving))
+    return json.dumps(report)
 
 
 # What runs as several processes under torchrun; the others read a run and write one output.

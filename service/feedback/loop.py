@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -81,8 +81,11 @@ class CalibrationWindow:
 class Feedback:
     """The server's feedback: its store (None when feedback is off) and a window per model version."""
 
-    def __init__(self, store: Store | None, window: int, observer: Observer, replica: str = "") -> None:
+    def __init__(self, store: Store | None, window: int, observer: Observer, replica: str = "",
+                 sizes: Callable[[str], int] | None = None) -> None:
+        """`window`: labels a version's window holds, unless `sizes` gives a model's own (its config.json's)."""
         self.store, self.window, self._observer, self.replica = store, window, observer, replica
+        self.sizes = sizes
         self._windows: dict[tuple[str, int], CalibrationWindow] = {}
         self._guard = threading.Lock()
 
@@ -101,6 +104,10 @@ class Feedback:
         if self.store is not None and self.keeps(request_id):
             self.store.remember(Prediction(caller, model, request_id, version, answer, served_at))
 
+    def size(self, model: str) -> int:
+        """Labels the calibration windows of `model` hold."""
+        return self.sizes(model) if self.sizes is not None else self.window
+
     def window_of(self, model: str, version: int) -> CalibrationWindow | None:
         """The calibration window of a model version; None before its first label."""
         return self._windows.get((model, version))
@@ -114,13 +121,13 @@ class Feedback:
         from a worker thread)."""
         if self.store is None or not self.shared:
             return
-        stored = self.store.window(model, version, self.window)
+        stored = self.store.window(model, version, self.size(model))
         if stored is None or not len(stored):
             return
         with self._guard:
             if (model, version) in self._windows:
                 return  # labels arrived meanwhile: the window is live already
-            window = self._windows[(model, version)] = CalibrationWindow(self.window)
+            window = self._windows[(model, version)] = CalibrationWindow(self.size(model))
         for probabilities, members, used, true_class in zip(stored.probabilities, stored.members, stored.used,
                                                              stored.labels, strict=True):
             window.add(probabilities, members, int(used), int(true_class))
@@ -130,7 +137,7 @@ class Feedback:
         """The labels to fit a temperature on: the store's last `window` labels of the version where the store is
         shared (the fleet's), else this server's window. Blocking with a shared store."""
         if self.store is not None and self.shared:
-            stored = self.store.window(model, version, self.window)
+            stored = self.store.window(model, version, self.size(model))
             if stored is not None:
                 return stored
         window = self._windows.get((model, version))
@@ -165,7 +172,7 @@ class Feedback:
             with self._guard:
                 window = self._windows.get(key)
                 if window is None:
-                    window = self._windows[key] = CalibrationWindow(self.window)
+                    window = self._windows[key] = CalibrationWindow(self.size(label.model))
             scored = window.add(label.probabilities, label.member_probabilities, label.used, label.true_class)
             self._observer.observe_label(label.model, label.version, scored)
             touched[key] = window

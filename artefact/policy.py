@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from service.errors import InvalidInput
+
+class PolicyError(ValueError):
+    """A version policy that cannot be read; the message says what is accepted."""
+
 
 MAX_VERSIONS = 64
 """Most versions one policy may name or keep."""
@@ -63,7 +66,7 @@ class VersionPolicy:
                 return cls._checked("specific", versions=tuple(int(v) for v in argument.split(",")))
         except ValueError:
             pass
-        raise InvalidInput(f"version policy {text[:100]!r}: use 'latest:N', 'all' or 'specific:V[,V...]'")
+        raise PolicyError(f"version policy {text[:100]!r}: use 'latest:N', 'all' or 'specific:V[,V...]'")
 
     @classmethod
     def from_config(cls, text: str, where: str) -> VersionPolicy | None:
@@ -72,26 +75,26 @@ class VersionPolicy:
         try:
             config = json.loads(text)
         except (ValueError, RecursionError):
-            raise InvalidInput(f"{where} is not JSON") from None
+            raise PolicyError(f"{where} is not JSON") from None
         if not isinstance(config, dict):
-            raise InvalidInput(f"{where} must be a JSON object")
+            raise PolicyError(f"{where} must be a JSON object")
         unknown = sorted(set(config) - {"version_policy"})
         if unknown:
-            raise InvalidInput(f"{where}: only 'version_policy' can be set, not {', '.join(unknown)[:100]}")
+            raise PolicyError(f"{where}: only 'version_policy' can be set, not {', '.join(unknown)[:100]}")
         policy = config.get("version_policy")
         if policy is None:
             return None
-        return cls._from_json(policy, where)
+        return cls.from_json(policy, where)
 
     @classmethod
-    def _from_json(cls, policy: Any, where: str) -> VersionPolicy:
+    def from_json(cls, policy: Any, where: str) -> VersionPolicy:
         usage = (f"{where}: version_policy must be one of {{\"latest\": {{\"num_versions\": N}}}}, {{\"all\": {{}}}}, "
                  "{\"specific\": {\"versions\": [V, ...]}}")
         if not isinstance(policy, dict) or len(policy) != 1:
-            raise InvalidInput(usage)
+            raise PolicyError(usage)
         (kind, body), = policy.items()
         if not isinstance(body, dict):
-            raise InvalidInput(usage)
+            raise PolicyError(usage)
         if kind == "latest" and set(body) <= {"num_versions"}:
             count = body.get("num_versions", 1)
             if isinstance(count, int) and not isinstance(count, bool):
@@ -102,15 +105,15 @@ class VersionPolicy:
             versions = body["versions"]
             if isinstance(versions, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
                 return cls._checked("specific", versions=tuple(versions))
-        raise InvalidInput(usage)
+        raise PolicyError(usage)
 
     @classmethod
     def _checked(cls, kind: Literal["latest", "specific"], count: int = 1,
                  versions: tuple[int, ...] = ()) -> VersionPolicy:
         if kind == "latest" and not 1 <= count <= MAX_VERSIONS:
-            raise InvalidInput(f"version policy latest:{count}: serve 1 to {MAX_VERSIONS} of the newest versions")
+            raise PolicyError(f"version policy latest:{count}: serve 1 to {MAX_VERSIONS} of the newest versions")
         if kind == "specific" and not (0 < len(versions) <= MAX_VERSIONS and all(v >= 1 for v in versions)):
-            raise InvalidInput(f"version policy specific: name 1 to {MAX_VERSIONS} versions, each 1 or more")
+            raise PolicyError(f"version policy specific: name 1 to {MAX_VERSIONS} versions, each 1 or more")
         return cls(kind, count, tuple(sorted(set(versions))))
 
 

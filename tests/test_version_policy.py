@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import InvalidInput
-from service.policy import VersionPolicy
+from artefact.policy import PolicyError, VersionPolicy
 
 
 @pytest.mark.parametrize(("text", "on_disk", "candidates", "wanted"), [
@@ -22,7 +21,7 @@ def test_a_policy_chooses_its_candidates_newest_first(text: str, on_disk: list[i
 
 @pytest.mark.parametrize("text", ["latest:0", "latest:x", "all:3", "specific:", "specific:0", "newest", "latest:99"])
 def test_bad_policies_are_refused(text: str) -> None:
-    with pytest.raises(InvalidInput, match="version policy"):
+    with pytest.raises(PolicyError, match="version policy"):
         VersionPolicy.parse(text)
 
 
@@ -46,5 +45,5 @@ def test_triton_json_configs() -> None:
     ("[" * 100_000, "not JSON"),
 ])
 def test_bad_json_configs_say_what_is_wrong(text: str, words: str) -> None:
-    with pytest.raises(InvalidInput, match=words):
+    with pytest.raises(PolicyError, match=words):
         VersionPolicy.from_config(text, "c")
