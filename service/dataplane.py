@@ -13,7 +13,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -25,7 +25,7 @@ import numpy as np
 from artefact.calibration import TEMPERATURE_RANGE
 from artefact.config import PLATFORM
 from artefact.manifest import OUTPUTS, TensorSpec
-from service.abstention import ABSTAIN, target_of
+from service.abstention import ABSTAIN
 from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.classification import class_count, top_classes
 from service.codec import Expect
@@ -50,6 +50,7 @@ from service.modelconfig import model_config, unchanged
 from service.observer import Observer
 from service.recalibrate import Suggestion, applied, lock_name, publish, suggest, withdraw
 from service.repository import IndexEntry, Repository, ServedModel, State
+from service.request import Parameter, RequestOptions, request_options
 from service.statistics import ModelStatistics
 
 SERVER_NAME = "valley"
@@ -59,7 +60,6 @@ EXTENSIONS = ("classification", "model_configuration", "model_repository", "stat
 SERVED_OUTPUTS = (*OUTPUTS, MEMBERS_USED)
 # Outputs sent when a request names none: all but the large per-member tensor, as in DESIGN §5.
 DEFAULT_OUTPUTS = tuple(name for name in SERVED_OUTPUTS if name != "member_probabilities")
-Parameter = bool | int | float | str
 # What feedback keeps of a request with an id: enough to score its labels and to refit the temperature on them.
 KEPT = ("probabilities", "member_probabilities", MEMBERS_USED)
 # Lookups of a request whose version retired before it was queued (each retry finds the version swapped in).
@@ -88,17 +88,16 @@ class InferenceRequest:
     decode: Callable[[Expect], Tensors]
     """Turns the wire tensors into arrays, each declaration checked by the `Expect` before its data is read;
     called once the model is known, so a request for an unknown model is NOT_FOUND whatever its tensors hold."""
+    parameters: Mapping[str, Parameter] = field(default_factory=dict)
+    """The request-level parameters as sent, read by `service.request` once the model is known."""
     deadline: float | None = None
-    """The `time.monotonic()` instant after which the answer is useless."""
+    """The transport's `time.monotonic()` deadline (gRPC's), if it has one; the `timeout` parameter may bring it
+    nearer."""
     caller: str = ""
     """Who sent it (a token's fingerprint): only that caller may label what it was served."""
     heavy: bool = False
     """Decoding converts many typed values: it runs in a worker thread, so the event loop (and every health
     probe) never waits on it."""
-    members: str | int | None = None
-    """The request's `members` parameter: which members answer it (`service.members`); None: the server's default."""
-    target_accuracy: bool | int | float | str | None = None
-    """The request's `target_accuracy` parameter, as sent (`service.abstention`); None: the model's default."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +269,8 @@ class DataPlane:
 
     async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
         try:
-            pixels, outputs, classes, chosen, target = await self._checked(model, request)
+            options = request_options(request.parameters, request.deadline)
+            pixels, outputs, classes, chosen, target = await self._checked(model, request, options)
             keep = self.feedback.keeps(request.id)
             abstention = model.abstention if ABSTAIN in outputs else None
             # What the observer and the feedback need is computed for every image, whatever the client asked.
@@ -278,7 +278,7 @@ class DataPlane:
             needed = [*(name for name in outputs if name != ABSTAIN), *signals,
                       *(drift_needs(model.ensemble.manifest) if signals else ()),
                       *(abstention.needs if abstention is not None else ()), *(KEPT if keep else ())]
-            answer = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), request.deadline, chosen)
+            answer = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), options.deadline, chosen)
             results = answer.outputs
             if abstention is not None:
                 results[ABSTAIN] = flags = abstention.flags(results, target)
@@ -303,21 +303,20 @@ class DataPlane:
                     for name in outputs}
         return InferenceResponse(model.name, str(model.version), request.id, answered, parameters)
 
-    async def _checked(self, model: ServedModel, request: InferenceRequest
+    async def _checked(self, model: ServedModel, request: InferenceRequest, options: RequestOptions
                        ) -> tuple[np.ndarray, tuple[str, ...], dict[str, int], Plan, float]:
         """The request's pixels, outputs, class counts (classification), plan and target accuracy, or `InvalidInput`
         naming what does not fit: the one place requests are checked before they can join a batch. Declarations are
         checked before any data is read."""
         ensemble = model.ensemble
-        chosen = model.default_plan if request.members is None else plan(ensemble.manifest, request.members, True)
+        chosen = model.default_plan if options.members is None else plan(ensemble.manifest, options.members, True)
         spec = ensemble.manifest.input
         abstention = model.abstention
-        if abstention is None and request.target_accuracy is not None:
+        if abstention is None and options.target_accuracy is not None:
             raise InvalidInput(f"parameter '{TARGET_PARAMETER}': {_no_selective(model)}")
         target = 0.0
         if abstention is not None:
-            target = abstention.default_target if request.target_accuracy is None else \
-                target_of(request.target_accuracy)
+            target = abstention.default_target if options.target_accuracy is None else options.target_accuracy
 
         def expect(name: str, datatype: str, shape: tuple[int, ...]) -> None:
             ensemble.check_input(name, datatype, shape)

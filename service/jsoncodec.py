@@ -35,8 +35,9 @@ from service.codec import (
     raw_bytes,
     refuse_shared_memory,
 )
-from service.dataplane import Parameter, Tensors
+from service.dataplane import Tensors
 from service.errors import InvalidInput, check_length
+from service.request import Parameter
 
 HEADER_LENGTH = "inference-header-content-length"
 """The header giving the JSON part's size when binary data follows it (Triton's binary-data extension)."""

@@ -33,7 +33,6 @@ import inspect
 import logging
 import socket
 import ssl
-import time
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -44,13 +43,12 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import jsoncodec
-from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.concurrency import UNLIMITED, ConcurrencyLimit
 from service.dataplane import DataPlane, InferenceRequest, ModelMetadata, NamedStatistics
 from service.errors import HTTP_STATUS, InvalidInput, Status, answer_of, shown
 from service.feedback import MAX_LABELS, Label
-from service.members import PARAMETER, requested
 from service.recalibrate import Suggestion
+from service.request import BINARY_OUTPUT
 from service.security import CALLER, OPEN, Authorizer
 from service.settings import Settings
 from service.statistics import Duration
@@ -183,16 +181,6 @@ def _suggestion(name: str, version: int, suggestion: Suggestion) -> dict[str, An
             "current": suggestion.current_metrics, "suggested": suggestion.suggested_metrics}
 
 
-def _deadline(parameters: dict[str, Any]) -> float | None:
-    """The `timeout` parameter (microseconds, as Triton's clients send it) as a monotonic instant."""
-    timeout = parameters.get("timeout")
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise InvalidInput(f"parameter 'timeout' must be a number of microseconds, got {timeout!r}")
-    return time.monotonic() + timeout / 1e6 if timeout else None
-
-
 # -- the application --------------------------------------------------------------------------
 
 
@@ -309,13 +297,11 @@ class Frontend:
         header = parsed.header
         request_id = jsoncodec.text(header.get("id", ""), "id")
         parameters = jsoncodec.parameters(header, "the request")
-        binary_default = parameters.get(jsoncodec.BINARY_OUTPUT, False)
-        if not isinstance(binary_default, bool):
-            raise InvalidInput(f"parameter '{jsoncodec.BINARY_OUTPUT}' must be true or false, got {binary_default!r}")
         answer = await self.dataplane.infer(InferenceRequest(
-            name, version, request_id, lambda expect: jsoncodec.decode(parsed, expect), _deadline(parameters),
-            CALLER.get().principal, heavy=heavy, members=requested(parameters.get(PARAMETER)),
-            target_accuracy=parameters.get(TARGET_PARAMETER)))
+            name, version, request_id, lambda expect: jsoncodec.decode(parsed, expect), parameters,
+            caller=CALLER.get().principal, heavy=heavy))
+        # The data plane checked the parameters: binary_data_output is a boolean where it is given.
+        binary_default = bool(parameters.get(BINARY_OUTPUT, False))
         encode = functools.partial(jsoncodec.encode, answer.model, answer.version, answer.id, answer.outputs,
                                    answer.parameters, jsoncodec.binary_outputs(header, binary_default))
         large = sum(array.size for array in answer.outputs.values()) > jsoncodec.VALUES_ON_LOOP

@@ -28,7 +28,6 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.classification import PARAMETER as CLASSIFICATION
 from service.codec import (
     MAX_TENSORS,
@@ -40,7 +39,7 @@ from service.codec import (
     typed_values,
 )
 from service.concurrency import UNLIMITED, ConcurrencyLimit
-from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Parameter, Tensors
+from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
 from service.errors import (
     MAX_NAME_CHARS,
     InvalidInput,
@@ -51,8 +50,8 @@ from service.errors import (
     shown,
 )
 from service.feedback import MAX_LABELS, Label
-from service.members import PARAMETER, requested
 from service.recalibrate import Suggestion
+from service.request import Parameter
 from service.security import CALLER, OPEN, Authorizer
 from service.statistics import Duration
 
@@ -214,22 +213,10 @@ def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
     return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs), classification)
 
 
-def _deadline(request: pb.ModelInferRequest, context: Context) -> float | None:
-    """The monotonic instant after which the answer is useless: the gRPC deadline or the `timeout` parameter."""
-    deadlines = []
+def _deadline(context: Context) -> float | None:
+    """The gRPC deadline as a monotonic instant."""
     remaining = context.time_remaining()
-    if remaining is not None:
-        deadlines.append(time.monotonic() + remaining)
-    if "timeout" in request.parameters:
-        microseconds = request.parameters["timeout"].int64_param
-        if microseconds > 0:
-            deadlines.append(time.monotonic() + microseconds / 1e6)
-    return min(deadlines) if deadlines else None
-
-
-def _parameter(request: pb.ModelInferRequest, name: str) -> bool | int | float | str | None:
-    """A request parameter's value as sent, of whichever kind; None when absent."""
-    return _value(request.parameters[name]) if name in request.parameters else None
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _value(parameter: pb.InferParameter) -> bool | int | float | str:
@@ -240,11 +227,13 @@ def _value(parameter: pb.InferParameter) -> bool | int | float | str:
 
 
 def _inference_request(request: pb.ModelInferRequest, context: Context) -> InferenceRequest:
+    if len(request.parameters) > MAX_TENSORS * 4:
+        raise InvalidInput(f"the request has {len(request.parameters)} parameters; at most {MAX_TENSORS * 4} are "
+                           "taken")
     return InferenceRequest(request.model_name, request.model_version, request.id,
-                            functools.partial(_tensors, request), _deadline(request, context), CALLER.get().principal,
-                            heavy=typed_values(request) > TYPED_ON_LOOP,
-                            members=requested(_parameter(request, PARAMETER)),
-                            target_accuracy=_parameter(request, TARGET_PARAMETER))
+                            functools.partial(_tensors, request),
+                            {key: _value(value) for key, value in request.parameters.items()}, _deadline(context),
+                            CALLER.get().principal, heavy=typed_values(request) > TYPED_ON_LOOP)
 
 
 def _set_parameters(target: MutableMapping[str, pb.InferParameter], parameters: dict[str, Parameter]) -> None:

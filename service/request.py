@@ -1,0 +1,65 @@
+"""An inference request's own parameters, whatever transport carried them, read and checked in one place.
+
+Both transports hand the request-level parameters over as sent (gRPC's `InferParameter` values,
+HTTP's JSON `parameters` object: booleans, numbers and strings), so a malformed one gets the same
+status and message over either: `timeout` (microseconds, as Triton's clients send it),
+`members` (`service.members`), `target_accuracy` (`service.abstention`) and
+`binary_data_output` (HTTP's default for outputs; over gRPC every output is binary, but the value
+is still checked). Parameters valley does not know are ignored, as Triton does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service.abstention import PARAMETER as TARGET_PARAMETER
+from service.abstention import target_of
+from service.errors import InvalidInput
+from service.members import PARAMETER as MEMBERS_PARAMETER
+from service.members import requested
+
+Parameter = bool | int | float | str
+TIMEOUT = "timeout"
+BINARY_OUTPUT = "binary_data_output"
+MAX_TIMEOUT_US = 86_400 * 10**6
+"""Longest `timeout` taken (a day): beyond it a number is a mistake, not a wish."""
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What a request's parameters ask for, checked."""
+
+    deadline: float | None = None
+    """The `time.monotonic()` instant after which the answer is useless: the earlier of the transport's deadline
+    (gRPC's) and the `timeout` parameter."""
+    members: str | int | None = None
+    """Which members answer (`service.members.plan` checks it against the model); None: the model's default."""
+    target_accuracy: float | None = None
+    """The abstention target; None: the model's default."""
+    binary_output: bool = False
+
+
+def _timeout(value: Parameter) -> float | None:
+    """`timeout` in seconds (None for 0: no bound)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON writes some whole numbers as 1e6
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMEOUT_US:
+        shown = repr(value)[:40]
+        raise InvalidInput(f"parameter '{TIMEOUT}' must be a whole number of microseconds from 0 (no bound) to "
+                           f"{MAX_TIMEOUT_US}, got {shown}")
+    return value / 1e6 if value else None
+
+
+def request_options(parameters: Mapping[str, Parameter], transport_deadline: float | None = None) -> RequestOptions:
+    """The request's parameters read once; `InvalidInput` naming the first malformed one and what it takes."""
+    deadlines = [] if transport_deadline is None else [transport_deadline]
+    if TIMEOUT in parameters and (seconds := _timeout(parameters[TIMEOUT])) is not None:
+        deadlines.append(time.monotonic() + seconds)
+    binary = parameters.get(BINARY_OUTPUT, False)
+    if not isinstance(binary, bool):
+        raise InvalidInput(f"parameter '{BINARY_OUTPUT}' must be true or false, got {repr(binary)[:40]}")
+    target = parameters.get(TARGET_PARAMETER)
+    return RequestOptions(min(deadlines) if deadlines else None, requested(parameters.get(MEMBERS_PARAMETER)),
+                          None if target is None else target_of(target), binary)
