@@ -11,16 +11,21 @@ next batch. Every finished run goes into the model's statistics and to the obser
 
 The queue is bounded by count and by waiting time (Triton's queue policy with REJECT): a
 full queue is refused at once (`QueueFull`); so is a request that would wait longer than
-`max_queue_wait`, as estimated from the images ahead of it and the recent run times
-(`QueueWait`); and a request that did wait longer is refused when it is taken, before
-compute. An overloaded model answers UNAVAILABLE within microseconds, and the requests it
-accepts are answered within the bound.
+`ADMIT_SHARE` of `max_queue_wait` (`QueueWait`), as estimated from the images ahead of it and
+the rate the queue is measured to drain at (each instance's images per cycle, taken to taken,
+while a backlog keeps it busy: compute, collecting and answering included); and a request that
+did wait longer than the bound is refused when it is taken, before compute. Under overload the
+queue settles where the estimate meets the admission bound, so without the margin about half the
+requests admitted there would wait past the bound and be refused only after waiting it; with it,
+only a sudden slowdown does that. An overloaded model answers UNAVAILABLE within a millisecond,
+and the requests it accepts are answered within the bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +41,14 @@ from service.observer import NULL_OBSERVER, Observer
 from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
+
+ADMIT_SHARE = 0.8
+"""A request is admitted while its expected wait is within this share of the wait bound: the rest of the bound
+absorbs the estimate's noise, so admitted requests are served, not refused after waiting."""
+RATE_SECONDS = 0.5
+"""The measured rate's memory: a cycle weighs by its length, so the rate averages about the last half second of
+busy cycles whether they are 3 or 300 ms long (a change of load shows within a second, one slow cycle does not
+swing it)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,15 @@ class DynamicBatcher:
         self.degraded, self.degrade_after = degraded, degrade_after
         self._queued_images = 0
         self._run_seconds = 0.0
-        """Recent model runs' mean time (exponentially weighted): what each batch ahead of a request costs."""
+        """Recent model runs' mean time (exponentially weighted): the estimate before any rate is measured."""
+        self._cycle_images = [0.0] * len(runs)
+        self._cycle_seconds = [0.0] * len(runs)
+        """Each instance's recent images per batch and seconds from one batch taken to the next (exponentially
+        weighted), measured while a backlog keeps it busy."""
+        self._taken = [(0.0, 0)] * len(runs)
+        """When each instance last took a batch, and how many images."""
+        self._backlogged = [False] * len(runs)
+        """Whether requests were waiting when each instance finished its last batch."""
         self._runs, self._model, self._observer = list(runs), model, observer
         self.statistics = ModelStatistics()
         self.max_batch_size, self.max_queue_delay = max_batch_size, max_queue_delay
@@ -165,10 +186,23 @@ class DynamicBatcher:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
+    def service_rate(self) -> float:
+        """Images per second the queue drains at when busy: the instances' measured rates summed (instances not
+        measured yet counted at the measured ones' mean); 0 before any is measured."""
+        rates = [images / seconds for images, seconds in zip(self._cycle_images, self._cycle_seconds, strict=True)
+                 if seconds > 0]
+        return sum(rates) / len(rates) * len(self._runs) if rates else 0.0
+
     def expected_wait(self) -> float:
-        """Seconds a request queued now would wait for its run to start: the batches queued ahead of it, shared
-        among the instances, at the recent run time. Zero with nothing queued, so an idle model always takes a
-        request, and run times measured under an old load cannot keep refusing once the queue has drained."""
+        """Seconds a request queued now would wait to be taken: the images queued ahead of it at the measured
+        service rate (before one is measured, the batches ahead at the recent run time, shared among the
+        instances). Zero with nothing queued, so an idle model always takes a request, and rates measured under an
+        old load cannot keep refusing once the queue has drained."""
+        if not self._queued_images:
+            return 0.0
+        rate = self.service_rate()
+        if rate > 0:
+            return self._queued_images / rate
         batches = -(-self._queued_images // self.max_batch_size)
         return batches * self._run_seconds / len(self._runs)
 
@@ -179,10 +213,10 @@ class DynamicBatcher:
         if self._stopping:
             raise Retired(f"version {self._model.version} of {self._model.name!r} stopped taking requests")
         images = int(pixels.shape[0])
-        if self.max_queue_wait is not None and (wait := self.expected_wait()) > self.max_queue_wait:
+        if self.max_queue_wait is not None and (wait := self.expected_wait()) > ADMIT_SHARE * self.max_queue_wait:
             self._refuse("queue_wait")
             raise QueueWait(f"the model is overloaded: a request queued now would wait about "
-                            f"{wait * 1e3:.0f} ms, over this server's bound of "
+                            f"{wait * 1e3:.0f} ms, near or over this server's bound of "
                             f"{self.max_queue_wait * 1e3:.0f} ms; retry later or on another replica")
         pending = _Pending(pixels, tuple(outputs), deadline, asyncio.get_running_loop().create_future(), plan)
         try:
@@ -196,8 +230,10 @@ class DynamicBatcher:
     def _refuse(self, reason: str) -> None:
         self._observer.observe_refusal(self._model.name, str(self._model.version), reason)
 
-    async def _collect(self) -> list[_Pending]:
-        """The next batch; a request that does not fit is kept to open the one after."""
+    async def _collect(self, instance: int) -> list[_Pending]:
+        """The next batch for `instance`; a request that does not fit is kept to open the one after."""
+        # Requests waited both when it finished its last batch and now that it collects: it never idled between.
+        busy = self._backlogged[instance] and (self._carry is not None or not self._queue.empty())
         first, self._carry = self._carry, None
         if first is None:
             first = await self._queue.get()
@@ -224,7 +260,22 @@ class DynamicBatcher:
                 break
             batch.append(item)
             images += item.pixels.shape[0]
+        self._measure(instance, busy, images)
         return batch
+
+    def _measure(self, instance: int, busy: bool, images: int) -> None:
+        """A batch of `images` was taken by `instance`; `busy`: requests were waiting all along, so the time since
+        it took its last batch was all work (that batch's run and answers, waiting its turn to collect, collecting),
+        no idling."""
+        now = time.monotonic()
+        last, last_images = self._taken[instance]
+        self._taken[instance] = (now, images)
+        if not busy or not last:
+            return
+        seconds = now - last
+        weight = 1.0 if self._cycle_seconds[instance] == 0 else -math.expm1(-seconds / RATE_SECONDS)
+        self._cycle_images[instance] += weight * (last_images - self._cycle_images[instance])
+        self._cycle_seconds[instance] += weight * (seconds - self._cycle_seconds[instance])
 
     async def _serve(self, instance: int) -> None:
         loop = asyncio.get_running_loop()
@@ -232,7 +283,7 @@ class DynamicBatcher:
             # One worker collects at a time: idle instances would otherwise split the traffic
             # into small batches. The others wait here and take the next batch in turn.
             async with self._collecting:
-                batch = await self._collect()
+                batch = await self._collect(instance)
             try:
                 await self._run_batch(loop, batch, self._runs[instance], self._executors[instance])
             except Exception as error:  # a bug here must not stop the worker: fail this batch, go on
@@ -241,6 +292,7 @@ class DynamicBatcher:
                     if not item.future.done():
                         item.future.set_exception(error)
             finally:
+                self._backlogged[instance] = self._carry is not None or not self._queue.empty()
                 for _ in batch:
                     self._queue.task_done()
 

@@ -222,6 +222,39 @@ def test_a_request_that_would_wait_past_the_bound_is_refused_at_once(ensemble: E
     assert refusals.reasons and set(refusals.reasons) == {"queue_wait"}
 
 
+class SlowAnswers(NullObserver):
+    """Blocks the event loop after every run, as answering many requests does: work outside the model run."""
+
+    def observe_batch(self, name: str, version: int, classes: Sequence[str], record: BatchRecord) -> None:
+        time.sleep(0.03)
+
+
+def test_the_wait_is_estimated_from_the_measured_service_rate_not_the_run_time(ensemble: Ensemble) -> None:
+    def run(pixels: np.ndarray, outputs: Sequence[str], segments: Sequence[Segment]) -> RunOutput:
+        time.sleep(0.02)
+        return ensemble.run(pixels, outputs, segments)
+
+    async def main() -> tuple[float, float, float]:
+        batcher = DynamicBatcher([run], max_batch_size=2, max_queue_delay=0, observer=SlowAnswers())
+        batcher.start()
+        assert batcher.service_rate() == 0, "nothing measured before a backlog"
+        await asyncio.gather(*(batcher.submit(_images(2, seed), ["confidence"]) for seed in range(12)))
+        rate = batcher.service_rate()
+        held = asyncio.ensure_future(batcher.submit(_images(2, 99), ["confidence"]))
+        queued = [asyncio.ensure_future(batcher.submit(_images(2, seed), ["confidence"])) for seed in range(10)]
+        await asyncio.sleep(0)
+        wait = batcher.expected_wait()
+        await asyncio.gather(held, *queued)
+        await batcher.stop()
+        return rate, wait, batcher._run_seconds
+
+    rate, wait, run_seconds = asyncio.run(main())
+    # Each batch of 2 takes 20 ms to run and 30 ms to answer: 40 images/s, where the run time alone says 100.
+    assert 25 < rate < 50, rate
+    assert 2 / run_seconds > 70, "the run time alone would promise more than twice the rate"
+    assert wait == pytest.approx(20 / rate, rel=0.15), "the images queued, at the measured rate"
+
+
 def test_a_request_that_waited_past_the_bound_is_refused_before_compute(ensemble: Ensemble) -> None:
     run = Gate(ensemble.run)
 
