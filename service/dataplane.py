@@ -25,6 +25,7 @@ import numpy as np
 from artefact.calibration import TEMPERATURE_RANGE
 from artefact.config import PLATFORM
 from artefact.manifest import OUTPUTS, TensorSpec
+from artefact.repository import withdraw
 from service.abstention import ABSTAIN
 from service.abstention import PARAMETER as TARGET_PARAMETER
 from service.classification import class_count, top_classes
@@ -48,7 +49,7 @@ from service.feedback import CalibrationWindow, Feedback, Label, LabelledWindow,
 from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.modelconfig import model_config, unchanged
 from service.observer import Observer
-from service.recalibrate import Suggestion, applied, lock_name, publish, suggest, withdraw
+from service.recalibrate import Suggestion, applied, lock_name, publish, suggest
 from service.repository import IndexEntry, Repository, ServedModel, State
 from service.request import Parameter, RequestOptions, request_options
 from service.statistics import ModelStatistics

@@ -21,10 +21,8 @@ repository's, as for any version.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +42,8 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
+from artefact.repository import RECALIBRATING, next_version, staging_folder
+from artefact.repository import publish as publish_version
 from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax, with_front
 from service.ensemble import create_session
 from service.errors import LoadFailed
@@ -121,11 +121,6 @@ def applied(suggestion: Suggestion, window: LabelledWindow, served: float, tempe
     return chosen, live_metrics(window, served, chosen)
 
 
-def _next_version(folder: Path) -> int:
-    versions = [int(entry.name) for entry in folder.iterdir() if entry.name.isdigit()]
-    return max(versions, default=0) + 1
-
-
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
@@ -181,14 +176,6 @@ def _front_at(manifest: Manifest, directory: Path, temperature: float) -> FrontS
                                     "sample_probabilities": [[float(p) for p in row] for row in probabilities]})
 
 
-def withdraw(version_dir: Path) -> Path:
-    """Move a published version that was refused out of the repository's sight (a hidden name beside it), so it is
-    not tried again at every poll or restart and its number is not skipped; kept for whoever looks into why."""
-    hidden = version_dir.with_name(f".refused-{version_dir.name}-{uuid.uuid4().hex[:8]}")
-    version_dir.rename(hidden)
-    return hidden
-
-
 def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after: dict[str, float],
             caller: str = "") -> Path:
     """Write a new version of the ensemble in `parent_dir` with `temperature` (`after`: what it does to the live
@@ -199,8 +186,7 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
         raise LoadFailed(f"the serving version's manifest can no longer be read, so it cannot be recalibrated: "
                          f"{error}") from error
     folder = parent_dir.parent
-    staging = folder / f".recalibrating-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+    staging = staging_folder(folder, RECALIBRATING)
     try:
         fused_files = {parent.fused.file, *(variant.fused.file for variant in parent.variants)}
         for entry in parent.files():
@@ -213,7 +199,7 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
         record = Recalibration(parent_version=parent.version, parent_temperature=parent.temperature,
                                labels=suggestion.labels, live_before=suggestion.current_metrics,
                                live_after=after, created_by=caller)
-        version = _next_version(folder)
+        version = next_version(folder)
         manifest = parent.model_copy(update={
             "version": version, "created": datetime.now(UTC), "temperature": temperature,
             "fused": rewritten[parent.fused.file],
@@ -233,12 +219,10 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
             write_manifest(manifest, staging)
             target = folder / str(version)
             try:
-                staging.rename(target)  # fails if the version appeared meanwhile: nothing is overwritten
+                publish_version(staging, target)  # fails if the version appeared meanwhile: nothing is overwritten
                 return target
-            except OSError as error:
-                if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
-                version = _next_version(folder)  # another publisher (a replica on a shared volume) took it
+            except FileExistsError:
+                version = next_version(folder)  # another publisher (a replica on a shared volume) took it
         raise LoadFailed(f"version numbers kept being taken while publishing into {folder.name}: try again")
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from artefact.calibration import TEMPERATURE_RANGE
 from artefact.manifest import ManifestError, load_manifest
+from artefact.repository import published_versions, withdraw
 from service.ensemble import load_ensemble
 from service.feedback import StoreConfigError, open_store
 from service.feedback.core import Store
 from service.feedback.urls import redact
-from service.recalibrate import applied, lock_name, publish, suggest, withdraw
+from service.recalibrate import applied, lock_name, publish, suggest
 
 # The manifest's rule for ensemble names: a name is one folder of the repository, never a path.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -49,8 +50,7 @@ def newest_version(repository: Path, model: str) -> Path:
     folder = repository / model
     if not folder.is_dir():
         raise Refused(f"the repository {repository} has no model {model!r}")
-    versions = sorted((int(entry.name) for entry in folder.iterdir() if entry.name.isdigit()), reverse=True)
-    for version in versions:
+    for version in reversed(published_versions(folder)):
         try:
             load_manifest(folder / str(version))
         except ManifestError as error:

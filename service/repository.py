@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from artefact.cascade import Cascade
 from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, parse
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from artefact.policy import PolicyError, VersionPolicy
+from artefact.repository import NAME, VERSION, tidy
 from service.abstention import Abstention
 from service.batching import DynamicBatcher, ModelKey
 from service.cpus import lower_thread_priority
@@ -54,10 +54,6 @@ from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-VERSION = re.compile(r"[1-9][0-9]{0,8}")
-"""A version folder's name, and a request's version: a positive integer in its one spelling (not "01", not "²")."""
-"""An ensemble's name: a folder name (never a path), short enough for every file system."""
 T = TypeVar("T")
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -212,6 +208,20 @@ class Repository:
         self._reported: set[Oddity] = set()
 
     # -- what is on disk ------------------------------------------------------------------
+
+    def tidy(self) -> None:
+        """Clean what killed exports, recalibrations and replacements left (`artefact.repository.tidy`), logged
+        once; a repository the server cannot write (mounted read-only) is left as it is."""
+        try:
+            done = tidy(self.root)
+        except OSError as error:  # the repository itself cannot be listed: the scan says so
+            log.debug("the repository was not tidied: %s", error)
+            return
+        if done.failed:
+            log.warning("the repository holds leftovers of interrupted exports or recalibrations: %s",
+                        done.summary())
+        elif done:
+            log.info("the repository's leftovers of interrupted exports or recalibrations: %s", done.summary())
 
     def scan(self) -> tuple[dict[str, list[int]], list[Oddity]]:
         """Every ensemble folder that holds a version, by name (sorted), with its versions; and what else is there."""

@@ -196,6 +196,7 @@ class Server:
         http = f", HTTP/REST on port {http_port}" if http_port is not None else ""
         log.info("gRPC (%s, %s) on %s:%d%s, metrics on http://%s:%d/metrics%s; loading ensembles from %s", transport,
                  access, settings.host, grpc_port, http, settings.host, metrics_port, health, settings.repository)
+        await asyncio.to_thread(self.repository.tidy)
         await self.repository.load_all(settings.startup_models, stopping=self._stopping.is_set)
         # What exists now (modules, loaded ensembles) lives as long as the server: moved out of the collector's sight
         # (after a last collection, so no garbage is kept), a full collection scans only what requests made, and

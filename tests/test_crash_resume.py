@@ -67,7 +67,7 @@ SSE = ("sse", "--dataset", "synthetic", "--epochs", "6", "--cycles", "3", "--see
 DISTILL = ("distill", "--epochs", "6", "--temperature", "2", "--seed", "3")
 # Wall-clock values, the only things a resumed run may write differently.
 TIMINGS = frozenset({"seconds", "train_seconds_this_process", "train_seconds_total", "evaluation_seconds", "created"})
-KILLED_EXPORT = re.compile(r"\.(staging|retired)-1-\d+")
+KILLED_EXPORT = re.compile(r"\.(staging|retired)-1-[0-9a-f]{12}")
 PROC = Path("/proc/self/fd")
 # A checkpoint of the synthetic runs' network takes 3-16 ms to write and flush here.
 IN_WRITE = 0.010
@@ -401,11 +401,13 @@ def _check_repository(repository: Path, reference: Path, attempt: Attempt | None
         _check_version(version, reference)
     if attempt is None:
         return "done"
-    staging, retired = name_dir / f".staging-1-{attempt.pid}", name_dir / f".retired-1-{attempt.pid}"
-    if retired.exists():
+    def since_attempt(pattern: str) -> list[Path]:
+        return [path for path in name_dir.glob(pattern) if path.stat().st_mtime >= attempt.started]
+
+    if list(name_dir.glob(".retired-1-*")):  # renamed, so with the old version's time
         return "between the two renames"
-    if staging.exists():
-        return f"{len(list(staging.glob('*.onnx')))} of {len(list(reference.glob('*.onnx')))} graphs staged"
+    if staged := since_attempt(".staging-1-*"):
+        return f"{len(list(staged[0].glob('*.onnx')))} of {len(list(reference.glob('*.onnx')))} graphs staged"
     if version.exists() and version.stat().st_mtime >= attempt.started:
         return "after publishing"
     return "before staging"

@@ -19,7 +19,6 @@ With `precisions`, every graph again at INT8 or FP16 (`member-XX.int8.onnx`, `en
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +59,7 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
+from artefact.repository import STAGING, next_version, publish, staging_folder
 from artefact.selective import RiskCoverage, best_signal, fit_threshold, risk_coverage
 from artefact.selective import score as selective_score
 from artefact.uncertainty import LOG_FLOOR, ensemble_outputs, softmax
@@ -321,11 +321,6 @@ def _check_parity(name: str, expected: np.ndarray, actual: np.ndarray) -> float:
     log.info("%s: max |onnxruntime - PyTorch| probability difference %.2e on %d images", name, difference,
              len(expected))
     return difference
-
-
-def _next_version(name_dir: Path) -> int:
-    versions = [int(p.name) for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit()] if name_dir.is_dir() else []
-    return max(versions, default=0) + 1
 
 
 class CalibrationEffect(BaseModel):
@@ -671,7 +666,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
     config = sources.config
     name = export.name
     name_dir = export.repository / name
-    version = _next_version(name_dir) if export.version is None else export.version
+    version = next_version(name_dir) if export.version is None else export.version
     target = name_dir / str(version)
     if target.exists() and not export.overwrite:
         raise UsageError(f"{target} already exists: pass --overwrite to replace it, or another --version")
@@ -711,10 +706,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
     log.info("selective prediction on %s: %s", selective.signal, ", ".join(
         f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
 
-    name_dir.mkdir(parents=True, exist_ok=True)
-    staging = name_dir / f".staging-{version}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_folder(name_dir, STAGING, version)
     try:
         parity_pixels = _uint8_images(splits.val, splits, PARITY_IMAGES)
         example = torch.from_numpy(parity_pixels[:2])
@@ -776,7 +768,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
         plots = write_plots(staging, f"{name} version {version}", member_val, val_labels[0], member_test,
                             test_labels[0], temperature, selective, endpoints)
         write_manifest(manifest, staging)
-        _publish(staging, target)
+        publish(staging, target, replace=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -802,20 +794,3 @@ def _output_specs(members: int, classes: int) -> list[TensorSpec]:
     specs["member_probabilities"] = TensorSpec(name="member_probabilities", datatype="FP32",
                                                shape=[-1, members, classes])
     return [specs[name] for name in OUTPUTS]
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Make the staged directory the version directory with renames only (readers never see half)."""
-    # Its files reach the disk before the rename does: after a power cut a published version is whole too.
-    for path in staging.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    checkpoint.sync_directory(staging)
-    if target.exists():
-        retired = target.with_name(f".retired-{target.name}-{os.getpid()}")
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-    checkpoint.sync_directory(target.parent)

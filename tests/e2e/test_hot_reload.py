@@ -236,6 +236,28 @@ def test_a_corrupt_newest_version_at_start_falls_back_and_odd_folders_are_report
     assert log.count("the repository holds synth/notes") == 1, "each oddity is logged once"
 
 
+def test_at_start_the_leftovers_of_killed_exports_are_tidied_and_an_interrupted_replacement_restored(
+        own: Path) -> None:
+    _publish(own, 2)
+    os.rename(own / MODEL / "2", own / MODEL / ".retired-2-1a2b")  # killed between an overwrite's two renames
+    stale = own / MODEL / ".staging-3-4242"
+    shutil.copytree(own / MODEL / "1", stale)
+    long_ago = time.time() - 2 * 86_400
+    for path in (*stale.iterdir(), stale):
+        os.utime(path, (long_ago, long_ago))
+    shutil.copytree(own / MODEL / "1", own / MODEL / ".staging-4-4343")  # an export writing now
+    server = start_server_process(own)
+    try:
+        client = triton.InferenceServerClient(server.url)
+        assert client.get_model_metadata(MODEL).versions == ["2"], "the restored version serves"
+        assert not any(name.startswith(".") for _, name in _index(client))
+    finally:
+        log = stop_server_process(server)
+    assert sorted(path.name for path in (own / MODEL).iterdir()) == [".staging-4-4343", "1", "2"]
+    assert log.count("leftovers of interrupted exports or recalibrations") == 1, log
+    assert "removed synth/.staging-3-4242; restored synth/2; kept for now synth/.staging-4-4343" in log, log
+
+
 def test_version_policies_serve_several_versions_and_config_files_pin_one(own: Path, reference: Reference) -> None:
     _publish(own, 2)
     _publish(own, 3)
