@@ -29,8 +29,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from artefact.calibration import binned_ece, confidence_bin
-from artefact.uncertainty import LOG_FLOOR
+from artefact.metrics import accuracy, ece, nll
 
 # Confidence thresholds tried when fitting: dense near 1, where the confident images are.
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
@@ -161,11 +160,8 @@ def _answer(running: np.ndarray, cascade: Cascade) -> tuple[np.ndarray, np.ndarr
 def quality(probabilities: np.ndarray, labels: np.ndarray, used: np.ndarray) -> Quality:
     """Accuracy, NLL (probabilities floored at LOG_FLOOR, as everywhere), ECE (`artefact.calibration`'s bins) and
     mean members per image."""
-    true = probabilities[np.arange(len(labels)), labels].astype(np.float64)
-    confidence = probabilities.max(axis=-1).astype(np.float64)
-    correct = probabilities.argmax(axis=-1) == labels
-    return Quality(float(np.mean(correct)), float(np.mean(-np.log(np.maximum(true, LOG_FLOOR)))),
-                   binned_ece(confidence_bin(confidence), confidence, correct.astype(np.float64)),
+    probabilities = probabilities.astype(np.float64)
+    return Quality(accuracy(probabilities, labels), nll(probabilities, labels), ece(probabilities, labels),
                    float(np.mean(used)))
 
 

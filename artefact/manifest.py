@@ -68,7 +68,7 @@ class FileEntry(_Strict):
 class Metrics(_Strict):
     """Quality of a network or an ensemble on one split; accuracy and ECE are fractions in [0, 1].
 
-    The training library computes these (`training.metrics`) and the manifest records them: one model for both.
+    The training library computes these (`artefact.metrics`) and the manifest records them: one model for both.
     """
 
     accuracy: float

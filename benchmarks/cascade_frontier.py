@@ -30,13 +30,13 @@ import torch
 from tqdm import tqdm
 
 from artefact.cascade import Cascade, fit_cascade, run_cascade
+from artefact.metrics import classification_metrics
 from training.calibrate import fit_temperature
 from training.config import ExportConfig
 from training.data import DataSplits, load_data
 from training.engine import predict_logits
 from training.export import MemberSource, collect_sources, member_order, tempered_members
 from training.front import load_front
-from training.metrics import classification_metrics
 
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 DEFAULT = ExportConfig(runs=[Path(".")], name="default", repository=Path("."))

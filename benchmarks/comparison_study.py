@@ -39,13 +39,13 @@ import matplotlib
 import numpy as np
 import torch
 
+from artefact.metrics import classification_metrics
 from training.config import ExportConfig
 from training.curve_train import network_at, open_curve
 from training.curves import evenly_spaced
 from training.data import DataSplits, load_data
 from training.engine import evaluate
 from training.export import collect_sources
-from training.metrics import classification_metrics
 from training.runs import DistillReport, FGEReport, RunDir, SSEReport, SWAReport
 
 matplotlib.use("Agg")

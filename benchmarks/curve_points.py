@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from artefact.manifest import Metrics
+from artefact.metrics import classification_metrics
 from artefact.uncertainty import softmax
 from training.curve_train import open_curve
 from training.curves import evenly_spaced
 from training.engine import predict_logits
 from training.ensembles import ensemble_probabilities
-from training.metrics import classification_metrics
 
 
 def candidates(max_points: int) -> dict[str, list[float]]:

@@ -45,10 +45,10 @@ from tqdm import tqdm
 from artefact.cascade import Cascade
 from artefact.config import Precision
 from artefact.manifest import Manifest, load_manifest
+from artefact.metrics import classification_metrics
 from service.batching import Segment
 from service.ensemble import MEMBERS_USED, Ensemble, load_ensemble
 from service.members import plan
-from training.metrics import classification_metrics
 
 TEST_LABELS = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
 TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

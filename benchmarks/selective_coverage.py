@@ -29,13 +29,13 @@ import torch
 from tqdm import tqdm
 
 from artefact.manifest import SelectiveSpec, load_manifest
+from artefact.metrics import classification_metrics
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import predict_logits
 from training.errors import UsageError
 from training.export import SELECTIVE_MARGIN, collect_sources, fit_selective_spec, onnx_member_logits, selective_curve
-from training.metrics import classification_metrics
 from training.plots import SelectiveLine, plot_reliability, plot_risk_coverage
 from training.runs import RunDir
 

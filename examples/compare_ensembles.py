@@ -24,9 +24,9 @@ import tritonclient.grpc as triton
 from tqdm import tqdm
 
 from artefact.manifest import Metrics, load_manifest
+from artefact.metrics import classification_metrics
 from service.launch import Credentials, start_server, throwaway_credentials
 from training.data import read_idx
-from training.metrics import classification_metrics
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from artefact.calibration import binned_ece, confidence_bin, fit_temperature
+from artefact.calibration import fit_temperature
 from artefact.manifest import (
     FileEntry,
     FrontSpec,
@@ -42,6 +42,7 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
+from artefact.metrics import accuracy, ece, nll
 from artefact.repository import RECALIBRATING, next_version, staging_folder
 from artefact.repository import publish as publish_version
 from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax, with_front
@@ -71,12 +72,9 @@ class Suggestion:
 def quality(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """nll, ece and accuracy of probabilities [N, C] against labels [N], as the calibration window scores them
     (`artefact.calibration`'s bins, the same log floor)."""
-    rows = np.arange(len(labels))
-    confidence = probabilities.max(axis=-1).astype(np.float64)
-    correct = (probabilities.argmax(axis=-1) == labels).astype(np.float64)
-    truth = np.maximum(probabilities[rows, labels].astype(np.float64), LOG_FLOOR)
-    return {"nll": float(-np.mean(np.log(truth))), "ece": binned_ece(confidence_bin(confidence), confidence, correct),
-            "accuracy": float(correct.mean())}
+    probabilities = probabilities.astype(np.float64)
+    return {"nll": nll(probabilities, labels), "ece": ece(probabilities, labels),
+            "accuracy": accuracy(probabilities, labels)}
 
 
 def _at(window: LabelledWindow, served: float, temperature: float) -> np.ndarray:

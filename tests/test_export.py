@@ -12,6 +12,7 @@ import torch
 
 from artefact.drift import Baseline, drift_score
 from artefact.manifest import OUTPUTS, ManifestError, load_manifest, verify_files
+from artefact.metrics import classification_metrics
 from artefact.selective import SIGNALS
 from artefact.uncertainty import softmax
 from tests.conftest import cli
@@ -22,7 +23,6 @@ from training.data import load_data
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.export import export_ensemble, fit_cascade_spec, fit_selective_spec
-from training.metrics import classification_metrics
 from training.plots import reliability_bins
 from training.runs import RunDir
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from artefact.calibration import confidence_bin
+from artefact.metrics import accuracy, brier, classification_metrics, ece, nll
 from artefact.uncertainty import entropy, mutual_information
 from service.feedback import CalibrationWindow
 from training.ensembles import ensemble_probabilities, prefix_metrics
-from training.metrics import accuracy, brier, classification_metrics, ece, nll
 
 PROBABILITIES = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8]])
 LABELS = np.array([0, 0, 2])

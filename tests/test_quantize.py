@@ -18,12 +18,12 @@ from pydantic import ValidationError
 import training.export as export_module
 from artefact.cpu import cpu_features, cpu_model
 from artefact.manifest import ManifestError, load_manifest, verify_files
+from artefact.metrics import classification_metrics
 from training.calibrate import tempered_ensemble_probabilities
 from training.config import ExportConfig, Precision
 from training.data import DataSplits, ImageTensors, load_data
 from training.errors import UsageError
 from training.export import export_ensemble
-from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, ensemble_tail, lower_precision, measuring_session
 from training.runs import RunDir
 

@@ -19,11 +19,11 @@ from torch import nn
 from tqdm import tqdm
 
 from artefact.manifest import Metrics
+from artefact.metrics import classification_metrics
 from artefact.uncertainty import softmax
 from training import checkpoint, distributed
 from training.data import DatasetInfo, DataSplits, Shard, SizedDataset, make_batches, subset
 from training.errors import UsageError
-from training.metrics import classification_metrics
 from training.models import Classifier, create_model
 from training.runs import RunDir
 from training.schedules import Schedule

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from artefact.manifest import Metrics
-from training.metrics import classification_metrics
+from artefact.metrics import classification_metrics
 
 
 def ensemble_probabilities(member_probabilities: Sequence[np.ndarray]) -> np.ndarray:

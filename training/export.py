@@ -59,6 +59,7 @@ from artefact.manifest import (
     sha256_of,
     write_manifest,
 )
+from artefact.metrics import classification_metrics
 from artefact.repository import STAGING, next_version, publish, staging_folder
 from artefact.selective import RiskCoverage, best_signal, fit_threshold, risk_coverage
 from artefact.selective import score as selective_score
@@ -72,7 +73,6 @@ from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
 from training.front import FRONT_FILE, FrontNetwork, load_front, tempered
-from training.metrics import classification_metrics
 from training.quantize import INT8_SCHEME, lower_precision, measuring_session, method_of
 from training.runs import DistillReport, RunDir, SWAReport
 

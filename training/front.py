@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from artefact.manifest import Metrics
+from artefact.metrics import classification_metrics
 from artefact.uncertainty import softmax
 from training.calibrate import fit_temperature
 from training.config import TrainConfig
 from training.data import DataSplits
 from training.engine import predict_logits
 from training.errors import UsageError
-from training.metrics import classification_metrics
 from training.runs import RunDir
 
 FRONT_FILE = "front.onnx"

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from artefact.metrics import ece
 from service.launch import ServerProcess
 from tests.conftest import REPO
 from tests.e2e.conftest import (
@@ -39,7 +40,6 @@ from tests.e2e.conftest import (
 )
 from tests.postgres import PostgresServer
 from training.data import FASHION_MNIST_DIR, read_idx
-from training.metrics import ece
 
 MODEL = "fashion"
 FLUSH_MS = 100

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from artefact.metrics import accuracy, brier, ece, nll
 from tests.e2e.conftest import MODEL, Reference, ThreadServer, report, thread_settings, triton_inputs
-from training.metrics import accuracy, brier, ece, nll
 
 LABELS = {"model": MODEL, "version": "1"}
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from artefact.metrics import accuracy, ece
 from tests.conftest import REPO
 from tests.e2e.conftest import (
     MODEL,
@@ -27,7 +28,6 @@ from tests.e2e.conftest import (
     triton_inputs,
 )
 from training.data import FASHION_MNIST_DIR, read_idx
-from training.metrics import accuracy, ece
 
 RULES = REPO / "deploy" / "prometheus"
 
@@ -69,7 +69,7 @@ def _until(url: str, promql: str, predicate: Callable[[float], bool], timeout: f
 
 
 def test_prometheus_computes_the_ece_training_computes(fashion_repository: Path, tmp_path: Path) -> None:
-    """Predictions and labels for Fashion-MNIST test images; PromQL's ECE equals training.metrics.ece."""
+    """Predictions and labels for Fashion-MNIST test images; PromQL's ECE equals artefact.metrics.ece."""
     images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:600, None]
     labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")[:600].astype(np.int64)
     server = start_server_process(fashion_repository)
