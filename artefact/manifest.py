@@ -266,7 +266,7 @@ class DriftBaseline(_Strict):
 
 
 class Recalibration(_Strict):
-    """How a version came from another by a new temperature fitted on live labels (`service.recalibrate`).
+    """How a version came from another by a new temperature fitted on live labels (`service.control.recalibrate`).
 
     Its graphs are the parent's with the new temperature. Its offline figures (metrics, cascade, variants' metrics)
     are the parent's, measured at `parent_temperature`; its selective thresholds and drift baseline keep their

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from artefact.drift import Baseline, drift_score
 from artefact.manifest import DriftBaseline
-from service.ensemble import Ensemble, load_ensemble
+from service.core.ensemble import Ensemble, load_ensemble
 from training.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from training.data import load_splits
 from training.export import fit_drift_baseline, onnx_member_logits

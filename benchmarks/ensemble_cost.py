@@ -11,7 +11,7 @@ For one exported ensemble (8-member Fashion-MNIST FGE by default) and every way 
     fp16-single, fp16-full, fp16-cascade: on its FP16 variant, CUDA only (--precision fp16 --device cuda)
 
 it measures test accuracy, NLL and ECE and the members run per image over the whole test split
-(in this process, with the server's own `service.ensemble` code), throughput in this process
+(in this process, with the server's own `service.core.ensemble` code), throughput in this process
 (one loop calling the ensemble at batch 1 and 32), and throughput through `valley-serve`
 (tritonclient closed loop, 1 x 16 and 32 x 4 by default; every answer is checked against this
 configuration's in-process answer). It prints a table with the ratios against the single member
@@ -46,9 +46,9 @@ from artefact.cascade import Cascade
 from artefact.config import Precision
 from artefact.manifest import Manifest, load_manifest
 from artefact.metrics import classification_metrics
-from service.batching import Segment
-from service.ensemble import MEMBERS_USED, Ensemble, load_ensemble
-from service.members import plan
+from service.core.batching import Segment
+from service.core.ensemble import MEMBERS_USED, Ensemble, load_ensemble
+from service.core.members import plan
 
 TEST_LABELS = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
 TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

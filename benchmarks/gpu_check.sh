@@ -46,7 +46,7 @@ echo "== 2. onnxruntime's CUDA provider runs the graphs"
 import sys
 from pathlib import Path
 
-from service.ensemble import CUDA, load_ensemble
+from service.core.ensemble import CUDA, load_ensemble
 
 for precision in ("fp32", "fp16"):
     ensemble = load_ensemble(Path(sys.argv[1]), device="cuda", precision=precision)

@@ -34,7 +34,7 @@ from processes import group_cpu_seconds, machine_busy_seconds
 from tqdm import tqdm
 
 from artefact.manifest import Manifest, load_manifest
-from service.ensemble import create_session
+from service.core.ensemble import create_session
 
 FASHION_MNIST_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 FASHION_MNIST_SHAPE = (1, 28, 28)

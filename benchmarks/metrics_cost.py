@@ -1,6 +1,6 @@
 """What the serving metrics cost on the request path, in microseconds of the event loop.
 
-Times `service.metrics.ServingMetrics` as the server calls it, on a fresh registry:
+Times `service.observe.metrics.ServingMetrics` as the server calls it, on a fresh registry:
 - per request: the request counter and its duration (valley reads the in-flight count at scrape
   time; the baseline moves a gauge up and down);
 - per model run of B images (each its own request): batch size, compute and queue times, and
@@ -24,9 +24,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from artefact.uncertainty import ensemble_outputs
-from service import metrics
-from service.batching import BatchRecord
-from service.metrics import SIGNALS, ServingMetrics
+from service.core.batching import BatchRecord
+from service.observe import metrics
+from service.observe.metrics import SIGNALS, ServingMetrics
 
 MODEL = ("bench", "1")
 

@@ -39,8 +39,8 @@ from service._proto.valley.v1 import calibration_pb2 as calibration_pb  # noqa: 
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc  # noqa: E402
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb  # noqa: E402
 from service._proto.valley.v1 import feedback_pb2_grpc as feedback_grpc  # noqa: E402
+from service.control.recalibrate import quality  # noqa: E402
 from service.launch import ServerProcess, start_server  # noqa: E402
-from service.recalibrate import quality  # noqa: E402
 from training.corruptions import corrupt  # noqa: E402
 from training.data import load_splits  # noqa: E402
 

@@ -120,7 +120,7 @@ def run_probabilities(session: onnxruntime.InferenceSession, pixels: np.ndarray)
 
 
 def open_session(path: Path, device: str) -> onnxruntime.InferenceSession:
-    """A session as the server opens one (`service.ensemble.create_session`): default intra-op threads that sleep
+    """A session as the server opens one (`service.core.ensemble.create_session`): default intra-op threads that sleep
     between runs; on CUDA only when asked, and then it must load."""
     options = onnxruntime.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
 from service.feedback import StoreConfigError
-from service.logs import configure as configure_logging
+from service.observe.logs import configure as configure_logging
 from service.server import serve
 from service.settings import Settings
 

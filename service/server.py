@@ -32,16 +32,16 @@ from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service.concurrency import ConcurrencyLimit
-from service.dataplane import DataPlane
+from service.control.repository import Repository
+from service.core.dataplane import DataPlane
+from service.core.observer import NULL_OBSERVER, Observer
 from service.feedback import Feedback, open_store
-from service.metrics import FeedbackStoreCollector, ServingMetrics
-from service.observer import NULL_OBSERVER, Observer
-from service.repository import Repository
-from service.rest import Frontend, HttpServer
-from service.security import Authorizer, Tokens, server_credentials
-from service.servicer import CalibrationServicer, FeedbackServicer, InferenceServicer, add_servicer
+from service.observe.metrics import FeedbackStoreCollector, ServingMetrics
 from service.settings import Settings
+from service.transport.concurrency import ConcurrencyLimit
+from service.transport.rest import Frontend, HttpServer
+from service.transport.security import Authorizer, Tokens, server_credentials
+from service.transport.servicer import CalibrationServicer, FeedbackServicer, InferenceServicer, add_servicer
 
 log = logging.getLogger(__name__)
 

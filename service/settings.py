@@ -16,9 +16,9 @@ from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from artefact.config import Device, Execution, Precision
 from artefact.policy import VersionPolicy
-from service.cpus import usable_cpus
-from service.members import check_default
-from service.security import parse_tokens
+from service.core.cpus import usable_cpus
+from service.core.members import check_default
+from service.transport.security import parse_tokens
 
 MIB = 1 << 20
 

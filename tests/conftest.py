@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import RunBatch, RunOutput, Segment
+from service.core.batching import RunBatch, RunOutput, Segment
 from tests.postgres import PostgresServer
 
 REPO = Path(__file__).resolve().parents[1]

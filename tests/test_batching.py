@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batching import Answer, BatchRecord, DynamicBatcher, RunOutput, Segment
-from service.ensemble import Ensemble, load_ensemble
+from service.core.batching import Answer, BatchRecord, DynamicBatcher, RunOutput, Segment
+from service.core.ensemble import Ensemble, load_ensemble
+from service.core.observer import NullObserver
 from service.errors import DeadlineExceeded, QueueFull, QueueWait
-from service.observer import NullObserver
 from tests.conftest import Gate, until_entered
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from service._proto.inference import grpc_service_pb2 as pb
-from service.codec import decode_inputs, encode_outputs
 from service.errors import InvalidInput
+from service.transport.codec import decode_inputs, encode_outputs
 
 
 def _raw_request(array: np.ndarray, datatype: str, name: str = "pixels") -> pb.ModelInferRequest:

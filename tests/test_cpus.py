@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpus import cpu_quota, usable_cpus
+from service.core.cpus import cpu_quota, usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
 

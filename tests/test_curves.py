@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from artefact.manifest import load_manifest, verify_files
-from service.ensemble import load_ensemble
+from service.core.ensemble import load_ensemble
 from tests.conftest import cli
 from training import checkpoint
 from training.curve_train import batch_norm_batches, open_curve

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service.core.observer import NULL_OBSERVER
 from service.errors import AlreadyLabelled, InvalidInput, UnknownPrediction
 from service.feedback import MAX_LABELS, Feedback, Label, MemoryStore, Prediction, Served
-from service.observer import NULL_OBSERVER
 
 
 class Clock:

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from service.cli import parse_settings
-from service.recalibrate_job import build_parser as recalibrate_parser
-from service.reload import build_parser as reload_parser
+from service.control.recalibrate_job import build_parser as recalibrate_parser
+from service.control.reload import build_parser as reload_parser
 from service.server import LIVENESS_SERVICE
 from service.settings import Settings
 from tests.conftest import REPO

@@ -10,8 +10,8 @@ import pytest
 
 from artefact.config import ConfigError, parse
 from artefact.policy import VersionPolicy
+from service.control.modelsettings import ModelOptions
 from service.errors import InvalidInput
-from service.modelsettings import ModelOptions
 from service.settings import Settings
 
 

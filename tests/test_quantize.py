@@ -193,8 +193,8 @@ def test_a_recalibrated_version_rewrites_every_precisions_fused_graph(exported: 
     its own precision, and each precision loads (its samples check the rewritten graph)."""
     from onnx import numpy_helper
 
-    from service.ensemble import load_ensemble
-    from service.recalibrate import TEMPERATURE_INITIALIZER, Suggestion, publish
+    from service.control.recalibrate import TEMPERATURE_INITIALIZER, Suggestion, publish
+    from service.core.ensemble import load_ensemble
 
     parent = tmp_path / "fashion" / "1"
     shutil.copytree(exported, parent)
@@ -234,12 +234,12 @@ def test_a_variant_whose_samples_do_not_reproduce_is_refused_and_fp32_serves(
         unreproducible_int8: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Loaded at INT8, a variant that misses its samples' tolerance on this CPU is refused with a reason naming this
     CPU and the one it was validated on, and the FP32 graphs answer, exactly as the FP32 ensemble does."""
-    from service.ensemble import load_ensemble
+    from service.core.ensemble import load_ensemble
 
     manifest = load_manifest(unreproducible_int8)
     variant = manifest.variant("int8")
     assert variant is not None and variant.validated_on is not None
-    with caplog.at_level(logging.WARNING, logger="service.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="service.core.ensemble"):
         ensemble = load_ensemble(unreproducible_int8, device="cpu", precision="int8")
     assert ensemble.precision == "fp32" and ensemble.requested_precision == "int8"
     assert ensemble.fallback is not None

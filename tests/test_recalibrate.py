@@ -14,10 +14,10 @@ import pytest
 from artefact.calibration import fit_temperature
 from artefact.manifest import MANIFEST_FILE, load_manifest
 from artefact.uncertainty import retempered, softmax
-from service.abstention import Abstention
+from service.control.recalibrate import live_metrics, suggest
+from service.core.abstention import Abstention
 from service.errors import InvalidInput
 from service.feedback import CalibrationWindow
-from service.recalibrate import live_metrics, suggest
 from tests.conftest import REPO
 
 
@@ -91,7 +91,7 @@ def test_a_selective_spec_from_before_thresholds_were_stored_still_loads(exporte
 def test_valley_recalibrate_refuses_in_one_line_with_status_2(arguments: list[str], message: str, exported: Path,
                                                               tmp_path: Path) -> None:
     store = ["--feedback-store", f"sqlite:{tmp_path / 'feedback.db'}"] if "--feedback-store" not in arguments else []
-    result = subprocess.run([sys.executable, "-m", "service.recalibrate_job", "--repository",
+    result = subprocess.run([sys.executable, "-m", "service.control.recalibrate_job", "--repository",
                              str(exported.parent.parent), *store, *arguments], capture_output=True, text=True,
                             timeout=120, cwd=REPO)
     assert result.returncode == 2 and message in result.stderr, result.stderr

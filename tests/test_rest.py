@@ -9,10 +9,10 @@ import socket
 import numpy as np
 import pytest
 
-from service.classification import class_count, top_classes
+from service.core.classification import class_count, top_classes
 from service.errors import InvalidInput
-from service.jsoncodec import Body, binary_outputs, decode, encode, parse_body
-from service.rest import _listening_socket
+from service.transport.jsoncodec import Body, binary_outputs, decode, encode, parse_body
+from service.transport.rest import _listening_socket
 
 
 def test_connections_to_the_http_port_send_small_writes_at_once() -> None:

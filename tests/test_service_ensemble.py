@@ -13,7 +13,7 @@ import pytest
 from artefact.cascade import Cascade
 from artefact.manifest import OUTPUTS, ManifestError
 from artefact.uncertainty import softmax
-from service.ensemble import CPU, MEMBERS_USED, load_ensemble
+from service.core.ensemble import CPU, MEMBERS_USED, load_ensemble
 from service.errors import InvalidInput
 
 
@@ -29,7 +29,7 @@ def test_loads_verifies_and_runs_on_the_cpu_here(exported: Path) -> None:
 
 
 def test_a_failed_cuda_provider_is_quiet_and_reported(exported: Path) -> None:
-    code = ("import sys; from pathlib import Path; from service.ensemble import load_ensemble; "
+    code = ("import sys; from pathlib import Path; from service.core.ensemble import load_ensemble; "
             f"print(load_ensemble(Path({str(exported)!r})).providers[0])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == CPU

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from service import metrics
-from service.batching import BatchRecord
-from service.metrics import SIGNALS, ServingMetrics
+from service.core.batching import BatchRecord
+from service.observe import metrics
+from service.observe.metrics import SIGNALS, ServingMetrics
 
 CLASSES = ["a", "b", "c"]
 

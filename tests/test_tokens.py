@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import PermissionDenied, Unauthenticated
-from service.security import Authorizer, Tokens, TokensFileError, bearer_token, parse_tokens
+from service.transport.security import Authorizer, Tokens, TokensFileError, bearer_token, parse_tokens
 
 TOKEN = "a-token-of-twenty-chars"
 

@@ -18,9 +18,9 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 
 from artefact.calibration import Scored, binned_ece, score
+from service.core.observer import Observer
 from service.errors import FeedbackOff, InvalidInput, check_length
 from service.feedback.core import Joined, Label, LabelledWindow, Prediction, Served, Store
-from service.observer import Observer
 
 MAX_LABELS = 10_000
 """Most labels one report may carry."""

@@ -335,7 +335,7 @@ def test_prometheus_sums_the_replicas_into_the_fleets_calibration(repository: Pa
 
 
 def _recalibrate(repository: Path, url: str, *flags: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "service.recalibrate_job", "--repository", str(repository),
+    return subprocess.Popen([sys.executable, "-m", "service.control.recalibrate_job", "--repository", str(repository),
                              "--feedback-store", url, "--model", MODEL, *flags], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -417,7 +417,7 @@ def test_a_store_that_cannot_work_is_one_line_and_exit_2(store: str, problem: st
         problem = "refused the connection: "
     for command in ([sys.executable, "-m", "service.cli", "--repository", str(repository), "--grpc-port", "0",
                      "--http-port", "0", "--metrics-port", "0", "--feedback-store", store],
-                    [sys.executable, "-m", "service.recalibrate_job", "--repository", str(repository),
+                    [sys.executable, "-m", "service.control.recalibrate_job", "--repository", str(repository),
                      "--feedback-store", store, "--model", MODEL]):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60,
                                 env={"XDG_STATE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})

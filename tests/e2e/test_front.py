@@ -22,10 +22,10 @@ from tritonclient.utils import InferenceServerException
 from artefact.cascade import Cascade, run_cascade
 from artefact.manifest import load_manifest, verify_files
 from artefact.uncertainty import FRONT, outputs_at, softmax
-from service.ensemble import load_ensemble
+from service.control.recalibrate import publish, suggest
+from service.core.ensemble import load_ensemble
 from service.feedback import LabelledWindow
 from service.launch import ServerProcess
-from service.recalibrate import publish, suggest
 from tests.conftest import cli
 from tests.e2e.conftest import MODEL, Reference, start_server_process, stop_server_process
 from tests.e2e.test_members import Members, infer

@@ -18,7 +18,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.inference import grpc_service_pb2 as pb
-from service.servicer import STREAM_BUFFER_BYTES
+from service.transport.servicer import STREAM_BUFFER_BYTES
 from tests.e2e.conftest import MODEL, Reference, ThreadServer, thread_settings, triton_inputs
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -18,9 +18,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.codec import Expect
-from service.dataplane import InferenceRequest, Tensors
+from service.core.dataplane import InferenceRequest, Tensors
 from service.launch import ServerProcess
+from service.transport.codec import Expect
 from tests.e2e.conftest import (
     MODEL,
     Reference,

@@ -26,13 +26,13 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from service import rest
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
-from service.abstention import ABSTAIN
-from service.dataplane import DEFAULT_OUTPUTS
-from service.dataplane import SERVED_OUTPUTS as OUTPUTS
+from service.core.abstention import ABSTAIN
+from service.core.dataplane import DEFAULT_OUTPUTS
+from service.core.dataplane import SERVED_OUTPUTS as OUTPUTS
 from service.launch import ServerProcess
+from service.transport import rest
 from tests.e2e.conftest import (
     MODEL,
     Reference,

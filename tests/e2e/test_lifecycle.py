@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from tritonclient.utils import InferenceServerException
 
 from artefact.manifest import OUTPUTS, sha256_of
-from service.batching import BatchRecord
+from service.core.batching import BatchRecord
 from tests.conftest import Gate, until_entered
 from tests.e2e.conftest import (
     MODEL,

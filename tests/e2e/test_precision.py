@@ -87,7 +87,7 @@ def test_a_variant_that_does_not_reproduce_is_refused_and_fp32_serves(unreproduc
     manifest = load_manifest(unreproducible_int8)
     pixels = np.asarray(manifest.samples.inputs, dtype=np.uint8)
     np.testing.assert_allclose(probabilities, _fused(unreproducible_int8, manifest.fused.file, pixels), atol=1e-6)
-    refusals = [line for line in log.splitlines() if "WARNING service.ensemble" in line
+    refusals = [line for line in log.splitlines() if "WARNING service.core.ensemble" in line
                 and "int8 variant is refused" in line]
     assert len(refusals) == 1, log
     assert f"This CPU: {cpu_model()}" in refusals[0] and "Validated on:" in refusals[0]

@@ -25,7 +25,7 @@ def _publish(repository: Path, version: int) -> Path:
 
 
 def _reload(target: str, *flags: str) -> tuple[int, list[dict[str, object]], str]:
-    result = subprocess.run([sys.executable, "-m", "service.reload", "--target", target, "--model", MODEL,
+    result = subprocess.run([sys.executable, "-m", "service.control.reload", "--target", target, "--model", MODEL,
                              "--timeout", "60", *flags], cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     return result.returncode, lines, result.stderr

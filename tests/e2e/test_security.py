@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.cli import parse_settings
 from service.launch import throwaway_credentials
-from service.security import RECHECK_S
+from service.transport.security import RECHECK_S
 from tests.conftest import REPO
 from tests.e2e.conftest import (
     MODEL,
@@ -292,8 +292,8 @@ def test_valley_reload_over_mutual_tls_with_an_admin_token(exported: Path, tmp_p
             token_file = tmp_path / "token"
             token_file.write_text(token + "\n")
             result = subprocess.run(
-                [sys.executable, "-m", "service.reload", "--target", f"localhost:{server.ports.grpc}", "--model",
-                 MODEL, "--token-file", str(token_file), "--tls-ca", str(certificates.ca), *flags],
+                [sys.executable, "-m", "service.control.reload", "--target", f"localhost:{server.ports.grpc}",
+                 "--model", MODEL, "--token-file", str(token_file), "--tls-ca", str(certificates.ca), *flags],
                 cwd=REPO, capture_output=True, text=True, timeout=120)
             return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
 

@@ -12,9 +12,9 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from service.abstention import ABSTAIN
-from service.dataplane import DEFAULT_OUTPUTS
-from service.dataplane import SERVED_OUTPUTS as OUTPUTS
+from service.core.abstention import ABSTAIN
+from service.core.dataplane import DEFAULT_OUTPUTS
+from service.core.dataplane import SERVED_OUTPUTS as OUTPUTS
 from service.launch import ServerProcess
 from tests.e2e.conftest import MODEL, Reference, assert_matches, triton_inputs
 

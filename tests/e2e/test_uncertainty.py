@@ -23,7 +23,7 @@ from artefact.selective import score_served
 from artefact.uncertainty import outputs_at
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
-from service.abstention import Abstention
+from service.core.abstention import Abstention
 from service.launch import ServerProcess
 from tests.e2e.conftest import MODEL, report, scraped, start_server_process, stop_server_process, triton_inputs
 from training.data import synthetic_images

@@ -3,7 +3,7 @@
 Both transports hand the request-level parameters over as sent (gRPC's `InferParameter` values,
 HTTP's JSON `parameters` object: booleans, numbers and strings), so a malformed one gets the same
 status and message over either: `timeout` (microseconds, as Triton's clients send it),
-`members` (`service.members`), `target_accuracy` (`service.abstention`) and
+`members` (`service.core.members`), `target_accuracy` (`service.core.abstention`) and
 `binary_data_output` (HTTP's default for outputs; over gRPC every output is binary, but the value
 is still checked). Parameters valley does not know are ignored, as Triton does.
 """
@@ -14,11 +14,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from service.abstention import PARAMETER as TARGET_PARAMETER
-from service.abstention import target_of
+from service.core.abstention import PARAMETER as TARGET_PARAMETER
+from service.core.abstention import target_of
+from service.core.members import PARAMETER as MEMBERS_PARAMETER
+from service.core.members import requested
 from service.errors import InvalidInput
-from service.members import PARAMETER as MEMBERS_PARAMETER
-from service.members import requested
 
 Parameter = bool | int | float | str
 TIMEOUT = "timeout"
@@ -35,7 +35,7 @@ class RequestOptions:
     """The `time.monotonic()` instant after which the answer is useless: the earlier of the transport's deadline
     (gRPC's) and the `timeout` parameter."""
     members: str | int | None = None
-    """Which members answer (`service.members.plan` checks it against the model); None: the model's default."""
+    """Which members answer (`service.core.members.plan` checks it against the model); None: the model's default."""
     target_accuracy: float | None = None
     """The abstention target; None: the model's default."""
     binary_output: bool = False

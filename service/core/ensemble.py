@@ -8,7 +8,7 @@ never assumed.
 Two execution modes give the same outputs: `fused` runs the one graph that holds every
 member (the default, fastest) for batches that every member answers, and one session per
 member for the rest; `members` holds only the member sessions (half the memory) and runs
-every batch through them. Member sessions run a batch in stages (`service.members`): each
+every batch through them. Member sessions run a batch in stages (`service.core.members`): each
 member runs only on the images still open, so an image that left a cascade early, or asked
 for fewer members, costs only the members it went through. Their probabilities are combined
 in numpy (`artefact.uncertainty`), with each member timed.
@@ -42,7 +42,7 @@ from artefact.config import Device, Execution, Precision
 from artefact.cpu import describe, this_machine
 from artefact.manifest import FileEntry, Manifest, ManifestError, Variant, load_manifest, verify_files
 from artefact.uncertainty import FRONT, ensemble_outputs, outputs_by_members, softmax
-from service.batching import RunOutput, Segment
+from service.core.batching import RunOutput, Segment
 from service.errors import InvalidInput
 
 log = logging.getLogger(__name__)

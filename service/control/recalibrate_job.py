@@ -4,7 +4,7 @@
 
 Reads the last `--window` labels of the model's newest version from the shared feedback store
 (every replica's), fits the temperature with the code the `Recalibrate` RPC runs
-(`service.recalibrate`), publishes the next version into the repository, checks that it loads, and
+(`service.control.recalibrate`), publishes the next version into the repository, checks that it loads, and
 prints one JSON line. Replicas in `poll` mode pick the version up. The whole run holds the
 store's lock for the model, which the RPC takes too: of two runs at once (two jobs, or a job and
 the RPC) one publishes and the other then finds the newest version without labels of its own.
@@ -26,11 +26,11 @@ from pathlib import Path
 from artefact.calibration import TEMPERATURE_RANGE
 from artefact.manifest import ManifestError, load_manifest
 from artefact.repository import published_versions, withdraw
-from service.ensemble import load_ensemble
+from service.control.recalibrate import applied, lock_name, publish, suggest
+from service.core.ensemble import load_ensemble
 from service.feedback import StoreConfigError, open_store
 from service.feedback.core import Store
 from service.feedback.urls import redact
-from service.recalibrate import applied, lock_name, publish, suggest
 
 # The manifest's rule for ensemble names: a name is one folder of the repository, never a path.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

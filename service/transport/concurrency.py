@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from service.core.observer import NULL_OBSERVER, Observer
 from service.errors import Overloaded
-from service.observer import NULL_OBSERVER, Observer
 
 
 class ConcurrencyLimit:

@@ -26,12 +26,18 @@ from artefact.calibration import TEMPERATURE_RANGE
 from artefact.config import PLATFORM
 from artefact.manifest import OUTPUTS, TensorSpec
 from artefact.repository import withdraw
-from service.abstention import ABSTAIN
-from service.abstention import PARAMETER as TARGET_PARAMETER
-from service.classification import class_count, top_classes
-from service.codec import Expect
-from service.drift import drift_needs
-from service.ensemble import MEMBERS_USED
+from service.control.recalibrate import Suggestion, applied, lock_name, publish, suggest
+from service.control.repository import IndexEntry, Repository, ServedModel, State
+from service.core.abstention import ABSTAIN
+from service.core.abstention import PARAMETER as TARGET_PARAMETER
+from service.core.classification import class_count, top_classes
+from service.core.drift import drift_needs
+from service.core.ensemble import MEMBERS_USED
+from service.core.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
+from service.core.modelconfig import model_config, unchanged
+from service.core.observer import Observer
+from service.core.request import Parameter, RequestOptions, request_options
+from service.core.statistics import ModelStatistics
 from service.errors import (
     InvalidInput,
     LoadFailed,
@@ -46,13 +52,7 @@ from service.errors import (
     status_of,
 )
 from service.feedback import CalibrationWindow, Feedback, Label, LabelledWindow, Served
-from service.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
-from service.modelconfig import model_config, unchanged
-from service.observer import Observer
-from service.recalibrate import Suggestion, applied, lock_name, publish, suggest
-from service.repository import IndexEntry, Repository, ServedModel, State
-from service.request import Parameter, RequestOptions, request_options
-from service.statistics import ModelStatistics
+from service.transport.codec import Expect
 
 SERVER_NAME = "valley"
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "binary_tensor_data",
@@ -90,7 +90,7 @@ class InferenceRequest:
     """Turns the wire tensors into arrays, each declaration checked by the `Expect` before its data is read;
     called once the model is known, so a request for an unknown model is NOT_FOUND whatever its tensors hold."""
     parameters: Mapping[str, Parameter] = field(default_factory=dict)
-    """The request-level parameters as sent, read by `service.request` once the model is known."""
+    """The request-level parameters as sent, read by `service.core.request` once the model is known."""
     deadline: float | None = None
     """The transport's `time.monotonic()` deadline (gRPC's), if it has one; the `timeout` parameter may bring it
     nearer."""
@@ -450,8 +450,8 @@ class DataPlane:
     # -- recalibration --------------------------------------------------------------------
 
     def suggestion(self, name: str, version: str) -> tuple[ServedModel, Suggestion, LabelledWindow]:
-        """The temperature a serving version's labels suggest (`service.recalibrate`), and the labels it was fitted
-        on: the fleet's from a database store, else this server's window. `NotEnoughLabels` below the minimum.
+        """The temperature a serving version's labels suggest (`service.control.recalibrate`), and the labels it was
+        fitted on: the fleet's from a database store, else this server's window. `NotEnoughLabels` below the minimum.
         Blocking: call it from a worker thread."""
         model = self._get(name, version)
         window = self.feedback.window_of(model.name, model.version)

@@ -42,16 +42,16 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import jsoncodec
-from service.concurrency import UNLIMITED, ConcurrencyLimit
-from service.dataplane import DataPlane, InferenceRequest, ModelMetadata, NamedStatistics
+from service.control.recalibrate import Suggestion
+from service.core.dataplane import DataPlane, InferenceRequest, ModelMetadata, NamedStatistics
+from service.core.request import BINARY_OUTPUT
+from service.core.statistics import Duration
 from service.errors import HTTP_STATUS, InvalidInput, Status, answer_of, shown
 from service.feedback import MAX_LABELS, Label
-from service.recalibrate import Suggestion
-from service.request import BINARY_OUTPUT
-from service.security import CALLER, OPEN, Authorizer
 from service.settings import Settings
-from service.statistics import Duration
+from service.transport import jsoncodec
+from service.transport.concurrency import UNLIMITED, ConcurrencyLimit
+from service.transport.security import CALLER, OPEN, Authorizer
 
 log = logging.getLogger(__name__)
 

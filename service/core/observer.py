@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from artefact.calibration import Scored
-    from service.batching import BatchRecord
-    from service.ensemble import Ensemble
+    from service.core.batching import BatchRecord
+    from service.core.ensemble import Ensemble
     from service.feedback import CalibrationWindow
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from artefact.drift import SIGNALS, Baseline, drift_score
 from artefact.manifest import Manifest
 from artefact.uncertainty import outputs_at
-from service.ensemble import MEMBERS_USED
+from service.core.ensemble import MEMBERS_USED
 
 _COLUMNS = (*SIGNALS, "predicted_class")
 

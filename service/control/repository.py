@@ -1,7 +1,7 @@
 """The model repository: which ensembles exist on disk, which versions of each are served.
 
 Layout: `ROOT/<name>/<version>/manifest.json` (integer versions), and optionally
-`ROOT/<name>/config.json`: the ensemble's own settings (`service.modelsettings`: batching, queue,
+`ROOT/<name>/config.json`: the ensemble's own settings (`service.control.modelsettings`: batching, queue,
 instances, execution, precision, members, windows, version policy) over the server's flags, read at
 every load; a version serving under other settings than the file now gives is loaded again. Which
 versions serve is the version policy's choice: by default the newest one that verifies. Loading
@@ -41,16 +41,16 @@ from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, parse
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from artefact.policy import PolicyError, VersionPolicy
 from artefact.repository import NAME, VERSION, tidy
-from service.abstention import Abstention
-from service.batching import DynamicBatcher, ModelKey
-from service.cpus import lower_thread_priority
-from service.ensemble import Ensemble, load_ensemble
+from service.control.modelsettings import ModelOptions
+from service.core.abstention import Abstention
+from service.core.batching import DynamicBatcher, ModelKey
+from service.core.cpus import lower_thread_priority
+from service.core.ensemble import Ensemble, load_ensemble
+from service.core.members import Plan, default_plan, degraded_plan
+from service.core.observer import Observer
+from service.core.statistics import ModelStatistics
 from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
-from service.members import Plan, default_plan, degraded_plan
-from service.modelsettings import ModelOptions
-from service.observer import Observer
 from service.settings import Settings
-from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 

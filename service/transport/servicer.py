@@ -28,18 +28,11 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
-from service.classification import PARAMETER as CLASSIFICATION
-from service.codec import (
-    MAX_TENSORS,
-    TYPED_ON_LOOP,
-    Expect,
-    decode_inputs,
-    encode_outputs,
-    refuse_shared_memory,
-    typed_values,
-)
-from service.concurrency import UNLIMITED, ConcurrencyLimit
-from service.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
+from service.control.recalibrate import Suggestion
+from service.core.classification import PARAMETER as CLASSIFICATION
+from service.core.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
+from service.core.request import Parameter
+from service.core.statistics import Duration
 from service.errors import (
     MAX_NAME_CHARS,
     InvalidInput,
@@ -50,10 +43,17 @@ from service.errors import (
     shown,
 )
 from service.feedback import MAX_LABELS, Label
-from service.recalibrate import Suggestion
-from service.request import Parameter
-from service.security import CALLER, OPEN, Authorizer
-from service.statistics import Duration
+from service.transport.codec import (
+    MAX_TENSORS,
+    TYPED_ON_LOOP,
+    Expect,
+    decode_inputs,
+    encode_outputs,
+    refuse_shared_memory,
+    typed_values,
+)
+from service.transport.concurrency import UNLIMITED, ConcurrencyLimit
+from service.transport.security import CALLER, OPEN, Authorizer
 
 STREAM_IN_FLIGHT = 256
 """Requests of one stream read and not yet answered."""

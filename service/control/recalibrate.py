@@ -46,7 +46,7 @@ from artefact.metrics import accuracy, ece, nll
 from artefact.repository import RECALIBRATING, next_version, staging_folder
 from artefact.repository import publish as publish_version
 from artefact.uncertainty import LOG_FLOOR, outputs_at, softmax, with_front
-from service.ensemble import create_session
+from service.core.ensemble import create_session
 from service.errors import LoadFailed
 from service.feedback import LabelledWindow
 

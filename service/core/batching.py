@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from artefact.cascade import Cascade
-from service.cpus import lower_thread_priority
+from service.core.cpus import lower_thread_priority
+from service.core.members import Plan
+from service.core.observer import NULL_OBSERVER, Observer
+from service.core.statistics import ModelStatistics
 from service.errors import DeadlineExceeded, QueueFull, QueueWait, Retired
-from service.members import Plan
-from service.observer import NULL_OBSERVER, Observer
-from service.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ in the tensor's shape. A response is JSON, or JSON followed by the raw data of e
 sent binary (`"binary_data": true` on the output, or `"binary_data_output": true` on the
 request for outputs that do not say), whose parameters then give its `binary_data_size`.
 
-As in `service.codec`, every declaration (name, datatype, shape) passes the model's `expect`
+As in `service.transport.codec`, every declaration (name, datatype, shape) passes the model's `expect`
 before its data is read, and every check a client can fail raises `InvalidInput` naming the
 tensor and the fix.
 """
@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.codec import (
+from service.core.dataplane import Tensors
+from service.core.request import Parameter
+from service.errors import InvalidInput, check_length
+from service.transport.codec import (
     DATATYPES,
     MAX_RANK,
     MAX_TENSORS,
@@ -35,9 +38,6 @@ from service.codec import (
     raw_bytes,
     refuse_shared_memory,
 )
-from service.dataplane import Tensors
-from service.errors import InvalidInput, check_length
-from service.request import Parameter
 
 HEADER_LENGTH = "inference-header-content-length"
 """The header giving the JSON part's size when binary data follows it (Triton's binary-data extension)."""

@@ -2,7 +2,7 @@
 
 Names follow Prometheus conventions (base units, `_total` on counters, HELP on all), and every
 series carries the ensemble's `model` and `version`. `ServingMetrics` is the server's observer
-(`service.observer`): the repository, the batchers, the data plane and the feedback report to
+(`service.core.observer`): the repository, the batchers, the data plane and the feedback report to
 its `observe_*` methods; nothing else in the server touches prometheus_client.
 """
 
@@ -19,12 +19,12 @@ from prometheus_client.registry import Collector
 
 from artefact.calibration import Scored, bin_upper_edges
 from artefact.manifest import Manifest
-from service.batching import BatchRecord
-from service.drift import DriftWindow
-from service.ensemble import MEMBERS_USED, Ensemble
+from service.control.recalibrate import Suggestion
+from service.core.batching import BatchRecord
+from service.core.drift import DriftWindow
+from service.core.ensemble import MEMBERS_USED, Ensemble
 from service.feedback import CalibrationWindow, Store
 from service.feedback.writer import DROP_REASONS
-from service.recalibrate import Suggestion
 
 # Latency buckets from 0.5 ms to 10 s: batch-1 CPU requests sit in the low milliseconds, big
 # batches on a busy server in the hundreds.

@@ -9,7 +9,7 @@ any other is read off the stored validation curve (its points at 1 % coverage re
 the same margin, so it too is met on validation with two standard errors to spare. A target
 that no threshold meets abstains on every image.
 
-A version made by recalibration (`service.recalibrate`) serves at a new temperature, but its
+A version made by recalibration (`service.control.recalibrate`) serves at a new temperature, but its
 thresholds were fitted at the old one: its members' probabilities are brought back to that
 temperature before scoring, so the decision stays the one validation vouches for.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from artefact.manifest import Manifest, SelectiveSpec
 from artefact.selective import SERVED_FROM, RiskCoverage, fit_threshold, score_served
 from artefact.uncertainty import outputs_at
-from service.ensemble import MEMBERS_USED
+from service.core.ensemble import MEMBERS_USED
 from service.errors import InvalidInput
 
 ABSTAIN = "abstain"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from artefact.config import KINDS, Device, Execution, ModelSettings, Precision
-from service.cpus import usable_cpus
+from service.core.cpus import usable_cpus
 from service.errors import InvalidInput
 from service.settings import Settings
 

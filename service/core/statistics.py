@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.batching import BatchRecord
+    from service.core.batching import BatchRecord
 
 
 @dataclass
