@@ -32,8 +32,9 @@ from service._proto import POOL
 from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service.control.control import Control
 from service.control.repository import Repository
-from service.core.dataplane import DataPlane
+from service.core.inference import Inference
 from service.core.observer import NULL_OBSERVER, Observer
 from service.feedback import Feedback, open_store
 from service.observe.metrics import FeedbackStoreCollector, ServingMetrics
@@ -92,9 +93,9 @@ class Server:
             collector(registry=self.registry)
         self.health = HealthServicer()
         # The gauges read the data plane at scrape time, once it exists.
-        self.observer: Observer = ServingMetrics(self.registry, lambda: self.dataplane.queue_depths(),
-                                                 lambda: self.dataplane.in_flight(),
-                                                 lambda: self.dataplane.suggestions()) \
+        self.observer: Observer = ServingMetrics(self.registry, lambda: self.inference.queue_depths(),
+                                                 lambda: self.inference.in_flight(),
+                                                 lambda: self.control.suggestions()) \
             if settings.metrics else NULL_OBSERVER
         self.repository = Repository(settings, self.observer, on_state=self._model_state)
         self.store = open_store(settings.feedback_store, ttl_seconds=settings.feedback_ttl_s,
@@ -107,8 +108,10 @@ class Server:
                             self.repository.calibration_window)
         if settings.metrics and self.store is not None:
             self.registry.register(FeedbackStoreCollector(self.store))
-        self.dataplane = DataPlane(self.repository, self.observer, feedback,
-                                   settings.model_control_mode, settings.recalibration_min_labels)
+        self.feedback = feedback
+        self.inference = Inference(self.repository, self.observer, feedback)
+        self.control = Control(self.repository, self.inference, feedback, settings.model_control_mode,
+                               settings.recalibration_min_labels)
         limit = settings.max_message_bytes
         # so_reuseport 0: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limit),
@@ -116,13 +119,13 @@ class Server:
         # Health and reflection stay open (probes carry no token); every other RPC is authorized.
         authorizer = Authorizer(Tokens(settings.tokens_file) if settings.tokens_file else None)
         self.concurrency = ConcurrencyLimit(settings.max_concurrent_rpcs, self.observer)
-        self.inference = InferenceServicer(self.dataplane)
-        add_servicer(self.grpc, self.inference, INFERENCE, authorizer, self.concurrency)
-        add_servicer(self.grpc, FeedbackServicer(self.dataplane), FEEDBACK, authorizer, self.concurrency)
-        add_servicer(self.grpc, CalibrationServicer(self.dataplane), CALIBRATION, authorizer, self.concurrency)
+        self.servicer = InferenceServicer(self.inference, self.control)
+        add_servicer(self.grpc, self.servicer, INFERENCE, authorizer, self.concurrency)
+        add_servicer(self.grpc, FeedbackServicer(self.control), FEEDBACK, authorizer, self.concurrency)
+        add_servicer(self.grpc, CalibrationServicer(self.control), CALIBRATION, authorizer, self.concurrency)
         add_servicer(self.grpc, self.health, HEALTH)
         _enable_reflection(self.grpc)
-        frontend = Frontend(self.dataplane, authorizer, self.concurrency, settings.max_message_bytes)
+        frontend = Frontend(self.inference, self.control, authorizer, self.concurrency, settings.max_message_bytes)
         self.http = HttpServer(frontend, settings) if settings.http else None
         # Probes that cannot do TLS get the same health service in plaintext, and nothing else, on a port of its own.
         self.health_grpc: grpc.aio.Server | None = None
@@ -137,7 +140,7 @@ class Server:
     async def _model_state(self, name: str, serving: bool) -> None:
         await self.health.set(name, SERVING if serving else NOT_SERVING)
         await self._server_state()
-        if serving and self.dataplane.feedback.shared:
+        if serving and self.feedback.shared:
             for version in self.repository.versions(name):
                 task = asyncio.create_task(self._seed(name, version), name=f"valley-seed-{name}-{version}")
                 self._seeding.add(task)
@@ -146,12 +149,12 @@ class Server:
     async def _seed(self, name: str, version: int) -> None:
         """Start a version's calibration window from the fleet's labels in the store (a restart is not blind)."""
         try:
-            await asyncio.to_thread(self.dataplane.feedback.seed, name, version)
+            await asyncio.to_thread(self.feedback.seed, name, version)
         except Exception as error:  # the store is down: the window fills from the labels this replica receives
             log.warning("the calibration window of %s version %d starts empty: %s", name, version, error)
 
     async def _server_state(self) -> None:
-        ready = self.dataplane.ready()
+        ready = self.inference.ready()
         for service in ("", INFERENCE_SERVICE):
             await self.health.set(service, SERVING if ready else NOT_SERVING)
 
@@ -236,7 +239,7 @@ class Server:
         """Refuse new work, let in-flight requests finish, drain the batchers, close the ports."""
         log.info("shutting down: readiness NOT_SERVING, finishing in-flight requests (grace %.0f s)",
                  self.settings.shutdown_grace_s)
-        self.dataplane.shutting_down = True
+        self.inference.shutting_down = True
         if self._poller is not None:
             self._poller.cancel()
         await self._server_state()
@@ -247,9 +250,9 @@ class Server:
         # Streams read nothing more: each ends UNAVAILABLE once the answers it owes are written. While in-flight
         # requests finish, the port stays open: new requests get a clear UNAVAILABLE from the servicer rather
         # than a connection torn down under them.
-        self.inference.end_streams()
+        self.servicer.end_streams()
         try:
-            await asyncio.wait_for(self.dataplane.drained(), max(0.0, ends - time.monotonic()))
+            await asyncio.wait_for(self.inference.drained(), max(0.0, ends - time.monotonic()))
         except asyncio.TimeoutError:
             log.warning("requests still in flight when the grace period ended")
         # The port stays open until the other RPCs (a load in progress) are done: meanwhile new requests get a
@@ -278,7 +281,7 @@ class Server:
         """Print the ports bound and the readiness as one JSON line, and write it to `ready_file` if set."""
         line = json.dumps({"grpc_port": ports.grpc, "http_port": ports.http, "metrics_port": ports.metrics,
                            "health_port": ports.health,
-                           "host": self.settings.host, "ready": self.dataplane.ready(), "pid": os.getpid()})
+                           "host": self.settings.host, "ready": self.inference.ready(), "pid": os.getpid()})
         print(line, flush=True)
         path = self.settings.ready_file
         if path is not None:  # written aside and renamed: a reader never sees half a line

@@ -10,7 +10,7 @@ import pytest
 
 from artefact.config import ConfigError, parse
 from artefact.policy import VersionPolicy
-from service.control.modelsettings import ModelOptions
+from service.core.modelsettings import ModelOptions
 from service.errors import InvalidInput
 from service.settings import Settings
 

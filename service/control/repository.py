@@ -1,7 +1,7 @@
 """The model repository: which ensembles exist on disk, which versions of each are served.
 
 Layout: `ROOT/<name>/<version>/manifest.json` (integer versions), and optionally
-`ROOT/<name>/config.json`: the ensemble's own settings (`service.control.modelsettings`: batching, queue,
+`ROOT/<name>/config.json`: the ensemble's own settings (`service.core.modelsettings`: batching, queue,
 instances, execution, precision, members, windows, version policy) over the server's flags, read at
 every load; a version serving under other settings than the file now gives is loaded again. Which
 versions serve is the version policy's choice: by default the newest one that verifies. Loading
@@ -41,14 +41,14 @@ from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, parse
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from artefact.policy import PolicyError, VersionPolicy
 from artefact.repository import NAME, VERSION, tidy
-from service.control.modelsettings import ModelOptions
 from service.core.abstention import Abstention
 from service.core.batching import DynamicBatcher, ModelKey
 from service.core.cpus import lower_thread_priority
 from service.core.ensemble import Ensemble, load_ensemble
-from service.core.members import Plan, default_plan, degraded_plan
+from service.core.members import default_plan, degraded_plan
+from service.core.modelsettings import ModelOptions
 from service.core.observer import Observer
-from service.core.statistics import ModelStatistics
+from service.core.served import Fingerprint, ServedModel
 from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from service.settings import Settings
 
@@ -56,49 +56,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-Fingerprint = tuple[tuple[str, int, int, int], ...]
-"""(name, mtime_ns, size, inode) of every file of a version folder: a version whose files change (a copy that was
-still being written when it was refused, a file replaced under a serving version) is loaded again."""
-
 
 class State(str, Enum):
     READY = "READY"
     LOADING = "LOADING"
     UNAVAILABLE = "UNAVAILABLE"
-
-
-@dataclass
-class ServedModel:
-    """One ensemble version taking requests: the loaded graphs, their batcher, their counters."""
-
-    instances: list[Ensemble]
-    """Copies of the verified ensemble, each run by a compute thread of its own."""
-    batcher: DynamicBatcher
-    default_plan: Plan
-    """What answers a request that does not name its members."""
-    options: ModelOptions
-    """The settings it serves with: its config.json's over the server's flags."""
-    fingerprint: Fingerprint = ()
-    abstention: Abstention | None = None
-    """Selective prediction (the `abstain` output); None for a version exported without it."""
-
-    @property
-    def statistics(self) -> ModelStatistics:
-        """What the version has done since it was loaded (the batcher counts its runs)."""
-        return self.batcher.statistics
-
-    @property
-    def ensemble(self) -> Ensemble:
-        """The version's ensemble (its first instance): manifest, providers."""
-        return self.instances[0]
-
-    @property
-    def name(self) -> str:
-        return self.ensemble.manifest.name
-
-    @property
-    def version(self) -> int:
-        return self.ensemble.manifest.version
 
 
 @dataclass

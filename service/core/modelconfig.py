@@ -1,5 +1,5 @@
 """A served version's configuration in the form of Triton's `ModelConfig`: the values it really serves with
-(its config.json's over the server's flags, `service.control.modelsettings`).
+(its config.json's over the server's flags, `service.core.modelsettings`).
 
 Triton's tools start with this call (perf_analyzer and model_analyzer read the batch size, the
 tensors, the batching and the instances from it). It is built here once as the JSON object
@@ -30,8 +30,8 @@ from artefact.config import BACKEND, CONFIG_FILE, PLATFORM
 from artefact.manifest import TensorSpec
 from artefact.policy import VersionPolicy
 from service._proto.inference import model_config_pb2 as config_pb
-from service.control.repository import ServedModel
 from service.core.ensemble import CUDA, graphs
+from service.core.served import ServedModel
 from service.errors import InvalidInput
 
 FORMATS = {3: "FORMAT_NCHW"}

@@ -13,11 +13,12 @@ client declared.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as pb
+from service.core.request import Expect
 from service.errors import InvalidInput, check_length
 
 MAX_RANK = 8
@@ -25,8 +26,6 @@ MAX_RANK = 8
 MAX_TENSORS = 16
 """Most inputs, or outputs asked for, in one request."""
 
-Expect = Callable[[str, str, tuple[int, ...]], None]
-"""Raises `InvalidInput` unless a tensor declared with this name, datatype and shape is one the model takes."""
 
 
 def _anything(name: str, datatype: str, shape: tuple[int, ...]) -> None:

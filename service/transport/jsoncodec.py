@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.core.dataplane import Tensors
-from service.core.request import Parameter
+from service.core.inference import Tensors
+from service.core.request import Expect, Parameter
 from service.errors import InvalidInput, check_length
 from service.transport.codec import (
     DATATYPES,
     MAX_RANK,
     MAX_TENSORS,
-    Expect,
     check_finite,
     check_range,
     datatype_of,

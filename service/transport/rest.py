@@ -42,8 +42,9 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.control.control import Control
 from service.control.recalibrate import Suggestion
-from service.core.dataplane import DataPlane, InferenceRequest, ModelMetadata, NamedStatistics
+from service.core.inference import Inference, InferenceRequest, ModelMetadata, NamedStatistics
 from service.core.request import BINARY_OUTPUT
 from service.core.statistics import Duration
 from service.errors import HTTP_STATUS, InvalidInput, Status, answer_of, shown
@@ -185,11 +186,12 @@ def _suggestion(name: str, version: int, suggestion: Suggestion) -> dict[str, An
 
 
 class Frontend:
-    """The FastAPI application serving the protocol over HTTP from `dataplane`."""
+    """The FastAPI application serving the protocol over HTTP from the data plane's two halves."""
 
-    def __init__(self, dataplane: DataPlane, authorizer: Authorizer = OPEN, limit: ConcurrencyLimit = UNLIMITED,
-                 max_body_bytes: int = 64 << 20) -> None:
-        self.dataplane, self.authorizer, self.limit, self.max_body_bytes = dataplane, authorizer, limit, max_body_bytes
+    def __init__(self, inference: Inference, control: Control, authorizer: Authorizer = OPEN,
+                 limit: ConcurrencyLimit = UNLIMITED, max_body_bytes: int = 64 << 20) -> None:
+        self.inference, self.control = inference, control
+        self.authorizer, self.limit, self.max_body_bytes = authorizer, limit, max_body_bytes
         app = FastAPI(title="valley", docs_url=None, redoc_url=None, openapi_url=None)
         app.add_exception_handler(StarletteHTTPException, self._route_error)  # type: ignore[arg-type]
         # HEAD too: load balancers that check health without a body.
@@ -244,15 +246,15 @@ class Frontend:
     # -- health and metadata --------------------------------------------------------------
 
     async def live(self) -> Response:
-        return _json({"live": self.dataplane.live()})
+        return _json({"live": self.inference.live()})
 
     async def ready(self) -> Response:
-        ready = self.dataplane.ready()
+        ready = self.inference.ready()
         return _json({"ready": ready}, 200 if ready else 503)
 
     async def server_metadata(self, request: Request) -> Response:
         def answer() -> Response:
-            metadata = self.dataplane.server_metadata()
+            metadata = self.inference.server_metadata()
             return _json({"name": metadata.name, "version": metadata.version,
                           "extensions": list(metadata.extensions)})
 
@@ -260,24 +262,24 @@ class Frontend:
 
     async def model_metadata(self, request: Request) -> Response:
         return await self._guard(request, "ModelMetadata",
-                                 lambda: _json(_metadata(self.dataplane.model_metadata(*self._model(request)))))
+                                 lambda: _json(_metadata(self.inference.model_metadata(*self._model(request)))))
 
     async def model_ready(self, request: Request) -> Response:
         def answer() -> Response:
             name, version = self._model(request)
-            self.dataplane.check_ready(name, version)
+            self.inference.check_ready(name, version)
             return _json({"name": name, "version": version, "ready": True})
 
         return await self._guard(request, "ModelReady", answer)
 
     async def model_config(self, request: Request) -> Response:
         return await self._guard(request, "ModelConfig",
-                                 lambda: _json(self.dataplane.model_config(*self._model(request))))
+                                 lambda: _json(self.inference.model_config(*self._model(request))))
 
     async def statistics(self, request: Request) -> Response:
         def answer() -> Response:
             name, version = request.path_params.get("name", ""), request.path_params.get("version", "")
-            return _json({"model_stats": [_statistics(named) for named in self.dataplane.statistics(name, version)]})
+            return _json({"model_stats": [_statistics(named) for named in self.inference.statistics(name, version)]})
 
         return await self._guard(request, "ModelStatistics", answer)
 
@@ -297,7 +299,7 @@ class Frontend:
         header = parsed.header
         request_id = jsoncodec.text(header.get("id", ""), "id")
         parameters = jsoncodec.parameters(header, "the request")
-        answer = await self.dataplane.infer(InferenceRequest(
+        answer = await self.inference.infer(InferenceRequest(
             name, version, request_id, lambda expect: jsoncodec.decode(parsed, expect), parameters,
             caller=CALLER.get().principal, heavy=heavy))
         # The data plane checked the parameters: binary_data_output is a boolean where it is given.
@@ -322,7 +324,7 @@ class Frontend:
             if not isinstance(ready, bool):
                 raise InvalidInput(f"'ready' must be true or false, got {ready!r}")
             return _json([{"name": e.name, "version": e.version, "state": e.state.value, "reason": shown(e.reason)}
-                          for e in await self.dataplane.index(ready_only=ready)])
+                          for e in await self.control.index(ready_only=ready)])
 
         return await self._guard(request, "RepositoryIndex", answer)
 
@@ -332,7 +334,7 @@ class Frontend:
             config = parameters.get("config")
             if config is not None and not isinstance(config, str):
                 raise InvalidInput("the load parameter 'config' must be a string holding the model config as JSON")
-            await self.dataplane.load(request.path_params["name"], config, [key for key in parameters
+            await self.control.load(request.path_params["name"], config, [key for key in parameters
                                                                             if key != "config"])
             return _json({})
 
@@ -342,7 +344,7 @@ class Frontend:
         async def answer() -> Response:
             # unload_dependents, Triton's one unload parameter, changes nothing: an ensemble here has no dependents.
             jsoncodec.parameters(await _json_body(request, self.max_body_bytes), "the unload request")
-            await self.dataplane.unload(request.path_params["name"])
+            await self.control.unload(request.path_params["name"])
             return _json({})
 
         return await self._guard(request, "RepositoryModelUnload", answer)
@@ -353,7 +355,7 @@ class Frontend:
             if not isinstance(labels, list):
                 raise InvalidInput("the body needs 'labels': a list of {model_name, request_id, position, true_class}")
             # One past the limit is enough for the data plane to refuse an oversized report.
-            accepted = await self.dataplane.report([_label(label, index) for index, label in
+            accepted = await self.control.report([_label(label, index) for index, label in
                                                     enumerate(labels[:MAX_LABELS + 1])], CALLER.get().principal)
             return _json({"accepted": accepted})
 
@@ -361,7 +363,7 @@ class Frontend:
 
     async def calibration(self, request: Request) -> Response:
         async def answer() -> Response:
-            model, suggestion, _ = await asyncio.to_thread(self.dataplane.suggestion, *self._model(request))
+            model, suggestion, _ = await asyncio.to_thread(self.control.suggestion, *self._model(request))
             return _json(_suggestion(model.name, model.version, suggestion))
 
         return await self._guard(request, "Suggest", answer)
@@ -372,7 +374,7 @@ class Frontend:
             if isinstance(temperature, bool) or not isinstance(temperature, int | float):
                 raise InvalidInput(f"'temperature' must be a number (0: the suggested one), got {temperature!r}")
             name, version = self._model(request)
-            parent, new, suggestion, applied = await self.dataplane.recalibrate(name, version, float(temperature),
+            parent, new, suggestion, applied = await self.control.recalibrate(name, version, float(temperature),
                                                                                 CALLER.get().principal)
             return _json({"model_name": name, "published_version": str(new), "temperature": applied,
                           "suggestion": _suggestion(name, parent, suggestion)})

@@ -28,10 +28,11 @@ from service._proto.inference import grpc_service_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import feedback_pb2 as feedback_pb
+from service.control.control import Control
 from service.control.recalibrate import Suggestion
 from service.core.classification import PARAMETER as CLASSIFICATION
-from service.core.dataplane import DataPlane, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
-from service.core.request import Parameter
+from service.core.inference import Inference, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
+from service.core.request import Expect, Parameter
 from service.core.statistics import Duration
 from service.errors import (
     MAX_NAME_CHARS,
@@ -46,7 +47,6 @@ from service.feedback import MAX_LABELS, Label
 from service.transport.codec import (
     MAX_TENSORS,
     TYPED_ON_LOOP,
-    Expect,
     decode_inputs,
     encode_outputs,
     refuse_shared_memory,
@@ -303,27 +303,27 @@ class _StreamBudget:
 class InferenceServicer:
     """inference.GRPCInferenceService, answered by the data plane."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+    def __init__(self, inference: Inference, control: Control) -> None:
+        self.inference, self.control = inference, control
         self._readers: set[asyncio.Task[None]] = set()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.dataplane.live())
+        return pb.ServerLiveResponse(live=self.inference.live())
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+        return pb.ServerReadyResponse(ready=self.inference.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self.inference.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context
                              ) -> pb.ServerMetadataResponse:
-        metadata = self.dataplane.server_metadata()
+        metadata = self.inference.server_metadata()
         return pb.ServerMetadataResponse(name=metadata.name, version=metadata.version,
                                          extensions=list(metadata.extensions))
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        metadata = self.dataplane.model_metadata(request.name, request.version)
+        metadata = self.inference.model_metadata(request.name, request.version)
         response = pb.ModelMetadataResponse(name=metadata.name, versions=metadata.versions,
                                             platform=metadata.platform,
                                             inputs=[_tensor_metadata(spec) for spec in metadata.inputs],
@@ -332,11 +332,11 @@ class InferenceServicer:
         return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        config = self.dataplane.model_config(request.name, request.version)
+        config = self.inference.model_config(request.name, request.version)
         return pb.ModelConfigResponse(config=json_format.ParseDict(config, config_pb.ModelConfig()))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return _response(await self.dataplane.infer(_inference_request(request, context)))
+        return _response(await self.inference.infer(_inference_request(request, context)))
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -347,8 +347,8 @@ class InferenceServicer:
         client that sends without reading its answers stops being read from, and the server holds at
         most STREAM_IN_FLIGHT requests and about STREAM_BUFFER_BYTES of answers for it.
         """
-        dataplane = self.dataplane
-        if dataplane.shutting_down:
+        inference = self.inference
+        if inference.shutting_down:
             raise ShuttingDown("the server is shutting down: open the stream to another replica")
         answers: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | None] = asyncio.Queue()
         budget = _StreamBudget(STREAM_IN_FLIGHT, STREAM_BUFFER_BYTES)
@@ -356,14 +356,14 @@ class InferenceServicer:
 
         async def serve(request: pb.ModelInferRequest) -> None:
             try:
-                response = _response(await self.dataplane.infer(_inference_request(request, context)))
+                response = _response(await self.inference.infer(_inference_request(request, context)))
                 final = request.parameters.get("triton_enable_empty_final_response")
                 if final is not None and final.bool_param:
                     # One response per request: it is the final one (what such clients wait for).
                     response.parameters["triton_final_response"].bool_param = True
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except asyncio.CancelledError:
-                dataplane.release()
+                inference.release()
                 raise
             except Exception as error:
                 status = answer_of(error)
@@ -373,7 +373,7 @@ class InferenceServicer:
                                                          model_version=request.model_version[:MAX_NAME_CHARS],
                                                          id=request.id[:MAX_NAME_CHARS]))
             if closed:  # the stream ended meanwhile: nobody will write this answer
-                dataplane.release()
+                inference.release()
                 return
             size = answer.ByteSize()
             budget.hold(size)
@@ -387,7 +387,7 @@ class InferenceServicer:
                     request = await anext(requests, None)
                     if request is None:
                         break
-                    dataplane.hold()  # from here until its answer is written, a shutdown waits for it
+                    inference.hold()  # from here until its answer is written, a shutdown waits for it
                     task = asyncio.create_task(serve(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -404,11 +404,11 @@ class InferenceServicer:
                     yield answer  # resumes once grpc has taken the answer: a client that does not read holds us here
                 finally:
                     budget.release(size)
-                    dataplane.release()
+                    inference.release()
             try:
                 await reader  # surfaces a broken request stream
             except asyncio.CancelledError:
-                if not dataplane.shutting_down:
+                if not inference.shutting_down:
                     raise
                 raise ShuttingDown("the server is shutting down: open a new stream to another replica") from None
         finally:
@@ -417,7 +417,7 @@ class InferenceServicer:
             closed = True  # answers owed to a client that went away are no longer waited for
             while not answers.empty():
                 if answers.get_nowait() is not None:
-                    dataplane.release()
+                    inference.release()
 
     def end_streams(self) -> None:
         """Stop reading every open stream: each ends, UNAVAILABLE, once the answers it owes are written."""
@@ -427,39 +427,39 @@ class InferenceServicer:
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
                               ) -> pb.ModelStatisticsResponse:
         return pb.ModelStatisticsResponse(model_stats=[
-            _model_statistics(named) for named in self.dataplane.statistics(request.name, request.version)])
+            _model_statistics(named) for named in self.inference.statistics(request.name, request.version)])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
                               ) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse.ModelIndex
         return pb.RepositoryIndexResponse(models=[
             index(name=e.name, version=e.version, state=e.state.value, reason=shown(e.reason))
-            for e in await self.dataplane.index(ready_only=request.ready)])
+            for e in await self.control.index(ready_only=request.ready)])
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
         parameters = request.parameters
         config = parameters["config"].string_param if "config" in parameters else None
-        await self.dataplane.load(request.model_name, config, [key for key in parameters if key != "config"])
+        await self.control.load(request.model_name, config, [key for key in parameters if key != "config"])
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
                                     ) -> pb.RepositoryModelUnloadResponse:
-        await self.dataplane.unload(request.model_name)
+        await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
 class FeedbackServicer:
     """valley.v1.Feedback: labels for served predictions, joined and counted by the data plane."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     async def Report(self, request: feedback_pb.ReportRequest, context: Context) -> feedback_pb.ReportResponse:
         # One past the limit is enough for the data plane to refuse an oversized report.
         labels = [Label(label.model_name, label.request_id, label.position, label.true_class)
                   for label in request.labels[:MAX_LABELS + 1]]
-        return feedback_pb.ReportResponse(accepted=await self.dataplane.report(labels, CALLER.get().principal))
+        return feedback_pb.ReportResponse(accepted=await self.control.report(labels, CALLER.get().principal))
 
 
 def _live(metrics: dict[str, float]) -> calibration_pb.LiveMetrics:
@@ -476,18 +476,18 @@ def _suggestion(name: str, version: int, suggestion: Suggestion) -> calibration_
 class CalibrationServicer:
     """valley.v1.Calibration: the temperature live labels suggest, and a new version applying it."""
 
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     async def Suggest(self, request: calibration_pb.SuggestRequest, context: Context) -> calibration_pb.Suggestion:
-        model, suggestion, _ = await asyncio.to_thread(self.dataplane.suggestion, request.model_name,
+        model, suggestion, _ = await asyncio.to_thread(self.control.suggestion, request.model_name,
                                                        request.model_version)
         return _suggestion(model.name, model.version, suggestion)
 
     async def Recalibrate(self, request: calibration_pb.RecalibrateRequest, context: Context
                           ) -> calibration_pb.RecalibrateResponse:
         name, version = request.model_name, request.model_version
-        parent_version, new, suggestion, applied = await self.dataplane.recalibrate(
+        parent_version, new, suggestion, applied = await self.control.recalibrate(
             name, version, request.temperature, CALLER.get().principal)
         return calibration_pb.RecalibrateResponse(model_name=name, published_version=str(new),
                                                   suggestion=_suggestion(name, parent_version, suggestion),

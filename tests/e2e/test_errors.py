@@ -63,6 +63,14 @@ CASES = [
 ]
 
 
+CONTROL = {"index", "load", "unload", "report", "suggestion", "recalibrate"}
+"""The methods of the data plane's control half; the others are its inference half's."""
+
+
+def _plane(server: ThreadServer, method: str) -> object:
+    return server.server.control if method in CONTROL else server.server.inference
+
+
 def _streaming(service: str, method: str) -> bool:
     return bool(SERVICES[service].methods_by_name[method].client_streaming)
 
@@ -94,7 +102,7 @@ def test_a_fault_in_the_data_plane_is_internal_with_a_generic_message(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError(SECRET)
 
-    monkeypatch.setattr(server.server.dataplane, case.dataplane, broken)
+    monkeypatch.setattr(_plane(server, case.dataplane), case.dataplane, broken)
     body = case.request(reference).SerializeToString()
     with caplog.at_level(logging.ERROR, logger="service"):
         if _streaming(case.service, case.method):
@@ -120,7 +128,7 @@ def test_a_body_that_does_not_parse_is_invalid_argument(server: ThreadServer, ca
 
 def test_a_stream_goes_on_after_a_request_that_fails_in_the_data_plane(server: ThreadServer, reference: Reference,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    infer, calls = server.server.dataplane.infer, []
+    infer, calls = server.server.inference.infer, []
 
     async def first_fails(request: Any) -> Any:
         calls.append(request.id)
@@ -128,7 +136,7 @@ def test_a_stream_goes_on_after_a_request_that_fails_in_the_data_plane(server: T
             raise KeyError(SECRET)
         return await infer(request)
 
-    monkeypatch.setattr(server.server.dataplane, "infer", first_fails)
+    monkeypatch.setattr(server.server.inference, "infer", first_fails)
     requests = []
     for index in range(2):
         request = _infer(reference)
@@ -167,7 +175,7 @@ def test_a_fault_in_the_data_plane_is_a_500_over_http_with_a_generic_message(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError(SECRET)
 
-    monkeypatch.setattr(server.server.dataplane, dataplane, broken)
+    monkeypatch.setattr(_plane(server, dataplane), dataplane, broken)
     connection = http.client.HTTPConnection("127.0.0.1", server.ports.http or 0, timeout=10)
     with caplog.at_level(logging.ERROR, logger="service"):
         connection.request(method, path, json.dumps(body).encode() if body is not None else None)

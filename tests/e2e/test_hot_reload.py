@@ -18,9 +18,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.core.dataplane import InferenceRequest, Tensors
+from service.core.inference import InferenceRequest, Tensors
+from service.core.request import Expect
 from service.launch import ServerProcess
-from service.transport.codec import Expect
 from tests.e2e.conftest import (
     MODEL,
     Reference,
@@ -325,7 +325,7 @@ def test_a_request_whose_version_retires_before_it_is_queued_is_served_by_the_ne
 
     with ThreadServer(thread_settings(own)) as server:
         request = InferenceRequest(MODEL, "", "", decode, heavy=True)
-        answer = asyncio.run_coroutine_threadsafe(server.server.dataplane.infer(request), server.loop)
+        answer = asyncio.run_coroutine_threadsafe(server.server.inference.infer(request), server.loop)
         assert entered.wait(10)
         _publish(own, 2)
         server.run(server.server.repository.load(MODEL))  # version 1 retires: its batcher takes nothing more

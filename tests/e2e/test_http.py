@@ -29,8 +29,8 @@ from tritonclient.utils import InferenceServerException
 from service._proto.valley.v1 import calibration_pb2 as calibration_pb
 from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.core.abstention import ABSTAIN
-from service.core.dataplane import DEFAULT_OUTPUTS
-from service.core.dataplane import SERVED_OUTPUTS as OUTPUTS
+from service.core.inference import DEFAULT_OUTPUTS
+from service.core.inference import SERVED_OUTPUTS as OUTPUTS
 from service.launch import ServerProcess
 from service.transport import rest
 from tests.e2e.conftest import (

@@ -112,7 +112,7 @@ def test_shutdown_lets_in_flight_requests_finish_and_refuses_new_ones(gated: tup
     assert gate.entered.wait(10)
     stopping = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)
     deadline = time.monotonic() + 10
-    while not server.server.dataplane.shutting_down and time.monotonic() < deadline:
+    while not server.server.inference.shutting_down and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(InferenceServerException) as error:
         client.infer(MODEL, triton_inputs(pixels))

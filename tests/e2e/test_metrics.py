@@ -185,4 +185,4 @@ def test_feedback_has_a_setting_of_its_own(repository: Path, reference: Referenc
             report(server.url, [("a", 0, 1)])
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--feedback" in error.value.details()
         assert _value(server, "valley_requests_total", code="OK") == 1, "metrics stay on"
-        assert server.server.dataplane.feedback.store is None, "no predictions are kept"
+        assert server.server.feedback.store is None, "no predictions are kept"

@@ -13,8 +13,8 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from service.core.abstention import ABSTAIN
-from service.core.dataplane import DEFAULT_OUTPUTS
-from service.core.dataplane import SERVED_OUTPUTS as OUTPUTS
+from service.core.inference import DEFAULT_OUTPUTS
+from service.core.inference import SERVED_OUTPUTS as OUTPUTS
 from service.launch import ServerProcess
 from tests.e2e.conftest import MODEL, Reference, assert_matches, triton_inputs
 

@@ -1,58 +1,47 @@
-"""The data plane: everything the server answers, without gRPC.
+"""The inference half of the data plane: everything a client asks of a model, without a transport.
 
-Inference, feedback labels, metadata, statistics, readiness and repository control live
-here; the servicer only turns protobuf into these calls and their results back into protobuf.
-A request is checked once, here, before it can join a batch; in-flight requests are counted
-once, here (the drain on shutdown and the metrics' gauge read the same count); every answered
-request goes to the model's statistics and to the observer.
+Inference, metadata, configuration, statistics and readiness live here; the transports only
+frame and unframe. A request is checked once, here, before it can join a batch; in-flight
+requests are counted once, here (the drain on shutdown and the metrics' gauge read the same
+count); every answered request goes to the model's statistics and to the observer. Repository
+control and feedback labels are the other half (`service.control.control`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from artefact.calibration import TEMPERATURE_RANGE
 from artefact.config import PLATFORM
 from artefact.manifest import OUTPUTS, TensorSpec
-from artefact.repository import withdraw
-from service.control.recalibrate import Suggestion, applied, lock_name, publish, suggest
-from service.control.repository import IndexEntry, Repository, ServedModel, State
 from service.core.abstention import ABSTAIN
 from service.core.abstention import PARAMETER as TARGET_PARAMETER
 from service.core.classification import class_count, top_classes
 from service.core.drift import drift_needs
 from service.core.ensemble import MEMBERS_USED
 from service.core.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
-from service.core.modelconfig import model_config, unchanged
+from service.core.modelconfig import model_config
 from service.core.observer import Observer
-from service.core.request import Parameter, RequestOptions, request_options
+from service.core.request import Expect, Parameter, RequestOptions, request_options
+from service.core.served import Models, ServedModel
 from service.core.statistics import ModelStatistics
 from service.errors import (
     InvalidInput,
-    LoadFailed,
-    ModelControlOff,
-    NotEnoughLabels,
-    RepositoryNotWritable,
     Retired,
     ServingError,
     ShuttingDown,
-    Superseded,
     check_length,
     status_of,
 )
-from service.feedback import CalibrationWindow, Feedback, Label, LabelledWindow, Served
-from service.transport.codec import Expect
+from service.feedback import Feedback, Served
 
 SERVER_NAME = "valley"
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "binary_tensor_data",
@@ -65,7 +54,6 @@ DEFAULT_OUTPUTS = tuple(name for name in SERVED_OUTPUTS if name != "member_proba
 KEPT = ("probabilities", "member_probabilities", MEMBERS_USED)
 # Lookups of a request whose version retired before it was queued (each retry finds the version swapped in).
 _RETRIES = 3
-_MAX_CONFIG_CHARS = 64 << 10
 # Failures that happened after the request reached its model: their duration is worth a latency sample.
 _REACHED_MODEL = ("DEADLINE_EXCEEDED", "INTERNAL")
 
@@ -184,14 +172,11 @@ def _server_version() -> str:
         return "unknown"
 
 
-class DataPlane:
-    def __init__(self, repository: Repository, observer: Observer, feedback: Feedback,
-                 model_control: str = "explicit", recalibration_min_labels: int = 100) -> None:
-        self.repository, self.model_control = repository, model_control
-        self.observer, self.feedback = observer, feedback
-        self.recalibration_min_labels = recalibration_min_labels
-        self._recalibrating = asyncio.Lock()
-        self._suggested: dict[tuple[str, int], tuple[int, Suggestion]] = {}
+class Inference:
+    """The inference half of the data plane: health, metadata, configuration, statistics and inference."""
+
+    def __init__(self, models: Models, observer: Observer, feedback: Feedback) -> None:
+        self.repository, self.observer, self.feedback = models, observer, feedback
         self.shutting_down = False
         self._in_flight: dict[tuple[str, str], int] = {}
         self._held = 0
@@ -217,28 +202,28 @@ class DataPlane:
 
     def check_ready(self, name: str, version: str) -> None:
         """Return if the version serves; else raise why not (unknown: `ModelNotFound`, else `ModelNotReady`)."""
-        self._get(name, version)
+        self.get(name, version)
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down: send requests to another replica")
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(SERVER_NAME, _server_version(), EXTENSIONS)
 
-    def _get(self, name: str, version: str) -> ServedModel:
+    def get(self, name: str, version: str) -> ServedModel:
         """The version serving for a client's model name and version ("": the newest), names checked first."""
         for what, value in (("model_name", name), ("model_version", version)):
             check_length(what, value)
         return self.repository.get(name, version)
 
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
-        model = self._get(name, version)
+        model = self.get(name, version)
         versions = [str(v) for v in self.repository.versions(model.name)]
         return ModelMetadata(model.name, versions, PLATFORM, [model.ensemble.manifest.input], _outputs(model),
                              _parameters(model))
 
     def model_config(self, name: str, version: str) -> dict[str, Any]:
         """The version's configuration as Triton's ModelConfig, in the JSON form of Triton's HTTP endpoint."""
-        model = self._get(name, version)
+        model = self.get(name, version)
         parameters = {key: str(value) for key, value in _parameters(model).items()}
         return model_config(model, _outputs(model), self.repository.policy_of(model.name), parameters)
 
@@ -252,7 +237,7 @@ class DataPlane:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down: send the request to another replica")
             check_length("id", request.id)
-            model = self._get(request.model, request.version)
+            model = self.get(request.model, request.version)
             for attempt in range(_RETRIES):
                 try:
                     with self._serving(model):
@@ -395,177 +380,7 @@ class DataPlane:
         """Return once no inference request is being served and every stream answer is written."""
         await self._idle.wait()
 
-    # -- feedback, statistics and repository ----------------------------------------------
-
-    async def report(self, labels: Sequence[Label], caller: str = "") -> int:
-        """Join labels to the predictions served to `caller` for them (all or none); how many were accepted. With a
-        database store the labels are committed first, in a worker thread."""
-        if self.feedback.shared:
-            return await asyncio.to_thread(self.feedback.report, labels, caller)
-        return self.feedback.report(labels, caller)
-
     def statistics(self, name: str, version: str) -> list[NamedStatistics]:
         """A consistent copy of the statistics of one model (`name`), or of every model served."""
-        models = [self._get(name, version)] if name else self.repository.served()
+        models = [self.get(name, version)] if name else self.repository.served()
         return [NamedStatistics(m.name, str(m.version), m.statistics.snapshot()) for m in models]
-
-    async def index(self, ready_only: bool) -> list[IndexEntry]:
-        """The repository's index; the disk is read in a worker thread (a slow volume must not stall the loop)."""
-        entries = await asyncio.to_thread(self.repository.index)
-        return [entry for entry in entries if not ready_only or entry.state == State.READY]
-
-    async def load(self, name: str, config: str | None = None, others: Sequence[str] = ()) -> None:
-        """Load `name` by its version policy; `config` (Triton's JSON model config) may set the policy."""
-        self._controllable()
-        check_length("model_name", name)
-        if others:
-            raise InvalidInput(f"load parameters {', '.join(others)[:100]} are not supported: the 'config' parameter "
-                               "may set a version_policy; publish files into the repository folder")
-        if config is not None and len(config) > _MAX_CONFIG_CHARS:
-            raise InvalidInput(f"the config parameter has {len(config)} characters; at most {_MAX_CONFIG_CHARS}")
-        if config is not None:
-            config = self._settable(name, config)
-        await self.repository.load(name, config)
-
-    def _settable(self, name: str, config: str) -> str:
-        """A load's config with the fields that repeat the served configuration dropped (`modelconfig.unchanged`);
-        what does not parse goes on as it is, for the version policy's parser to say why."""
-        try:
-            posted = json.loads(config)
-        except (ValueError, RecursionError):
-            return config
-        if not isinstance(posted, dict) or set(posted) <= {"version_policy"}:
-            return config
-        try:
-            current = self.model_config(name, "")
-        except ServingError:  # nothing of it serves: no field can repeat what it serves with
-            current = {}
-        return json.dumps(unchanged(posted, current, name))
-
-    async def unload(self, name: str) -> None:
-        self._controllable()
-        check_length("model_name", name)
-        await self.repository.unload(name)
-
-    # -- recalibration --------------------------------------------------------------------
-
-    def suggestion(self, name: str, version: str) -> tuple[ServedModel, Suggestion, LabelledWindow]:
-        """The temperature a serving version's labels suggest (`service.control.recalibrate`), and the labels it was
-        fitted on: the fleet's from a database store, else this server's window. `NotEnoughLabels` below the minimum.
-        Blocking: call it from a worker thread."""
-        model = self._get(name, version)
-        window = self.feedback.window_of(model.name, model.version)
-        labelled = self.feedback.labelled(model.name, model.version)
-        if len(labelled) < self.recalibration_min_labels:
-            where = "in the feedback store" if self.feedback.shared else "in its calibration window"
-            raise NotEnoughLabels(f"model {model.name!r} version {model.version} has {len(labelled)} labelled "
-                                  f"predictions {where}; a temperature is fitted from "
-                                  f"{self.recalibration_min_labels} (--recalibration-min-labels): "
-                                  + ("report more labels through valley.v1.Feedback"
-                                     if self.recalibration_min_labels <= model.options.calibration_window else
-                                     f"the window holds at most {model.options.calibration_window} (the model's "
-                                     "calibration_window, or --calibration-window), so raise it or lower the minimum"))
-        if window is not None and not self.feedback.shared:
-            return model, self._fitted(model, window), labelled
-        suggestion = suggest(labelled, model.ensemble.manifest.temperature)
-        assert suggestion is not None, "the window holds labels"
-        return model, suggestion, labelled
-
-    def _fitted(self, model: ServedModel, window: CalibrationWindow) -> Suggestion:
-        """The suggestion of a version's window (holding labels), fitted again only once new labels arrived: the
-        metrics and the Calibration RPCs share it."""
-        key = (model.name, model.version)
-        cached = self._suggested.get(key)
-        if cached is not None and cached[0] == window.generation:
-            return cached[1]
-        generation = window.generation
-        suggestion = suggest(window.labelled(), model.ensemble.manifest.temperature)
-        assert suggestion is not None, "the window holds labels"
-        self._suggested[key] = (generation, suggestion)
-        return suggestion
-
-    def suggestions(self) -> list[tuple[str, str, Suggestion]]:
-        """(model, version, suggestion) of every serving version with enough labels, for the metrics; each is fitted
-        again only once new labels arrived. Runs in the metrics server's thread, at scrape time."""
-        found = []
-        for name, number, window in self.feedback.windows():
-            if len(window) < self.recalibration_min_labels:
-                continue
-            try:
-                model = self.repository.get(name, str(number))
-            except ServingError:
-                self._suggested.pop((name, number), None)
-                continue
-            found.append((name, str(number), self._fitted(model, window)))
-        return found
-
-    async def recalibrate(self, name: str, version: str, temperature: float, caller: str = ""
-                          ) -> tuple[int, int, Suggestion, float]:
-        """Publish a version of `name` at `temperature` (0: the suggested one), load it and swap to it: (the version
-        recalibrated, the new version, the suggestion, the temperature applied)."""
-        self._controllable()
-        if not (temperature == 0 or TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]):
-            raise InvalidInput(f"temperature must be 0 (the suggested one) or in [{TEMPERATURE_RANGE[0]}, "
-                               f"{TEMPERATURE_RANGE[1]}], got {temperature}")
-        # One publication at a time here, and under the store's lock across the fleet (valley-recalibrate takes it
-        # too): each takes the next version number, and a version is recalibrated once.
-        async with self._recalibrating, _held(self.feedback.lock(lock_name(name))):
-            model, suggestion, labelled = await asyncio.to_thread(self.suggestion, name, version)
-            newest = max(await asyncio.to_thread(self.repository.versions_on_disk, model.name), default=0)
-            if newest > model.version:
-                raise Superseded(f"model {model.name!r} has a newer version {newest} in the repository than version "
-                                 f"{model.version} (published meanwhile, perhaps recalibrated by another replica or "
-                                 "valley-recalibrate): recalibrate the newest version once it serves")
-            policy = self.repository.policy_of(model.name)
-            if not policy.serves_newest:
-                raise LoadFailed(f"model {model.name!r} serves by the version policy {policy}, which would not serve "
-                                 "a new version: set a latest:N or all policy, then recalibrate")
-            chosen, after = await asyncio.to_thread(applied, suggestion, labelled, model.ensemble.manifest.temperature,
-                                                    temperature)
-            # Publishing and loading run to the end even if the caller goes away: a version is never left half
-            # published, or published and not loaded.
-            published = await asyncio.shield(self._publish(model, chosen, suggestion, after, caller))
-            new = int(published.name)
-            return model.version, new, suggestion, chosen
-
-    async def _publish(self, model: ServedModel, temperature: float, suggestion: Suggestion,
-                       after: dict[str, float], caller: str) -> Path:
-        """Publish the recalibrated version and load it; a version that is not served afterwards is withdrawn."""
-        try:
-            published = await asyncio.to_thread(publish, model.ensemble.directory, temperature, suggestion, after,
-                                                caller)
-        except OSError as error:
-            raise RepositoryNotWritable(
-                f"the new version of {model.name!r} could not be written into the repository ({error.strerror}): "
-                "recalibration publishes a version there, so the server needs write access to it (the default "
-                "Kubernetes deployment mounts it read-only)") from error
-        new = int(published.name)
-        problem: LoadFailed | None = None
-        try:
-            await self.repository.refresh(model.name)
-        except LoadFailed as error:  # may name another version's refusal while the new one serves
-            problem = error
-        if new in self.repository.versions(model.name):
-            return published
-        hidden = await asyncio.to_thread(withdraw, published)
-        reason = str(problem) if problem is not None else \
-            f"the version policy {self.repository.policy_of(model.name)} does not serve it"
-        raise LoadFailed(f"version {new} of {model.name!r} was published but not served, and was withdrawn to "
-                         f"{hidden.name}: {reason}")
-
-    def _controllable(self) -> None:
-        if self.shutting_down:
-            raise ShuttingDown("the server is shutting down: load or unload models on another replica")
-        if self.model_control == "none":
-            raise ModelControlOff("this server takes no load or unload requests (--model-control-mode none): "
-                                  "restart it, or run it with --model-control-mode explicit or poll")
-
-
-@asynccontextmanager
-async def _held(lock: AbstractContextManager[None]) -> AsyncIterator[None]:
-    """A blocking lock (the feedback store's, across processes) taken and released in worker threads."""
-    await asyncio.to_thread(lock.__enter__)
-    try:
-        yield
-    finally:
-        await asyncio.to_thread(lock.__exit__, None, None, None)
