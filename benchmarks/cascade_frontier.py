@@ -35,7 +35,8 @@ from training.calibrate import fit_temperature
 from training.config import ExportConfig
 from training.data import DataSplits, load_data
 from training.engine import predict_logits
-from training.export import MemberSource, collect_sources, member_order, tempered_members
+from training.export.fits import member_order, tempered_members
+from training.export.sources import MemberSource, collect_sources
 from training.front import load_front
 
 TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1)

@@ -45,7 +45,7 @@ from training.curve_train import network_at, open_curve
 from training.curves import evenly_spaced
 from training.data import DataSplits, load_data
 from training.engine import evaluate
-from training.export import collect_sources
+from training.export.sources import collect_sources
 from training.runs import DistillReport, FGEReport, RunDir, SSEReport, SWAReport
 
 matplotlib.use("Agg")

@@ -32,7 +32,8 @@ from artefact.manifest import DriftBaseline
 from service.core.ensemble import Ensemble, load_ensemble
 from training.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from training.data import load_splits
-from training.export import fit_drift_baseline, onnx_member_logits
+from training.export.fits import fit_drift_baseline
+from training.export.variants import onnx_member_logits
 
 log = logging.getLogger("drift_corruption")
 

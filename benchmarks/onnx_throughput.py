@@ -32,7 +32,7 @@ from artefact.manifest import OUTPUTS
 from artefact.uncertainty import softmax
 from training.data import FASHION_MNIST
 from training.engine import build_model
-from training.export import FusedEnsemble, PixelClassifier, export_graph
+from training.export.graphs import FusedEnsemble, PixelClassifier, export_graph
 
 
 def measure(run: Callable[[], object], batch: int, seconds: float) -> float:

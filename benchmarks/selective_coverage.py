@@ -35,7 +35,9 @@ from training.config import ExportConfig
 from training.data import DataSplits, SizedDataset, load_data, make_batches
 from training.engine import predict_logits
 from training.errors import UsageError
-from training.export import SELECTIVE_MARGIN, collect_sources, fit_selective_spec, onnx_member_logits, selective_curve
+from training.export.fits import SELECTIVE_MARGIN, fit_selective_spec, selective_curve
+from training.export.sources import collect_sources
+from training.export.variants import onnx_member_logits
 from training.plots import SelectiveLine, plot_reliability, plot_risk_coverage
 from training.runs import RunDir
 

@@ -39,7 +39,8 @@ from artefact.manifest import OUTPUTS
 from training.config import ExportConfig
 from training.data import FASHION_MNIST, DatasetInfo, load_data
 from training.engine import build_model
-from training.export import FusedEnsemble, collect_sources, ensemble_outputs_of, export_graph
+from training.export.graphs import FusedEnsemble, ensemble_outputs_of, export_graph
+from training.export.sources import collect_sources
 from training.runs import RunDir
 from training.stacking import StackedMembers, stack_members
 

@@ -11,7 +11,7 @@ from artefact.cascade import Cascade, fit_cascade, lead, quality, run_cascade
 from artefact.manifest import load_manifest
 from tests.conftest import cli
 from training.data import ImageTensors, load_data
-from training.export import tempered_members
+from training.export.fits import tempered_members
 from training.runs import RunDir
 
 

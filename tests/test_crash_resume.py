@@ -48,7 +48,7 @@ from tests.conftest import REPO, cli
 from training import checkpoint
 from training.config import ExportConfig
 from training.errors import UsageError
-from training.export import export_ensemble
+from training.export.ensemble import export_ensemble
 
 SEED = 1729
 SHORT_KILLS = 3

@@ -24,7 +24,8 @@ from training.calibrate import fit_temperature
 from training.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from training.data import DataSplits, ImageTensors, load_splits, make_batches
 from training.engine import build_model, epoch_seed, make_optimizer, predict_logits, train_epoch
-from training.export import INPUT_NAME, FusedEnsemble, export_graph, fit_drift_baseline
+from training.export.fits import fit_drift_baseline
+from training.export.graphs import INPUT_NAME, FusedEnsemble, export_graph
 from training.schedules import BaseSchedule, FGECycle
 
 IMAGES = 3000

@@ -22,7 +22,8 @@ from training.config import ExportConfig
 from training.data import load_data
 from training.engine import build_model, predict_logits
 from training.errors import UsageError
-from training.export import export_ensemble, fit_cascade_spec, fit_selective_spec
+from training.export.ensemble import export_ensemble
+from training.export.fits import fit_cascade_spec, fit_selective_spec
 from training.plots import reliability_bins
 from training.runs import RunDir
 
@@ -133,12 +134,12 @@ def test_existing_version_needs_overwrite(exported: Path, fge_run: Path) -> None
 
 
 def test_failed_export_leaves_nothing(fge_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.export as export
+    import training.export.ensemble as export
 
     def broken(name: str, expected: np.ndarray, actual: np.ndarray) -> float:
         raise RuntimeError(f"{name}: parity broken on purpose")
 
-    monkeypatch.setattr(export, "_check_parity", broken)
+    monkeypatch.setattr(export, "check_parity", broken)
     with pytest.raises(RuntimeError, match="parity broken"):
         export_ensemble(ExportConfig(runs=[fge_run], name="synth", repository=tmp_path))
     assert list((tmp_path / "synth").iterdir()) == []

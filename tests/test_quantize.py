@@ -15,7 +15,7 @@ import onnxruntime
 import pytest
 from pydantic import ValidationError
 
-import training.export as export_module
+import training.export.variants as export_module
 from artefact.cpu import cpu_features, cpu_model
 from artefact.manifest import ManifestError, load_manifest, verify_files
 from artefact.metrics import classification_metrics
@@ -23,7 +23,7 @@ from training.calibrate import tempered_ensemble_probabilities
 from training.config import ExportConfig, Precision
 from training.data import DataSplits, ImageTensors, load_data
 from training.errors import UsageError
-from training.export import export_ensemble
+from training.export.ensemble import export_ensemble
 from training.quantize import INT8_SCHEME, ensemble_tail, lower_precision, measuring_session
 from training.runs import RunDir
 

@@ -19,7 +19,7 @@ from tests.test_resume import _assert_same, _kill_after, _weights
 from training import engine
 from training import train as train_module
 from training.config import DataConfig, ExportConfig, TrainConfig
-from training.export import export_ensemble
+from training.export.ensemble import export_ensemble
 from training.runs import RunDir, SSEReport
 from training.schedules import CosineRestarts
 from training.sse import resolve_sse_config, run_sse

@@ -282,7 +282,7 @@ def _serving_config(folder: Path, items: Sequence[str]) -> dict[str, Any] | None
 
 def _export(args: argparse.Namespace) -> str:
     from training.config import ExportConfig
-    from training.export import export_ensemble
+    from training.export.ensemble import export_ensemble
 
     serving = _serving_config(args.out / args.name, args.serving)
     config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,

@@ -55,7 +55,7 @@ def tempered(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 def load_front(path: Path, members: TrainConfig, splits: DataSplits) -> FrontNetwork:
     """The network of the SWA or distilled run at `path`, checked against the members' configuration, measured."""
-    from training.export import one_network  # the exporter's reader of one-network runs
+    from training.export.sources import one_network  # the exporter's reader of one-network runs
 
     run = RunDir(path)
     run.require_run()

@@ -1,0 +1,219 @@
+"""`valley-train export`, end to end: sources read, temperature and the rest fitted, graphs written and checked in a
+staging folder, the manifest and plots written, the version published by one rename (`artefact.repository`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from artefact.manifest import (
+    OUTPUTS,
+    SCHEMA_VERSION,
+    EnsembleMetrics,
+    FileEntry,
+    FrontSpec,
+    InputSpec,
+    Manifest,
+    Member,
+    Samples,
+    SelectiveSpec,
+    sha256_of,
+    write_manifest,
+)
+from artefact.metrics import classification_metrics
+from artefact.repository import STAGING, next_version, publish, staging_folder
+from artefact.uncertainty import softmax
+from training.calibrate import fit_temperature, tempered_ensemble_probabilities
+from training.config import ExportConfig
+from training.data import load_data
+from training.engine import predict_logits
+from training.errors import UsageError
+from training.export.fits import (
+    compare_with_endpoints,
+    fit_cascade_spec,
+    fit_drift_baseline,
+    fit_selective_spec,
+    kept_in_words,
+    member_order,
+    selective_curve,
+)
+from training.export.graphs import (
+    INPUT_NAME,
+    PARITY_IMAGES,
+    FusedEnsemble,
+    check_parity,
+    export_graph,
+    network_graph,
+    open_session,
+    output_specs,
+)
+from training.export.report import Exported
+from training.export.sources import collect_sources, endpoint_logits, uint8_images
+from training.export.variants import SAMPLE_COUNT, Reference, export_variant
+from training.front import FRONT_FILE, load_front, tempered
+
+log = logging.getLogger(__name__)
+
+
+# The PNGs an export writes beside its manifest: not graphs, so the manifest lists no checksum for them.
+RELIABILITY_PLOT = "reliability.png"
+
+RISK_COVERAGE_PLOT = "risk-coverage.png"
+
+
+def write_plots(folder: Path, title: str, member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
+                test_labels: np.ndarray, temperature: float, selective: SelectiveSpec,
+                endpoints: tuple[np.ndarray, np.ndarray] | None = None) -> list[str]:
+    """The test split's reliability diagram before and after temperature scaling, and its risk-coverage curves (the
+    first member alone, the ensemble, curves' endpoints) with the thresholds fitted on validation, as PNGs in
+    `folder`; returns their file names."""
+    # matplotlib loads only when plots are drawn, not wherever the exporter's helpers are imported.
+    from training.plots import SelectiveLine, plot_reliability, plot_risk_coverage
+
+    panels = {f"{when} temperature scaling (T = {t:.3f})": tempered_ensemble_probabilities(member_test, t)
+              for when, t in (("before", 1.0), ("after", temperature))}
+    plot_reliability(panels, test_labels, folder / RELIABILITY_PLOT, f"{title}: test split, {len(test_labels)} images")
+    targets = [threshold.target_accuracy for threshold in selective.thresholds]
+    # One network's members never disagree: its mutual information is 0 for every image and ranks nothing.
+    alone = "confidence" if selective.signal == "negative_mutual_information" else selective.signal
+
+    def line(label: str, val: np.ndarray, test: np.ndarray) -> SelectiveLine:
+        signal = alone if len(val) == 1 else selective.signal
+        fitted = fit_selective_spec(val, val_labels, test, test_labels, temperature, targets,
+                                    selective.default_target, signal)
+        curve = selective_curve(test, test_labels, temperature, signal)
+        return SelectiveLine(f"{label}, {signal}", curve.coverage, curve.accuracy, fitted.thresholds)
+
+    ensemble = selective_curve(member_test, test_labels, temperature, selective.signal)
+    lines = [line("first member alone", member_val[:1], member_test[:1])] if len(member_val) > 1 else []
+    lines.append(SelectiveLine(f"the ensemble ({len(member_val)}), {selective.signal}", ensemble.coverage,
+                               ensemble.accuracy, selective.thresholds))
+    if endpoints is not None:
+        ends_val, ends_test = endpoints
+        lines += [line("endpoint ensemble (2)", ends_val, ends_test), line("start network alone", ends_val[:1],
+                  ends_test[:1]), line("end network alone", ends_val[1:], ends_test[1:])]
+    plot_risk_coverage(lines, targets, folder / RISK_COVERAGE_PLOT,
+                       f"{title}: test split, temperature {temperature:.3f}; thresholds fitted on validation")
+    return [RELIABILITY_PLOT, RISK_COVERAGE_PLOT]
+
+
+def export_ensemble(export: ExportConfig) -> Exported:
+    """Export the ensemble of `export.runs` to `repository/name/version`; returns that directory and its manifest."""
+    sources = collect_sources(export)
+    config = sources.config
+    name = export.name
+    name_dir = export.repository / name
+    version = next_version(name_dir) if export.version is None else export.version
+    target = name_dir / str(version)
+    if target.exists() and not export.overwrite:
+        raise UsageError(f"{target} already exists: pass --overwrite to replace it, or another --version")
+    splits = load_data(config.data)
+    if len(splits.val) == 0:
+        raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
+    device = torch.device("cpu")
+    models = [source.build(splits) for source in tqdm(sources.members, desc="members", unit="member", disable=None)]
+
+    val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, device) for m in models), strict=True)
+    test_logits, test_labels = zip(*(predict_logits(m, splits.test, splits, device) for m in models), strict=True)
+    order = member_order(np.stack(val_logits), val_labels[0], export.member_order)
+    models = [models[index] for index in order]
+    member_sources = [sources.members[index] for index in order]
+    member_val, member_test = np.stack(val_logits)[order], np.stack(test_logits)[order]
+    front = load_front(export.front, config, splits) if export.front is not None else None
+    temperature = fit_temperature(member_val, val_labels[0])
+    uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels[0])
+    calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
+    log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
+             calibrated.nll, uncalibrated.ece, calibrated.ece)
+    endpoints = endpoint_logits(sources, splits)
+    comparison = compare_with_endpoints(endpoints, member_val, member_test, val_labels[0], test_labels[0],
+                                        temperature)
+    cascade = fit_cascade_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
+                               export.cascade_nll_tolerance, export.cascade_accuracy_tolerance,
+                               export.cascade_min_gain_kept, front)
+    log.info("cascade: front %s, stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full "
+             "%.4f), accuracy %.4f (full %.4f); of the ensemble's lead over its best member it keeps %s on "
+             "validation, %s on test", "none" if front is None else cascade.front if cascade.front is not None
+             else "does not pay", cascade.stages, cascade.thresholds, cascade.test.members_per_image, len(models),
+             cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy,
+             kept_in_words(cascade.gain_kept_validation), kept_in_words(cascade.gain_kept_test))
+    selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
+                                   export.target_accuracies, export.default_target_accuracy)
+    drift = fit_drift_baseline(member_val, temperature)
+    log.info("selective prediction on %s: %s", selective.signal, ", ".join(
+        f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
+
+    staging = staging_folder(name_dir, STAGING, version)
+    try:
+        parity_pixels = uint8_images(splits.val, splits, PARITY_IMAGES)
+        example = torch.from_numpy(parity_pixels[:2])
+        members = []
+        for index, (model, source) in enumerate(zip(models, member_sources, strict=True)):
+            file = f"member-{index:02d}.onnx"
+            network_graph(model, example, parity_pixels, staging / file)
+            member_metrics = classification_metrics(softmax(member_test[index]), test_labels[0])
+            members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
+                                  metrics=member_metrics))
+
+        fused = FusedEnsemble(models, temperature).eval()
+        export_graph(fused, example, staging / "ensemble.onnx", list(OUTPUTS))
+        session = open_session(staging / "ensemble.onnx")
+        with torch.no_grad():
+            expected = fused(torch.from_numpy(parity_pixels))[0].double().numpy()
+        check_parity("ensemble.onnx", expected, session.run(["probabilities"], {INPUT_NAME: parity_pixels})[0])
+
+        sample_pixels = uint8_images(splits.test, splits, SAMPLE_COUNT)
+        sample_probabilities = session.run(["probabilities"], {INPUT_NAME: sample_pixels})[0]
+        front_spec = None
+        if front is not None:
+            network_graph(front.network, example, parity_pixels, staging / FRONT_FILE)
+            front_samples = tempered(open_session(staging / FRONT_FILE).run(None, {INPUT_NAME: sample_pixels})[0],
+                                     front.temperature)
+            front_spec = FrontSpec(file=FRONT_FILE, sha256=sha256_of(staging / FRONT_FILE), method=front.method,
+                                   provenance=front.provenance, temperature=front.temperature,
+                                   validation=front.validation, test=front.test_metrics,
+                                   sample_probabilities=front_samples.tolist())
+        reference = Reference(
+            temperature=temperature, val_labels=val_labels[0], test_labels=test_labels[0],
+            validation=classification_metrics(tempered_ensemble_probabilities(member_val, temperature),
+                                              val_labels[0]),
+            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities, front=front_spec)
+        variants = [export_variant(precision, staging, members, splits, reference, export)
+                    for precision in export.precisions]
+        info = splits.info
+        shape = [-1, info.in_channels, info.image_size, info.image_size]
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION, name=name, version=version, created=datetime.now(timezone.utc),
+            method=sources.method,
+            model=config.model,
+            input=InputSpec(name=INPUT_NAME, datatype="UINT8", shape=shape, mean=list(info.mean), std=list(info.std),
+                            description="pixels 0..255, NCHW; scaling to [0, 1] and per-channel (x - mean) / std "
+                                        "happen inside the graphs"),
+            outputs=output_specs(len(models), info.num_classes),
+            classes=list(info.classes),
+            members=members,
+            fused=FileEntry(file="ensemble.onnx", sha256=sha256_of(staging / "ensemble.onnx")),
+            temperature=temperature,
+            metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
+            samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
+            cascade=cascade,
+            front=front_spec,
+            selective=selective,
+            drift=drift,
+            variants=[variant for variant, _ in variants],
+        )
+        plots = write_plots(staging, f"{name} version {version}", member_val, val_labels[0], member_test,
+                            test_labels[0], temperature, selective, endpoints)
+        write_manifest(manifest, staging)
+        publish(staging, target, replace=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Exported(target, manifest, comparison, [comparison for _, comparison in variants] or None,
+                    [target / plot for plot in plots])
