@@ -4,8 +4,18 @@ import numpy as np
 import pytest
 
 from service._proto.inference import grpc_service_pb2 as pb
+from service.core.tensors import Expect, decode
 from service.errors import InvalidInput
-from service.transport.codec import decode_inputs, encode_outputs
+from service.transport.codec import encode_outputs, frame_inputs
+
+
+def _anything(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+    pass
+
+
+def decode_inputs(request: pb.ModelInferRequest, expect: Expect = _anything) -> dict[str, np.ndarray]:
+    """What the server does with a request's inputs: framed by the gRPC codec, decoded by the core."""
+    return decode(frame_inputs(request), expect)
 
 
 def _raw_request(array: np.ndarray, datatype: str, name: str = "pixels") -> pb.ModelInferRequest:

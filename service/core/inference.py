@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -30,9 +30,10 @@ from service.core.ensemble import MEMBERS_USED
 from service.core.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
 from service.core.modelconfig import model_config
 from service.core.observer import Observer
-from service.core.request import Expect, Parameter, RequestOptions, request_options
+from service.core.request import Parameter, RequestOptions, request_options
 from service.core.served import Models, ServedModel
 from service.core.statistics import ModelStatistics
+from service.core.tensors import WireTensor, decode
 from service.errors import (
     InvalidInput,
     Retired,
@@ -59,24 +60,23 @@ _REACHED_MODEL = ("DEADLINE_EXCEEDED", "INTERNAL")
 
 
 @dataclass(frozen=True)
-class Tensors:
-    """A request's input arrays by name, and the outputs it asks for (empty: the defaults)."""
-
-    inputs: dict[str, np.ndarray]
-    outputs: tuple[str, ...] = ()
-    classification: dict[str, object] = field(default_factory=dict)
-    """The `classification` (class_count) parameter of each output that has one, as sent."""
-
-
-@dataclass(frozen=True)
 class InferenceRequest:
+    """One inference request, whichever transport carried it: what the transport framed, nothing decoded yet."""
+
     model: str
     version: str
     """"" means the version being served."""
     id: str
-    decode: Callable[[Expect], Tensors]
-    """Turns the wire tensors into arrays, each declaration checked by the `Expect` before its data is read;
-    called once the model is known, so a request for an unknown model is NOT_FOUND whatever its tensors hold."""
+    inputs: Sequence[WireTensor] = ()
+    """The input tensors as declared, their data unread: decoded (`service.core.tensors.decode`) once the model is
+    known, each declaration checked against it first."""
+    outputs: tuple[str, ...] = ()
+    """The outputs asked for (empty: the defaults)."""
+    classification: dict[str, object] = field(default_factory=dict)
+    """The `classification` (class_count) parameter of each output that has one, as sent."""
+    malformed: InvalidInput | None = None
+    """What the transport could not frame in the message's tensors: raised once the model is known, so a request
+    for an unknown model is NOT_FOUND whatever its tensors hold."""
     parameters: Mapping[str, Parameter] = field(default_factory=dict)
     """The request-level parameters as sent, read by `service.core.request` once the model is known."""
     deadline: float | None = None
@@ -87,6 +87,21 @@ class InferenceRequest:
     heavy: bool = False
     """Decoding converts many typed values: it runs in a worker thread, so the event loop (and every health
     probe) never waits on it."""
+
+    @classmethod
+    def framed(cls, model: str, version: str, request_id: str, frame: Callable[[], Framing],
+               **others: Any) -> InferenceRequest:
+        """The request with what `frame` returns (inputs, outputs, class counts), or the `InvalidInput` it raised
+        kept for after the model lookup."""
+        try:
+            inputs, outputs, classification = frame()
+        except InvalidInput as error:
+            return cls(model, version, request_id, malformed=error, **others)
+        return cls(model, version, request_id, inputs, outputs, classification, **others)
+
+
+Framing = tuple[Sequence[WireTensor], tuple[str, ...], dict[str, object]]
+"""What a transport frames of a request's tensors: its inputs, the outputs it asks for and their class counts."""
 
 
 @dataclass(frozen=True)
@@ -310,9 +325,12 @@ class Inference:
                 raise InvalidInput(f"input '{spec.name}' has a batch of {shape[0]} images; model {model.name!r} "
                                    f"takes at most {model.options.max_batch_size} per request (split the request)")
 
-        tensors = await asyncio.to_thread(request.decode, expect) if request.heavy else request.decode(expect)
+        if request.malformed is not None:
+            raise request.malformed
+        inputs = await asyncio.to_thread(decode, request.inputs, expect) if request.heavy else \
+            decode(request.inputs, expect)
         selective = (ABSTAIN,) if abstention is not None else ()
-        outputs = tensors.outputs or (*DEFAULT_OUTPUTS, *selective)
+        outputs = request.outputs or (*DEFAULT_OUTPUTS, *selective)
         known = (*SERVED_OUTPUTS, *selective)
         if len(outputs) > len(known):
             raise InvalidInput(f"{len(outputs)} outputs asked for; there are {len(known)}: {', '.join(known)}")
@@ -324,12 +342,12 @@ class Inference:
                 raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(known)}")
             if name in outputs[:index]:
                 raise InvalidInput(f"output {name!r} is asked for twice")
-        if list(tensors.inputs) != [spec.name]:
+        if list(inputs) != [spec.name]:
             shape = ", ".join(str(d) for d in spec.shape)
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
-                               f"[{shape}]), got {list(tensors.inputs) or 'none'}")
-        classes = {name: class_count(name, value) for name, value in tensors.classification.items()}
-        return tensors.inputs[spec.name], outputs, classes, chosen, target
+                               f"[{shape}]), got {list(inputs) or 'none'}")
+        classes = {name: class_count(name, value) for name, value in request.classification.items()}
+        return inputs[spec.name], outputs, classes, chosen, target
 
     @contextmanager
     def _serving(self, model: ServedModel) -> Iterator[None]:

@@ -11,7 +11,7 @@ is still checked). Parameters valley does not know are ignored, as Triton does.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.core.abstention import PARAMETER as TARGET_PARAMETER
@@ -21,9 +21,6 @@ from service.core.members import requested
 from service.errors import InvalidInput
 
 Parameter = bool | int | float | str
-Expect = Callable[[str, str, tuple[int, ...]], None]
-"""Raises `InvalidInput` unless a tensor declared with this name, datatype and shape is one the model takes: what a
-transport's decoder calls for each input before it reads the input's data."""
 TIMEOUT = "timeout"
 BINARY_OUTPUT = "binary_data_output"
 MAX_TIMEOUT_US = 86_400 * 10**6

@@ -1,44 +1,22 @@
-"""Tensors between the Open Inference Protocol's messages and numpy arrays.
+"""Tensors between the Open Inference Protocol's messages and the core: inputs framed, outputs encoded.
 
 Inputs may come as raw bytes (`raw_input_contents`, what tritonclient sends) or as typed
-contents; outputs always go back raw, since tritonclient reads only raw outputs. Every check
-that a client can fail raises `InvalidInput` with a message naming the tensor and the fix.
-
-A tensor's declaration (name, datatype, shape) is checked, by the codec and then by the
-caller's `expect` (the model's input), before any of its data is touched: what a request may
-make the server convert or allocate is bounded by what the model takes, never by what the
-client declared.
+contents; framing turns each into a `WireTensor` (`service.core.tensors`) without reading its
+data: the core checks the declaration against the model, then decodes. Outputs always go back
+raw, since tritonclient reads only raw outputs. Every check a client can fail raises
+`InvalidInput` with a message naming the tensor and the fix.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from service._proto.inference import grpc_service_pb2 as pb
-from service.core.request import Expect
+from service.core.tensors import DATATYPES, MAX_TENSORS, Raw, Values, WireTensor
 from service.errors import InvalidInput, check_length
 
-MAX_RANK = 8
-"""Most dimensions a tensor may declare (images are [B, C, H, W])."""
-MAX_TENSORS = 16
-"""Most inputs, or outputs asked for, in one request."""
-
-
-
-def _anything(name: str, datatype: str, shape: tuple[int, ...]) -> None:
-    pass
-
-DATATYPES: dict[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16), "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8), "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 # Which repeated field of InferTensorContents carries each datatype (FP16 travels raw only).
 _TYPED_FIELD = {
@@ -47,26 +25,15 @@ _TYPED_FIELD = {
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
 }
 
-# What each typed field holds, as numpy reads it before narrowing to the tensor's datatype.
-_WIDE = {"bool_contents": np.dtype(np.bool_), "int_contents": np.dtype(np.int32), "int64_contents": np.dtype(np.int64),
-         "uint_contents": np.dtype(np.uint32), "uint64_contents": np.dtype(np.uint64),
-         "fp32_contents": np.dtype(np.float32), "fp64_contents": np.dtype(np.float64)}
+_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents",
+           "fp64_contents", "bytes_contents")
 TYPED_ON_LOOP = 4096
 """Typed values a request may hold and still be converted on the event loop; more go to a worker thread."""
 
 
 def typed_values(request: pb.ModelInferRequest) -> int:
     """How many typed values the request's inputs hold (cheap: no value is read)."""
-    return sum(len(getattr(tensor.contents, field)) for tensor in request.inputs[:MAX_TENSORS]
-               for field in (*_WIDE, "bytes_contents"))
-
-
-def dtype_of(name: str, datatype: str) -> np.dtype[np.generic]:
-    """The numpy dtype of input `name`'s declared datatype; `InvalidInput` listing the supported ones."""
-    if datatype not in DATATYPES:
-        raise InvalidInput(f"input '{name}': datatype {datatype!r} is not supported; use one of "
-                           f"{', '.join(DATATYPES)}")
-    return DATATYPES[datatype]
+    return sum(len(getattr(tensor.contents, field)) for tensor in request.inputs[:MAX_TENSORS] for field in _FIELDS)
 
 
 def refuse_shared_memory(kind: str, name: str, parameters: Iterable[str]) -> None:
@@ -76,90 +43,42 @@ def refuse_shared_memory(kind: str, name: str, parameters: Iterable[str]) -> Non
         raise InvalidInput(f"{kind} '{name}': shared-memory {kind}s are not supported; {fix}")
 
 
-def check_range(name: str, datatype: str, values: np.ndarray) -> None:
-    """`InvalidInput` when integer `values` (of a wider type) do not fit the input's integer datatype."""
-    dtype = DATATYPES[datatype]
-    if dtype.kind in "iu" and values.size:
-        limits = np.iinfo(dtype)  # type: ignore[type-var]
-        if values.min() < limits.min or values.max() > limits.max:
-            raise InvalidInput(f"input '{name}': values outside the {datatype} range [{limits.min}, {limits.max}]")
-
-
-def check_finite(name: str, array: np.ndarray) -> None:
-    """`InvalidInput` when a floating-point input holds NaN or infinite values."""
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidInput(f"input '{name}' holds NaN or infinite values")
-
-
-def little_endian(data: bytes | memoryview, dtype: np.dtype[np.generic]) -> np.ndarray:
-    """Raw little-endian `data` (the protocol's byte order) as a flat array of `dtype`."""
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-
-
-def _shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
-    if len(dims) > MAX_RANK:
-        raise InvalidInput(f"input '{name}': {len(dims)} dimensions; at most {MAX_RANK} are taken")
-    shape = tuple(dims)
-    if any(dim < 0 for dim in shape):
-        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
-    return shape
-
-
-def decode_inputs(request: pb.ModelInferRequest, expect: Expect = _anything) -> dict[str, np.ndarray]:
-    """The request's input tensors as numpy arrays, by name; each declaration passes `expect` before its data is
-    read."""
+def frame_inputs(request: pb.ModelInferRequest) -> list[WireTensor]:
+    """The request's inputs as declared, their data unread: the raw entry of each, or the one typed field its
+    datatype travels in."""
     if len(request.inputs) > MAX_TENSORS:
         raise InvalidInput(f"the request has {len(request.inputs)} inputs; at most {MAX_TENSORS} are taken")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
                            "send one raw entry per input, in the order of `inputs`")
-    arrays: dict[str, np.ndarray] = {}
+    tensors = []
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         check_length("an input's name", name)
         refuse_shared_memory("input", name, tensor.parameters)
-        if name in arrays:
-            raise InvalidInput(f"input '{name}' is given twice")
-        dtype = dtype_of(name, tensor.datatype)
-        shape = _shape(name, tensor.shape)
-        expect(name, tensor.datatype, shape)
-        count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input '{name}': give its data either raw or as contents, not both")
-            expected = count * dtype.itemsize
-            if len(raw[index]) != expected:
-                raise InvalidInput(f"input '{name}': {len(raw[index])} bytes of raw data, but {tensor.datatype} "
-                                   f"{list(shape)} needs {expected}")
-            array = little_endian(raw[index], dtype)
+            payload: Raw | Values = Raw(raw[index])
         else:
-            array = _typed(name, tensor, dtype, count)
-        try:
-            array = array.reshape(shape)
-        except ValueError as error:  # e.g. a zero-sized shape whose other dimensions overflow
-            raise InvalidInput(f"input '{name}': shape {list(shape)} is not usable ({error})") from None
-        check_finite(name, array)
-        arrays[name] = array
-    return arrays
+            payload = _typed(name, tensor)
+        tensors.append(WireTensor(name, tensor.datatype, tensor.shape, payload))
+    return tensors
 
 
-def _typed(name: str, tensor: pb.ModelInferRequest.InferInputTensor, dtype: np.dtype[np.generic],
-           count: int) -> np.ndarray:
+def _typed(name: str, tensor: pb.ModelInferRequest.InferInputTensor) -> Values:
+    """The typed field holding the input's values (not read), after checking that no other field holds any."""
     field = _TYPED_FIELD.get(tensor.datatype)
     if field is None:
-        raise InvalidInput(f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents")
-    for other in (*_WIDE, "bytes_contents"):
+        if tensor.datatype in DATATYPES:
+            raise InvalidInput(f"input '{name}': {tensor.datatype} data must be sent in raw_input_contents")
+        return Values((), "contents", flat=True)  # an unknown datatype: the core says which ones are taken
+    for other in _FIELDS:
         if other != field and len(getattr(tensor.contents, other)):
             raise InvalidInput(f"input '{name}': {tensor.datatype} values go in contents.{field}, but "
                                f"contents.{other} holds values too")
-    values = getattr(tensor.contents, field)
-    if len(values) != count:
-        raise InvalidInput(f"input '{name}': {len(values)} values in contents.{field}, but shape "
-                           f"{list(tensor.shape)} needs {count}")
-    wide = np.fromiter(values, dtype=_WIDE[field], count=count)
-    check_range(name, tensor.datatype, wide)
-    return wide.astype(dtype)
+    return Values(getattr(tensor.contents, field), f"contents.{field}", flat=True)
 
 
 def datatype_of(name: str, array: np.ndarray) -> str:

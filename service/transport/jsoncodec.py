@@ -7,14 +7,14 @@ in the tensor's shape. A response is JSON, or JSON followed by the raw data of e
 sent binary (`"binary_data": true` on the output, or `"binary_data_output": true` on the
 request for outputs that do not say), whose parameters then give its `binary_data_size`.
 
-As in `service.transport.codec`, every declaration (name, datatype, shape) passes the model's `expect`
-before its data is read, and every check a client can fail raises `InvalidInput` naming the
-tensor and the fix.
+As in `service.transport.codec`, inputs are only framed here (`WireTensor`s, data unread); the
+core checks each declaration against the model before it decodes the data, with the same rules
+and messages for both transports. Every check a client can fail raises `InvalidInput` naming
+the tensor and the fix.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,21 +22,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.core.inference import Tensors
-from service.core.request import Expect, Parameter
+from service.core.inference import Framing
+from service.core.request import Parameter
+from service.core.tensors import MAX_TENSORS, Raw, Values, WireTensor
 from service.errors import InvalidInput, check_length
-from service.transport.codec import (
-    DATATYPES,
-    MAX_RANK,
-    MAX_TENSORS,
-    check_finite,
-    check_range,
-    datatype_of,
-    dtype_of,
-    little_endian,
-    raw_bytes,
-    refuse_shared_memory,
-)
+from service.transport.codec import datatype_of, raw_bytes, refuse_shared_memory
 
 HEADER_LENGTH = "inference-header-content-length"
 """The header giving the JSON part's size when binary data follows it (Triton's binary-data extension)."""
@@ -108,81 +98,50 @@ def parameters(container: Mapping[str, Any], what: str) -> dict[str, Parameter]:
     return found
 
 
-def _shape(name: str, value: object) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) > MAX_RANK or \
-            not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in value):
-        raise InvalidInput(f"input '{name}': shape must be a list of at most {MAX_RANK} non-negative integers, got "
-                           f"{str(value)[:60]}")
-    return tuple(value)
+def _dims(name: str, value: object) -> list[int]:
+    """A tensor's `shape`: a list of integers (its rank and signs are the core's to check, as for gRPC)."""
+    if not isinstance(value, list) or not all(isinstance(dim, int) and not isinstance(dim, bool) for dim in value):
+        raise InvalidInput(f"input '{name}': shape must be a list of integers, got {str(value)[:60]}")
+    return value
 
 
-def _json_data(name: str, datatype: str, data: object, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's `data` (flat, or nested in its shape) as an array of its datatype."""
-    dtype = DATATYPES[datatype]
-    if not isinstance(data, list):
-        raise InvalidInput(f"input '{name}': data must be a JSON array of values (flat or nested), or binary data "
-                           "with a binary_data_size parameter")
-    try:
-        array = np.array(data)
-    except (ValueError, OverflowError):  # ragged nesting, or integers beyond 64 bits
-        raise InvalidInput(f"input '{name}': data must nest like its shape {list(shape)} (or be flat), with numbers "
-                           "in range") from None
-    count = math.prod(shape)
-    if array.size != count:
-        raise InvalidInput(f"input '{name}': {array.size} values in data, but shape {list(shape)} needs {count}")
-    kind = array.dtype.kind if array.size else dtype.kind
-    allowed = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}[dtype.kind]
-    if kind not in allowed:
-        wanted = {"b": "true or false", "u": "integers", "i": "integers", "f": "numbers"}[dtype.kind]
-        raise InvalidInput(f"input '{name}': {datatype} data must be {wanted}, got "
-                           f"{'text' if kind in 'US' else 'other values'} ({str(data)[:40]})")
-    check_range(name, datatype, array)
-    return array.astype(dtype).reshape(shape)
-
-
-def decode(body: Body, expect: Expect) -> Tensors:
-    """The request's input arrays, the outputs it asks for and their class counts."""
+def frame(body: Body) -> Framing:
+    """The request's inputs as declared, their data unread (a JSON array, or a slice of the binary data), and the
+    outputs it asks for."""
     header = body.header
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("the request needs 'inputs': a list of tensors, each with name, shape, datatype and data")
     if len(inputs) > MAX_TENSORS:
         raise InvalidInput(f"the request has {len(inputs)} inputs; at most {MAX_TENSORS} are taken")
-    arrays: dict[str, np.ndarray] = {}
+    tensors: list[WireTensor] = []
     offset = 0
     for position, tensor in enumerate(inputs):
         tensor = _object(tensor, f"input {position}")
         name = text(tensor.get("name"), f"input {position}'s name")
         options = parameters(tensor, f"input '{name}'")
         refuse_shared_memory("input", name, options)
-        if name in arrays:
-            raise InvalidInput(f"input '{name}' is given twice")
         datatype = text(tensor.get("datatype"), f"input '{name}''s datatype")
-        dtype = dtype_of(name, datatype)
-        shape = _shape(name, tensor.get("shape"))
-        expect(name, datatype, shape)
+        dims = _dims(name, tensor.get("shape"))
         if "binary_data_size" in options:
             size = options["binary_data_size"]
-            needed = math.prod(shape) * dtype.itemsize
-            if isinstance(size, bool) or not isinstance(size, int) or size != needed:
-                raise InvalidInput(f"input '{name}': binary_data_size {size!r}, but {datatype} {list(shape)} needs "
-                                   f"{needed} bytes")
-            if "data" in tensor:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input '{name}': binary_data_size must be a number of bytes, got {size!r}")
+            if tensor.get("data") is not None:
                 raise InvalidInput(f"input '{name}': give its data either in JSON or as binary data, not both")
             if offset + size > len(body.binary):
                 raise InvalidInput(f"input '{name}': {size} bytes of binary data declared, but only "
                                    f"{len(body.binary) - offset} follow the JSON")
-            array = little_endian(body.binary[offset:offset + size], dtype).reshape(shape)
+            payload: Raw | Values = Raw(body.binary[offset:offset + size], "binary data (binary_data_size)")
             offset += size
         else:
-            array = _json_data(name, datatype, tensor.get("data"), shape)
-        check_finite(name, array)
-        arrays[name] = array
+            payload = Values(tensor.get("data"), "data")
+        tensors.append(WireTensor(name, datatype, dims, payload))
     if offset != len(body.binary):
         raise InvalidInput(f"{len(body.binary) - offset} bytes of binary data follow the JSON that no input's "
                            "binary_data_size accounts for")
     outputs, classification = _outputs(header.get("outputs", []))
-    return Tensors(arrays, outputs, classification)
+    return tensors, outputs, classification
 
 
 def _outputs(requested: object) -> tuple[tuple[str, ...], dict[str, object]]:

@@ -299,8 +299,8 @@ class Frontend:
         header = parsed.header
         request_id = jsoncodec.text(header.get("id", ""), "id")
         parameters = jsoncodec.parameters(header, "the request")
-        answer = await self.inference.infer(InferenceRequest(
-            name, version, request_id, lambda expect: jsoncodec.decode(parsed, expect), parameters,
+        answer = await self.inference.infer(InferenceRequest.framed(
+            name, version, request_id, lambda: jsoncodec.frame(parsed), parameters=parameters,
             caller=CALLER.get().principal, heavy=heavy))
         # The data plane checked the parameters: binary_data_output is a boolean where it is given.
         binary_default = bool(parameters.get(BINARY_OUTPUT, False))

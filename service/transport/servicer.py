@@ -31,9 +31,10 @@ from service._proto.valley.v1 import feedback_pb2 as feedback_pb
 from service.control.control import Control
 from service.control.recalibrate import Suggestion
 from service.core.classification import PARAMETER as CLASSIFICATION
-from service.core.inference import Inference, InferenceRequest, InferenceResponse, NamedStatistics, Tensors
-from service.core.request import Expect, Parameter
+from service.core.inference import Framing, Inference, InferenceRequest, InferenceResponse, NamedStatistics
+from service.core.request import Parameter
 from service.core.statistics import Duration
+from service.core.tensors import MAX_TENSORS
 from service.errors import (
     MAX_NAME_CHARS,
     InvalidInput,
@@ -45,10 +46,9 @@ from service.errors import (
 )
 from service.feedback import MAX_LABELS, Label
 from service.transport.codec import (
-    MAX_TENSORS,
     TYPED_ON_LOOP,
-    decode_inputs,
     encode_outputs,
+    frame_inputs,
     refuse_shared_memory,
     typed_values,
 )
@@ -201,8 +201,8 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
 # -- protobuf <-> data plane --------------------------------------------------------------
 
 
-def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
-    """The request's input arrays and the names of the outputs it asks for."""
+def _framing(request: pb.ModelInferRequest) -> Framing:
+    """The request's inputs framed (data unread), the outputs it asks for and their class counts."""
     if len(request.outputs) > MAX_TENSORS:
         raise InvalidInput(f"the request asks for {len(request.outputs)} outputs; at most {MAX_TENSORS} are taken")
     for output in request.outputs:
@@ -210,7 +210,7 @@ def _tensors(request: pb.ModelInferRequest, expect: Expect) -> Tensors:
         refuse_shared_memory("output", output.name, output.parameters)
     classification: dict[str, object] = {output.name: _value(output.parameters[CLASSIFICATION])
                                          for output in request.outputs if CLASSIFICATION in output.parameters}
-    return Tensors(decode_inputs(request, expect), tuple(output.name for output in request.outputs), classification)
+    return frame_inputs(request), tuple(output.name for output in request.outputs), classification
 
 
 def _deadline(context: Context) -> float | None:
@@ -230,10 +230,10 @@ def _inference_request(request: pb.ModelInferRequest, context: Context) -> Infer
     if len(request.parameters) > MAX_TENSORS * 4:
         raise InvalidInput(f"the request has {len(request.parameters)} parameters; at most {MAX_TENSORS * 4} are "
                            "taken")
-    return InferenceRequest(request.model_name, request.model_version, request.id,
-                            functools.partial(_tensors, request),
-                            {key: _value(value) for key, value in request.parameters.items()}, _deadline(context),
-                            CALLER.get().principal, heavy=typed_values(request) > TYPED_ON_LOOP)
+    return InferenceRequest.framed(
+        request.model_name, request.model_version, request.id, functools.partial(_framing, request),
+        parameters={key: _value(value) for key, value in request.parameters.items()}, deadline=_deadline(context),
+        caller=CALLER.get().principal, heavy=typed_values(request) > TYPED_ON_LOOP)
 
 
 def _set_parameters(target: MutableMapping[str, pb.InferParameter], parameters: dict[str, Parameter]) -> None:

@@ -9,17 +9,18 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.core.inference import InferenceRequest, Tensors
-from service.core.request import Expect
+from service.core.inference import InferenceRequest
+from service.core.tensors import Values, WireTensor
 from service.launch import ServerProcess
 from tests.e2e.conftest import (
     MODEL,
@@ -317,14 +318,29 @@ def test_a_request_whose_version_retires_before_it_is_queued_is_served_by_the_ne
     pixels = reference.images(2, seed=3)
     entered, release = threading.Event(), threading.Event()
 
-    def decode(expect: Expect) -> Tensors:  # held in its worker thread while the version is swapped
-        entered.set()
-        release.wait(30)
-        expect("pixels", "UINT8", pixels.shape)
-        return Tensors({"pixels": pixels}, ("probabilities",))
+    class Held(Sequence[int]):
+        """The pixels' values, held in the decoding worker thread while the version is swapped."""
+
+        def __init__(self) -> None:
+            self.values = pixels.ravel().tolist()
+
+        def __len__(self) -> int:
+            entered.set()
+            release.wait(30)
+            return len(self.values)
+
+        @overload
+        def __getitem__(self, index: int) -> int: ...
+
+        @overload
+        def __getitem__(self, index: slice) -> Sequence[int]: ...
+
+        def __getitem__(self, index: int | slice) -> int | Sequence[int]:
+            return self.values[index]
 
     with ThreadServer(thread_settings(own)) as server:
-        request = InferenceRequest(MODEL, "", "", decode, heavy=True)
+        tensor = WireTensor("pixels", "UINT8", pixels.shape, Values(Held(), "data", flat=True))
+        request = InferenceRequest(MODEL, "", "", [tensor], ("probabilities",), heavy=True)
         answer = asyncio.run_coroutine_threadsafe(server.server.inference.infer(request), server.loop)
         assert entered.wait(10)
         _publish(own, 2)

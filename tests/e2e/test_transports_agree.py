@@ -98,3 +98,31 @@ def test_well_formed_parameters_are_taken_over_both(stub: pb_grpc.GRPCInferenceS
     for parameters in accepted:
         assert _over_grpc(stub, pixels, parameters, {}) == ("OK", ""), parameters
         assert _over_http(served, pixels, parameters, {}) == (200, ""), parameters
+
+
+@pytest.mark.parametrize(("name", "datatype", "dims", "words"), [
+    ("pixels", "COMPLEX", [1, 1, 16, 16], "datatype 'COMPLEX' is not supported"),
+    ("pixels", "UINT8", [1, -1, 16, 16], "negative dimension"),
+    ("pixels", "UINT8", [1] * 9, "at most 8"),
+    ("pixels", "FP32", [1, 1, 16, 16], "FP32"),
+    ("image", "UINT8", [1, 1, 16, 16], "image"),
+    ("pixels", "UINT8", [65, 1, 16, 16], "at most 64 per request"),
+    ("pixels", "UINT8", [1, 1, 16, 8], "must have shape"),
+])
+def test_a_malformed_tensor_declaration_gets_the_same_answer_over_both(
+        stub: pb_grpc.GRPCInferenceServiceStub, served: ServerProcess, name: str, datatype: str, dims: list[int],
+        words: str) -> None:
+    """Both transports only frame tensors; the core checks every declaration, so the messages are one."""
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name=name, datatype=datatype, shape=dims)
+    request.raw_input_contents.append(b"")
+    try:
+        stub.ModelInfer(request, timeout=30)
+        code, grpc_message = "OK", ""
+    except grpc.RpcError as error:
+        code, grpc_message = error.code().name, error.details()
+    body = {"inputs": [{"name": name, "datatype": datatype, "shape": dims, "data": []}]}
+    status, _, answer = call(served, "POST", f"/v2/models/{MODEL}/infer", body)
+    http_message = json.loads(answer).get("error", "")
+    assert code == "INVALID_ARGUMENT" and status == 400, (code, status, grpc_message, http_message)
+    assert grpc_message == http_message and words in grpc_message, (grpc_message, http_message)
