@@ -67,7 +67,7 @@ def main() -> None:
     splits = load_data(sources.config.data)
     val_logits, test_logits, val_labels, test_labels = _logits(sources.members, splits)
     order = member_order(val_logits, val_labels, args.member_order)  # as export writes them
-    val_logits, test_logits = val_logits[order], test_logits[order]
+    val_logits, test_logits = val_logits[:, order], test_logits[:, order]
     temperature = fit_temperature(val_logits, val_labels)
     val = tempered_members(val_logits, temperature)
     test = tempered_members(test_logits, temperature)
@@ -130,7 +130,7 @@ def _logits(members: list[MemberSource], splits: DataSplits) -> tuple[np.ndarray
         val_logits.append(logits)
         logits, test_labels = predict_logits(model, splits.test, splits, device)
         test_logits.append(logits)
-    return np.stack(val_logits), np.stack(test_logits), val_labels, test_labels
+    return np.stack(val_logits, axis=1), np.stack(test_logits, axis=1), val_labels, test_labels
 
 
 def plot(prefixes: list[dict[str, float | str]], fitted: list[dict[str, float | str]],

@@ -46,7 +46,7 @@ TARGETS = (0.95, 0.97, 0.99)
 
 @dataclass(frozen=True)
 class Predictor:
-    """Member logits [K, N, C] on both splits, the temperature they are answered at, and where it came from."""
+    """Member logits [N, K, C] on both splits, the temperature they are answered at, and where it came from."""
 
     label: str
     val: np.ndarray
@@ -61,13 +61,13 @@ def labels_of(data: SizedDataset, splits: DataSplits) -> np.ndarray:
 
 
 def graph_logits(paths: list[Path], data: SizedDataset, splits: DataSplits, split: str) -> np.ndarray:
-    """Logits [K, N, C] of member graphs over a split, one graph at a time (for the progress bar)."""
+    """Logits [N, K, C] of member graphs over a split, one graph at a time (for the progress bar)."""
     return np.concatenate([onnx_member_logits([path], data, splits)
-                           for path in tqdm(paths, desc=f"graphs on {split}", unit="graph", disable=None)])
+                           for path in tqdm(paths, desc=f"graphs on {split}", unit="graph", disable=None)], axis=1)
 
 
 def single_run_logits(run: Path, splits: DataSplits) -> tuple[str, np.ndarray, np.ndarray]:
-    """A label naming a base run's final network, and its logits [1, N, C] on validation and test."""
+    """A label naming a base run's final network, and its logits [N, 1, C] on validation and test."""
     sources = collect_sources(ExportConfig(runs=[run], name="single", repository=Path("/nonexistent")))
     if sources.method != "independent":
         raise UsageError(f"--single-run {run} is a {sources.method} run: pass a base run (`valley-train train`)")
@@ -75,7 +75,7 @@ def single_run_logits(run: Path, splits: DataSplits) -> tuple[str, np.ndarray, n
     device = torch.device("cpu")
     val = predict_logits(model, splits.val, splits, device)[0]
     test = predict_logits(model, splits.test, splits, device)[0]
-    return f"single network ({run}, {sources.config.epochs} epochs)", val[None], test[None]
+    return f"single network ({run}, {sources.config.epochs} epochs)", val[:, None], test[:, None]
 
 
 def main() -> None:
@@ -114,7 +114,7 @@ def main() -> None:
     predictors = []
     if args.single_run is not None:
         predictors.append(alone(*single_run_logits(args.single_run, splits)))
-    predictors.append(alone(f"{manifest.method} member 1 alone", member_val[:1], member_test[:1]))
+    predictors.append(alone(f"{manifest.method} member 1 alone", member_val[:, :1], member_test[:, :1]))
     predictors.append(Predictor(f"{manifest.method} ensemble ({count} members)", member_val, member_test,
                                 manifest.temperature, "the manifest's"))
 

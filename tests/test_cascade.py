@@ -176,7 +176,7 @@ def test_the_exported_default_keeps_the_ensembles_lead_on_real_images(fashion_fg
     assert isinstance(val, ImageTensors)
     pixels = val.images.numpy()
     logits = np.stack([onnxruntime.InferenceSession(str(version / member.file), providers=["CPUExecutionProvider"])
-                       .run(None, {"pixels": pixels})[0] for member in manifest.members])
+                       .run(None, {"pixels": pixels})[0] for member in manifest.members], axis=1)
     members = tempered_members(logits, manifest.temperature)
     gained = lead(members, val.labels.numpy())
     assert gained.member_nll > gained.full.nll, "the ensemble leads its best member on NLL"

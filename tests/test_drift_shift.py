@@ -88,7 +88,7 @@ def ensemble(tmp_path_factory: pytest.TempPathFactory) -> TrainedEnsemble:
         val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, CPU) for m in members), strict=True)
     finally:
         torch.set_num_threads(threads)
-    member_val = np.stack(val_logits)
+    member_val = np.stack(val_logits, axis=1)
     temperature = fit_temperature(member_val, val_labels[0])
     drift = fit_drift_baseline(member_val, temperature)
     baseline = Baseline(splits.info.num_classes, drift.histograms, drift.predicted, drift.clean_level, drift.window)

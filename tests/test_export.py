@@ -54,7 +54,7 @@ def test_round_trip_matches_manifest_and_pytorch(exported: Path, fge_run: Path) 
         model = build_model(config.model, splits.info, torch.device("cpu"))
         checkpoint.load_model_weights(model, checkpoint.load(fge_run / member["file"]), config.model, fge_run)
         logits.append(predict_logits(model, splits.test, splits, torch.device("cpu"))[0])
-    expected = tempered_ensemble_probabilities(np.stack(logits), manifest.temperature)
+    expected = tempered_ensemble_probabilities(np.stack(logits, axis=1), manifest.temperature)
     pixels = splits.test.images.numpy()  # type: ignore[attr-defined]
     actual = fused.run(["probabilities"], {"pixels": pixels})[0]
     assert np.max(np.abs(actual - expected)) <= 1e-4
@@ -111,6 +111,7 @@ def test_temperature_never_worsens_validation_nll(fge_run: Path) -> None:
     labels = splits.val.labels.numpy()  # type: ignore[attr-defined]
     logits = rng.normal(size=(2, len(labels), 10)) * 4
     logits[:, np.arange(len(labels)), labels] += 3  # overconfident but informative
+    logits = logits.transpose(1, 0, 2)  # [N, K, C], as every function takes member logits
     temperature = fit_temperature(logits, labels)
 
     def nll(t: float) -> float:
@@ -214,6 +215,7 @@ def test_the_cascade_is_fitted_on_validation_only() -> None:
     test = val[:, ::-1].copy()
     test_labels = labels[::-1].copy()
     noise = rng.normal(0, 3, test.shape)
+    val, test, noise = (logits.transpose(1, 0, 2) for logits in (val, test, noise))  # [N, K, C]
     fitted = fit_cascade_spec(val, labels, test, test_labels, 1.0, 0.01, 0.001, 0.9)
     with_noise = fit_cascade_spec(val, labels, noise, test_labels, 1.0, 0.01, 0.001, 0.9)
     assert (fitted.stages, fitted.thresholds) == (with_noise.stages, with_noise.thresholds)
@@ -244,6 +246,7 @@ def test_selective_thresholds_are_fitted_on_validation_only() -> None:
     val = rng.normal(0, 1, (members, count, classes))
     val[:, np.arange(count), labels] += rng.uniform(0, 8, count)
     test, test_labels = val[:, ::-1].copy(), labels[::-1].copy()
+    val, test = val.transpose(1, 0, 2), test.transpose(1, 0, 2)  # [N, K, C]
     fitted = fit_selective_spec(val, labels, test, test_labels, 1.0)
     with_noise = fit_selective_spec(val, labels, rng.normal(0, 3, test.shape), test_labels, 1.0)
     assert fitted.signal == with_noise.signal and fitted.curves == with_noise.curves
@@ -298,6 +301,7 @@ def test_selective_spec_fits_a_named_signal() -> None:
     labels = rng.integers(0, 10, 3000)
     val = rng.normal(0, 1, (3, 3000, 10))
     val[:, np.arange(3000), labels] += rng.uniform(0, 8, 3000)
+    val = val.transpose(1, 0, 2)  # [N, K, C]
     chosen = fit_selective_spec(val, labels, val, labels, 1.0)
     other = next(name for name in SIGNALS if name != chosen.signal)
     named = fit_selective_spec(val, labels, val, labels, 1.0, signal=other)

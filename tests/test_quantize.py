@@ -56,7 +56,7 @@ def _members_ensemble(version: Path, files: list[str], pixels: np.ndarray, tempe
                       precision: Precision | None = None) -> np.ndarray:
     """The tempered ensemble of member graphs run by onnxruntime: probabilities [N, C]."""
     logits = np.stack([measuring_session(version / file, precision).run(None, {"pixels": pixels})[0]
-                       for file in files])
+                       for file in files], axis=1)
     return tempered_ensemble_probabilities(logits.astype(np.float64), temperature)
 
 

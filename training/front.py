@@ -74,7 +74,7 @@ def load_front(path: Path, members: TrainConfig, splits: DataSplits) -> FrontNet
     device = torch.device("cpu")
     val_logits, val_labels = predict_logits(network, splits.val, splits, device)
     test_logits, test_labels = predict_logits(network, splits.test, splits, device)
-    temperature = fit_temperature(val_logits[None], val_labels)
+    temperature = fit_temperature(val_logits[:, None], val_labels)
     val, test = tempered(val_logits, temperature), tempered(test_logits, temperature)
     method: Literal["swa", "distilled"] = "swa" if sources.method == "swa" else "distilled"
     return FrontNetwork(method, source.provenance, network, temperature, val, test,

@@ -148,11 +148,11 @@ def _samples(manifest: Manifest, directory: Path, temperature: float) -> list[li
     pixels = np.asarray(manifest.samples.inputs, dtype=np.uint8)
     try:
         logits = np.stack([create_session(directory / member.file, "cpu").run(None, {manifest.input.name: pixels})[0]
-                           for member in manifest.members])  # [K, N, C]
+                           for member in manifest.members], axis=1)  # [N, K, C]
     except Exception as error:  # onnxruntime's own errors: the files changed under the serving version
         raise LoadFailed(f"the member graphs of {manifest.name} version {manifest.version} did not run: {error}") \
             from error
-    probabilities: np.ndarray = softmax(logits.astype(np.float64) / temperature).mean(axis=0)
+    probabilities: np.ndarray = softmax(logits.astype(np.float64) / temperature).mean(axis=1)
     return [[float(p) for p in row] for row in probabilities]
 
 

@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 # The PNGs an export writes beside its manifest: not graphs, so the manifest lists no checksum for them.
 RELIABILITY_PLOT = "reliability.png"
-
 RISK_COVERAGE_PLOT = "risk-coverage.png"
 
 
@@ -84,20 +83,20 @@ def write_plots(folder: Path, title: str, member_val: np.ndarray, val_labels: np
     alone = "confidence" if selective.signal == "negative_mutual_information" else selective.signal
 
     def line(label: str, val: np.ndarray, test: np.ndarray) -> SelectiveLine:
-        signal = alone if len(val) == 1 else selective.signal
+        signal = alone if val.shape[1] == 1 else selective.signal
         fitted = fit_selective_spec(val, val_labels, test, test_labels, temperature, targets,
                                     selective.default_target, signal)
         curve = selective_curve(test, test_labels, temperature, signal)
         return SelectiveLine(f"{label}, {signal}", curve.coverage, curve.accuracy, fitted.thresholds)
 
     ensemble = selective_curve(member_test, test_labels, temperature, selective.signal)
-    lines = [line("first member alone", member_val[:1], member_test[:1])] if len(member_val) > 1 else []
-    lines.append(SelectiveLine(f"the ensemble ({len(member_val)}), {selective.signal}", ensemble.coverage,
+    lines = [line("first member alone", member_val[:, :1], member_test[:, :1])] if member_val.shape[1] > 1 else []
+    lines.append(SelectiveLine(f"the ensemble ({member_val.shape[1]}), {selective.signal}", ensemble.coverage,
                                ensemble.accuracy, selective.thresholds))
     if endpoints is not None:
         ends_val, ends_test = endpoints
-        lines += [line("endpoint ensemble (2)", ends_val, ends_test), line("start network alone", ends_val[:1],
-                  ends_test[:1]), line("end network alone", ends_val[1:], ends_test[1:])]
+        lines += [line("endpoint ensemble (2)", ends_val, ends_test), line("start network alone", ends_val[:, :1],
+                  ends_test[:, :1]), line("end network alone", ends_val[:, 1:], ends_test[:, 1:])]
     plot_risk_coverage(lines, targets, folder / RISK_COVERAGE_PLOT,
                        f"{title}: test split, temperature {temperature:.3f}; thresholds fitted on validation")
     return [RELIABILITY_PLOT, RISK_COVERAGE_PLOT]
@@ -121,10 +120,12 @@ def export_ensemble(export: ExportConfig) -> Exported:
 
     val_logits, val_labels = zip(*(predict_logits(m, splits.val, splits, device) for m in models), strict=True)
     test_logits, test_labels = zip(*(predict_logits(m, splits.test, splits, device) for m in models), strict=True)
-    order = member_order(np.stack(val_logits), val_labels[0], export.member_order)
+    # Member logits are [N, K, C] here as everywhere: images first, then members, then classes.
+    member_val, member_test = np.stack(val_logits, axis=1), np.stack(test_logits, axis=1)
+    order = member_order(member_val, val_labels[0], export.member_order)
     models = [models[index] for index in order]
     member_sources = [sources.members[index] for index in order]
-    member_val, member_test = np.stack(val_logits)[order], np.stack(test_logits)[order]
+    member_val, member_test = member_val[:, order], member_test[:, order]
     front = load_front(export.front, config, splits) if export.front is not None else None
     temperature = fit_temperature(member_val, val_labels[0])
     uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels[0])
@@ -157,7 +158,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
         for index, (model, source) in enumerate(zip(models, member_sources, strict=True)):
             file = f"member-{index:02d}.onnx"
             network_graph(model, example, parity_pixels, staging / file)
-            member_metrics = classification_metrics(softmax(member_test[index]), test_labels[0])
+            member_metrics = classification_metrics(softmax(member_test[:, index]), test_labels[0])
             members.append(Member(file=file, sha256=sha256_of(staging / file), provenance=source.provenance,
                                   metrics=member_metrics))
 

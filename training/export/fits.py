@@ -45,17 +45,17 @@ def compare_with_endpoints(endpoints: tuple[np.ndarray, np.ndarray] | None, memb
     ends_val, ends_test = endpoints
 
     def row(name: str, val: np.ndarray, test: np.ndarray, t: float = 1.0) -> Comparison:
-        return Comparison(name=name, members=len(val),
+        return Comparison(name=name, members=val.shape[1],
                           test=classification_metrics(tempered_ensemble_probabilities(test, t), test_labels),
                           val=classification_metrics(tempered_ensemble_probabilities(val, t), val_labels))
 
-    count = len(member_val)
+    count = member_val.shape[1]
     return [
         row(f"curve ensemble ({count} points)", member_val, member_test),
         row(f"curve ensemble ({count} points), temperature {temperature:.3f}", member_val, member_test, temperature),
         row("endpoint ensemble (2 networks)", ends_val, ends_test),
-        row("start network alone", ends_val[:1], ends_test[:1]),
-        row("end network alone", ends_val[1:], ends_test[1:]),
+        row("start network alone", ends_val[:, :1], ends_test[:, :1]),
+        row("end network alone", ends_val[:, 1:], ends_test[:, 1:]),
     ]
 
 
@@ -63,7 +63,7 @@ def fit_cascade_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test
                      temperature: float, max_nll_increase: float, max_accuracy_drop: float,
                      min_gain_kept: float, front: FrontNetwork | None = None) -> CascadeSpec:
     """The anytime ensemble of tempered members (behind the front network, where it pays), fitted on the validation
-    logits [K, N, C] alone and then measured on the test logits: the test split never takes part in choosing it."""
+    logits [N, K, C] alone and then measured on the test logits: the test split never takes part in choosing it."""
     val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
     front_val, front_test = (front.val, front.test) if front is not None else (None, None)
     fitted = fit_cascade(val, val_labels, max_nll_increase, max_accuracy_drop, min_gain_kept,
@@ -86,10 +86,11 @@ def member_order(member_val: np.ndarray, val_labels: np.ndarray, order: Literal[
                  ) -> list[int]:
     """The members' indices in the order export writes them: by each one's validation NLL, best first (ties keep the
     trained order), or as trained."""
+    count = member_val.shape[1]
     if order == "as-trained":
-        return list(range(len(member_val)))
-    nll = [classification_metrics(softmax(logits), val_labels).nll for logits in member_val]
-    return sorted(range(len(member_val)), key=lambda index: nll[index])
+        return list(range(count))
+    nll = [classification_metrics(softmax(member_val[:, index]), val_labels).nll for index in range(count)]
+    return sorted(range(count), key=lambda index: nll[index])
 
 
 def _gain_kept(kept: tuple[float | None, float | None]) -> GainKept:
@@ -108,7 +109,7 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
                        test_labels: np.ndarray, temperature: float, targets: Sequence[float] = (0.95, 0.97, 0.99),
                        default_target: float = 0.99, signal: str | None = None) -> SelectiveSpec:
     """The signal (the best on validation, unless `signal` names one) and thresholds of selective prediction,
-    fitted on the validation logits [K, N, C] alone, then measured on the test logits: the test split never takes
+    fitted on the validation logits [N, K, C] alone, then measured on the test logits: the test split never takes
     part in choosing them."""
     val, test = tempered_members(member_val, temperature), tempered_members(member_test, temperature)
     val_probabilities, test_probabilities = val.mean(axis=1), test.mean(axis=1)
@@ -137,14 +138,14 @@ def fit_selective_spec(member_val: np.ndarray, val_labels: np.ndarray, member_te
 
 
 def selective_curve(member_logits: np.ndarray, labels: np.ndarray, temperature: float, signal: str) -> RiskCoverage:
-    """The risk-coverage curve of the tempered ensemble of member logits [K, N, C] ranked by `signal`."""
+    """The risk-coverage curve of the tempered ensemble of member logits [N, K, C] ranked by `signal`."""
     members = tempered_members(member_logits, temperature)
     probabilities = members.mean(axis=1)
     return risk_coverage(selective_score(signal, probabilities, members), probabilities.argmax(axis=-1) == labels)
 
 
 def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int = DRIFT_WINDOW) -> DriftBaseline:
-    """The drift score's baseline: the tempered ensemble's answers on the validation logits [K, N, C]."""
+    """The drift score's baseline: the tempered ensemble's answers on the validation logits [N, K, C]."""
     outputs = ensemble_outputs(tempered_members(member_val, temperature).astype(np.float32))
     baseline = fit_baseline(outputs, member_val.shape[-1], window)
     return DriftBaseline(histograms=baseline.histograms, predicted=baseline.predicted,
@@ -152,8 +153,8 @@ def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int =
 
 
 def tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Member logits [K, N, C] as the served members' tempered probabilities [N, K, C]."""
-    return np.ascontiguousarray(softmax(logits.astype(np.float64) / temperature).transpose(1, 0, 2))
+    """Member logits [N, K, C] as the served members' tempered probabilities [N, K, C]."""
+    return softmax(logits.astype(np.float64) / temperature)
 
 
 def _cascade_quality(members: np.ndarray, labels: np.ndarray, cascade: Cascade, front: np.ndarray | None = None

@@ -175,11 +175,11 @@ def uint8_images(data: SizedDataset, splits: DataSplits, count: int) -> np.ndarr
 
 
 def endpoint_logits(sources: Sources, splits: DataSplits) -> tuple[np.ndarray, np.ndarray] | None:
-    """Curves: the two endpoints' logits [2, N, C] on the validation and test splits, each network with its own
+    """Curves: the two endpoints' logits [N, 2, C] on the validation and test splits, each network with its own
     trained batch-norm statistics; None for other exports."""
     if not sources.endpoints:
         return None
     device = torch.device("cpu")
     networks = [endpoint.build(splits) for endpoint in sources.endpoints]
-    return (np.stack([predict_logits(network, splits.val, splits, device)[0] for network in networks]),
-            np.stack([predict_logits(network, splits.test, splits, device)[0] for network in networks]))
+    return (np.stack([predict_logits(network, splits.val, splits, device)[0] for network in networks], axis=1),
+            np.stack([predict_logits(network, splits.test, splits, device)[0] for network in networks], axis=1))

@@ -65,12 +65,12 @@ class Reference:
 
 def onnx_member_logits(paths: Sequence[Path], data: SizedDataset, splits: DataSplits,
                        precision: Precision | None = None) -> np.ndarray:
-    """Logits [K, N, C] of member graphs run by onnxruntime on the CPU over a split, in order; `precision` says
+    """Logits [N, K, C] of member graphs run by onnxruntime on the CPU over a split, in order; `precision` says
     how to measure them (`training.quantize.measuring_session`)."""
     sessions = [measuring_session(path, precision) for path in paths]
-    batches = [np.stack([session.run(None, {INPUT_NAME: pixels})[0] for session in sessions])
+    batches = [np.stack([session.run(None, {INPUT_NAME: pixels})[0] for session in sessions], axis=1)
                for pixels in uint8_batches(data, splits)]
-    return np.concatenate(batches, axis=1).astype(np.float64)
+    return np.concatenate(batches).astype(np.float64)
 
 
 def export_variant(precision: Precision, folder: Path, members: Sequence[Member], splits: DataSplits,
