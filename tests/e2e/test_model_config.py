@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,25 @@ def test_each_ensemble_is_served_and_reported_with_its_own_config(configured: Pa
         assert grpc_client.get_model_config(SMALL, as_json=True)["config"]["max_batch_size"] == 8
     finally:
         server.stop()
+
+
+def test_under_polling_a_changed_config_applies_without_a_request(configured: Path, tmp_path: Path) -> None:
+    (configured / BROKEN / "config.json").unlink()
+    server = start_server(configured, "--model-control-mode", "poll", "--repository-poll-s", "0.5",
+                          log=tmp_path / "serve.log", cwd=REPO,
+                          env={"OMP_NUM_THREADS": "2", "XDG_STATE_HOME": str(tmp_path / "state")}, timeout=120)
+    try:
+        client = triton.InferenceServerClient(server.url)
+        assert client.get_model_config(WIDE, as_json=True)["config"]["max_batch_size"] == 16
+        (configured / WIDE / "config.json").write_text(json.dumps({**WIDE_CONFIG, "max_batch_size": 24}))
+        deadline = time.monotonic() + 60
+        while client.get_model_config(WIDE, as_json=True)["config"]["max_batch_size"] != 24:
+            assert time.monotonic() < deadline, "polling never applied the changed config.json"
+            time.sleep(0.2)
+        (configured / WIDE / "config.json").write_text('{"max_batch_size": "many"}')
+        time.sleep(3)  # several polls: the refusal is reported, what serves keeps serving
+        assert client.get_model_config(WIDE, as_json=True)["config"]["max_batch_size"] == 24
+        assert client.is_model_ready(WIDE)
+    finally:
+        server.stop()
+    assert "wide/config.json: max_batch_size: Input should be a valid integer" in (tmp_path / "serve.log").read_text()
