@@ -160,14 +160,19 @@ class ModelSettings(_Strict):
         return None if self.version_policy is None else VersionPolicy.from_json(self.version_policy, "")
 
 
-def parse(text: str, where: str, name: str) -> ModelSettings:
-    """config.json's text as settings; `ConfigError` names `where` and every key that is wrong, and why."""
+def _json_object(text: str, where: str) -> dict[str, Any]:
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError):
         raise ConfigError(f"{where} is not JSON") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a JSON object of settings")
+    return raw
+
+
+def parse(text: str, where: str, name: str) -> ModelSettings:
+    """config.json's text as settings; `ConfigError` names `where` and every key that is wrong, and why."""
+    raw = _json_object(text, where)
     try:
         settings = ModelSettings.model_validate(raw)
     except ValidationError as error:
@@ -195,14 +200,10 @@ def _reasons(error: ValidationError) -> str:
 def read_config(path: Path) -> dict[str, Any]:
     """The JSON object of a config file as written (not validated); `ConfigError` where it is not one."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: {error}") from None
-    except (ValueError, RecursionError):
-        raise ConfigError(f"{path} is not JSON") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must be a JSON object of settings")
-    return raw
+    return _json_object(text, str(path))
 
 
 def set_key(config: dict[str, Any], item: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import IO, Any
 
 import torch
 
+from artefact.repository import sync_directory
 from training.errors import UsageError
 
 FORMAT = "valley.checkpoint/1"
@@ -37,15 +38,6 @@ def _replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> Non
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     sync_directory(path.parent)
-
-
-def sync_directory(directory: Path) -> None:
-    """Flush a directory's entries (a rename into it) to disk."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
