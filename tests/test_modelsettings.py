@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from artefact.config import ConfigError, parse
 from artefact.policy import VersionPolicy
@@ -81,3 +83,26 @@ def test_every_wrong_key_is_named_at_once() -> None:
     with pytest.raises(ConfigError) as refused:
         parse('{"max_batch": 8, "drift_window": -1, "session_threads": "x"}', "m/config.json", "m")
     assert all(key in str(refused.value) for key in ("'max_batch'", "drift_window", "session_threads"))
+
+
+KEYS = ["max_batch_size", "dynamic_batching", "preferred_batch_size", "max_queue_delay_microseconds",
+        "default_queue_policy", "max_queue_size", "default_timeout_microseconds", "timeout_action",
+        "allow_timeout_override", "instance_group", "count", "kind", "gpus", "name", "version_policy", "latest",
+        "num_versions", "specific", "versions", "all", "execution", "precision", "members", "degrade_queue_ms",
+        "session_threads", "target_accuracy", "calibration_window", "drift_window", "platform", "backend"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=12),
+                    st.sampled_from(["KIND_CPU", "members", "fused", "int8", "cascade", "REJECT"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6) | VALUES)
+def test_any_json_is_settings_or_a_config_error_naming_the_file(document: object) -> None:
+    """Whatever a config.json holds, the server gets settings or one ConfigError: never another exception."""
+    text = json.dumps(document)  # NaN and Infinity included, as Python's json writes and reads them
+    try:
+        parse(text, "m/config.json", "m")
+    except ConfigError as error:
+        assert str(error).startswith("m/config.json")
