@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 from artefact.config import Device, Execution, Precision
 from artefact.policy import VersionPolicy
-from service.core.cpus import usable_cpus
+from service.core.cpus import threads_per_instance
 from service.core.members import check_default
 from service.transport.security import parse_tokens
 
@@ -191,9 +191,7 @@ class Settings(BaseSettings):
     @property
     def threads_per_instance(self) -> int:
         """`session_threads`, or the cores this process may use shared among the instances."""
-        if self.session_threads:
-            return self.session_threads
-        return max(1, usable_cpus() // self.instances)
+        return threads_per_instance(self.session_threads, self.instances)
 
     @property
     def max_queue_wait(self) -> float | None:

@@ -40,7 +40,7 @@ from artefact.cascade import Cascade
 from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, parse
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from artefact.policy import PolicyError, VersionPolicy
-from artefact.repository import NAME, VERSION, tidy
+from artefact.repository import NAME, VERSION, published_versions, tidy
 from service.core.abstention import Abstention
 from service.core.batching import DynamicBatcher, ModelKey
 from service.core.cpus import lower_thread_priority
@@ -209,9 +209,8 @@ class Repository:
 
     def versions_on_disk(self, name: str) -> list[int]:
         """Integer version folders that hold a manifest, ascending (none for a name the file system refuses)."""
-        folder = self.root / name
         try:
-            return self._versions(folder)[0] if NAME.fullmatch(name) and folder.is_dir() else []
+            return published_versions(self.root / name) if NAME.fullmatch(name) else []
         except OSError:
             return []
 
@@ -245,13 +244,12 @@ class Repository:
         slot = self._slots.get(name)
         if slot is not None and slot.served and slot.policy is not None:
             return slot.policy
-        return self._policy(name, slot.override if slot is not None else None)
+        override = slot.override if slot is not None else None
+        return override or self._policy(self._config(name))
 
-    def _policy(self, name: str, override: VersionPolicy | None) -> VersionPolicy:
-        if override is not None:
-            return override
-        config = self._config(name)
-        return (config.policy if config is not None else None) or self.policy
+    def _policy(self, config: ModelSettings | None, override: VersionPolicy | None = None) -> VersionPolicy:
+        """A load request's policy, else the config.json's, else the server's."""
+        return override or (config.policy if config is not None else None) or self.policy
 
     def _config(self, name: str) -> ModelSettings | None:
         """`name`'s config.json (None where it has none); `LoadFailed` saying which key is wrong and why."""
@@ -267,10 +265,10 @@ class Repository:
         except ConfigError as error:
             raise LoadFailed(str(error)) from None
 
-    def _options(self, name: str) -> ModelOptions:
-        """What `name` is served with now: its config.json over the server's flags (`LoadFailed` as `_config`)."""
+    def _options(self, name: str, config: ModelSettings | None) -> ModelOptions:
+        """What `name` is served with: its `config` (config.json's) over the server's flags."""
         try:
-            return self.defaults.over(self._config(name), self._settings)
+            return self.defaults.over(config, self._settings)
         except InvalidInput as error:
             raise LoadFailed(f"{name}/{CONFIG_FILE}: {error}") from None
 
@@ -339,8 +337,8 @@ class Repository:
             slot.wanted = True
             slot.seen = await asyncio.to_thread(self._signature, name)
             try:
-                policy = self._policy(name, override)
-                options = self._options(name)
+                config = self._config(name)  # read once: the policy and the options come from one file
+                policy, options = self._policy(config, override), self._options(name, config)
             except LoadFailed as error:
                 await self._refuse_all(name, slot, str(error))
                 raise LoadFailed(str(error) + self._still_serving(slot)) from None

@@ -51,6 +51,11 @@ COMPUTE_NICENESS = 10
 """How much lower than the event loop's the compute threads' CPU priority is (Linux nice steps)."""
 
 
+def threads_per_instance(session_threads: int, instances: int) -> int:
+    """`session_threads`, or (0) the cores this process may use shared among `instances`."""
+    return session_threads or max(1, usable_cpus() // instances)
+
+
 def lower_thread_priority(step: int = COMPUTE_NICENESS) -> None:
     """Lower the CPU priority of the calling thread (and of the threads it starts later) by `step` nice steps.
 

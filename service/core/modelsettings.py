@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from artefact.config import KINDS, Device, Execution, ModelSettings, Precision
-from service.core.cpus import usable_cpus
+from service.core.cpus import threads_per_instance
 from service.errors import InvalidInput
 from service.settings import Settings
 
@@ -71,7 +71,7 @@ class ModelOptions:
                 changes["device"] = KINDS[group.kind]
         instances = changes.get("instances", self.instances)
         threads = config.session_threads if config.session_threads is not None else settings.session_threads
-        changes["session_threads"] = threads or max(1, usable_cpus() // instances)
+        changes["session_threads"] = threads_per_instance(threads, instances)
         options = replace(self, **changes)
         if options.preferred_batch_sizes and options.preferred_batch_sizes[-1] > options.max_batch_size:
             raise InvalidInput(f"dynamic_batching.preferred_batch_size {options.preferred_batch_sizes[-1]} is over "
