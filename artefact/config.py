@@ -6,8 +6,9 @@ Triton user reads it at sight and the ModelConfig answer round-trips (`max_batch
 `dynamic_batching` with `preferred_batch_size`, `max_queue_delay_microseconds` and
 `default_queue_policy`, `instance_group`, `version_policy`; `name`, `platform` and `backend` may
 be given where they say what is true). valley's own settings keep their flag names (`execution`,
-`precision`, `members`, `degrade_queue_ms`, `session_threads`, `target_accuracy`,
-`calibration_window`, `drift_window`). What the file does not set, the server's flags set.
+`precision`, `members`, `degrade_queue_ms`, `session_threads`, `target_accuracy`, `calibration_window`,
+`drift_window`), and the prediction sets' defaults are `coverage` and `conformal_score`. What the
+file does not set, the server's flags (or the manifest) set.
 
 The file is validated whole: an unknown key or a bad value refuses that ensemble's load with a
 reason naming the key, and every other ensemble loads. It is read at every load (a load request,
@@ -126,6 +127,8 @@ class ModelSettings(_Strict):
     degrade_queue_ms: float | None = Field(None, ge=0, le=3_600_000)
     session_threads: Integer | None = Field(None, ge=0, le=1024)
     target_accuracy: float | None = Field(None, gt=0, le=1)
+    coverage: float | None = Field(None, gt=0, le=1)
+    conformal_score: Literal["lac", "aps", "raps"] | None = None
     calibration_window: Integer | None = Field(None, ge=1, le=1_000_000)
     drift_window: Integer | None = Field(None, ge=0, le=1_000_000)
 

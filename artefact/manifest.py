@@ -263,6 +263,63 @@ class DriftBaseline(_Strict):
     window: int = Field(ge=1)
     temperature: float | None = Field(None, gt=0, description="the temperature the histograms were taken at, when "
                                       "it is not the manifest's (a recalibrated version)")
+    edges: dict[str, list[float]] | None = Field(None, description="each signal's bin edges, from validation "
+                                                 "quantiles; None: the fixed bins of versions exported before")
+    bin_accuracy: list[float] | None = Field(None, description="validation accuracy per confidence bin (the ECE "
+                                             "bins): estimates accuracy without labels (`artefact.estimation`)")
+    validation_accuracy: float | None = Field(None, ge=0, le=1, description="the validation split's accuracy at "
+                                              "this temperature")
+
+
+class SetQuality(_Strict):
+    """Prediction sets at one coverage measured on the test split (fitted on validation only)."""
+
+    coverage: float = Field(gt=0, le=1, description="the coverage asked for")
+    marginal: float = Field(description="the share of test images whose set holds the true class")
+    mean_size: float = Field(description="classes per set, on average")
+    empty: float = Field(description="the share of empty sets")
+    worst_class: float = Field(description="the lowest coverage of any one true class")
+    worst_class_index: int = Field(ge=0)
+
+
+class ConformalScore(_Strict):
+    """One conformity score fitted on the validation split (`artefact.conformal`): its calibration scores, sorted,
+    answer any coverage."""
+
+    score: Literal["lac", "aps", "raps"]
+    calibration: list[float] = Field(min_length=1, description="the validation images' scores of their true "
+                                     "class, ascending")
+    k_reg: int = Field(0, ge=0, description="RAPS: ranks up to this one carry no penalty")
+    penalty: float = Field(0.0, ge=0, description="RAPS: the score added per rank past k_reg")
+    test: list[SetQuality] = Field(default_factory=list)
+
+    @field_validator("calibration")
+    @classmethod
+    def _sorted(cls, value: list[float]) -> list[float]:
+        if any(b < a for a, b in pairwise(value)):
+            raise ValueError("calibration scores must be sorted ascending")
+        return value
+
+
+class ConformalSpec(_Strict):
+    """Split-conformal prediction sets: a set of classes holding the true class with the chosen probability."""
+
+    scores: list[ConformalScore] = Field(min_length=1)
+    default_score: Literal["lac", "aps", "raps"]
+    default_coverage: float = Field(0.9, gt=0, le=1, description="the coverage of a request that names none")
+    temperature: float | None = Field(None, gt=0, description="the temperature the scores were fitted at, when it "
+                                      "is not the manifest's (a recalibrated version)")
+
+    @model_validator(mode="after")
+    def _default(self) -> ConformalSpec:
+        names = [entry.score for entry in self.scores]
+        if len(set(names)) != len(names) or self.default_score not in names:
+            raise ValueError(f"conformal: one entry per score, the default {self.default_score!r} among them; got "
+                             f"{names}")
+        return self
+
+    def entry(self, score: str) -> ConformalScore | None:
+        return next((entry for entry in self.scores if entry.score == score), None)
 
 
 class Recalibration(_Strict):
@@ -306,6 +363,8 @@ class Manifest(_Strict):
                                                 "temperature fitted on live labels")
     front: FrontSpec | None = Field(None, description="a network that answers before the members where the "
                                     "cascade says so; None: the members answer every image")
+    conformal: ConformalSpec | None = Field(None, description="prediction sets at any coverage; None: versions "
+                                            "exported before they existed")
 
     @field_validator("schema_version")
     @classmethod

@@ -4,8 +4,9 @@ Loads an exported ensemble as the server does, answers the 10000 test images cle
 every corruption of `training.corruptions` at severities 1..5, and scores windows of the
 baseline's window size (drawn from the test images with a seed, the same draws for every
 condition) against the manifest's drift baseline, as the server scores its last answers. A
-manifest without a drift field gets the baseline export would have written: fitted on the
-validation answers of the member graphs at the manifest's temperature.
+manifest without a drift field, or with one in the fixed bins of older exports, gets the
+baseline export writes now: fitted on the validation answers of the member graphs at the
+manifest's temperature.
 
 It prints a markdown table (mean score, and the fraction of windows above the clean level), how
 far clean windows reach in multiples of the clean level, and the fraction of windows above an
@@ -33,6 +34,7 @@ from service.core.ensemble import Ensemble, load_ensemble
 from training.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from training.data import load_splits
 from training.export.fits import fit_drift_baseline
+from training.export.sources import split_labels
 from training.export.variants import onnx_member_logits
 
 log = logging.getLogger("drift_corruption")
@@ -42,21 +44,22 @@ BATCH = 1000
 
 
 def baseline_of(ensemble: Ensemble, data_dir: Path | None) -> tuple[Baseline, str]:
-    """The manifest's drift baseline, or the one export fits when the manifest has none; and where it came from."""
+    """The manifest's drift baseline, or the one export fits now where the manifest has none or one with the old
+    fixed bins; and where it came from."""
     manifest = ensemble.manifest
     drift = manifest.drift
     source = "manifest"
-    if drift is None:
+    if drift is None or drift.edges is None:
         splits = load_splits("fashion-mnist", data_dir)
         member_val = onnx_member_logits([ensemble.directory / member.file for member in manifest.members],
                                         splits.val, splits)
-        drift = fit_drift_baseline(member_val, manifest.temperature)
-        source = f"fitted here on {len(splits.val)} validation images (the manifest has none)"
+        drift = fit_drift_baseline(member_val, split_labels(splits.val, splits), manifest.temperature)
+        source = f"fitted here on {len(splits.val)} validation images, as export fits it now"
     return _baseline(drift, len(manifest.classes)), source
 
 
 def _baseline(drift: DriftBaseline, classes: int) -> Baseline:
-    return Baseline(classes, drift.histograms, drift.predicted, drift.clean_level, drift.window)
+    return Baseline.of(drift, classes)
 
 
 def answers(ensemble: Ensemble, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -32,11 +32,11 @@ from artefact.manifest import SelectiveSpec, load_manifest
 from artefact.metrics import classification_metrics
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig
-from training.data import DataSplits, SizedDataset, load_data, make_batches
+from training.data import DataSplits, SizedDataset, load_data
 from training.engine import predict_logits
 from training.errors import UsageError
 from training.export.fits import SELECTIVE_MARGIN, fit_selective_spec, selective_curve
-from training.export.sources import collect_sources
+from training.export.sources import collect_sources, split_labels
 from training.export.variants import onnx_member_logits
 from training.plots import SelectiveLine, plot_reliability, plot_risk_coverage
 from training.runs import RunDir
@@ -53,11 +53,6 @@ class Predictor:
     test: np.ndarray
     temperature: float
     temperature_from: str
-
-
-def labels_of(data: SizedDataset, splits: DataSplits) -> np.ndarray:
-    """A split's labels in the order `onnx_member_logits` runs its images."""
-    return np.concatenate([labels.numpy() for _, labels in make_batches(data, splits.info, 256, train=False)])
 
 
 def graph_logits(paths: list[Path], data: SizedDataset, splits: DataSplits, split: str) -> np.ndarray:
@@ -102,7 +97,7 @@ def main() -> None:
     if len(splits.info.classes) != len(manifest.classes):
         raise SystemExit(f"{run}'s dataset has {len(splits.info.classes)} classes, the manifest "
                          f"{len(manifest.classes)}: the version was not exported from it")
-    val_labels, test_labels = labels_of(splits.val, splits), labels_of(splits.test, splits)
+    val_labels, test_labels = split_labels(splits.val, splits), split_labels(splits.test, splits)
     paths = [args.version_dir / member.file for member in manifest.members]
     member_val = graph_logits(paths, splits.val, splits, "validation")
     member_test = graph_logits(paths, splits.test, splits, "test")

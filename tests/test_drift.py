@@ -7,7 +7,8 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from artefact.drift import drift_score, fit_baseline, jensen_shannon
+from artefact.drift import Baseline, drift_score, fit_baseline, jensen_shannon, signal_counts
+from artefact.manifest import DriftBaseline
 
 CLASSES = 10
 
@@ -46,3 +47,29 @@ def test_an_empty_window_is_refused() -> None:
     baseline = fit_baseline(_answers(rng, 500), CLASSES, window=100, draws=20)
     with pytest.raises(ValueError, match="at least one answer"):
         drift_score(baseline, {name: value[:0] for name, value in _answers(rng, 10).items()})
+
+
+def _component(baseline: Baseline, answers: dict[str, np.ndarray], signal: str) -> float:
+    counts = signal_counts(answers, baseline)[signal] + 0.5
+    return jensen_shannon(counts / counts.sum(), np.asarray(baseline.histograms[signal]))
+
+
+def test_quantile_bins_let_a_concentrated_signal_carry_the_shift() -> None:
+    """Mutual information of a close-knit ensemble sits near 0: the fixed bins hold almost every answer in the first
+    bin, so its component barely moves under a shift; validation-quantile bins hold about equal shares and see it."""
+    rng = np.random.default_rng(3)
+    validation = _answers(rng, 5000)
+    fitted = fit_baseline(validation, CLASSES, window=1000)
+    edges = fitted.edges
+    assert edges is not None
+    shares = np.asarray(fitted.histograms["mutual_information"])
+    assert len(shares) >= 15 and shares.max() < 0.1, "quantile bins share the validation answers out"
+    fixed = Baseline(CLASSES, {}, [], edges=None)
+    counts = signal_counts(validation, fixed)["mutual_information"]
+    assert counts[0] / counts.sum() > 0.9, "the fixed bins put almost every answer in the first bin"
+    fixed = Baseline(CLASSES, {signal: ((c + 0.5) / (c + 0.5).sum()).tolist() for signal, c in
+                               signal_counts(validation, fixed).items() if signal != "predicted_class"}, [])
+    shifted = _answers(rng, 1000, shift=0.3)
+    assert _component(fitted, shifted, "mutual_information") > 10 * _component(fixed, shifted, "mutual_information")
+    assert Baseline.of(DriftBaseline(histograms=fitted.histograms, predicted=fitted.predicted,
+                                     clean_level=fitted.clean_level, window=1000, edges=edges), CLASSES) == fitted

@@ -90,8 +90,8 @@ def ensemble(tmp_path_factory: pytest.TempPathFactory) -> TrainedEnsemble:
         torch.set_num_threads(threads)
     member_val = np.stack(val_logits, axis=1)
     temperature = fit_temperature(member_val, val_labels[0])
-    drift = fit_drift_baseline(member_val, temperature)
-    baseline = Baseline(splits.info.num_classes, drift.histograms, drift.predicted, drift.clean_level, drift.window)
+    drift = fit_drift_baseline(member_val, val_labels[0], temperature)
+    baseline = Baseline.of(drift, splits.info.num_classes)
     test = splits.test
     assert isinstance(test, ImageTensors)
     graph = tmp_path_factory.mktemp("drift-shift") / "ensemble.onnx"

@@ -263,7 +263,7 @@ def test_the_manifest_records_the_drift_baseline_and_noise_images_drift(exported
     assert drift is not None and drift.window == 1000 and 0 < drift.clean_level < 0.1
     for fractions in [*drift.histograms.values(), drift.predicted]:
         assert sum(fractions) == pytest.approx(1.0)
-    baseline = Baseline(len(manifest.classes), drift.histograms, drift.predicted, drift.clean_level, drift.window)
+    baseline = Baseline.of(drift, len(manifest.classes))
     session = onnxruntime.InferenceSession(str(exported / manifest.fused.file), providers=["CPUExecutionProvider"])
     noise = np.random.default_rng(0).integers(0, 256, (1000, *manifest.input.shape[1:]), dtype=np.uint8)
     names = ["confidence", "entropy", "mutual_information", "predicted_class"]

@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 0.95, 0.97 and 0.99)")
     export.add_argument("--default-target-accuracy", type=float, default=0.99,
                         help="the target accuracy of a request that names none (default 0.99; one of the targets)")
+    export.add_argument("--conformal-score", choices=("lac", "aps", "raps"), default="lac",
+                        help="prediction sets: the conformity score of a request that names none (default lac, the "
+                             "smallest sets; aps and raps grow with each image's uncertainty); all three are fitted")
+    export.add_argument("--coverage", type=float, default=0.9,
+                        help="prediction sets: the coverage of a request that names none (default 0.9)")
     export.add_argument("--config", dest="serving", action="append", default=[], metavar="KEY=VALUE|FILE",
                         help="the ensemble's serving settings, written to <out>/<name>/config.json over the one "
                              "there (repeatable): a JSON file of them, or one KEY=VALUE (max_batch_size=16, "
@@ -296,7 +301,8 @@ def _export(args: argparse.Namespace) -> str:
                           variant_nll_tolerance=args.variant_nll_tolerance,
                           variant_accuracy_tolerance=args.variant_accuracy_tolerance,
                           target_accuracies=args.target_accuracies or [0.95, 0.97, 0.99],
-                          default_target_accuracy=args.default_target_accuracy)
+                          default_target_accuracy=args.default_target_accuracy,
+                          conformal_score=args.conformal_score, coverage=args.coverage)
     report = export_ensemble(config).report().model_dump(mode="json", exclude_none=True)
     if serving is not None:
         report["config"] = str(write_config(args.out / args.name, serving))

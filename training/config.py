@@ -201,6 +201,11 @@ class ExportConfig(BaseModel):
                                            "prediction: fit an abstention threshold for each target accuracy.")
     default_target_accuracy: float = Field(0.99, gt=0, le=1, description="The target accuracy of a request that "
                                            "names none (one of the target accuracies).")
+    conformal_score: Literal["lac", "aps", "raps"] = Field("lac", description="Prediction sets: the conformity "
+                                                          "score a request that names none gets (every score is "
+                                                          "fitted).")
+    coverage: float = Field(0.9, gt=0, le=1, description="Prediction sets: the coverage a request that names none "
+                            "gets.")
 
     @field_validator("target_accuracies")
     @classmethod

@@ -193,7 +193,7 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
         rewritten = {name: FileEntry(file=name, sha256=_with_temperature(parent_dir / name, staging / name,
                                                                          temperature))
                      for name in sorted(fused_files)}
-        selective, drift = parent.selective, parent.drift
+        selective, drift, conformal = parent.selective, parent.drift, parent.conformal
         record = Recalibration(parent_version=parent.version, parent_temperature=parent.temperature,
                                labels=suggestion.labels, live_before=suggestion.current_metrics,
                                live_after=after, created_by=caller)
@@ -205,11 +205,14 @@ def publish(parent_dir: Path, temperature: float, suggestion: Suggestion, after:
                          for variant in parent.variants],
             "samples": parent.samples.model_copy(update={"probabilities": _samples(parent, parent_dir,
                                                                                    temperature)}),
-            # Thresholds and baselines keep the temperature they were fitted at; the server scores them there.
+            # Thresholds, baselines and conformal scores keep the temperature they were fitted at; the server
+            # scores them there.
             "selective": selective.model_copy(update={"temperature": selective.temperature or parent.temperature})
             if selective is not None else None,
             "drift": drift.model_copy(update={"temperature": drift.temperature or parent.temperature})
             if drift is not None else None,
+            "conformal": conformal.model_copy(update={"temperature": conformal.temperature or parent.temperature})
+            if conformal is not None else None,
             "front": _front_at(parent, parent_dir, temperature),
             "recalibration": record})
         for _ in range(_ATTEMPTS):

@@ -49,6 +49,7 @@ from service.core.members import default_plan, degraded_plan
 from service.core.modelsettings import ModelOptions
 from service.core.observer import Observer
 from service.core.served import Fingerprint, ServedModel
+from service.core.sets import PredictionSets
 from service.errors import InvalidInput, LoadFailed, ModelNotFound, ModelNotReady
 from service.settings import Settings
 
@@ -420,7 +421,9 @@ class Repository:
         if manifest.name != name or str(manifest.version) != version_dir.name:
             raise ManifestError(f"{version_dir}: the manifest names {manifest.name!r} version {manifest.version}; "
                                 f"the folder must be {manifest.name}/{manifest.version}")
-        Abstention.of(manifest, options.target_accuracy)  # a target the version cannot meet is refused here
+        # A default the version cannot meet is refused here, before the version is warmed up.
+        Abstention.of(manifest, options.target_accuracy)
+        PredictionSets.of(manifest, options.coverage, options.conformal_score)
         instances = [ensemble] + [ensemble.another_instance() for _ in range(options.instances - 1)]
         # A full batch through every instance: the first requests do not pay for onnxruntime's first-run set-up.
         shape = [options.max_batch_size, *manifest.input.shape[1:]]
@@ -442,7 +445,8 @@ class Repository:
                                  options.preferred_batch_sizes)
         batcher.start()
         return ServedModel(instances, batcher, default_plan(manifest, options.members), options, fingerprint,
-                           Abstention.of(manifest, options.target_accuracy))
+                           Abstention.of(manifest, options.target_accuracy),
+                           PredictionSets.of(manifest, options.coverage, options.conformal_score))
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: new requests are refused, queued ones finish (even if the caller is cancelled)."""

@@ -5,8 +5,10 @@ A client asks for it per output (`class_count`: gRPC's `classification` int64 pa
 [B, min(N, C)] in place of its scores: per image, the N highest scores in falling order (equal
 scores by class index), each as the score written as C's `%f` (what Triton writes), the class
 index and the class name from the manifest, joined by colons. 0 asks for the plain output, as in
-Triton. Only `probabilities` holds one score per class; the other outputs hold one value per
-image (or per member and class), whose "top classes" would name the wrong classes.
+Triton. `probabilities` holds one score per class; `prediction_set` is answered the same way with
+only the classes in each image's set, by falling probability (rows of smaller sets end in empty
+strings). The other outputs hold one value per image (or per member and class), whose "top
+classes" would name the wrong classes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from service.errors import InvalidInput
 
 PARAMETER = "classification"
-CLASSIFIABLE = ("probabilities",)
+CLASSIFIABLE = ("probabilities", "prediction_set")
 
 
 def class_count(output: str, value: object) -> int:
@@ -31,8 +33,8 @@ def class_count(output: str, value: object) -> int:
                            f"or a positive number of classes, got {value}")
     if value and output not in CLASSIFIABLE:
         raise InvalidInput(f"output '{output}': classification (class_count) applies to "
-                           f"{', '.join(repr(name) for name in CLASSIFIABLE)}, the ensemble's score per class; "
-                           f"'{output}' holds no score per class")
+                           f"{' and '.join(repr(name) for name in CLASSIFIABLE)}, which hold a value per class; "
+                           f"'{output}' does not")
     return value
 
 
@@ -47,4 +49,20 @@ def top_classes(scores: np.ndarray, count: int, labels: Sequence[str]) -> np.nda
     for row in range(batch):
         for column, index in enumerate(order[row]):
             strings[row, column] = f"{scores[row, index]:f}:{index}{names[index]}".encode()
+    return strings
+
+
+def set_classes(sets: np.ndarray, probabilities: np.ndarray, count: int, labels: Sequence[str]) -> np.ndarray:
+    """The classification extension for prediction sets: per image, the classes in its set by falling probability,
+    as "probability:index:label" bytes, up to `count`; rows with fewer classes are padded with b"". [B,
+    min(count, C)]."""
+    batch, classes = sets.shape
+    keep = min(count, classes)
+    order = np.argsort(-np.where(sets, probabilities, -1.0), axis=1, kind="stable")[:, :keep]
+    strings = np.full((batch, keep), b"", dtype=object)
+    for row in range(batch):
+        for column, index in enumerate(order[row]):
+            if sets[row, index]:
+                name = f":{labels[index]}" if index < len(labels) and labels[index] else ""
+                strings[row, column] = f"{probabilities[row, index]:f}:{index}{name}".encode()
     return strings

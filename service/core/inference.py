@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from artefact.config import PLATFORM
+from artefact.conformal import Score
 from artefact.manifest import OUTPUTS, TensorSpec
 from service.core.abstention import ABSTAIN
 from service.core.abstention import PARAMETER as TARGET_PARAMETER
-from service.core.classification import class_count, top_classes
+from service.core.classification import class_count, set_classes, top_classes
 from service.core.drift import drift_needs
 from service.core.ensemble import MEMBERS_USED
 from service.core.members import CASCADE, DEGRADED, PARAMETER, Plan, plan
@@ -32,6 +33,8 @@ from service.core.modelconfig import model_config
 from service.core.observer import Observer
 from service.core.request import Parameter, RequestOptions, request_options
 from service.core.served import Models, ServedModel
+from service.core.sets import COVERAGE, PREDICTION_SET, SCORE, SET_SIZE, no_sets
+from service.core.sets import OUTPUTS as SET_OUTPUTS
 from service.core.statistics import ModelStatistics
 from service.core.tensors import WireTensor, decode
 from service.errors import (
@@ -53,6 +56,8 @@ SERVED_OUTPUTS = (*OUTPUTS, MEMBERS_USED)
 DEFAULT_OUTPUTS = tuple(name for name in SERVED_OUTPUTS if name != "member_probabilities")
 # What feedback keeps of a request with an id: enough to score its labels and to refit the temperature on them.
 KEPT = ("probabilities", "member_probabilities", MEMBERS_USED)
+# Outputs the server adds after the graphs ran: a batch never computes them.
+_ADDED = (ABSTAIN, PREDICTION_SET, SET_SIZE)
 # Lookups of a request whose version retired before it was queued (each retry finds the version swapped in).
 _RETRIES = 3
 # Failures that happened after the request reached its model: their duration is worth a latency sample.
@@ -117,6 +122,20 @@ class InferenceResponse:
 
 
 @dataclass(frozen=True)
+class _Checked:
+    """A request checked against its model: its pixels, the outputs asked for, their class counts, the plan, and
+    the abstention target, coverage and conformity score it is answered at (0 and lac where the version has none)."""
+
+    pixels: np.ndarray
+    outputs: tuple[str, ...]
+    classes: dict[str, int]
+    plan: Plan
+    target: float
+    coverage: float
+    score: Score
+
+
+@dataclass(frozen=True)
 class ServerMetadata:
     name: str
     version: str
@@ -152,7 +171,16 @@ def _outputs(model: ServedModel) -> list[TensorSpec]:
     outputs = [*model.ensemble.manifest.outputs, TensorSpec(name=MEMBERS_USED, datatype="INT64", shape=[-1])]
     if model.abstention is not None:
         outputs.append(TensorSpec(name=ABSTAIN, datatype="BOOL", shape=[-1]))
+    if model.sets is not None:
+        classes = len(model.ensemble.manifest.classes)
+        outputs.extend([TensorSpec(name=PREDICTION_SET, datatype="BOOL", shape=[-1, classes]),
+                        TensorSpec(name=SET_SIZE, datatype="INT64", shape=[-1])])
     return outputs
+
+
+def _extra_outputs(model: ServedModel) -> tuple[str, ...]:
+    """The outputs a version adds to the graphs' by what it was exported with."""
+    return (*((ABSTAIN,) if model.abstention is not None else ()), *(SET_OUTPUTS if model.sets is not None else ()))
 
 
 def _parameters(model: ServedModel) -> dict[str, Parameter]:
@@ -175,6 +203,10 @@ def _parameters(model: ServedModel) -> dict[str, Parameter]:
         parameters.update({
             "abstain_signal": spec.signal, "target_accuracy_default": model.abstention.default_target,
             "target_accuracies_fitted": ",".join(f"{t.target_accuracy:g}" for t in spec.thresholds)})
+    if model.sets is not None:
+        parameters.update({"coverage_default": model.sets.default_coverage,
+                           "conformal_score_default": model.sets.default_score,
+                           "conformal_scores": ",".join(entry.score for entry in model.sets.spec.scores)})
     return parameters
 
 
@@ -271,22 +303,32 @@ class Inference:
     async def _infer(self, model: ServedModel, request: InferenceRequest, started: float) -> InferenceResponse:
         try:
             options = request_options(request.parameters, request.deadline)
-            pixels, outputs, classes, chosen, target = await self._checked(model, request, options)
+            checked = await self._checked(model, request, options)
+            outputs = checked.outputs
             keep = self.feedback.keeps(request.id)
             abstention = model.abstention if ABSTAIN in outputs else None
+            sets = model.sets if PREDICTION_SET in outputs or SET_SIZE in outputs else None
             # What the observer and the feedback need is computed for every image, whatever the client asked.
             signals = self.observer.signal_outputs
-            needed = [*(name for name in outputs if name != ABSTAIN), *signals,
+            needed = [*(name for name in outputs if name not in _ADDED), *signals,
                       *(drift_needs(model.ensemble.manifest) if signals else ()),
-                      *(abstention.needs if abstention is not None else ()), *(KEPT if keep else ())]
-            answer = await model.batcher.submit(pixels, tuple(dict.fromkeys(needed)), options.deadline, chosen)
+                      *(abstention.needs if abstention is not None else ()),
+                      *(sets.needs if sets is not None else ()), *(KEPT if keep else ())]
+            answer = await model.batcher.submit(checked.pixels, tuple(dict.fromkeys(needed)), options.deadline,
+                                                checked.plan)
             results = answer.outputs
+            labels = (model.name, str(model.version))
             if abstention is not None:
-                results[ABSTAIN] = flags = abstention.flags(results, target)
-                self.observer.observe_abstentions(model.name, str(model.version), len(flags), int(flags.sum()))
+                results[ABSTAIN] = flags = abstention.flags(results, checked.target)
+                self.observer.observe_abstentions(*labels, len(flags), int(flags.sum()))
+            if sets is not None:
+                results[PREDICTION_SET] = chosen = sets.sets(results, checked.coverage, checked.score)
+                results[SET_SIZE] = size = chosen.sum(axis=1, dtype=np.int64)
+                self.observer.observe_sets(*labels, checked.coverage, size)
             if keep:
                 self.feedback.remember(model.name, model.version, request.id, Served(
-                    results["probabilities"], results["member_probabilities"], results[MEMBERS_USED]), time.time(),
+                    results["probabilities"], results["member_probabilities"], results[MEMBERS_USED],
+                    checked.coverage if sets is not None else None, results.get(PREDICTION_SET)), time.time(),
                     request.caller)
         except Retired:
             raise
@@ -298,26 +340,42 @@ class Inference:
         if answer.degraded:
             parameters[DEGRADED] = True
         if ABSTAIN in outputs:
-            parameters[TARGET_PARAMETER] = target
-        labels = model.ensemble.manifest.classes
-        answered = {name: top_classes(results[name], classes[name], labels) if classes.get(name) else results[name]
-                    for name in outputs}
+            parameters[TARGET_PARAMETER] = checked.target
+        if sets is not None:
+            parameters[COVERAGE], parameters[SCORE] = checked.coverage, checked.score
+        names = model.ensemble.manifest.classes
+        answered = {}
+        for name in outputs:
+            count = checked.classes.get(name)
+            if not count:
+                answered[name] = results[name]
+            elif name == PREDICTION_SET:
+                answered[name] = set_classes(results[name], results["probabilities"], count, names)
+            else:
+                answered[name] = top_classes(results[name], count, names)
         return InferenceResponse(model.name, str(model.version), request.id, answered, parameters)
 
-    async def _checked(self, model: ServedModel, request: InferenceRequest, options: RequestOptions
-                       ) -> tuple[np.ndarray, tuple[str, ...], dict[str, int], Plan, float]:
-        """The request's pixels, outputs, class counts (classification), plan and target accuracy, or `InvalidInput`
-        naming what does not fit: the one place requests are checked before they can join a batch. Declarations are
-        checked before any data is read."""
+    async def _checked(self, model: ServedModel, request: InferenceRequest, options: RequestOptions) -> _Checked:
+        """The request's pixels, outputs, class counts (classification), plan, target accuracy, coverage and score,
+        or `InvalidInput` naming what does not fit: the one place requests are checked before they can join a
+        batch. Declarations are checked before any data is read."""
         ensemble = model.ensemble
         chosen = model.default_plan if options.members is None else plan(ensemble.manifest, options.members, True)
         spec = ensemble.manifest.input
-        abstention = model.abstention
+        abstention, sets = model.abstention, model.sets
         if abstention is None and options.target_accuracy is not None:
             raise InvalidInput(f"parameter '{TARGET_PARAMETER}': {_no_selective(model)}")
         target = 0.0
         if abstention is not None:
             target = abstention.default_target if options.target_accuracy is None else options.target_accuracy
+        if sets is None and (options.coverage is not None or options.conformal_score is not None):
+            given = COVERAGE if options.coverage is not None else SCORE
+            raise InvalidInput(f"parameter '{given}': {no_sets(model.name, model.version)}")
+        coverage: float = 0.0
+        score: Score = "lac"  # answered by no version without prediction sets
+        if sets is not None:
+            coverage = sets.default_coverage if options.coverage is None else options.coverage
+            score = sets.score(options.conformal_score)
 
         def expect(name: str, datatype: str, shape: tuple[int, ...]) -> None:
             ensemble.check_input(name, datatype, shape)
@@ -329,15 +387,17 @@ class Inference:
             raise request.malformed
         inputs = await asyncio.to_thread(decode, request.inputs, expect) if request.heavy else \
             decode(request.inputs, expect)
-        selective = (ABSTAIN,) if abstention is not None else ()
-        outputs = request.outputs or (*DEFAULT_OUTPUTS, *selective)
-        known = (*SERVED_OUTPUTS, *selective)
+        extra = _extra_outputs(model)
+        outputs = request.outputs or (*DEFAULT_OUTPUTS, *extra)
+        known = (*SERVED_OUTPUTS, *extra)
         if len(outputs) > len(known):
             raise InvalidInput(f"{len(outputs)} outputs asked for; there are {len(known)}: {', '.join(known)}")
         for index, name in enumerate(outputs):
             check_length("an output's name", name)
             if name == ABSTAIN and abstention is None:
                 raise InvalidInput(f"output '{ABSTAIN}': {_no_selective(model)}")
+            if name in SET_OUTPUTS and sets is None:
+                raise InvalidInput(f"output '{name}': {no_sets(model.name, model.version)}")
             if name not in known:
                 raise InvalidInput(f"unknown output {name!r}; outputs are {', '.join(known)}")
             if name in outputs[:index]:
@@ -347,7 +407,7 @@ class Inference:
             raise InvalidInput(f"model {model.name!r} takes exactly one input '{spec.name}' ({spec.datatype} "
                                f"[{shape}]), got {list(inputs) or 'none'}")
         classes = {name: class_count(name, value) for name, value in request.classification.items()}
-        return inputs[spec.name], outputs, classes, chosen, target
+        return _Checked(inputs[spec.name], outputs, classes, chosen, target, coverage, score)
 
     @contextmanager
     def _serving(self, model: ServedModel) -> Iterator[None]:

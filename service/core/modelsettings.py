@@ -32,6 +32,10 @@ class ModelOptions:
     members: str
     target_accuracy: float | None
     """The abstention target of requests that do not say; None: the manifest's."""
+    coverage: float | None
+    """The prediction sets' coverage of requests that do not say; None: the manifest's."""
+    conformal_score: str | None
+    """The prediction sets' conformity score of requests that do not say; None: the manifest's."""
     calibration_window: int
     drift_window: int
 
@@ -40,7 +44,7 @@ class ModelOptions:
         """What the server's flags give a model whose config.json sets nothing."""
         return cls(settings.max_batch_size, (), settings.max_queue_delay, settings.max_queue_size,
                    settings.max_queue_wait, settings.degrade_after, settings.instances, settings.threads_per_instance,
-                   settings.device, settings.execution, settings.precision, settings.members, None,
+                   settings.device, settings.execution, settings.precision, settings.members, None, None, None,
                    settings.calibration_window, settings.drift_window)
 
     def over(self, config: ModelSettings | None, settings: Settings) -> ModelOptions:
@@ -50,7 +54,8 @@ class ModelOptions:
         changes: dict[str, Any] = {key: value for key, value in (
             ("max_batch_size", config.max_batch_size), ("execution", config.execution),
             ("precision", config.precision), ("members", config.members),
-            ("target_accuracy", config.target_accuracy), ("calibration_window", config.calibration_window),
+            ("target_accuracy", config.target_accuracy), ("coverage", config.coverage),
+            ("conformal_score", config.conformal_score), ("calibration_window", config.calibration_window),
             ("drift_window", config.drift_window)) if value is not None}
         if config.degrade_queue_ms is not None:
             changes["degrade_after"] = config.degrade_queue_ms / 1000.0 or None

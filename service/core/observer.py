@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from artefact.calibration import Scored
     from service.core.batching import BatchRecord
     from service.core.ensemble import Ensemble
@@ -45,6 +47,12 @@ class Observer(Protocol):
 
     def observe_abstentions(self, name: str, version: str, images: int, abstained: int) -> None:
         """An answer with an `abstain` output: of its `images`, the ensemble abstained on `abstained`."""
+
+    def observe_sets(self, name: str, version: str, coverage: float, sizes: np.ndarray) -> None:
+        """An answer with prediction sets at `coverage`: the size of each image's set."""
+
+    def observe_set_label(self, name: str, version: int, coverage: float, covered: bool) -> None:
+        """A label joined to a prediction answered with a set at `coverage`: whether the set held the true class."""
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:
         """One label was joined to the prediction served for it."""
@@ -80,6 +88,12 @@ class NullObserver:
         pass
 
     def observe_abstentions(self, name: str, version: str, images: int, abstained: int) -> None:
+        pass
+
+    def observe_sets(self, name: str, version: str, coverage: float, sizes: np.ndarray) -> None:
+        pass
+
+    def observe_set_label(self, name: str, version: int, coverage: float, covered: bool) -> None:
         pass
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:

@@ -3,7 +3,8 @@
 Both transports hand the request-level parameters over as sent (gRPC's `InferParameter` values,
 HTTP's JSON `parameters` object: booleans, numbers and strings), so a malformed one gets the same
 status and message over either: `timeout` (microseconds, as Triton's clients send it),
-`members` (`service.core.members`), `target_accuracy` (`service.core.abstention`) and
+`members` (`service.core.members`), `target_accuracy` (`service.core.abstention`), `coverage` and
+`conformal_score` (`service.core.sets`) and
 `binary_data_output` (HTTP's default for outputs; over gRPC every output is binary, but the value
 is still checked). Parameters valley does not know are ignored, as Triton does.
 """
@@ -18,6 +19,7 @@ from service.core.abstention import PARAMETER as TARGET_PARAMETER
 from service.core.abstention import target_of
 from service.core.members import PARAMETER as MEMBERS_PARAMETER
 from service.core.members import requested
+from service.core.sets import COVERAGE, SCORE, coverage_of, score_of
 from service.errors import InvalidInput
 
 Parameter = bool | int | float | str
@@ -38,6 +40,10 @@ class RequestOptions:
     """Which members answer (`service.core.members.plan` checks it against the model); None: the model's default."""
     target_accuracy: float | None = None
     """The abstention target; None: the model's default."""
+    coverage: float | None = None
+    """The prediction sets' coverage; None: the model's default."""
+    conformal_score: str | None = None
+    """The prediction sets' conformity score; None: the model's default."""
     binary_output: bool = False
 
 
@@ -61,5 +67,8 @@ def request_options(parameters: Mapping[str, Parameter], transport_deadline: flo
     if not isinstance(binary, bool):
         raise InvalidInput(f"parameter '{BINARY_OUTPUT}' must be true or false, got {repr(binary)[:40]}")
     target = parameters.get(TARGET_PARAMETER)
+    coverage, score = parameters.get(COVERAGE), parameters.get(SCORE)
     return RequestOptions(min(deadlines) if deadlines else None, requested(parameters.get(MEMBERS_PARAMETER)),
-                          None if target is None else target_of(target), binary)
+                          None if target is None else target_of(target),
+                          None if coverage is None else coverage_of(coverage),
+                          None if score is None else score_of(score), binary)

@@ -15,6 +15,7 @@ from service.core.batching import DynamicBatcher
 from service.core.ensemble import Ensemble
 from service.core.members import Plan
 from service.core.modelsettings import ModelOptions
+from service.core.sets import PredictionSets
 from service.core.statistics import ModelStatistics
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
@@ -36,6 +37,9 @@ class ServedModel:
     fingerprint: Fingerprint = ()
     abstention: Abstention | None = None
     """Selective prediction (the `abstain` output); None for a version exported without it."""
+    sets: PredictionSets | None = None
+    """Conformal prediction sets (the `prediction_set` and `set_size` outputs); None for a version exported without
+    them."""
 
     @property
     def statistics(self) -> ModelStatistics:

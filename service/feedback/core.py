@@ -51,11 +51,26 @@ def already_labelled(index: int, label: Label) -> str:
 @dataclass(frozen=True)
 class Served:
     """What one request was served: the ensemble's probabilities [B, C], its members' [B, K, C] (zero for members
-    an image did not go through) and how many members answered each image [B]."""
+    an image did not go through), how many members answered each image [B], and where it was answered with
+    prediction sets, their coverage and the sets [B, C]."""
 
     probabilities: np.ndarray
     member_probabilities: np.ndarray
     used: np.ndarray
+    coverage: float | None = None
+    sets: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return (self.probabilities.nbytes + self.member_probabilities.nbytes + self.used.nbytes
+                + (self.sets.nbytes if self.sets is not None else 0))
+
+    def joined(self, model: str, version: int, position: int, true_class: int) -> Joined:
+        """Image `position`'s answer joined to its label."""
+        covered = None if self.sets is None else bool(self.sets[position, true_class])
+        return Joined(model, version, self.probabilities[position], self.member_probabilities[position],
+                      int(self.used[position]), true_class, self.coverage if self.sets is not None else None,
+                      covered)
 
 
 @dataclass(frozen=True)
@@ -72,9 +87,7 @@ class Prediction:
 
     @property
     def nbytes(self) -> int:
-        served = self.served
-        return (served.probabilities.nbytes + served.member_probabilities.nbytes + served.used.nbytes
-                + len(self.caller) + len(self.model) + len(self.request_id))
+        return self.served.nbytes + len(self.caller) + len(self.model) + len(self.request_id)
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,10 @@ class Joined:
     """[K, C], as served: zero for members that did not answer."""
     used: int
     true_class: int
+    coverage: float | None = None
+    """The coverage of the prediction set it was answered with; None: answered without one."""
+    covered: bool | None = None
+    """Whether that set held the true class."""
 
 
 @dataclass(frozen=True)

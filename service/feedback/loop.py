@@ -175,6 +175,8 @@ class Feedback:
                     window = self._windows[key] = CalibrationWindow(self.size(label.model))
             scored = window.add(label.probabilities, label.member_probabilities, label.used, label.true_class)
             self._observer.observe_label(label.model, label.version, scored)
+            if label.coverage is not None and label.covered is not None:
+                self._observer.observe_set_label(label.model, label.version, label.coverage, label.covered)
             touched[key] = window
         # The window's summary walks the whole window: once per model in the report, not per label.
         for (model, model_version), window in touched.items():

@@ -44,9 +44,7 @@ class _Kept:
 
 
 def _size(key: tuple[str, str, str], kept: _Kept) -> int:
-    arrays = kept.served
-    return (_ENTRY_BYTES + sum(len(part) for part in key) + arrays.probabilities.nbytes
-            + arrays.member_probabilities.nbytes + arrays.used.nbytes + kept.labelled.nbytes)
+    return _ENTRY_BYTES + sum(len(part) for part in key) + kept.served.nbytes + kept.labelled.nbytes
 
 
 class MemoryStore:
@@ -91,7 +89,9 @@ class MemoryStore:
             self._drop(key, self._kept.pop(key, None))
             kept = _Kept(prediction.version, Served(np.array(answer.probabilities, dtype=np.float32),
                                                     np.array(answer.member_probabilities, dtype=np.float32),
-                                                    np.array(answer.used, dtype=np.int16)),
+                                                    np.array(answer.used, dtype=np.int16), answer.coverage,
+                                                    None if answer.sets is None else np.array(answer.sets,
+                                                                                              dtype=bool)),
                          np.zeros(images, dtype=bool), now + self.ttl_seconds)
             size = _size(key, kept)
             if images > self.max_predictions or size > self.max_bytes:
@@ -122,9 +122,7 @@ class MemoryStore:
                 found.append((kept, label))
             for kept, label in found:
                 kept.labelled[label.position] = True
-            return [Joined(label.model, kept.version, kept.served.probabilities[label.position],
-                           kept.served.member_probabilities[label.position],
-                           int(kept.served.used[label.position]), label.true_class)
+            return [kept.served.joined(label.model, kept.version, label.position, label.true_class)
                     for kept, label in found]
 
     def window(self, model: str, version: int, size: int) -> LabelledWindow | None:

@@ -30,12 +30,21 @@ from typing import Any, ClassVar
 import numpy as np
 
 from service.errors import AlreadyLabelled, StoreUnavailable, UnknownPrediction
-from service.feedback.core import Joined, Label, LabelledWindow, Prediction, already_labelled, check_label, where
+from service.feedback.core import (
+    Joined,
+    Label,
+    LabelledWindow,
+    Prediction,
+    Served,
+    already_labelled,
+    check_label,
+    where,
+)
 from service.feedback.writer import Unavailable, Writer, WriterStats
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # One list of statements per schema version; {blob} and {bigint} are the dialect's types.
 MIGRATIONS: list[list[str]] = [
     [
@@ -56,6 +65,12 @@ MIGRATIONS: list[list[str]] = [
             probabilities {blob} NOT NULL, member_probabilities {blob} NOT NULL,
             PRIMARY KEY (caller, model, request_id, served_us, position))""",
         "CREATE INDEX valley_labels_window ON valley_labels (model, version, labelled_us)",
+    ],
+    [
+        # Prediction sets: the coverage asked for and the sets served ([images, classes] booleans), so that a
+        # label joined on any replica counts whether the set held the true class. NULL: answered without sets.
+        "ALTER TABLE valley_predictions ADD COLUMN coverage DOUBLE PRECISION",
+        "ALTER TABLE valley_predictions ADD COLUMN sets {blob}",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -89,9 +104,7 @@ class _Row:
     images: int
     classes: int
     members: int
-    probabilities: np.ndarray
-    member_probabilities: np.ndarray
-    used: np.ndarray
+    served: Served
 
 
 class Dialect:
@@ -191,17 +204,20 @@ class SqlStore:
         for prediction in batch:
             served = prediction.served
             images, members, classes = served.member_probabilities.shape
+            sets = None if served.sets is None else _blob(served.sets, np.bool_)
             rows.append((prediction.caller, prediction.model, prediction.request_id, prediction.version,
                          _us(prediction.served_at), self.replica, images, classes, members,
                          _blob(served.probabilities, np.float32), _blob(served.member_probabilities, np.float32),
-                         _blob(served.used, np.int16)))
+                         _blob(served.used, np.int16), None if sets is None else served.coverage, sets))
         statement = self.dialect.sql(
             "INSERT INTO valley_predictions (caller, model, request_id, version, served_us, replica, images, "
-            "classes, members, probabilities, member_probabilities, used) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "classes, members, probabilities, member_probabilities, used, coverage, sets) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (caller, model, request_id) DO UPDATE SET version = excluded.version, "
             "served_us = excluded.served_us, replica = excluded.replica, images = excluded.images, "
             "classes = excluded.classes, members = excluded.members, probabilities = excluded.probabilities, "
-            "member_probabilities = excluded.member_probabilities, used = excluded.used")
+            "member_probabilities = excluded.member_probabilities, used = excluded.used, "
+            "coverage = excluded.coverage, sets = excluded.sets")
         self.migrate()
         with self._unit() as connection, self.dialect.transaction(connection):
             connection.cursor().executemany(statement, rows)
@@ -257,13 +273,12 @@ class SqlStore:
                             "store's flush interval ago); no label of this report was counted")
                     check_label(index, label, row.images, row.classes)
                     position = label.position
-                    joined.append(Joined(label.model, row.version, row.probabilities[position],
-                                         row.member_probabilities[position], int(row.used[position]),
-                                         label.true_class))
+                    served = row.served
+                    joined.append(served.joined(label.model, row.version, position, label.true_class))
                     inserts.append((caller, label.model, label.request_id, row.served_us, position, row.version,
                                     label.true_class, _us(now), replica or self.replica, row.classes, row.members,
-                                    int(row.used[position]), _blob(row.probabilities[position], np.float32),
-                                    _blob(row.member_probabilities[position], np.float32)))
+                                    int(served.used[position]), _blob(served.probabilities[position], np.float32),
+                                    _blob(served.member_probabilities[position], np.float32)))
                 try:
                     connection.cursor().executemany(self.dialect.sql(
                         "INSERT INTO valley_labels (caller, model, request_id, served_us, position, version, "
@@ -291,13 +306,17 @@ class SqlStore:
             pairs = " OR ".join(["(model = ? AND request_id = ?)"] * len(chunk))
             cursor = connection.execute(self.dialect.sql(
                 "SELECT model, request_id, served_us, version, images, classes, members, probabilities, "
-                f"member_probabilities, used FROM valley_predictions WHERE caller = ? AND served_us >= ? AND ({pairs})"
+                "member_probabilities, used, coverage, sets FROM valley_predictions WHERE caller = ? AND "
+                f"served_us >= ? AND ({pairs})"
             ), (caller, oldest_us, *(part for key in chunk for part in key)))
-            for model, request_id, served_us, version, images, classes, members, probabilities, member, used in cursor:
-                found[(model, request_id)] = _Row(
-                    int(served_us), int(version), int(images), int(classes), int(members),
+            for (model, request_id, served_us, version, images, classes, members, probabilities, member, used,
+                 coverage, sets) in cursor:
+                found[(model, request_id)] = _Row(int(served_us), int(version), int(images), int(classes),
+                                                  int(members), Served(
                     _array(probabilities, np.float32, (images, classes)),
-                    _array(member, np.float32, (images, members, classes)), _array(used, np.int16, (images,)))
+                    _array(member, np.float32, (images, members, classes)), _array(used, np.int16, (images,)),
+                    None if coverage is None else float(coverage),
+                    None if sets is None else _array(sets, np.bool_, (images, classes))))
         return found
 
     def _first_labelled(self, caller: str, labels: Sequence[Label], rows: dict[tuple[str, str], _Row]) -> int:

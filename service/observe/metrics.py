@@ -23,6 +23,7 @@ from service.control.recalibrate import Suggestion
 from service.core.batching import BatchRecord
 from service.core.drift import DriftWindow
 from service.core.ensemble import MEMBERS_USED, Ensemble
+from service.core.sets import coverage_label
 from service.feedback import CalibrationWindow, Store
 from service.feedback.writer import DROP_REASONS
 
@@ -243,6 +244,12 @@ class _DriftCollector(Collector):
         filled = GaugeMetricFamily("valley_drift_window_images", "Answers in the drift window now", labels=MODEL)
         size = GaugeMetricFamily("valley_drift_window_size_images", "Answers the drift window holds when full "
                                  "(--drift-window)", labels=MODEL)
+        estimated = GaugeMetricFamily("valley_estimated_accuracy", "Accuracy estimated without labels over the drift "
+                                      "window's answers: each answer's confidence bin's validation accuracy, "
+                                      "averaged (absent while the window is empty or the version has no map)",
+                                      labels=MODEL)
+        validation = GaugeMetricFamily("valley_validation_accuracy", "The accuracy on the validation split at export "
+                                       "(what valley_estimated_accuracy reads on validation)", labels=MODEL)
         for labels, window in windows:
             value = window.score()
             if value is not None:
@@ -250,7 +257,12 @@ class _DriftCollector(Collector):
             clean.add_metric(list(labels), window.clean_level)
             filled.add_metric(list(labels), window.filled)
             size.add_metric(list(labels), window.size)
-        yield from (score, clean, filled, size)
+            accuracy = window.estimated_accuracy()
+            if accuracy is not None:
+                estimated.add_metric(list(labels), accuracy)
+            if window.validation_accuracy is not None:
+                validation.add_metric(list(labels), window.validation_accuracy)
+        yield from (score, clean, filled, size, estimated, validation)
 
 
 class _RecalibrationCollector(Collector):
@@ -357,6 +369,21 @@ class ServingMetrics:
         self.selective = Counter("valley_selective_images_total", "Images answered with an abstain output, by "
                                  "whether the ensemble abstained (below its target accuracy's threshold)",
                                  [*MODEL, "abstained"], registry=registry)
+        self.set_images = Counter("valley_prediction_set_images_total", "Images answered with a prediction set, by "
+                                  "the coverage asked for (up to three decimals; finer ones: other)",
+                                  [*MODEL, "coverage"], registry=registry)
+        self.set_classes = Counter("valley_prediction_set_classes_total", "Classes in the prediction sets answered "
+                                   "(over valley_prediction_set_images_total: the mean set size)",
+                                   [*MODEL, "coverage"], registry=registry)
+        self.feedback_sets = Counter("valley_feedback_sets_total", "Labelled predictions that were answered with a "
+                                     "prediction set, by the coverage asked for", [*MODEL, "coverage"],
+                                     registry=registry)
+        self.feedback_covered = Counter("valley_feedback_set_covered_total", "Labelled predictions whose prediction "
+                                        "set held the true class, by the coverage asked for", [*MODEL, "coverage"],
+                                        registry=registry)
+        self.feedback_target = Counter("valley_feedback_set_target_total", "Sum of the coverages asked for of the "
+                                       "labelled predictions with a set (the covered count expected)",
+                                       [*MODEL, "coverage"], registry=registry)
         self._signals = _SignalCollector()
         registry.register(self._signals)
         self._drift = _DriftCollector()
@@ -393,6 +420,10 @@ class ServingMetrics:
         if manifest.selective is not None:
             for abstained in ("true", "false"):
                 self.selective.labels(*labels, abstained)
+        if manifest.conformal is not None:
+            level = coverage_label(manifest.conformal.default_coverage)
+            self.set_images.labels(*labels, level)
+            self.set_classes.labels(*labels, level)
         if manifest.drift is not None:
             self._drift.windows[labels] = DriftWindow(manifest, drift_window)
         for calibrated, metrics in (("false", manifest.metrics.uncalibrated), ("true", manifest.metrics.calibrated)):
@@ -453,6 +484,17 @@ class ServingMetrics:
     def observe_abstentions(self, name: str, version: str, images: int, abstained: int) -> None:
         self.selective.labels(name, version, "true").inc(abstained)
         self.selective.labels(name, version, "false").inc(images - abstained)
+
+    def observe_sets(self, name: str, version: str, coverage: float, sizes: np.ndarray) -> None:
+        level = coverage_label(coverage)
+        self.set_images.labels(name, version, level).inc(len(sizes))
+        self.set_classes.labels(name, version, level).inc(int(sizes.sum()))
+
+    def observe_set_label(self, name: str, version: int, coverage: float, covered: bool) -> None:
+        labels = (name, str(version), coverage_label(coverage))
+        self.feedback_sets.labels(*labels).inc()
+        self.feedback_covered.labels(*labels).inc(int(covered))
+        self.feedback_target.labels(*labels).inc(coverage)
 
     def observe_label(self, name: str, version: int, scored: Scored) -> None:
         """One label joined to its prediction: the bin counters and the sums."""

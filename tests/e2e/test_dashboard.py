@@ -46,7 +46,8 @@ def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(reposito
         pixels = reference.images(4, seed=1)
         result = triton.InferenceServerClient(server.url).infer(MODEL, triton_inputs(pixels), request_id="dash",
                                                                 outputs=[triton.InferRequestedOutput(name) for name
-                                                                         in ("probabilities", "abstain")])
+                                                                         in ("probabilities", "abstain",
+                                                                             "prediction_set")])
         predicted = result.as_numpy("probabilities").argmax(axis=1)
         assert report(server.url, [("dash", i, int(c)) for i, c in enumerate(predicted)]) == len(pixels)
         with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as response:
@@ -58,5 +59,6 @@ def test_every_metric_the_dashboard_rules_and_adapter_query_is_exported(reposito
     missing = sorted(queried - exported)
     assert not missing, f"queried but not exported: {missing}"
     for panel in ("Latency", "Queue depth", "Mean batch size", "confidence", "entropy", "disagreement", "Networks run",
-                  "live ECE vs offline", "drift", "Abstained", "suggested temperature"):
+                  "live ECE vs offline", "drift", "Abstained", "suggested temperature", "estimated without labels",
+                  "Prediction sets"):
         assert any(panel in p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]), panel

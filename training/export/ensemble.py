@@ -37,6 +37,7 @@ from training.errors import UsageError
 from training.export.fits import (
     compare_with_endpoints,
     fit_cascade_spec,
+    fit_conformal_spec,
     fit_drift_baseline,
     fit_selective_spec,
     kept_in_words,
@@ -146,7 +147,12 @@ def export_ensemble(export: ExportConfig) -> Exported:
              kept_in_words(cascade.gain_kept_validation), kept_in_words(cascade.gain_kept_test))
     selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
                                    export.target_accuracies, export.default_target_accuracy)
-    drift = fit_drift_baseline(member_val, temperature)
+    drift = fit_drift_baseline(member_val, val_labels[0], temperature)
+    conformal = fit_conformal_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
+                                   export.conformal_score, export.coverage)
+    log.info("prediction sets (%s) on test: %s", conformal.default_score, ", ".join(
+        f"{q.coverage:.0%} -> coverage {q.marginal:.1%}, {q.mean_size:.2f} classes"
+        for q in next(e for e in conformal.scores if e.score == conformal.default_score).test))
     log.info("selective prediction on %s: %s", selective.signal, ", ".join(
         f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
 
@@ -207,6 +213,7 @@ def export_ensemble(export: ExportConfig) -> Exported:
             front=front_spec,
             selective=selective,
             drift=drift,
+            conformal=conformal,
             variants=[variant for variant, _ in variants],
         )
         plots = write_plots(staging, f"{name} version {version}", member_val, val_labels[0], member_test,

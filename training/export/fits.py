@@ -9,15 +9,20 @@ from typing import Literal
 import numpy as np
 
 from artefact.cascade import Cascade, fit_cascade, lead, quality, run_cascade
+from artefact.conformal import SCORES, Conformal, Score
 from artefact.drift import fit_baseline
+from artefact.estimation import AccuracyMap
 from artefact.manifest import (
     AbstentionThreshold,
     CascadeQuality,
     CascadeSpec,
+    ConformalScore,
+    ConformalSpec,
     DriftBaseline,
     GainKept,
     RiskCoverageCurve,
     SelectiveSpec,
+    SetQuality,
 )
 from artefact.metrics import classification_metrics
 from artefact.selective import RiskCoverage, best_signal, fit_threshold, risk_coverage
@@ -30,6 +35,9 @@ from training.front import FrontNetwork
 # Target accuracies whose abstention thresholds the manifest records, and the standard errors they keep in hand.
 SELECTIVE_MARGIN = 2.0
 
+
+# Coverages whose prediction sets the manifest measures on the test split (any other is served as well).
+SET_COVERAGES = (0.8, 0.9, 0.95, 0.99)
 
 # Live answers per drift window: what the baseline's clean level is fitted for (the server's default window).
 DRIFT_WINDOW = 1000
@@ -144,12 +152,46 @@ def selective_curve(member_logits: np.ndarray, labels: np.ndarray, temperature: 
     return risk_coverage(selective_score(signal, probabilities, members), probabilities.argmax(axis=-1) == labels)
 
 
-def fit_drift_baseline(member_val: np.ndarray, temperature: float, window: int = DRIFT_WINDOW) -> DriftBaseline:
-    """The drift score's baseline: the tempered ensemble's answers on the validation logits [N, K, C]."""
+def fit_drift_baseline(member_val: np.ndarray, val_labels: np.ndarray, temperature: float,
+                       window: int = DRIFT_WINDOW) -> DriftBaseline:
+    """The drift score's baseline and the map that estimates accuracy without labels: the tempered ensemble's
+    answers on the validation logits [N, K, C] and labels [N]."""
     outputs = ensemble_outputs(tempered_members(member_val, temperature).astype(np.float32))
     baseline = fit_baseline(outputs, member_val.shape[-1], window)
+    correct = outputs["predicted_class"] == val_labels
+    accuracy = AccuracyMap.fit(outputs["confidence"], correct)
     return DriftBaseline(histograms=baseline.histograms, predicted=baseline.predicted,
-                         clean_level=baseline.clean_level, window=window)
+                         clean_level=baseline.clean_level, window=window, edges=baseline.edges,
+                         bin_accuracy=list(accuracy.accuracy), validation_accuracy=float(correct.mean()))
+
+
+def fit_conformal_spec(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray,
+                       test_labels: np.ndarray, temperature: float, default_score: Score = "lac",
+                       default_coverage: float = 0.9) -> ConformalSpec:
+    """Every conformity score fitted on the tempered ensemble's validation logits [N, K, C] and labels alone, then
+    its sets measured on the test split at `SET_COVERAGES` (and the default coverage)."""
+    val = tempered_members(member_val, temperature).mean(axis=1)
+    test = tempered_members(member_test, temperature).mean(axis=1)
+    coverages = sorted({*SET_COVERAGES, default_coverage})
+    scores = []
+    for score in SCORES:
+        fitted = Conformal.fit(val, val_labels, score)
+        scores.append(ConformalScore(score=score, calibration=fitted.calibration.tolist(), k_reg=fitted.k_reg,
+                                     penalty=fitted.penalty if score == "raps" else 0.0,
+                                     test=[set_quality(fitted.sets(test, coverage), test_labels, coverage)
+                                           for coverage in coverages]))
+    return ConformalSpec(scores=scores, default_score=default_score, default_coverage=default_coverage)
+
+
+def set_quality(sets: np.ndarray, labels: np.ndarray, coverage: float) -> SetQuality:
+    """How prediction sets [N, C] at `coverage` fare against the true classes [N]."""
+    covered = sets[np.arange(len(labels)), labels]
+    present = np.unique(labels)
+    by_class = np.array([covered[labels == label].mean() for label in present])
+    worst = int(np.argmin(by_class))
+    return SetQuality(coverage=coverage, marginal=float(covered.mean()), mean_size=float(sets.sum(axis=1).mean()),
+                      empty=float((sets.sum(axis=1) == 0).mean()), worst_class=float(by_class[worst]),
+                      worst_class_index=int(present[worst]))
 
 
 def tempered_members(logits: np.ndarray, temperature: float) -> np.ndarray:

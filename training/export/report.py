@@ -14,6 +14,7 @@ from artefact.manifest import (
     CascadeSpec,
     Manifest,
     Metrics,
+    SetQuality,
 )
 from training.config import Precision
 
@@ -58,6 +59,8 @@ class ExportReport(BaseModel):
     cascade: CascadeSpec | None = Field(None, description="the anytime ensemble fitted on validation, with its "
                                         "validation and test figures")
     variants: list[VariantComparison] | None = Field(None, description="the lower-precision variants beside FP32")
+    prediction_sets: dict[str, list[SetQuality]] | None = Field(None, description="per conformity score, its sets "
+                                                                "on the test split at the measured coverages")
     plots: list[Path] | None = Field(None, description="the PNGs in the version folder: the test split's reliability "
                                      "diagram and risk-coverage curves")
 
@@ -85,5 +88,7 @@ class Exported:
             test_nll=CalibrationEffect(uncalibrated=metrics.uncalibrated.nll, calibrated=metrics.calibrated.nll),
             test_ece=CalibrationEffect(uncalibrated=metrics.uncalibrated.ece, calibrated=metrics.calibrated.ece),
             comparison=self.comparison, cascade=self.manifest.cascade, variants=self.variants,
+            prediction_sets={entry.score: entry.test for entry in self.manifest.conformal.scores}
+            if self.manifest.conformal is not None else None,
             plots=self.plots or None,
         )

@@ -162,6 +162,11 @@ def uint8_batches(data: SizedDataset, splits: DataSplits) -> Iterator[np.ndarray
         yield (batch * 255.0).round().to(torch.uint8).numpy()
 
 
+def split_labels(data: SizedDataset, splits: DataSplits) -> np.ndarray:
+    """A split's labels in the order `uint8_batches` gives its images."""
+    return np.concatenate([labels.numpy() for _, labels in make_batches(data, splits.info, 256, train=False)])
+
+
 def uint8_images(data: SizedDataset, splits: DataSplits, count: int) -> np.ndarray:
     """The first `count` images of a split as uint8 pixels."""
     images = []
