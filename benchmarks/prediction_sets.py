@@ -123,7 +123,7 @@ def study(name: str, version_dir: Path, splits: Any, args: argparse.Namespace) -
     clean_correct = clean["probabilities"].argmax(axis=1) == test_labels
     return {"version_dir": str(version_dir), "members": len(ensemble.manifest.members),
             "temperature": ensemble.manifest.temperature, "validation_images": len(val_labels),
-            "validation_accuracy": drift.validation_accuracy,
+            "validation_accuracy": drift.validation_accuracy, "test_images": len(test_labels),
             "clean": {"accuracy": float(clean_correct.mean()),
                       "estimated": accuracy_map.estimate(clean["confidence"]),
                       "sets": {entry.score: [quality.model_dump() for quality in entry.test]
@@ -143,10 +143,13 @@ def _cells(results: dict[str, Any], show: Any) -> list[str]:
 def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     lines = []
     count = next(iter(results.values()))["validation_images"]
-    band = {c: (c, expected_coverage(count, c) + 1 / (count + 1)) for c in SET_COVERAGES}
-    lines.append(f"Prediction sets on the clean test split (fitted on {count} validation images; split conformal "
-                 "promises coverage in [target, target + 1/(n+1)] on average over calibration draws; coverage / mean "
-                 "set size, worst class's coverage):\n")
+    tested = next(iter(results.values()))["test_images"]
+    # One calibration draw and one test split: the coverage is its expectation (target + at most 1/(n+1)) give or
+    # take the spread of both (Angelopoulos and Bates 2021, section 3: Beta over calibration draws, binomial over
+    # test images); the band is two standard deviations.
+    band = {c: 2 * np.sqrt(c * (1 - c) * (1 / count + 1 / tested)) for c in SET_COVERAGES}
+    lines.append(f"Prediction sets on the clean test split (fitted on {count} validation images, measured on "
+                 f"{tested} test images; coverage / mean set size, and the worst class's coverage):\n")
     lines.append("| predictor | score | " + " | ".join(f"{c:.0%}" for c in SET_COVERAGES) + " | worst class at 90 % |")
     lines.append("|" + "---|" * (len(SET_COVERAGES) + 3))
     for name, result in results.items():
@@ -156,8 +159,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             worst = qualities[0.9]
             lines.append(f"| {name} ({result['members']}) | {score} | " + " | ".join(cells)
                          + f" | {worst['worst_class']:.1%} (class {worst['worst_class_index']}) |")
-    lines.append("\nfinite-sample bands: " + ", ".join(f"{c:.0%}: [{low:.1%}, {high:.1%}]"
-                                                        for c, (low, high) in band.items()))
+    lines.append("\nexpected coverage, give or take two standard deviations of one calibration and one test draw: "
+                 + ", ".join(f"{c:.0%}: {expected_coverage(count, c):.2%} +- {spread:.2%}"
+                             for c, spread in band.items()))
     for name, result in results.items():
         at = next(q for q in result["clean"]["sets"]["lac"] if q["coverage"] == args.coverage)
         lines.append(f"\n{name}: coverage / mean set size of LAC sets at {args.coverage:.0%} under corruption "
@@ -211,7 +215,7 @@ def plot(results: dict[str, dict[str, Any]], coverage: float, path: Path) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version-dir", action="append", required=True, metavar="NAME=PATH",
+    parser.add_argument("--version-dir", action="append", default=[], metavar="NAME=PATH",
                         help="an exported Fashion-MNIST ensemble version, named (repeatable)")
     parser.add_argument("--coverage", type=float, default=0.9, help="the coverage shown under corruption")
     parser.add_argument("--window", type=int, default=1000, help="answers and labels per sliding window")
@@ -221,9 +225,21 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="folder holding the Fashion-MNIST IDX files")
     parser.add_argument("--plot", type=Path, help="write the figure here (PNG)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--from-json", type=Path, help="print the report (and plot) of an earlier run's --json")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        for result in results.values():  # JSON keys are strings: severities back to numbers
+            result["shifted"] = {corruption: {int(severity): cell for severity, cell in cells.items()}
+                                 for corruption, cells in result["shifted"].items()}
+        print(report(results, args))
+        if args.plot:
+            plot(results, args.coverage, args.plot)
+        return
     if args.coverage not in SET_COVERAGES:
         parser.error(f"--coverage must be one of {SET_COVERAGES}")
+    if not args.version_dir:
+        parser.error("give at least one --version-dir NAME=PATH")
     named = {}
     for entry in args.version_dir:
         name, _, path = entry.partition("=")

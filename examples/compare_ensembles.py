@@ -8,8 +8,9 @@ Starts `valley-serve` on the repository, sends every test image to every model t
 unmodified tritonclient, and prints one table: accuracy, NLL, ECE and Brier of the probabilities
 the server returned (each ensemble's fitted temperature applied; by default each is answered by
 its anytime ensemble, so the members run per image are shown too), next to NLL and ECE before
-temperature scaling (from each manifest's offline metrics). `--budget NAME=EPOCHS` adds the
-training epochs each model cost. Needs valley with its `train`, `serve` and `client` extras
+temperature scaling (from each manifest's offline metrics), and how often the prediction set the
+server answered at the model's default coverage held the true class, and its mean size.
+`--budget NAME=EPOCHS` adds the training epochs each model cost. Needs valley with its `train`, `serve` and `client` extras
 (what `make setup-demo` installs).
 """
 
@@ -31,20 +32,23 @@ from training.data import read_idx
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def served_probabilities(url: str, model: str, images: np.ndarray, batch_size: int,
-                         credentials: Credentials) -> tuple[np.ndarray, np.ndarray]:
-    """The probabilities the server answered for every image, and how many members answered each."""
+def served_answers(url: str, model: str, images: np.ndarray, batch_size: int, credentials: Credentials,
+                   sets: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The probabilities the server answered for every image, how many members answered each, and (`sets`) the
+    prediction sets at the model's default coverage."""
     client = triton.InferenceServerClient(url, ssl=True, root_certificates=str(credentials.ca))
-    outputs = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("members_used")]
-    parts, used = [], []
+    names = ["probabilities", "members_used", *(["prediction_set"] if sets else [])]
+    outputs = [triton.InferRequestedOutput(name) for name in names]
+    answers: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in tqdm(range(0, len(images), batch_size), desc=model, unit="batch", leave=False):
         pixels = images[start:start + batch_size]
         tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
         tensor.set_data_from_numpy(pixels)
         result = client.infer(model, [tensor], outputs=outputs, headers=credentials.headers)
-        parts.append(result.as_numpy("probabilities"))
-        used.append(result.as_numpy("members_used"))
-    return np.concatenate(parts), np.concatenate(used)
+        for name in names:
+            answers[name].append(result.as_numpy(name))
+    joined = {name: np.concatenate(parts) for name, parts in answers.items()}
+    return joined["probabilities"], joined["members_used"], joined.get("prediction_set")
 
 
 def _latest_version(repository: Path, model: str) -> Path:
@@ -68,7 +72,8 @@ def main() -> None:
     labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
 
     rows = ["| model | method | members | members per image served | epochs | accuracy % | NLL | ECE % | Brier "
-            "| NLL, ECE % before temperature |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| NLL, ECE % before temperature | prediction sets: coverage %, mean size |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     results = {}
     # The server runs as in production: TLS, and a bearer token (a throwaway certificate and token here).
     with tempfile.TemporaryDirectory(prefix="valley-pki-") as folder:
@@ -79,15 +84,21 @@ def main() -> None:
                 raise SystemExit(f"valley-serve started but not every ensemble in {args.serve} loaded (see its log)")
             for model in args.models:
                 manifest = load_manifest(_latest_version(args.serve, model))
-                probabilities, used = served_probabilities(f"localhost:{server.grpc_port}", model, images,
-                                                           args.batch_size, credentials)
+                conformal = manifest.conformal
+                probabilities, used, sets = served_answers(f"localhost:{server.grpc_port}", model, images,
+                                                           args.batch_size, credentials, conformal is not None)
                 served = classification_metrics(probabilities, labels)
                 results[model] = served
                 before = manifest.metrics.uncalibrated
+                held = "(exported without them)"
+                if sets is not None and conformal is not None:
+                    covered = sets[np.arange(len(labels)), labels].mean()
+                    held = (f"{100 * covered:.1f} at {100 * conformal.default_coverage:g} % "
+                            f"({conformal.default_score}), {sets.sum(axis=1).mean():.2f} classes")
                 rows.append(f"| {model} | {manifest.method} | {len(manifest.members)} | {used.mean():.2f} | "
                             f"{budgets.get(model, '?')} | "
                             f"{100 * served.accuracy:.2f} | {served.nll:.4f} | {100 * served.ece:.2f} | "
-                            f"{served.brier:.4f} | {before.nll:.4f}, {100 * before.ece:.2f} |")
+                            f"{served.brier:.4f} | {before.nll:.4f}, {100 * before.ece:.2f} | {held} |")
     print(f"\nFashion-MNIST test split ({len(labels)} images), as served by valley (temperature applied):\n")
     print("\n".join(rows))
     baseline, *others = args.models

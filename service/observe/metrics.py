@@ -422,8 +422,9 @@ class ServingMetrics:
                 self.selective.labels(*labels, abstained)
         if manifest.conformal is not None:
             level = coverage_label(manifest.conformal.default_coverage)
-            self.set_images.labels(*labels, level)
-            self.set_classes.labels(*labels, level)
+            for counter in (self.set_images, self.set_classes, self.feedback_sets, self.feedback_covered,
+                            self.feedback_target):
+                counter.labels(*labels, level)
         if manifest.drift is not None:
             self._drift.windows[labels] = DriftWindow(manifest, drift_window)
         for calibrated, metrics in (("false", manifest.metrics.uncalibrated), ("true", manifest.metrics.calibrated)):

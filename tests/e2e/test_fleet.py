@@ -76,11 +76,18 @@ def repository(fashion_repository: Path, tmp_path: Path) -> Path:
 
 def _serve(replica: ServerProcess, request_id: str, start: int, count: int = 4) -> np.ndarray:
     """Infer images [start, start + count) with a request id; the probabilities served."""
+    return _serve_with_sets(replica, request_id, start, count, sets=False)[0]
+
+
+def _serve_with_sets(replica: ServerProcess, request_id: str, start: int, count: int, sets: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The same, asking for the prediction sets too (at the model's default coverage)."""
     client = triton.InferenceServerClient(replica.url)
+    names = ["probabilities", *(["prediction_set"] if sets else [])]
     answer = client.infer(MODEL, triton_inputs(IMAGES[start:start + count]), request_id=request_id,
-                          outputs=[triton.InferRequestedOutput("probabilities")])
+                          outputs=[triton.InferRequestedOutput(name) for name in names])
     probabilities: np.ndarray = answer.as_numpy("probabilities")
-    return probabilities
+    return probabilities, answer.as_numpy("prediction_set")
 
 
 def _labels(request_id: str, start: int, count: int = 4) -> list[tuple[str, int, int]]:
@@ -302,16 +309,21 @@ def _report_or_zero(replica: ServerProcess, labels: list[tuple[str, int, int]]) 
 
 def test_prometheus_sums_the_replicas_into_the_fleets_calibration(repository: Path, postgres: PostgresServer,
                                                                   tmp_path: Path) -> None:
-    """Labels reported at three replicas for predictions served by them all: the fleet ECE and accuracy of the
-    recording rules equal what the same labels give offline, and each replica's rule covers its own labels."""
+    """Labels reported at three replicas for predictions served by them all: the fleet ECE, accuracy and prediction
+    sets' live coverage of the recording rules equal what the same labels give offline, and each replica's rule
+    covers its own labels."""
     served: list[np.ndarray] = []
     truth: list[np.ndarray] = []
+    held: list[np.ndarray] = []
     with fleet(repository, postgres.database()) as replicas, \
             prometheus(tmp_path, [replica.metrics_port for replica in replicas]) as prometheus_url:
         for index in range(60):
             start = 8 * index
-            served.append(_serve(replicas[index % 3], f"p{index}", start, 8))
+            probabilities, sets = _serve_with_sets(replicas[index % 3], f"p{index}", start, 8)
+            assert sets is not None
+            served.append(probabilities)
             truth.append(LABELS[start:start + 8])
+            held.append(sets[np.arange(8), truth[-1]])
         for replica in replicas:
             _eventually(partial(_written, replica, 20), 10, "every replica wrote what it served")
         for index in range(60):  # labels come back through another replica than the one that served
@@ -332,6 +344,17 @@ def test_prometheus_sums_the_replicas_into_the_fleets_calibration(repository: Pa
         assert sorted(float(entry["value"][1]) for entry in per_replica) == [160.0] * 3
         by_instance = prometheus_query(prometheus_url, f'valley:feedback_ece_by_instance:ratio{{model="{MODEL}"}}')
         assert len(by_instance) == 3
+        # Sets served by one replica, labelled at another: the fleet's live coverage is the share of the sets served
+        # that held the true class (the repository's ensemble was exported with the default coverage, 0.9).
+        expected_coverage = float(np.concatenate(held).mean())
+        _eventually(lambda: fleet_value("valley:feedback_set_coverage_1h:ratio") == pytest.approx(expected_coverage,
+                                                                                                  abs=1e-9),
+                    30, "Prometheus's live coverage is the coverage of the sets served")
+        coverage = prometheus_query(prometheus_url, f'valley:feedback_set_coverage_1h:ratio{{model="{MODEL}"}}')
+        assert [entry["metric"]["coverage"] for entry in coverage] == ["0.9"]
+        assert 0.8 < expected_coverage <= 1.0
+        target = prometheus_query(prometheus_url, f'valley:feedback_set_target_1h:ratio{{model="{MODEL}"}}')
+        assert float(target[0]["value"][1]) == pytest.approx(0.9, abs=1e-9)
 
 
 def _recalibrate(repository: Path, url: str, *flags: str) -> subprocess.Popen[str]:
