@@ -10,8 +10,8 @@ the server returned (each ensemble's fitted temperature applied; by default each
 its anytime ensemble, so the members run per image are shown too), next to NLL and ECE before
 temperature scaling (from each manifest's offline metrics), and how often the prediction set the
 server answered at the model's default coverage held the true class, and its mean size.
-`--budget NAME=EPOCHS` adds the training epochs each model cost. Needs valley with its `train`, `serve` and `client` extras
-(what `make setup-demo` installs).
+`--budget NAME=EPOCHS` adds the training epochs each model cost. Needs valley with its `train`,
+`serve` and `client` extras (what `make setup-demo` installs).
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def repository_parameters(long: bool = True) -> st.SearchStrategy[pb.ModelReposi
 PARAMETER_KEYS = ("timeout", "priority", "sequence_id", "sequence_start", "sequence_end", "binary_data_output",
                   "binary_data_size", "triton_enable_empty_final_response", "shared_memory_region",
                   "shared_memory_offset", "shared_memory_byte_size", "classification", "max_batch_size", "config",
-                  "file:1/model.onnx", "")
+                  "file:1/model.onnx", "members", "target_accuracy", "coverage", "conformal_score", "")
 
 
 def keys() -> st.SearchStrategy[str]:

@@ -347,13 +347,14 @@ def test_prometheus_sums_the_replicas_into_the_fleets_calibration(repository: Pa
         # Sets served by one replica, labelled at another: the fleet's live coverage is the share of the sets served
         # that held the true class (the repository's ensemble was exported with the default coverage, 0.9).
         expected_coverage = float(np.concatenate(held).mean())
-        _eventually(lambda: fleet_value("valley:feedback_set_coverage_1h:ratio") == pytest.approx(expected_coverage,
-                                                                                                  abs=1e-9),
+        _eventually(lambda: fleet_value("valley:feedback_set_coverage:ratio") == pytest.approx(expected_coverage,
+                                                                                               abs=1e-9),
                     30, "Prometheus's live coverage is the coverage of the sets served")
-        coverage = prometheus_query(prometheus_url, f'valley:feedback_set_coverage_1h:ratio{{model="{MODEL}"}}')
+        coverage = prometheus_query(prometheus_url, f'valley:feedback_set_coverage:ratio{{model="{MODEL}"}}')
         assert [entry["metric"]["coverage"] for entry in coverage] == ["0.9"]
         assert 0.8 < expected_coverage <= 1.0
-        target = prometheus_query(prometheus_url, f'valley:feedback_set_target_1h:ratio{{model="{MODEL}"}}')
+        target = prometheus_query(prometheus_url, f'sum(valley_feedback_set_target_total{{model="{MODEL}"}}) / '
+                                                  f'sum(valley_feedback_sets_total{{model="{MODEL}"}})')
         assert float(target[0]["value"][1]) == pytest.approx(0.9, abs=1e-9)
 
 

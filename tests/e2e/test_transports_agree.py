@@ -74,6 +74,12 @@ def _over_http(served: ServerProcess, pixels: np.ndarray, parameters: dict[str, 
     ({"target_accuracy": 1.5}, {}, "target_accuracy"),
     ({"target_accuracy": "high"}, {}, "target_accuracy"),
     ({"target_accuracy": False}, {}, "target_accuracy"),
+    ({"coverage": 1.5}, {}, "parameter 'coverage' must be a number in (0, 1]"),
+    ({"coverage": "most"}, {}, "parameter 'coverage' must be a number in (0, 1]"),
+    ({"coverage": 0}, {}, "parameter 'coverage'"),
+    ({"coverage": True}, {}, "parameter 'coverage'"),
+    ({"conformal_score": "thr"}, {}, "parameter 'conformal_score' must be one of lac, aps, raps"),
+    ({"conformal_score": 3}, {}, "parameter 'conformal_score'"),
     ({"binary_data_output": "yes"}, {}, "binary_data_output"),
     ({"binary_data_output": 1}, {}, "binary_data_output"),
     ({}, {"classification": "three"}, "classification"),
@@ -94,7 +100,9 @@ def test_well_formed_parameters_are_taken_over_both(stub: pb_grpc.GRPCInferenceS
     pixels = reference.images(2, seed=6)
     accepted: list[dict[str, Value]] = [{"timeout": 10_000_000}, {"timeout": 0}, {"timeout": 5e6},
                                         {"members": "full"},
-                                        {"members": 2}, {"members": "1"}, {"unknown_to_valley": "ignored"}]
+                                        {"members": 2}, {"members": "1"}, {"coverage": 0.95}, {"coverage": 1},
+                                        {"coverage": "0.8", "conformal_score": "raps"},
+                                        {"unknown_to_valley": "ignored"}]
     for parameters in accepted:
         assert _over_grpc(stub, pixels, parameters, {}) == ("OK", ""), parameters
         assert _over_http(served, pixels, parameters, {}) == (200, ""), parameters
