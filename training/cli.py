@@ -23,18 +23,34 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+DATA_ARGUMENTS = ("dataset", "data_dir", "download", "val_size", "subset", "image_size", "batch_size", "workers")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The data flags; `defaults` False leaves them None (fge: they apply only with --init)."""
     from training.data import DATASETS
 
-    parser.add_argument("--dataset", default="fashion-mnist", help=f"one of {', '.join(DATASETS)}")
+    def default(value: object) -> object:
+        return value if defaults else None
+
+    parser.add_argument("--dataset", default=default("fashion-mnist"), help=f"one of {', '.join(DATASETS)}")
     parser.add_argument("--data-dir", type=Path, help="folder holding the dataset (default per dataset)")
-    parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    parser.add_argument("--download", action="store_true", default=default(False),
+                        help="let torchvision download CIFAR")
     parser.add_argument("--val-size", type=int,
                         help="training images held out for validation (default 5000; 10%% for imagefolder)")
     parser.add_argument("--subset", type=int, help="use at most N images of each split (smoke runs)")
-    parser.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (imagefolder)")
+    parser.add_argument("--image-size", type=int, default=default(224), help="crop size for imagefolder")
+    parser.add_argument("--batch-size", type=int, default=default(128))
+    parser.add_argument("--workers", type=int, default=default(0), help="DataLoader workers (imagefolder)")
+
+
+def _add_init_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", type=Path, metavar="PATH",
+                        help="start from weights trained elsewhere: a state_dict file, a checkpoint dict holding one, "
+                             "or torchvision's weights read from disk (keys matched strictly; nothing downloaded)")
+    parser.add_argument("--reset-head", action="store_true",
+                        help="with --init: start the classifier head afresh (weights trained on other classes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also keep the checkpoint of this epoch (repeatable); 80%% of the budget is always kept")
     train.add_argument("--out", type=Path, required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_init_arguments(train)
 
-    fge = commands.add_parser("fge", parents=[common], help="Fast Geometric Ensembling from a base run")
-    fge.add_argument("--from", dest="base_run", type=Path, required=True, help="base run directory")
+    fge = commands.add_parser("fge", parents=[common], help="Fast Geometric Ensembling from a base run, or from "
+                              "weights trained elsewhere (--init)")
+    start = fge.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from", dest="base_run", type=Path, help="base run directory")
+    start.add_argument("--init", type=Path, metavar="PATH",
+                       help="weights trained elsewhere (a state_dict file; keys matched strictly), with --model and "
+                            "--dataset: the cycles start from them, and they are the baseline")
+    fge.add_argument("--reset-head", action="store_true", help="with --init: start the classifier head afresh")
+    fge.add_argument("--model", help="with --init: the registered model or torchvision:<name> the weights are for")
+    fge.add_argument("--momentum", type=float, help="with --init (default 0.9; from a base run: the run's)")
+    fge.add_argument("--weight-decay", type=float, help="with --init (default 5e-4; from a base run: the run's)")
+    _add_data_arguments(fge, defaults=False)
     fge.add_argument("--start-epoch", type=int, help="checkpoint to start from (default 80%% of the budget)")
     fge.add_argument("--cycles", type=int, help="number of cycles K (default: the rest of the base budget)")
     fge.add_argument("--cycle-epochs", type=int, default=2, help="cycle length c in epochs")
@@ -73,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "one member per cycle (Huang et al. 2017)")
     _add_data_arguments(sse)
     sse.add_argument("--model", default="cnn", help="registered model name or torchvision:<name>")
+    _add_init_arguments(sse)
     sse.add_argument("--epochs", type=int, default=40, help="the budget B, split into the cycles")
     sse.add_argument("--cycles", type=int, default=5, help="cosine cycles M, one member each (default 5)")
     sse.add_argument("--lr", type=float, default=0.05, help="lr0, where every cycle restarts (default 0.05)")
@@ -199,7 +227,8 @@ def _train_config(args: argparse.Namespace, save_epochs: list[int]) -> TrainConf
                       subset=args.subset, image_size=args.image_size, batch_size=args.batch_size,
                       workers=args.workers)
     return TrainConfig(data=data, model=args.model, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                       weight_decay=args.weight_decay, seed=args.seed, device=args.device, save_epochs=save_epochs)
+                       weight_decay=args.weight_decay, seed=args.seed, device=args.device, save_epochs=save_epochs,
+                       init=getattr(args, "init", None), reset_head=getattr(args, "reset_head", False))
 
 
 def _train(args: argparse.Namespace) -> str:
@@ -218,9 +247,28 @@ def _sse(args: argparse.Namespace) -> str:
 
 def _fge(args: argparse.Namespace) -> str:
     from training.config import FGEConfig
-    from training.fge import run_fge, summary_table
+    from training.fge import DEFAULT_CYCLES, run_fge, summary_table
 
-    config = FGEConfig(base_run=args.base_run, start_epoch=args.start_epoch, cycles=args.cycles,
+    given = {name: value for name in ("model", "momentum", "weight_decay", *DATA_ARGUMENTS)
+             if (value := getattr(args, name)) not in (None, False)}
+    init = None
+    if args.init is not None:
+        from training.config import DataConfig, TrainConfig
+
+        if args.start_epoch is not None:
+            raise UsageError("--start-epoch picks a base run's checkpoint; with --init the cycles start from the "
+                             "weights")
+        cycles = args.cycles if args.cycles is not None else DEFAULT_CYCLES
+        data = DataConfig(**{name: value for name, value in given.items() if name in DATA_ARGUMENTS})
+        init = TrainConfig(data=data, epochs=max(1, cycles * args.cycle_epochs), lr=args.lr1, seed=args.seed or 0,
+                           device=args.device, init=args.init, reset_head=args.reset_head,
+                           **{name: given[name] for name in ("model", "momentum", "weight_decay") if name in given})
+    elif given or args.reset_head:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in [*given, *(["reset_head"] if args.reset_head
+                                                                                else [])])
+        raise UsageError(f"{flags}: FGE from a base run (--from) takes the base run's model, data and optimiser; "
+                         "these apply with --init")
+    config = FGEConfig(base_run=args.base_run, init=init, start_epoch=args.start_epoch, cycles=args.cycles,
                        cycle_epochs=args.cycle_epochs, lr1=args.lr1, lr2=args.lr2, seed=args.seed, device=args.device)
     return summary_table(run_fge(config, args.out, resume=args.resume))
 

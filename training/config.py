@@ -38,6 +38,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     save_epochs: list[int] = Field(default_factory=list, description="Epochs whose checkpoint is kept.")
+    init: Path | None = Field(None, description="Start from these weights (a state_dict file) instead of random "
+                              "ones (`training.init`).")
+    reset_head: bool = Field(False, description="With `init`: leave the classifier head as initialised.")
 
 
 def fge_start_epoch(epochs: int) -> int:
@@ -54,9 +57,12 @@ class FGEConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    base_run: Path
+    base_run: Path | None = Field(None, description="The base run to start from; None: `init` is.")
+    init: TrainConfig | None = Field(None, description="Start from weights trained elsewhere instead of a base run: "
+                                     "the data, model, weight file (`init`) and optimiser the cycles use.")
     start_epoch: int | None = Field(None, description="Base checkpoint to start from; default 80% of its budget.")
-    cycles: int | None = Field(None, description="Number of cycles K; default: the rest of the base budget.")
+    cycles: int | None = Field(None, description="Number of cycles K; default: the rest of the base budget (4 from "
+                               "weights).")
     cycle_epochs: int = Field(2, description="Cycle length c in epochs.")
     lr1: float = Field(0.01, description="High learning rate, at the cycle's ends.")
     lr2: float = Field(0.0005, description="Low learning rate, at the snapshot.")
@@ -65,12 +71,13 @@ class FGEConfig(BaseModel):
 
 
 class FGERunConfig(BaseModel):
-    """An FGE run's resolved configuration, every default filled in, with the base run's own configuration."""
+    """An FGE run's resolved configuration, every default filled in, with the base run's own configuration (from
+    weights: the configuration the cycles train with, its `init` the weight file)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    base_run: Path
-    start_epoch: int
+    base_run: Path | None
+    start_epoch: int = Field(ge=0, description="0 from weights trained elsewhere")
     cycles: int = Field(ge=1)
     cycle_epochs: int = Field(ge=1)
     lr1: float = Field(gt=0)

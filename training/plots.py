@@ -58,7 +58,8 @@ def plot_ensemble_sizes(report: FGEReport | SSEReport, path: Path) -> None:
         single = report.single if isinstance(report, FGEReport) else None
         if single:
             axis.axhline(value(single.test), color="C3", linestyle="--",
-                         label=f"single network, {single.epochs} epochs")
+                         label="the starting network (trained elsewhere)" if single.trained_elsewhere
+                         else f"single network, {single.epochs} epochs")
         axis.set_xlabel("ensemble size K")
         axis.set_ylabel(label)
         axis.set_xticks(sizes)

@@ -100,16 +100,19 @@ class FGEEnsemble(_OmitsMissingVal):
 
 
 class SingleNetwork(_Report):
-    """The base run's own network at its full budget: FGE's equal-budget competitor."""
+    """The base run's own network at its full budget: FGE's equal-budget competitor; from weights trained elsewhere,
+    the starting network (`run` is the weight file)."""
 
     run: Path
     epochs: int
     test: Metrics
     val: Metrics | None
+    trained_elsewhere: bool = False
 
 
 class StartPoint(_Report):
     epoch: int
+    weights: Path | None = Field(None, description="the weight file FGE started from, when no base run")
 
 
 class FGEReport(_Report):

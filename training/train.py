@@ -16,6 +16,7 @@ from training.config import DistillRunConfig, SSERunConfig, TrainConfig, fge_sta
 from training.data import DataSplits, load_data, make_batches
 from training.engine import Trainer, build_model, evaluate, make_optimizer, resolve_device
 from training.errors import UsageError
+from training.init import load_initial_weights
 from training.runs import DatasetSummary, ModelSummary, RunDir, TrainReport
 from training.schedules import BaseSchedule
 
@@ -44,10 +45,13 @@ def start_run(out: Path, base: TrainConfig, resume: bool) -> Start:
 
 
 def new_network(base: TrainConfig, start: Start) -> tuple[nn.Module, torch.optim.Optimizer, int]:
-    """The network seeded with `base.seed`, its optimizer, and the training batches per epoch."""
+    """The network seeded with `base.seed` (its weights read from `base.init` where given), its optimizer, and the
+    training batches per epoch."""
     splits = start.splits
     torch.manual_seed(base.seed)
     model = build_model(base.model, splits.info, start.device)
+    if base.init is not None:
+        load_initial_weights(model, base.init, base.reset_head)
     optimizer = make_optimizer(model, base.lr, base.momentum, base.weight_decay)
     iterations = len(make_batches(splits.train, splits.info, base.data.batch_size, train=True))
     return model, optimizer, iterations
