@@ -105,3 +105,39 @@ def test_image_folder(tmp_path: Path) -> None:
 def test_image_tensors_validate() -> None:
     with pytest.raises(ValueError, match="uint8"):
         ImageTensors(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+
+
+def _folder(root: Path, split: str, classes: dict[str, int], shape: tuple[int, ...]) -> None:
+    for label, count in classes.items():
+        folder = root / split / label
+        folder.mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(np.full(shape, 30 * index % 255, dtype=np.uint8)).save(folder / f"{index}.png")
+
+
+def test_image_folder_grey_with_its_own_validation_split_and_a_held_out_test(tmp_path: Path) -> None:
+    _folder(tmp_path, "train", {"a": 15, "b": 15}, (20, 24))
+    _folder(tmp_path, "val", {"a": 3, "b": 2}, (20, 24))
+    splits = load_splits("imagefolder", tmp_path, image_size=12)
+    assert splits.info.in_channels == 1 and splits.info.mean == (0.449,)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (27, 5, 3), "val/ replaces the held-out split"
+    image, label = splits.val[0]
+    assert image.shape == (1, 12, 12) and image.dtype == torch.uint8 and label in (0, 1)
+    with pytest.raises(UsageError, match="leave out --val-size"):
+        load_splits("imagefolder", tmp_path, val_size=3, image_size=12)
+
+
+def test_image_folder_problems_are_named(tmp_path: Path) -> None:
+    _folder(tmp_path, "train", {"a": 4, "b": 4}, (8, 8, 3))
+    _folder(tmp_path, "test", {"a": 2, "c": 2}, (8, 8, 3))
+    with pytest.raises(UsageError, match=r"missing \['b'\]; not in train \['c'\]"):
+        load_splits("imagefolder", tmp_path, image_size=8)
+    (tmp_path / "test" / "c").rename(tmp_path / "test" / "b")
+    (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    splits = load_splits("imagefolder", tmp_path, image_size=8)
+    broken = next(index for index, (path, _) in enumerate(splits.train.files)  # type: ignore[attr-defined]
+                  if path.name == "broken.png")
+    with pytest.raises(UsageError, match=r"broken\.png is not an image"):
+        splits.train[broken]
+    with pytest.raises(UsageError, match="needs --data-dir"):
+        load_splits("imagefolder", tmp_path / "nowhere")

@@ -206,29 +206,102 @@ SYNTHETIC = DatasetInfo(
 )
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)
+"""ImageNet's statistics for grey images (torchvision's grey pretrained models use them)."""
+
+
+class ImageFiles(Dataset[tuple[torch.Tensor, int]]):
+    """Image files decoded when read, as torchvision's ImageFolder reads them (Pillow; torchvision.io's decoders are
+    deprecated since torchvision 0.29), as uint8 [C, H, W] in `channels` (1: grey, 3: RGB, whatever the file
+    holds), then transformed."""
+
+    def __init__(self, files: list[tuple[Path, int]], channels: int, transform: Any) -> None:
+        self.files, self.channels, self.transform = files, channels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        path, label = self.files[index]
+        return self.transform(pil_to_tensor(_decoded(path, "L" if self.channels == 1 else "RGB"))), label
+
+
+def _decoded(path: Path, mode: str | None = None) -> Any:
+    """The image in `path` (converted to `mode`); `UsageError` naming the file where it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode) if mode is not None else image.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UsageError(f"{path} is not an image that can be decoded ({str(error).splitlines()[0][:120]})"
+                         ) from error
+
+
+def _class_files(folder: Path, classes: tuple[str, ...] | None) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+    """The class folders of `folder` (sorted, as torchvision's ImageFolder) and their image files with labels; a
+    later split must hold the training split's classes."""
+    found = tuple(sorted(entry.name for entry in folder.iterdir() if entry.is_dir()))
+    if classes is not None and found != classes:
+        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        raise UsageError(f"imagefolder: {folder} must hold the training split's class folders"
+                         f"{f'; missing {missing}' if missing else ''}{f'; not in train {extra}' if extra else ''}")
+    if not found:
+        raise UsageError(f"imagefolder: {folder} holds no class folders (expected {folder}/<class>/*.png)")
+    files: list[tuple[Path, int]] = []
+    for label, name in enumerate(found):
+        images = sorted(path for path in (folder / name).rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise UsageError(f"imagefolder: {folder / name} holds no PNG or JPEG image")
+        files.extend((path, label) for path in images)
+    return found, files
+
+
+def _image_channels(path: Path) -> int:
+    """1 for a grey image file (with or without alpha), 3 for anything with colour (an alpha channel is dropped)."""
+    bands = _decoded(path).getbands()
+    return 1 if bands in (("L",), ("L", "A"), ("1",), ("I",), ("F",), ("I;16",)) else 3
+
+
 def _image_folder(data_dir: Path | None, image_size: int, val_size: int | None) -> DataSplits:
-    from torchvision import datasets
+    """`data_dir/train/<class>/*` and, optionally, `val/` (replacing the validation split held out of train) and
+    `test/` (without it a test split is held out of train as well). Grey or RGB as the first training image is."""
     from torchvision.transforms import v2
 
     if data_dir is None or not (data_dir / "train").is_dir():
-        raise UsageError("imagefolder needs --data-dir DIR with DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
-    test_dir = next((data_dir / n for n in ("test", "val") if (data_dir / n).is_dir()), None)
-    if test_dir is None:
-        raise UsageError(f"imagefolder: no {data_dir}/test (or {data_dir}/val) folder for the test split")
-    to_uint8 = [v2.ToImage(), v2.ToDtype(torch.uint8)]
-    train_tf = v2.Compose([v2.RandomResizedCrop(image_size), v2.RandomHorizontalFlip(), *to_uint8])
-    eval_tf = v2.Compose([v2.Resize(image_size * 8 // 7), v2.CenterCrop(image_size), *to_uint8])
-    train_aug = datasets.ImageFolder(str(data_dir / "train"), transform=train_tf)
-    train_plain = datasets.ImageFolder(str(data_dir / "train"), transform=eval_tf)
-    test = datasets.ImageFolder(str(test_dir), transform=eval_tf)
-    info = DatasetInfo(name="imagefolder", classes=tuple(train_aug.classes), in_channels=3,
-                       image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    val_size = max(1, len(train_aug) // 10) if val_size is None else val_size
-    if not 0 <= val_size < len(train_aug):
-        raise UsageError(f"--val-size must be between 0 and {len(train_aug) - 1}, got {val_size}")
-    order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    return DataSplits(info, Subset(train_aug, order[val_size:]), Subset(train_plain, order[:val_size]), test,
-                      plain_train=Subset(train_plain, order[val_size:]))
+        raise UsageError("imagefolder needs --data-dir DIR with DIR/train/<class>/*.png (or .jpg), and optionally "
+                         "DIR/val/<class>/ and DIR/test/<class>/")
+    if image_size < 8:
+        raise UsageError(f"--image-size must be at least 8 pixels, got {image_size}")
+    classes, train_files = _class_files(data_dir / "train", None)
+    channels = _image_channels(train_files[0][0])
+    train_tf = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+    eval_tf = v2.Compose([v2.Resize(image_size * 8 // 7, antialias=True), v2.CenterCrop(image_size)])
+    order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    shuffled = [train_files[index] for index in order]
+    if (data_dir / "test").is_dir():
+        test_files = _class_files(data_dir / "test", classes)[1]
+    else:
+        held = max(1, len(shuffled) // 10)
+        test_files, shuffled = shuffled[:held], shuffled[held:]
+    if (data_dir / "val").is_dir():
+        if val_size is not None:
+            raise UsageError(f"imagefolder: {data_dir / 'val'} is the validation split; leave out --val-size")
+        val_files = _class_files(data_dir / "val", classes)[1]
+    else:
+        val_size = max(1, len(shuffled) // 10) if val_size is None else val_size
+        if not 0 <= val_size < len(shuffled):
+            raise UsageError(f"--val-size must be between 0 and {len(shuffled) - 1}, got {val_size}")
+        val_files, shuffled = shuffled[:val_size], shuffled[val_size:]
+    rgb = channels == 3
+    info = DatasetInfo(name="imagefolder", classes=classes, in_channels=channels, image_size=image_size,
+                       mean=IMAGENET_MEAN if rgb else GREY_MEAN, std=IMAGENET_STD if rgb else GREY_STD)
+    return DataSplits(info, ImageFiles(shuffled, channels, train_tf), ImageFiles(val_files, channels, eval_tf),
+                      ImageFiles(test_files, channels, eval_tf), plain_train=ImageFiles(shuffled, channels, eval_tf))
 
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")

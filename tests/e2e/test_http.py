@@ -31,6 +31,7 @@ from service._proto.valley.v1 import calibration_pb2_grpc as calibration_grpc
 from service.core.abstention import ABSTAIN
 from service.core.inference import DEFAULT_OUTPUTS
 from service.core.inference import SERVED_OUTPUTS as OUTPUTS
+from service.core.sets import OUTPUTS as SET_OUTPUTS
 from service.launch import ServerProcess
 from service.transport import rest
 from tests.e2e.conftest import (
@@ -88,7 +89,7 @@ def test_health_and_metadata_say_what_grpc_says(client: triton.InferenceServerCl
     metadata, theirs = client.get_model_metadata(MODEL), grpc.get_model_metadata(MODEL, as_json=True)
     assert metadata == client.get_model_metadata(MODEL, "1")
     assert (metadata["name"], metadata["versions"], metadata["platform"]) == (MODEL, ["1"], theirs["platform"])
-    assert [o["name"] for o in metadata["outputs"]] == [*OUTPUTS, ABSTAIN]
+    assert [o["name"] for o in metadata["outputs"]] == [*OUTPUTS, ABSTAIN, *SET_OUTPUTS]
     for ours, grpc_tensor in zip(metadata["inputs"] + metadata["outputs"], theirs["inputs"] + theirs["outputs"],
                                  strict=True):
         assert ours == {**grpc_tensor, "shape": [int(dim) for dim in grpc_tensor["shape"]]}
@@ -116,12 +117,14 @@ def test_the_model_configuration_is_triton_s_over_both_transports(client: triton
     assert config["input"] == [{"name": "pixels", "data_type": "TYPE_UINT8", "format": "FORMAT_NCHW",
                                 "dims": list(reference.input_shape)}]
     outputs = {output["name"]: output for output in config["output"]}
-    assert list(outputs) == [*OUTPUTS, ABSTAIN]
+    assert list(outputs) == [*OUTPUTS, ABSTAIN, *SET_OUTPUTS]
     assert outputs["probabilities"] == {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]}
     assert outputs["member_probabilities"]["dims"] == [reference.members, 10]
     assert outputs["predicted_class"] == {"name": "predicted_class", "data_type": "TYPE_INT64", "dims": [1],
                                           "reshape": {"shape": []}}
     assert outputs[ABSTAIN]["data_type"] == "TYPE_BOOL"
+    assert outputs["prediction_set"] == {"name": "prediction_set", "data_type": "TYPE_BOOL", "dims": [10]}
+    assert outputs["set_size"]["data_type"] == "TYPE_INT64" and outputs["set_size"]["dims"] == [1]
     batching = config["dynamic_batching"]
     assert batching["max_queue_delay_microseconds"] == 5000, "the fixture's --max-queue-delay-ms 5"
     assert batching["default_queue_policy"]["max_queue_size"] == 1024
@@ -155,7 +158,7 @@ def test_without_requested_outputs_the_defaults_come_back_binary(client: triton.
                                                                   reference: Reference) -> None:
     pixels = reference.images(3, seed=22)
     result = client.infer(MODEL, http_inputs(pixels))  # tritonclient asks binary_data_output: true
-    assert [o["name"] for o in result.get_response()["outputs"]] == [*DEFAULT_OUTPUTS, ABSTAIN]
+    assert [o["name"] for o in result.get_response()["outputs"]] == [*DEFAULT_OUTPUTS, ABSTAIN, *SET_OUTPUTS]
     assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
 
 
@@ -195,7 +198,7 @@ def test_binary_data_sent_by_hand_and_compressed_bodies(served: ServerProcess, r
     status, headers, answer = call(served, "POST", f"/v2/models/{MODEL}/infer", infer_body(many),
                                    {"Accept-Encoding": "gzip"})
     assert status == 200 and headers["content-encoding"] == "gzip"
-    assert len(json.loads(gzip.decompress(answer))["outputs"]) == len(DEFAULT_OUTPUTS) + 1
+    assert len(json.loads(gzip.decompress(answer))["outputs"]) == len(DEFAULT_OUTPUTS) + 1 + len(SET_OUTPUTS)
 
 
 def test_the_async_client(served: ServerProcess, reference: Reference) -> None:

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from service.core.abstention import ABSTAIN
 from service.core.inference import DEFAULT_OUTPUTS
 from service.core.inference import SERVED_OUTPUTS as OUTPUTS
+from service.core.sets import OUTPUTS as SET_OUTPUTS
 from service.launch import ServerProcess
 from tests.e2e.conftest import MODEL, Reference, assert_matches, triton_inputs
 
@@ -34,8 +35,10 @@ def test_liveness_readiness_and_metadata(client: triton.InferenceServerClient, r
     assert model["versions"] == ["1"]
     shape = ["-1", *map(str, reference.input_shape)]
     assert model["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": shape}]
-    assert [o["name"] for o in model["outputs"]] == [*OUTPUTS, ABSTAIN], "an export with selective prediction"
-    assert model["outputs"][-1] == {"name": ABSTAIN, "datatype": "BOOL", "shape": ["-1"]}
+    assert [o["name"] for o in model["outputs"]] == [*OUTPUTS, ABSTAIN, *SET_OUTPUTS], \
+        "an export with selective prediction and prediction sets"
+    assert model["outputs"][-3] == {"name": ABSTAIN, "datatype": "BOOL", "shape": ["-1"]}
+    assert model["outputs"][-2] == {"name": "prediction_set", "datatype": "BOOL", "shape": ["-1", "10"]}
 
 
 @pytest.mark.parametrize("batch", [1, 2, 7, 32, 64])
@@ -53,7 +56,7 @@ def test_without_requested_outputs_all_but_member_probabilities_come_back(client
                                                                           reference: Reference) -> None:
     pixels = reference.images(3, seed=0)
     result = client.infer(MODEL, triton_inputs(pixels))
-    assert [o.name for o in result.get_response().outputs] == [*DEFAULT_OUTPUTS, ABSTAIN]
+    assert [o.name for o in result.get_response().outputs] == [*DEFAULT_OUTPUTS, ABSTAIN, *SET_OUTPUTS]
     assert_matches(result, reference(pixels), list(DEFAULT_OUTPUTS))
 
 
