@@ -137,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
     # --start-run also: torchrun's own parser takes a bare --start for an abbreviation of its --start-method.
     curve.add_argument("--start", "--start-run", dest="start_run", type=Path, required=True,
-                       help="base run at t = 0")
-    curve.add_argument("--end", "--end-run", dest="end_run", type=Path, required=True, help="base run at t = 1")
+                       help="base run at t = 0, or a weight file (a state_dict trained elsewhere)")
+    curve.add_argument("--end", "--end-run", dest="end_run", type=Path, required=True,
+                       help="base run at t = 1, or a weight file")
+    curve.add_argument("--model", help="where both endpoints are weight files: the registered model, "
+                                       "torchvision:<name> or timm:<name> they are for")
+    _add_data_arguments(curve, defaults=False)
     curve.add_argument("--curve", choices=["bezier", "polychain"], default="bezier",
                        help="Bezier curve (Bernstein polynomials) or polygonal chain (default bezier)")
     curve.add_argument("--bends", type=int, default=1, help="trainable control points between the endpoints (1..32, "
@@ -291,9 +295,17 @@ def _curve(args: argparse.Namespace) -> str:
     from training.config import CurveConfig
     from training.curve_train import run_curve
 
-    config = CurveConfig(start_run=args.start_run, end_run=args.end_run, curve=args.curve, bends=args.bends,
-                         epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                         seed=args.seed, device=args.device)
+    given = {name: value for name in DATA_ARGUMENTS if (value := getattr(args, name)) not in (None, False)}
+    base = None
+    if args.model is not None or given:
+        from training.config import DataConfig, TrainConfig
+
+        base = TrainConfig(data=DataConfig(**given), seed=args.seed, device=args.device,
+                           **({"model": args.model} if args.model is not None else {}),
+                           **({"epochs": args.epochs} if args.epochs is not None else {}))
+    config = CurveConfig(start_run=args.start_run, end_run=args.end_run, base=base, curve=args.curve,
+                         bends=args.bends, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay, seed=args.seed, device=args.device)
     report = run_curve(config, args.out, resume=args.resume)
     return json.dumps({"run": str(args.out), "curve": report.config.curve, "bends": report.config.bends,
                        "epochs": report.config.epochs, "train_seconds_total": report.train_seconds_total,

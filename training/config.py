@@ -138,12 +138,15 @@ CurveKind = Literal["bezier", "polychain"]
 
 
 class CurveConfig(BaseModel):
-    """A curve between two finished base runs, as asked for; None means "take it from the start run"."""
+    """A curve between two finished base runs (or weight files), as asked for; None means "take it from the start
+    run"."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    start_run: Path
+    start_run: Path = Field(description="A base run directory, or a weight file (`training.init`).")
     end_run: Path
+    base: TrainConfig | None = Field(None, description="Where both endpoints are weight files: the model and data "
+                                     "they are for (its `epochs` the budget, unless `epochs` is given).")
     curve: CurveKind = "bezier"
     # Each bend is a full copy of the network's parameters, trained: a handful is what the paper uses.
     bends: int = Field(1, ge=1, le=32, description="Control points between the endpoints.")
