@@ -163,9 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     curve_eval.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
-    export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
-                        help="one FGE or SSE run directory, one curve run directory, one SWA or distilled run "
-                             "directory (one network), or one or more base run directories (independent ensemble)")
+    sources = export.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--from", dest="runs", type=Path, nargs="+",
+                         help="one FGE or SSE run directory, one curve run directory, one SWA or distilled run "
+                              "directory (one network), or one or more base run directories (independent ensemble)")
+    sources.add_argument("--onnx", type=Path, nargs="+", metavar="GRAPH",
+                         help="ONNX classifiers trained elsewhere (one NCHW image input with a dynamic batch, one "
+                              "[N, classes] output), packaged as an ensemble fitted on --dataset's validation split")
+    export.add_argument("--outputs", choices=["logits", "probabilities"], default="logits",
+                        help="with --onnx: what the graphs' output holds (default logits)")
+    export.add_argument("--input-mean", type=_floats, help="with --onnx, for graphs taking normalised float images: "
+                        "the per-channel mean of [0, 1] pixels they subtract, comma-separated (e.g. 0.485,0.456,0.406)")
+    export.add_argument("--input-std", type=_floats, help="with --onnx: the per-channel std they divide by")
+    _add_data_arguments(export, defaults=False)
     export.add_argument("--name", required=True, help="ensemble name in the repository")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
@@ -215,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     points.add_argument("--num-points", type=int,
                         help="curve runs: K members at evenly spaced t from 0 to 1, both ends included")
     return parser
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _t_list(text: str) -> list[float]:
@@ -350,8 +367,22 @@ def _export(args: argparse.Namespace) -> str:
     from training.export.ensemble import export_ensemble
 
     serving = _serving_config(args.out / args.name, args.serving)
-    config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
-                          overwrite=args.overwrite, points=args.points, num_points=args.num_points,
+    given = {name: value for name in DATA_ARGUMENTS if (value := getattr(args, name)) not in (None, False)}
+    external = None
+    if args.onnx is not None:
+        from training.config import DataConfig, ExternalSource
+
+        external = ExternalSource(graphs=args.onnx, data=DataConfig(**given), outputs=args.outputs,
+                                  input_mean=args.input_mean, input_std=args.input_std)
+    else:
+        extra = [*given, *(name for name in ("input_mean", "input_std") if getattr(args, name) is not None),
+                 *(["outputs"] if args.outputs != "logits" else [])]
+        if extra:
+            raise UsageError(f"{', '.join('--' + name.replace('_', '-') for name in extra)}: these apply with "
+                             "--onnx; an export of runs takes the runs' data")
+    config = ExportConfig(runs=args.runs or [], onnx=external, name=args.name, repository=args.out,
+                          version=args.version, overwrite=args.overwrite, points=args.points,
+                          num_points=args.num_points,
                           front=args.front, member_order=args.member_order,
                           cascade_nll_tolerance=args.cascade_nll_tolerance,
                           cascade_accuracy_tolerance=args.cascade_accuracy_tolerance,
