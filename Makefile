@@ -29,7 +29,7 @@ $(BIN)/python:
 # Everything: training, serving, the client, and the test and lint tools.
 setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/pip install -c constraints.txt -e '.[train,serve,client,dev]'
+	$(BIN)/pip install -c constraints.txt -e '.[train,serve,client,dev,timm]'
 	touch $(STAMP) $(DEMO_STAMP)
 
 # What the demo runs: training, serving and the client, no test tools.

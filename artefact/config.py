@@ -29,6 +29,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from artefact.policy import PolicyError, VersionPolicy
 
 CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest config.json read (real ones are a few hundred bytes)."""
 Device = Literal["auto", "cpu", "cuda"]
 Execution = Literal["fused", "members"]
 Precision = Literal["fp32", "int8", "fp16"]
@@ -200,13 +202,22 @@ def _reasons(error: ValidationError) -> str:
         " (docs/serving.md lists the keys a model's config.json takes)"
 
 
+def config_text(path: Path, shown: str = "") -> str:
+    """The text of a config file; `ConfigError` (naming it as `shown`, else its path) where it cannot be read or
+    holds more than `MAX_CONFIG_BYTES` (it is read at every load: a huge file is refused unread)."""
+    where = shown or str(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where} is {size} bytes, more than the {MAX_CONFIG_BYTES} a configuration may hold")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{where} cannot be read: {error}") from None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The JSON object of a config file as written (not validated); `ConfigError` where it is not one."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return _json_object(text, str(path))
+    return _json_object(config_text(path), str(path))
 
 
 def set_key(config: dict[str, Any], item: str) -> dict[str, Any]:

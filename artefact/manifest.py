@@ -342,7 +342,7 @@ class Manifest(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     version: int = Field(ge=1)
     created: datetime
-    method: Literal["fge", "sse", "curve", "independent", "swa", "distilled"]
+    method: Literal["fge", "sse", "curve", "independent", "swa", "distilled", "external"]
     model: str = Field(description="the members' architecture, as named in the training registry")
     input: InputSpec
     outputs: list[TensorSpec]

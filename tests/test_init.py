@@ -131,3 +131,27 @@ def test_train_and_sse_start_from_weights_and_fge_from_weights_needs_no_base_run
     assert refused.returncode == 2 and "--dataset" in refused.stderr and "apply with --init" in refused.stderr
     neither = cli("fge", "--out", tmp_path / "y", check=False)
     assert neither.returncode == 2 and "--from" in neither.stderr
+
+
+def test_a_curve_joins_weight_files_trained_elsewhere(tmp_path: Path) -> None:
+    """Two networks saved by plain PyTorch code are a curve's endpoints; a base run and a file are too."""
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        torch.save(_model().network.state_dict(), tmp_path / f"w{seed}.pt")
+    refused = cli("curve", "--start", tmp_path / "w7.pt", "--end", tmp_path / "w8.pt", "--out", tmp_path / "x",
+                  check=False)
+    assert refused.returncode == 2 and "pass --model and --dataset" in refused.stderr
+    result = cli("curve", "--start", tmp_path / "w7.pt", "--end", tmp_path / "w8.pt", "--model", "cnn",
+                 "--dataset", "synthetic", "--epochs", "1", "--out", tmp_path / "curve")
+    assert json.loads(result.stdout)["epochs"] == 1
+    report = json.loads((tmp_path / "curve" / "report.json").read_text())
+    assert report["config"]["start_run"] == str((tmp_path / "w7.pt").resolve()) and report["start"] is None
+    cli("train", "--dataset", "synthetic", "--epochs", "1", "--out", tmp_path / "base")
+    cli("curve", "--start", tmp_path / "base", "--end", tmp_path / "w8.pt", "--epochs", "1", "--out",
+        tmp_path / "mixed")
+    exported = json.loads(cli("export", "--from", tmp_path / "mixed", "--num-points", "3", "--name", "mixed", "--out",
+                              tmp_path / "repository").stdout)
+    assert exported["members"] == 3
+    wrong = cli("curve", "--start", tmp_path / "base", "--end", tmp_path / "w8.pt", "--model", "cnn", "--out",
+                tmp_path / "y", check=False)
+    assert wrong.returncode == 2 and "a base run endpoint gives them" in wrong.stderr

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from artefact.config import ConfigError, parse
+from artefact.config import MAX_CONFIG_BYTES, ConfigError, parse, read_config
 from artefact.policy import VersionPolicy
 from service.core.modelsettings import ModelOptions
 from service.errors import InvalidInput
@@ -106,3 +106,12 @@ def test_any_json_is_settings_or_a_config_error_naming_the_file(document: object
         parse(text, "m/config.json", "m")
     except ConfigError as error:
         assert str(error).startswith("m/config.json")
+
+
+def test_a_config_file_past_the_size_bound_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text('{"max_batch_size": 8, "name": "' + "x" * MAX_CONFIG_BYTES + '"}')
+    with pytest.raises(ConfigError, match=rf"is {path.stat().st_size} bytes, more than the {MAX_CONFIG_BYTES}"):
+        read_config(path)
+    path.write_text('{"max_batch_size": 8}')
+    assert read_config(path) == {"max_batch_size": 8}

@@ -137,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     curve = commands.add_parser("curve", parents=[common], help="train a low-loss curve between two base runs")
     # --start-run also: torchrun's own parser takes a bare --start for an abbreviation of its --start-method.
     curve.add_argument("--start", "--start-run", dest="start_run", type=Path, required=True,
-                       help="base run at t = 0")
-    curve.add_argument("--end", "--end-run", dest="end_run", type=Path, required=True, help="base run at t = 1")
+                       help="base run at t = 0, or a weight file (a state_dict trained elsewhere)")
+    curve.add_argument("--end", "--end-run", dest="end_run", type=Path, required=True,
+                       help="base run at t = 1, or a weight file")
+    curve.add_argument("--model", help="where both endpoints are weight files: the registered model, "
+                                       "torchvision:<name> or timm:<name> they are for")
+    _add_data_arguments(curve, defaults=False)
     curve.add_argument("--curve", choices=["bezier", "polychain"], default="bezier",
                        help="Bezier curve (Bernstein polynomials) or polygonal chain (default bezier)")
     curve.add_argument("--bends", type=int, default=1, help="trainable control points between the endpoints (1..32, "
@@ -159,9 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     curve_eval.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     export = commands.add_parser("export", parents=[common], help="export an ensemble to ONNX with its manifest")
-    export.add_argument("--from", dest="runs", type=Path, nargs="+", required=True,
-                        help="one FGE or SSE run directory, one curve run directory, one SWA or distilled run "
-                             "directory (one network), or one or more base run directories (independent ensemble)")
+    sources = export.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--from", dest="runs", type=Path, nargs="+",
+                         help="one FGE or SSE run directory, one curve run directory, one SWA or distilled run "
+                              "directory (one network), or one or more base run directories (independent ensemble)")
+    sources.add_argument("--onnx", type=Path, nargs="+", metavar="GRAPH",
+                         help="ONNX classifiers trained elsewhere (one NCHW image input with a dynamic batch, one "
+                              "[N, classes] output), packaged as an ensemble fitted on --dataset's validation split")
+    export.add_argument("--outputs", choices=["logits", "probabilities"], default="logits",
+                        help="with --onnx: what the graphs' output holds (default logits)")
+    export.add_argument("--input-mean", type=_floats, help="with --onnx, for graphs taking normalised float images: "
+                        "the per-channel mean of [0, 1] pixels they subtract, comma-separated (e.g. 0.485,0.456,0.406)")
+    export.add_argument("--input-std", type=_floats, help="with --onnx: the per-channel std they divide by")
+    _add_data_arguments(export, defaults=False)
     export.add_argument("--name", required=True, help="ensemble name in the repository")
     export.add_argument("--version", type=int, help="version number (default: the next free one)")
     export.add_argument("--out", type=Path, required=True, help="model repository directory")
@@ -211,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     points.add_argument("--num-points", type=int,
                         help="curve runs: K members at evenly spaced t from 0 to 1, both ends included")
     return parser
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _t_list(text: str) -> list[float]:
@@ -291,9 +312,17 @@ def _curve(args: argparse.Namespace) -> str:
     from training.config import CurveConfig
     from training.curve_train import run_curve
 
-    config = CurveConfig(start_run=args.start_run, end_run=args.end_run, curve=args.curve, bends=args.bends,
-                         epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                         seed=args.seed, device=args.device)
+    given = {name: value for name in DATA_ARGUMENTS if (value := getattr(args, name)) not in (None, False)}
+    base = None
+    if args.model is not None or given:
+        from training.config import DataConfig, TrainConfig
+
+        base = TrainConfig(data=DataConfig(**given), seed=args.seed, device=args.device,
+                           **({"model": args.model} if args.model is not None else {}),
+                           **({"epochs": args.epochs} if args.epochs is not None else {}))
+    config = CurveConfig(start_run=args.start_run, end_run=args.end_run, base=base, curve=args.curve,
+                         bends=args.bends, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                         weight_decay=args.weight_decay, seed=args.seed, device=args.device)
     report = run_curve(config, args.out, resume=args.resume)
     return json.dumps({"run": str(args.out), "curve": report.config.curve, "bends": report.config.bends,
                        "epochs": report.config.epochs, "train_seconds_total": report.train_seconds_total,
@@ -338,8 +367,22 @@ def _export(args: argparse.Namespace) -> str:
     from training.export.ensemble import export_ensemble
 
     serving = _serving_config(args.out / args.name, args.serving)
-    config = ExportConfig(runs=args.runs, name=args.name, repository=args.out, version=args.version,
-                          overwrite=args.overwrite, points=args.points, num_points=args.num_points,
+    given = {name: value for name in DATA_ARGUMENTS if (value := getattr(args, name)) not in (None, False)}
+    external = None
+    if args.onnx is not None:
+        from training.config import DataConfig, ExternalSource
+
+        external = ExternalSource(graphs=args.onnx, data=DataConfig(**given), outputs=args.outputs,
+                                  input_mean=args.input_mean, input_std=args.input_std)
+    else:
+        extra = [*given, *(name for name in ("input_mean", "input_std") if getattr(args, name) is not None),
+                 *(["outputs"] if args.outputs != "logits" else [])]
+        if extra:
+            raise UsageError(f"{', '.join('--' + name.replace('_', '-') for name in extra)}: these apply with "
+                             "--onnx; an export of runs takes the runs' data")
+    config = ExportConfig(runs=args.runs or [], onnx=external, name=args.name, repository=args.out,
+                          version=args.version, overwrite=args.overwrite, points=args.points,
+                          num_points=args.num_points,
                           front=args.front, member_order=args.member_order,
                           cascade_nll_tolerance=args.cascade_nll_tolerance,
                           cascade_accuracy_tolerance=args.cascade_accuracy_tolerance,

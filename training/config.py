@@ -138,12 +138,15 @@ CurveKind = Literal["bezier", "polychain"]
 
 
 class CurveConfig(BaseModel):
-    """A curve between two finished base runs, as asked for; None means "take it from the start run"."""
+    """A curve between two finished base runs (or weight files), as asked for; None means "take it from the start
+    run"."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    start_run: Path
+    start_run: Path = Field(description="A base run directory, or a weight file (`training.init`).")
     end_run: Path
+    base: TrainConfig | None = Field(None, description="Where both endpoints are weight files: the model and data "
+                                     "they are for (its `epochs` the budget, unless `epochs` is given).")
     curve: CurveKind = "bezier"
     # Each bend is a full copy of the network's parameters, trained: a handful is what the paper uses.
     bends: int = Field(1, ge=1, le=32, description="Control points between the endpoints.")
@@ -173,12 +176,39 @@ class CurveRunConfig(BaseModel):
     base: TrainConfig
 
 
-class ExportConfig(BaseModel):
-    """Export of an ensemble: one FGE run's snapshots, points of one curve run, or the final networks of base runs."""
+class ExternalSource(BaseModel):
+    """ONNX classifiers trained elsewhere, packaged as an ensemble (`training.export.external`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    runs: list[Path] = Field(min_length=1)
+    graphs: list[Path] = Field(min_length=1, max_length=64)
+    data: DataConfig = Field(description="The dataset whose validation split the export fits on.")
+    outputs: Literal["logits", "probabilities"] = Field("logits", description="What the graphs' output holds.")
+    input_mean: list[float] | None = Field(None, description="Where the graphs take normalised float images: the "
+                                           "per-channel mean of [0, 1] pixels they subtract...")
+    input_std: list[float] | None = Field(None, description="...and the std they divide by.")
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> ExternalSource:
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("--input-mean and --input-std come together")
+        if self.input_mean is not None and self.input_std is not None:
+            if len(self.input_mean) != len(self.input_std):
+                raise ValueError(f"--input-mean has {len(self.input_mean)} values and --input-std "
+                                 f"{len(self.input_std)}: one per channel each")
+            if any(value <= 0 for value in self.input_std):
+                raise ValueError(f"--input-std values must be positive, got {self.input_std}")
+        return self
+
+
+class ExportConfig(BaseModel):
+    """Export of an ensemble: one FGE run's snapshots, points of one curve run, the final networks of base runs, or
+    ONNX classifiers trained elsewhere (`onnx`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    runs: list[Path] = Field(default_factory=list)
+    onnx: ExternalSource | None = Field(None, description="ONNX graphs in place of runs.")
     name: str = Field(description="Ensemble name in the model repository.")
     repository: Path = Field(description="Model repository directory.")
     version: int | None = Field(None, description="Version number; default: the next free one.")
@@ -223,6 +253,10 @@ class ExportConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_target(self) -> ExportConfig:
+        if bool(self.runs) == (self.onnx is not None):
+            raise ValueError("export takes runs (--from) or ONNX graphs (--onnx), one of them")
+        if self.onnx is not None and (self.front is not None or self.points or self.num_points):
+            raise ValueError("--front, --points and --num-points apply to exports of runs, not of --onnx graphs")
         if self.default_target_accuracy not in self.target_accuracies:
             raise ValueError(f"the default target accuracy {self.default_target_accuracy} must be one of the target "
                              f"accuracies {self.target_accuracies}")

@@ -26,6 +26,7 @@ from training.curves import Curve, ParameterMismatch, has_batch_norm, recompute_
 from training.data import DataSplits, load_data, make_batches, subset
 from training.engine import Trainer, build_model, resolve_device
 from training.errors import UsageError
+from training.init import load_initial_weights
 from training.runs import CurveReport, Endpoint, RunDir, TrainReport
 from training.schedules import BaseSchedule
 
@@ -63,13 +64,27 @@ def _same_data(start: DataConfig, end: DataConfig) -> str | None:
     return None
 
 
+def _endpoint_config(path: Path, option: str) -> TrainConfig | None:
+    """A base run's configuration; None for a weight file (trained elsewhere)."""
+    return None if path.is_file() else _base_run(path, option)[1]
+
+
 def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
-    """Check that the endpoints can be joined, and fill the defaults from the start run."""
-    start_run, start = _base_run(config.start_run, "--start")
-    end_run, end = _base_run(config.end_run, "--end")
-    if start_run.path.resolve() == end_run.path.resolve():
-        raise UsageError(f"--start and --end are the same run ({config.start_run}): pass two independently "
-                         "trained networks")
+    """Check that the endpoints can be joined, and fill the defaults from the start run (or, for weight files, from
+    the other endpoint's run or `config.base`)."""
+    if config.start_run.resolve() == config.end_run.resolve():
+        raise UsageError(f"--start and --end are the same ({config.start_run}): pass two independently trained "
+                         "networks")
+    runs = [_endpoint_config(config.start_run, "--start"), _endpoint_config(config.end_run, "--end")]
+    if config.base is not None and any(run is not None for run in runs):
+        raise UsageError("--model and the data flags apply where both endpoints are weight files; a base run "
+                         "endpoint gives them")
+    if config.base is None and all(run is None for run in runs):
+        raise UsageError(f"--start {config.start_run} and --end {config.end_run} are weight files: pass --model and "
+                         "--dataset (and the data flags) they were trained for")
+    start = runs[0] or runs[1] or config.base
+    end = runs[1] or start
+    assert start is not None and end is not None
     if start.model != end.model:
         raise UsageError(f"the endpoints must share one architecture: {config.start_run} is {start.model!r}, "
                          f"{config.end_run} is {end.model!r}")
@@ -79,7 +94,8 @@ def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
                          f"{config.end_run} differ in {difference}")
     # Absolute: the curve is read back (curve-eval, export, --resume) from wherever the user stands.
     return CurveRunConfig(
-        start_run=start_run.path.resolve(), end_run=end_run.path.resolve(), curve=config.curve, bends=config.bends,
+        start_run=config.start_run.resolve(), end_run=config.end_run.resolve(), curve=config.curve,
+        bends=config.bends,
         epochs=start.epochs if config.epochs is None else config.epochs, lr=config.lr,
         momentum=start.momentum if config.momentum is None else config.momentum,
         weight_decay=start.weight_decay if config.weight_decay is None else config.weight_decay,
@@ -87,7 +103,12 @@ def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
     )
 
 
-def _final_weights(path: Path, model_name: str) -> dict[str, torch.Tensor]:
+def _final_weights(path: Path, model_name: str, splits: DataSplits) -> dict[str, torch.Tensor]:
+    """An endpoint's network: a base run's final checkpoint, or a weight file read into a `model_name` network."""
+    if path.is_file():
+        network = build_model(model_name, splits.info, torch.device("cpu"))
+        load_initial_weights(network, path)
+        return network.state_dict()
     run = RunDir(path)
     final = run.final_checkpoint(run.read_config())
     state = checkpoint.load(final)
@@ -102,8 +123,8 @@ def _final_weights(path: Path, model_name: str) -> dict[str, torch.Tensor]:
 def build_curve(config: CurveRunConfig, splits: DataSplits, device: torch.device) -> Curve:
     """A new curve between the two runs' final networks, its bends on the straight line."""
     network = build_model(config.base.model, splits.info, device)
-    start = _final_weights(config.start_run, config.base.model)
-    end = _final_weights(config.end_run, config.base.model)
+    start = _final_weights(config.start_run, config.base.model, splits)
+    end = _final_weights(config.end_run, config.base.model, splits)
     try:
         return Curve(network, start, end, config.curve, config.bends)
     except ParameterMismatch as error:
@@ -131,6 +152,8 @@ def network_at(curve: Curve, t: float, splits: DataSplits, batch_size: int, devi
 
 
 def _endpoint(path: Path) -> Endpoint | None:
+    if path.is_file():
+        return None  # weights trained elsewhere: no report of theirs to quote
     run = RunDir(path)
     if not run.report_file.is_file():
         return None

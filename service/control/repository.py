@@ -37,7 +37,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from artefact.cascade import Cascade
-from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, parse
+from artefact.config import CONFIG_FILE, ConfigError, ModelSettings, config_text, parse
 from artefact.manifest import MANIFEST_FILE, ManifestError
 from artefact.policy import PolicyError, VersionPolicy
 from artefact.repository import NAME, VERSION, published_versions, tidy
@@ -258,11 +258,7 @@ class Repository:
         if not path.is_file():
             return None
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise LoadFailed(f"{name}/{CONFIG_FILE} cannot be read: {error}") from None
-        try:
-            return parse(text, f"{name}/{CONFIG_FILE}", name)
+            return parse(config_text(path, f"{name}/{CONFIG_FILE}"), f"{name}/{CONFIG_FILE}", name)
         except ConfigError as error:
             raise LoadFailed(str(error)) from None
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,12 +17,16 @@ from tqdm import tqdm
 from artefact.manifest import (
     OUTPUTS,
     SCHEMA_VERSION,
+    CascadeSpec,
+    ConformalSpec,
+    DriftBaseline,
     EnsembleMetrics,
     FileEntry,
     FrontSpec,
     InputSpec,
     Manifest,
     Member,
+    Metrics,
     Samples,
     SelectiveSpec,
     sha256_of,
@@ -31,9 +37,10 @@ from artefact.repository import STAGING, next_version, publish, staging_folder
 from artefact.uncertainty import softmax
 from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig
-from training.data import load_data
+from training.data import DataSplits, load_data
 from training.engine import predict_logits
 from training.errors import UsageError
+from training.export.external import adapted_graph, check_compatible, fused_graph, inspect_graph
 from training.export.fits import (
     compare_with_endpoints,
     fit_cascade_spec,
@@ -54,10 +61,10 @@ from training.export.graphs import (
     open_session,
     output_specs,
 )
-from training.export.report import Exported
-from training.export.sources import collect_sources, endpoint_logits, uint8_images
-from training.export.variants import SAMPLE_COUNT, Reference, export_variant
-from training.front import FRONT_FILE, load_front, tempered
+from training.export.report import Comparison, Exported
+from training.export.sources import collect_sources, endpoint_logits, split_labels, uint8_images
+from training.export.variants import SAMPLE_COUNT, Reference, export_variant, onnx_member_logits
+from training.front import FRONT_FILE, FrontNetwork, load_front, tempered
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +110,135 @@ def write_plots(folder: Path, title: str, member_val: np.ndarray, val_labels: np
     return [RELIABILITY_PLOT, RISK_COVERAGE_PLOT]
 
 
-def export_ensemble(export: ExportConfig) -> Exported:
-    """Export the ensemble of `export.runs` to `repository/name/version`; returns that directory and its manifest."""
-    sources = collect_sources(export)
-    config = sources.config
-    name = export.name
-    name_dir = export.repository / name
+def _target(export: ExportConfig) -> tuple[Path, int]:
+    """The version folder the export writes, refused where it exists and may not be overwritten."""
+    name_dir = export.repository / export.name
     version = next_version(name_dir) if export.version is None else export.version
     target = name_dir / str(version)
     if target.exists() and not export.overwrite:
         raise UsageError(f"{target} already exists: pass --overwrite to replace it, or another --version")
+    return target, version
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What an export fits on the validation split and measures on the test split, from the members' logits."""
+
+    temperature: float
+    uncalibrated: Metrics
+    calibrated: Metrics
+    validation: Metrics
+    cascade: CascadeSpec
+    selective: SelectiveSpec
+    drift: DriftBaseline
+    conformal: ConformalSpec
+
+
+def fit_all(member_val: np.ndarray, val_labels: np.ndarray, member_test: np.ndarray, test_labels: np.ndarray,
+            export: ExportConfig, front: FrontNetwork | None) -> Fitted:
+    """The temperature, the cascade, selective prediction, the drift baseline and the prediction sets of the members'
+    logits [N, K, C], fitted on validation alone and measured on test."""
+    temperature = fit_temperature(member_val, val_labels)
+    uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels)
+    calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels)
+    log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
+             calibrated.nll, uncalibrated.ece, calibrated.ece)
+    cascade = fit_cascade_spec(member_val, val_labels, member_test, test_labels, temperature,
+                               export.cascade_nll_tolerance, export.cascade_accuracy_tolerance,
+                               export.cascade_min_gain_kept, front)
+    log.info("cascade: front %s, stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full "
+             "%.4f), accuracy %.4f (full %.4f); of the ensemble's lead over its best member it keeps %s on "
+             "validation, %s on test", "none" if front is None else cascade.front if cascade.front is not None
+             else "does not pay", cascade.stages, cascade.thresholds, cascade.test.members_per_image,
+             member_val.shape[1], cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy,
+             cascade.test_full.accuracy, kept_in_words(cascade.gain_kept_validation),
+             kept_in_words(cascade.gain_kept_test))
+    selective = fit_selective_spec(member_val, val_labels, member_test, test_labels, temperature,
+                                   export.target_accuracies, export.default_target_accuracy)
+    drift = fit_drift_baseline(member_val, val_labels, temperature)
+    conformal = fit_conformal_spec(member_val, val_labels, member_test, test_labels, temperature,
+                                   export.conformal_score, export.coverage)
+    log.info("selective prediction on %s: %s", selective.signal, ", ".join(
+        f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
+    log.info("prediction sets (%s) on test: %s", conformal.default_score, ", ".join(
+        f"{q.coverage:.0%} -> coverage {q.marginal:.1%}, {q.mean_size:.2f} classes"
+        for q in next(e for e in conformal.scores if e.score == conformal.default_score).test))
+    validation = classification_metrics(tempered_ensemble_probabilities(member_val, temperature), val_labels)
+    return Fitted(temperature, uncalibrated, calibrated, validation, cascade, selective, drift, conformal)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What the source-specific half of an export wrote into the staging folder and measured."""
+
+    method: str
+    model: str
+    members: list[Member]
+    member_val: np.ndarray
+    member_test: np.ndarray
+    val_labels: np.ndarray
+    test_labels: np.ndarray
+    fitted: Fitted
+    input: InputSpec
+    front: FrontSpec | None = None
+    endpoints: tuple[np.ndarray, np.ndarray] | None = None
+    comparison: list[Comparison] | None = None
+
+
+def _finish(export: ExportConfig, staging: Path, target: Path, version: int, splits: DataSplits,
+            staged: Staged) -> Exported:
+    """The shared tail of every export: samples, variants, manifest and plots written, the version published."""
+    fitted = staged.fitted
+    sample_pixels = uint8_images(splits.test, splits, SAMPLE_COUNT)
+    sample_probabilities = open_session(staging / "ensemble.onnx").run(["probabilities"],
+                                                                       {INPUT_NAME: sample_pixels})[0]
+    reference = Reference(
+        temperature=fitted.temperature, val_labels=staged.val_labels, test_labels=staged.test_labels,
+        validation=fitted.validation, test=fitted.calibrated, sample_pixels=sample_pixels,
+        sample_probabilities=sample_probabilities, front=staged.front)
+    variants = [export_variant(precision, staging, staged.members, splits, reference, export)
+                for precision in export.precisions]
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, name=export.name, version=version, created=datetime.now(timezone.utc),
+        method=staged.method,
+        model=staged.model, input=staged.input,
+        outputs=output_specs(len(staged.members), splits.info.num_classes),
+        classes=list(splits.info.classes),
+        members=staged.members,
+        fused=FileEntry(file="ensemble.onnx", sha256=sha256_of(staging / "ensemble.onnx")),
+        temperature=fitted.temperature,
+        metrics=EnsembleMetrics(uncalibrated=fitted.uncalibrated, calibrated=fitted.calibrated),
+        samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
+        cascade=fitted.cascade,
+        front=staged.front,
+        selective=fitted.selective,
+        drift=fitted.drift,
+        conformal=fitted.conformal,
+        variants=[variant for variant, _ in variants],
+    )
+    plots = write_plots(staging, f"{export.name} version {version}", staged.member_val, staged.val_labels,
+                        staged.member_test, staged.test_labels, fitted.temperature, fitted.selective,
+                        staged.endpoints)
+    write_manifest(manifest, staging)
+    publish(staging, target, replace=True)
+    return Exported(target, manifest, staged.comparison, [comparison for _, comparison in variants] or None,
+                    [target / plot for plot in plots])
+
+
+def _input_spec(splits: DataSplits, description: str, mean: Sequence[float], std: Sequence[float]) -> InputSpec:
+    info = splits.info
+    return InputSpec(name=INPUT_NAME, datatype="UINT8", shape=[-1, info.in_channels, info.image_size, info.image_size],
+                     mean=list(mean), std=list(std), description=description)
+
+
+def export_ensemble(export: ExportConfig) -> Exported:
+    """Export the ensemble of `export.runs` (or of `export.onnx`'s graphs) to `repository/name/version`; returns
+    that directory and its manifest."""
+    if export.onnx is not None:
+        return export_external(export)
+    sources = collect_sources(export)
+    config = sources.config
+    target, version = _target(export)
     splits = load_data(config.data)
     if len(splits.val) == 0:
         raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
@@ -128,35 +254,13 @@ def export_ensemble(export: ExportConfig) -> Exported:
     member_sources = [sources.members[index] for index in order]
     member_val, member_test = member_val[:, order], member_test[:, order]
     front = load_front(export.front, config, splits) if export.front is not None else None
-    temperature = fit_temperature(member_val, val_labels[0])
-    uncalibrated = classification_metrics(tempered_ensemble_probabilities(member_test, 1.0), test_labels[0])
-    calibrated = classification_metrics(tempered_ensemble_probabilities(member_test, temperature), test_labels[0])
-    log.info("temperature %.4f: test NLL %.4f -> %.4f, ECE %.4f -> %.4f", temperature, uncalibrated.nll,
-             calibrated.nll, uncalibrated.ece, calibrated.ece)
+    fitted = fit_all(member_val, val_labels[0], member_test, test_labels[0], export, front)
+    temperature = fitted.temperature
     endpoints = endpoint_logits(sources, splits)
     comparison = compare_with_endpoints(endpoints, member_val, member_test, val_labels[0], test_labels[0],
                                         temperature)
-    cascade = fit_cascade_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
-                               export.cascade_nll_tolerance, export.cascade_accuracy_tolerance,
-                               export.cascade_min_gain_kept, front)
-    log.info("cascade: front %s, stages %s, thresholds %s: %.2f of %d members per test image, test NLL %.4f (full "
-             "%.4f), accuracy %.4f (full %.4f); of the ensemble's lead over its best member it keeps %s on "
-             "validation, %s on test", "none" if front is None else cascade.front if cascade.front is not None
-             else "does not pay", cascade.stages, cascade.thresholds, cascade.test.members_per_image, len(models),
-             cascade.test.nll, cascade.test_full.nll, cascade.test.accuracy, cascade.test_full.accuracy,
-             kept_in_words(cascade.gain_kept_validation), kept_in_words(cascade.gain_kept_test))
-    selective = fit_selective_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
-                                   export.target_accuracies, export.default_target_accuracy)
-    drift = fit_drift_baseline(member_val, val_labels[0], temperature)
-    conformal = fit_conformal_spec(member_val, val_labels[0], member_test, test_labels[0], temperature,
-                                   export.conformal_score, export.coverage)
-    log.info("prediction sets (%s) on test: %s", conformal.default_score, ", ".join(
-        f"{q.coverage:.0%} -> coverage {q.marginal:.1%}, {q.mean_size:.2f} classes"
-        for q in next(e for e in conformal.scores if e.score == conformal.default_score).test))
-    log.info("selective prediction on %s: %s", selective.signal, ", ".join(
-        f"{t.target_accuracy:.0%} -> test coverage {t.test_coverage:.1%}" for t in selective.thresholds))
 
-    staging = staging_folder(name_dir, STAGING, version)
+    staging = staging_folder(export.repository / export.name, STAGING, version)
     try:
         parity_pixels = uint8_images(splits.val, splits, PARITY_IMAGES)
         example = torch.from_numpy(parity_pixels[:2])
@@ -175,10 +279,9 @@ def export_ensemble(export: ExportConfig) -> Exported:
             expected = fused(torch.from_numpy(parity_pixels))[0].double().numpy()
         check_parity("ensemble.onnx", expected, session.run(["probabilities"], {INPUT_NAME: parity_pixels})[0])
 
-        sample_pixels = uint8_images(splits.test, splits, SAMPLE_COUNT)
-        sample_probabilities = session.run(["probabilities"], {INPUT_NAME: sample_pixels})[0]
         front_spec = None
         if front is not None:
+            sample_pixels = uint8_images(splits.test, splits, SAMPLE_COUNT)
             network_graph(front.network, example, parity_pixels, staging / FRONT_FILE)
             front_samples = tempered(open_session(staging / FRONT_FILE).run(None, {INPUT_NAME: sample_pixels})[0],
                                      front.temperature)
@@ -186,42 +289,70 @@ def export_ensemble(export: ExportConfig) -> Exported:
                                    provenance=front.provenance, temperature=front.temperature,
                                    validation=front.validation, test=front.test_metrics,
                                    sample_probabilities=front_samples.tolist())
-        reference = Reference(
-            temperature=temperature, val_labels=val_labels[0], test_labels=test_labels[0],
-            validation=classification_metrics(tempered_ensemble_probabilities(member_val, temperature),
-                                              val_labels[0]),
-            test=calibrated, sample_pixels=sample_pixels, sample_probabilities=sample_probabilities, front=front_spec)
-        variants = [export_variant(precision, staging, members, splits, reference, export)
-                    for precision in export.precisions]
         info = splits.info
-        shape = [-1, info.in_channels, info.image_size, info.image_size]
-        manifest = Manifest(
-            schema_version=SCHEMA_VERSION, name=name, version=version, created=datetime.now(timezone.utc),
-            method=sources.method,
-            model=config.model,
-            input=InputSpec(name=INPUT_NAME, datatype="UINT8", shape=shape, mean=list(info.mean), std=list(info.std),
-                            description="pixels 0..255, NCHW; scaling to [0, 1] and per-channel (x - mean) / std "
-                                        "happen inside the graphs"),
-            outputs=output_specs(len(models), info.num_classes),
-            classes=list(info.classes),
-            members=members,
-            fused=FileEntry(file="ensemble.onnx", sha256=sha256_of(staging / "ensemble.onnx")),
-            temperature=temperature,
-            metrics=EnsembleMetrics(uncalibrated=uncalibrated, calibrated=calibrated),
-            samples=Samples(inputs=sample_pixels.tolist(), probabilities=sample_probabilities.tolist()),
-            cascade=cascade,
-            front=front_spec,
-            selective=selective,
-            drift=drift,
-            conformal=conformal,
-            variants=[variant for variant, _ in variants],
-        )
-        plots = write_plots(staging, f"{name} version {version}", member_val, val_labels[0], member_test,
-                            test_labels[0], temperature, selective, endpoints)
-        write_manifest(manifest, staging)
-        publish(staging, target, replace=True)
+        staged = Staged(sources.method, config.model, members, member_val, member_test, val_labels[0],
+                        test_labels[0], fitted,
+                        _input_spec(splits, "pixels 0..255, NCHW; scaling to [0, 1] and per-channel (x - mean) / std "
+                                            "happen inside the graphs", info.mean, info.std),
+                        front_spec, endpoints, comparison)
+        return _finish(export, staging, target, version, splits, staged)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Exported(target, manifest, comparison, [comparison for _, comparison in variants] or None,
-                    [target / plot for plot in plots])
+
+
+def export_external(export: ExportConfig) -> Exported:
+    """Export ONNX classifiers trained elsewhere (`export.onnx`, `training.export.external`) as an ensemble, fitted
+    on the validation split of its dataset like any other."""
+    source = export.onnx
+    assert source is not None
+    splits = load_data(source.data)
+    if len(splits.val) == 0:
+        raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
+    info = splits.info
+    graphs = [inspect_graph(path, info.in_channels, info.image_size, info.num_classes) for path in source.graphs]
+    check_compatible(graphs)
+    target, version = _target(export)
+    staging = staging_folder(export.repository / export.name, STAGING, version)
+    try:
+        adapted = staging / "adapted"
+        adapted.mkdir()
+        paths = [adapted / f"{index:02d}.onnx" for index in range(len(graphs))]
+        for graph, path in zip(graphs, paths, strict=True):
+            adapted_graph(graph, source.outputs, source.input_mean, source.input_std, info.in_channels,
+                          info.image_size, path)
+        member_val = onnx_member_logits(paths, splits.val, splits)
+        member_test = onnx_member_logits(paths, splits.test, splits)
+        val_labels, test_labels = split_labels(splits.val, splits), split_labels(splits.test, splits)
+        order = member_order(member_val, val_labels, export.member_order)
+        member_val, member_test = member_val[:, order], member_test[:, order]
+        fitted = fit_all(member_val, val_labels, member_test, test_labels, export, None)
+        members = []
+        for index, original in enumerate(order):
+            file = f"member-{index:02d}.onnx"
+            paths[original].rename(staging / file)
+            graph = graphs[original]
+            members.append(Member(file=file, sha256=sha256_of(staging / file), provenance={
+                "onnx": str(graph.path.resolve()), "sha256": sha256_of(graph.path), "input": graph.input_type,
+                "outputs": source.outputs},
+                metrics=classification_metrics(softmax(member_test[:, index]), test_labels)))
+        adapted.rmdir()
+        fused_graph([staging / member.file for member in members], info.num_classes, fitted.temperature,
+                    staging / "ensemble.onnx")
+        parity_pixels = uint8_images(splits.val, splits, PARITY_IMAGES)
+        logits = onnx_member_logits([staging / member.file for member in members], splits.val, splits)
+        expected = tempered_ensemble_probabilities(logits[:PARITY_IMAGES], fitted.temperature)
+        check_parity("ensemble.onnx", expected, open_session(staging / "ensemble.onnx").run(
+            ["probabilities"], {INPUT_NAME: parity_pixels})[0])
+        if source.input_mean is not None and source.input_std is not None:
+            described, mean, std = ("pixels 0..255, NCHW; scaling to [0, 1] and (x - mean) / std happen inside the "
+                                    "graphs, as the ONNX classifiers expect"), source.input_mean, source.input_std
+        else:
+            described, mean, std = ("pixels 0..255, NCHW; the graphs take them as the ONNX classifiers do (scaled "
+                                    "to [0, 1] for float inputs)"), [0.0] * info.in_channels, [1.0] * info.in_channels
+        staged = Staged("external", "onnx", members, member_val, member_test, val_labels, test_labels, fitted,
+                        _input_spec(splits, described, mean, std))
+        return _finish(export, staging, target, version, splits, staged)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -14,6 +14,7 @@ ModelFactory = Callable[[int, int, int], nn.Module]
 
 _REGISTRY: dict[str, ModelFactory] = {}
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -55,16 +56,21 @@ class Classifier(nn.Module):
 def create_model(
     name: str, num_classes: int, in_channels: int, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> Classifier:
-    """Build a registered model or `torchvision:<name>` wrapped in a normalising `Classifier`."""
+    """Build a registered model, `torchvision:<name>` or `timm:<name>` wrapped in a normalising `Classifier`."""
     if name.startswith(TORCHVISION_PREFIX):
         from training.models.torchvision_models import torchvision_classifier
 
         network = torchvision_classifier(name.removeprefix(TORCHVISION_PREFIX), num_classes, in_channels)
+    elif name.startswith(TIMM_PREFIX):
+        from training.models.timm_models import timm_classifier
+
+        network = timm_classifier(name.removeprefix(TIMM_PREFIX), num_classes, in_channels, image_size)
     elif name in _REGISTRY:
         network = _REGISTRY[name](num_classes, in_channels, image_size)
     else:
         raise UsageError(
             f"unknown model {name!r}: choose one of {', '.join(model_names())}, "
-            f"or {TORCHVISION_PREFIX}<name> for a torchvision classifier (e.g. {TORCHVISION_PREFIX}resnet18)"
+            f"{TORCHVISION_PREFIX}<name> for a torchvision classifier (e.g. {TORCHVISION_PREFIX}resnet18), or "
+            f"{TIMM_PREFIX}<name> for a timm one (e.g. {TIMM_PREFIX}resnet18)"
         )
     return Classifier(network, mean, std)
