@@ -43,7 +43,7 @@ def _base_run(path: Path, option: str) -> tuple[RunDir, TrainConfig]:
                          "(`valley-train train --out`)")
     if not run.config_file.is_file():
         raise UsageError(f"{option} {path} is not a run directory (no {run.config_file.name}): "
-                         "pass the --out of `valley-train train`")
+                         "pass the --out of `valley-train train`, or a weight file")
     return run, run.read_config()
 
 
@@ -73,8 +73,9 @@ def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
     """Check that the endpoints can be joined, and fill the defaults from the start run (or, for weight files, from
     the other endpoint's run or `config.base`)."""
     if config.start_run.resolve() == config.end_run.resolve():
-        raise UsageError(f"--start and --end are the same ({config.start_run}): pass two independently trained "
-                         "networks")
+        kind = "file" if config.start_run.is_file() else "run"
+        raise UsageError(f"--start and --end are the same {kind} ({config.start_run}): pass two independently "
+                         "trained networks")
     runs = [_endpoint_config(config.start_run, "--start"), _endpoint_config(config.end_run, "--end")]
     if config.base is not None and any(run is not None for run in runs):
         raise UsageError("--model and the data flags apply where both endpoints are weight files; a base run "

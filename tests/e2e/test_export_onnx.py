@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_three_onnx_classifiers_are_packaged_served_and_answer_their_tempered_me
         _export(_network(seed, normalised, labels), graphs[-1])
     flags = ("--dataset", "fashion-mnist", "--subset", "2000", "--val-size", "500")
     report = json.loads(cli("export", "--onnx", *graphs, *flags, "--input-mean", str(MEAN), "--input-std", str(STD),
-                            "--name", "outside", "--out", tmp_path / "repository").stdout)
+                            "--precision", "int8", "--name", "outside", "--out", tmp_path / "repository").stdout)
     version = Path(report["exported"])
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["method"] == "external" and len(manifest["members"]) == 3
@@ -70,6 +71,15 @@ def test_three_onnx_classifiers_are_packaged_served_and_answer_their_tempered_me
     finally:
         stop_server_process(server)
     np.testing.assert_allclose(served, expected, atol=1e-5)
+    # The composed graph keeps its temperature where recalibration rewrites it: another value answers at it.
+    fused = onnx.load(str(version / manifest["fused"]["file"]))
+    initializer = next(item for item in fused.graph.initializer if item.name == "temperature")
+    initializer.CopyFrom(onnx.numpy_helper.from_array(np.asarray(2.5, dtype=np.float32), "temperature"))
+    hotter = onnxruntime.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["probabilities"], {"pixels": pixels})[0]
+    np.testing.assert_allclose(hotter, softmax(logits.astype(np.float64) / 2.5).mean(axis=1), atol=1e-5)
+    variant = manifest["variants"][0]
+    assert variant["precision"] == "int8" and len(variant["members"]) == 3, "the INT8 variant of outside graphs"
 
     # Probabilities in place of logits: the same ensemble (softmax of log p is p).
     probabilistic = tmp_path / "softmax-0.onnx"
