@@ -72,11 +72,11 @@ def _endpoint_config(path: Path, option: str) -> TrainConfig | None:
 def resolve_curve_config(config: CurveConfig) -> CurveRunConfig:
     """Check that the endpoints can be joined, and fill the defaults from the start run (or, for weight files, from
     the other endpoint's run or `config.base`)."""
+    runs = [_endpoint_config(config.start_run, "--start"), _endpoint_config(config.end_run, "--end")]
     if config.start_run.resolve() == config.end_run.resolve():
         kind = "file" if config.start_run.is_file() else "run"
         raise UsageError(f"--start and --end are the same {kind} ({config.start_run}): pass two independently "
                          "trained networks")
-    runs = [_endpoint_config(config.start_run, "--start"), _endpoint_config(config.end_run, "--end")]
     if config.base is not None and any(run is not None for run in runs):
         raise UsageError("--model and the data flags apply where both endpoints are weight files; a base run "
                          "endpoint gives them")

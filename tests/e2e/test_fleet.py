@@ -339,11 +339,15 @@ def test_prometheus_sums_the_replicas_into_the_fleets_calibration(repository: Pa
                     "Prometheus counted the fleet's 480 labels")
         assert fleet_value("valley:feedback_ece:ratio") == pytest.approx(expected_ece, abs=1e-9)
         assert fleet_value("valley:feedback_accuracy:ratio") == pytest.approx(expected_accuracy, abs=1e-12)
-        per_replica = prometheus_query(prometheus_url,
-                                       f'valley:feedback_labels_by_instance:count{{model="{MODEL}"}}')
-        assert sorted(float(entry["value"][1]) for entry in per_replica) == [160.0] * 3
-        by_instance = prometheus_query(prometheus_url, f'valley:feedback_ece_by_instance:ratio{{model="{MODEL}"}}')
-        assert len(by_instance) == 3
+        def per_replica() -> list[float]:
+            found = prometheus_query(prometheus_url, f'valley:feedback_labels_by_instance:count{{model="{MODEL}"}}')
+            return sorted(float(entry["value"][1]) for entry in found)
+
+        # Recorded later in the same evaluation as the fleet's count: it may lag that one by a cycle.
+        _eventually(lambda: per_replica() == [160.0] * 3, 30, "each replica's rule counts its own 160 labels")
+        _eventually(lambda: len(prometheus_query(
+            prometheus_url, f'valley:feedback_ece_by_instance:ratio{{model="{MODEL}"}}')) == 3, 30,
+            "each replica's ECE is recorded")
         # Sets served by one replica, labelled at another: the fleet's live coverage is the share of the sets served
         # that held the true class (the repository's ensemble was exported with the default coverage, 0.9).
         expected_coverage = float(np.concatenate(held).mean())
