@@ -93,10 +93,12 @@ def test_an_rgb_first_convolution_is_summed_for_grey_images(tmp_path: Path) -> N
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("content", ["not a file", "garbage", "list", "empty", "pickle"])
+@pytest.mark.parametrize("content", ["not a file", "folder", "garbage", "list", "empty", "pickle"])
 def test_what_is_not_a_state_dict_is_one_line(content: str, tmp_path: Path) -> None:
     path = tmp_path / "w.pt"
-    if content == "garbage":
+    if content == "folder":
+        path.mkdir()
+    elif content == "garbage":
         path.write_bytes(b"\x00\x01 not torch")
     elif content == "list":
         torch.save([torch.zeros(2)], path)

@@ -51,6 +51,9 @@ class Initialised:
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The state_dict a weight file holds; a one-line `UsageError` for anything else."""
+    if path.is_dir():
+        raise UsageError(f"--init {path} is a folder: pass the weight file (a valley run directory is a base run: "
+                         "fge --from, curve --start/--end take it as it is)")
     if not path.is_file():
         raise UsageError(f"--init {path} does not exist")
     try:
