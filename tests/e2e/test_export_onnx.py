@@ -109,5 +109,12 @@ def test_a_graph_of_another_input_shape_is_refused_with_the_reason(tmp_path: Pat
     classes = cli("export", "--onnx", tmp_path / "eleven.onnx", "--dataset", "fashion-mnist", "--subset", "500",
                   "--name", "eleven", "--out", tmp_path / "repository", check=False)
     assert classes.returncode == 2 and "is [batch, 11], not [N, 10]" in classes.stderr
+    channels = cli("export", "--onnx", tmp_path / "grey.onnx", "--dataset", "fashion-mnist", "--subset", "500",
+                   "--input-mean", "0.5,0.5,0.5", "--input-std", "0.2,0.2,0.2", "--name", "rgb", "--out",
+                   tmp_path / "repository", check=False)
+    assert channels.returncode == 2 and "one value per channel" in channels.stderr, channels.stderr
+    said = cli("export", "--onnx", tmp_path / "grey.onnx", "--dataset", "fashion-mnist", "--subset", "500",
+               "--outputs", "probabilities", "--name", "said", "--out", tmp_path / "repository", check=False)
+    assert said.returncode == 2 and "rows sum to" in said.stderr and "--outputs logits" in said.stderr, said.stderr
     neither = cli("export", "--name", "x", "--out", tmp_path / "repository", check=False)
     assert neither.returncode == 2 and "--from" in neither.stderr and "--onnx" in neither.stderr

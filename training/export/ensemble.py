@@ -40,7 +40,7 @@ from training.config import ExportConfig
 from training.data import DataSplits, load_data
 from training.engine import predict_logits
 from training.errors import UsageError
-from training.export.external import adapted_graph, check_compatible, fused_graph, inspect_graph
+from training.export.external import ExternalGraph, adapted_graph, check_compatible, fused_graph, inspect_graph
 from training.export.fits import (
     compare_with_endpoints,
     fit_cascade_spec,
@@ -301,6 +301,21 @@ def export_ensemble(export: ExportConfig) -> Exported:
         raise
 
 
+def _check_outputs(member_logits: np.ndarray, graphs: Sequence[ExternalGraph], outputs: str) -> None:
+    """Graphs said to give probabilities must give rows that sum to 1 (their exp, as adapted); graphs said to give
+    logits that look like probabilities are worth a warning (a softmax would then be taken twice)."""
+    sums = np.exp(member_logits).sum(axis=-1)  # [N, K]: 1 for probabilities
+    for index, graph in enumerate(graphs):
+        summed = sums[:, index]
+        if outputs == "probabilities" and not np.allclose(summed, 1.0, atol=1e-3):
+            raise UsageError(f"--outputs probabilities: {graph.path.name}'s rows sum to {summed.min():.3g} .. "
+                             f"{summed.max():.3g}, not 1 on the validation split; pass --outputs logits")
+        raw = member_logits[:, index]
+        if outputs == "logits" and raw.min() >= 0 and np.allclose(raw.sum(axis=-1), 1.0, atol=1e-3):
+            log.warning("%s: its outputs look like probabilities (in [0, 1], rows summing to 1); pass --outputs "
+                        "probabilities if they are", graph.path.name)
+
+
 def export_external(export: ExportConfig) -> Exported:
     """Export ONNX classifiers trained elsewhere (`export.onnx`, `training.export.external`) as an ensemble, fitted
     on the validation split of its dataset like any other."""
@@ -310,6 +325,9 @@ def export_external(export: ExportConfig) -> Exported:
     if len(splits.val) == 0:
         raise UsageError("the temperature is fitted on the validation split, which is empty (--val-size 0)")
     info = splits.info
+    if source.input_mean is not None and len(source.input_mean) != info.in_channels:
+        raise UsageError(f"--input-mean and --input-std give {len(source.input_mean)} values; {info.name}'s images "
+                         f"have {info.in_channels} channel(s): one value per channel")
     graphs = [inspect_graph(path, info.in_channels, info.image_size, info.num_classes) for path in source.graphs]
     check_compatible(graphs)
     target, version = _target(export)
@@ -323,6 +341,7 @@ def export_external(export: ExportConfig) -> Exported:
                           info.image_size, path)
         member_val = onnx_member_logits(paths, splits.val, splits)
         member_test = onnx_member_logits(paths, splits.test, splits)
+        _check_outputs(member_val, graphs, source.outputs)
         val_labels, test_labels = split_labels(splits.val, splits), split_labels(splits.test, splits)
         order = member_order(member_val, val_labels, export.member_order)
         member_val, member_test = member_val[:, order], member_test[:, order]
