@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from artefact.manifest import ConformalScore
 
 Score = Literal["lac", "aps", "raps"]
 SCORES: tuple[Score, ...] = ("lac", "aps", "raps")
@@ -78,6 +81,11 @@ class Conformal:
     """The calibration images' scores of their true class, ascending."""
     k_reg: int = 0
     penalty: float = RAPS_PENALTY
+
+    @classmethod
+    def of(cls, entry: ConformalScore) -> Conformal:
+        """The score a manifest's `conformal` entry stores."""
+        return cls(entry.score, np.asarray(entry.calibration, dtype=np.float64), entry.k_reg, entry.penalty)
 
     @classmethod
     def fit(cls, probabilities: np.ndarray, labels: np.ndarray, score: Score) -> Conformal:

@@ -95,8 +95,7 @@ def study(name: str, version_dir: Path, splits: Any, args: argparse.Namespace) -
         drift = fit_drift_baseline(_logits(val_answers["member_probabilities"]), val_labels, 1.0)
         assert drift.bin_accuracy is not None and drift.validation_accuracy is not None
         accuracy_map = AccuracyMap(tuple(drift.bin_accuracy), ())
-        fitted = {entry.score: Conformal(entry.score, np.asarray(entry.calibration), entry.k_reg, entry.penalty)
-                  for entry in spec.scores}
+        fitted = {entry.score: Conformal.of(entry) for entry in spec.scores}
         threshold = drift.validation_accuracy - args.margin
         rng = np.random.default_rng(args.seed)
         order = rng.permutation(len(test_images))

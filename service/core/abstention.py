@@ -33,18 +33,6 @@ PARAMETER = "target_accuracy"
 """The request parameter (and the response parameter saying which target answered)."""
 
 
-def target_of(value: float | int | str) -> float:
-    """The `target_accuracy` parameter as a number in (0, 1]; `InvalidInput` saying what is accepted otherwise."""
-    try:
-        target = float(value) if not isinstance(value, bool) else math.nan
-    except ValueError:
-        target = math.nan
-    if not 0 < target <= 1:
-        shown = str(value)[:40]
-        raise InvalidInput(f"parameter '{PARAMETER}' must be a number in (0, 1], e.g. 0.97, not {shown!r}")
-    return target
-
-
 @dataclass
 class Abstention:
     """One version's selective prediction: thresholds by target, and the flags of a batch of answers."""

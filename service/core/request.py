@@ -11,15 +11,15 @@ is still checked). Parameters valley does not know are ignored, as Triton does.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.core.abstention import PARAMETER as TARGET_PARAMETER
-from service.core.abstention import target_of
 from service.core.members import PARAMETER as MEMBERS_PARAMETER
 from service.core.members import requested
-from service.core.sets import COVERAGE, SCORE, coverage_of, score_of
+from service.core.sets import COVERAGE, SCORE, score_of
 from service.errors import InvalidInput
 
 Parameter = bool | int | float | str
@@ -58,6 +58,17 @@ def _timeout(value: Parameter) -> float | None:
     return value / 1e6 if value else None
 
 
+def _fraction(value: Parameter, name: str, meaning: str) -> float:
+    """A parameter that is a number in (0, 1], or a string holding one; `InvalidInput` saying what it takes."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except ValueError:
+        number = math.nan
+    if not 0 < number <= 1:
+        raise InvalidInput(f"parameter '{name}' must be a number in (0, 1], {meaning}, not {str(value)[:40]!r}")
+    return number
+
+
 def request_options(parameters: Mapping[str, Parameter], transport_deadline: float | None = None) -> RequestOptions:
     """The request's parameters read once; `InvalidInput` naming the first malformed one and what it takes."""
     deadlines = [] if transport_deadline is None else [transport_deadline]
@@ -66,9 +77,11 @@ def request_options(parameters: Mapping[str, Parameter], transport_deadline: flo
     binary = parameters.get(BINARY_OUTPUT, False)
     if not isinstance(binary, bool):
         raise InvalidInput(f"parameter '{BINARY_OUTPUT}' must be true or false, got {repr(binary)[:40]}")
-    target = parameters.get(TARGET_PARAMETER)
-    coverage, score = parameters.get(COVERAGE), parameters.get(SCORE)
-    return RequestOptions(min(deadlines) if deadlines else None, requested(parameters.get(MEMBERS_PARAMETER)),
-                          None if target is None else target_of(target),
-                          None if coverage is None else coverage_of(coverage),
-                          None if score is None else score_of(score), binary)
+    target, coverage, score = (parameters.get(name) for name in (TARGET_PARAMETER, COVERAGE, SCORE))
+    return RequestOptions(
+        min(deadlines) if deadlines else None, requested(parameters.get(MEMBERS_PARAMETER)),
+        None if target is None else _fraction(target, TARGET_PARAMETER, "the accuracy wanted where it answers "
+                                              "(e.g. 0.97)"),
+        None if coverage is None else _fraction(coverage, COVERAGE, "the share of images whose set holds the true "
+                                                "class (e.g. 0.9)"),
+        None if score is None else score_of(score), binary)

@@ -19,7 +19,6 @@ of the full ensemble's; the export measures both).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,18 +38,6 @@ COVERAGE = "coverage"
 """The request parameter (and the response parameter saying which coverage answered)."""
 SCORE = "conformal_score"
 """The request parameter (and the response parameter saying which score answered)."""
-
-
-def coverage_of(value: object) -> float:
-    """The `coverage` parameter as a number in (0, 1]; `InvalidInput` saying what is accepted otherwise."""
-    try:
-        coverage = float(value) if isinstance(value, int | float | str) and not isinstance(value, bool) else math.nan
-    except ValueError:
-        coverage = math.nan
-    if not 0 < coverage <= 1:
-        raise InvalidInput(f"parameter '{COVERAGE}' must be a number in (0, 1], the share of images whose set holds "
-                           f"the true class (e.g. 0.9), not {str(value)[:40]!r}")
-    return coverage
 
 
 def score_of(value: object) -> Score:
@@ -90,8 +77,7 @@ class PredictionSets:
                                    f"{no_sets(manifest.name, manifest.version)}; leave them out of the model's "
                                    "config.json")
             return None
-        fitted = {entry.score: Conformal(entry.score, np.asarray(entry.calibration, dtype=np.float64), entry.k_reg,
-                                         entry.penalty) for entry in spec.scores}
+        fitted = {entry.score: Conformal.of(entry) for entry in spec.scores}
         chosen = spec.default_score if score is None else score_of(score)
         if chosen not in fitted:
             raise InvalidInput(f"conformal_score {chosen!r} is configured, but version {manifest.version} has only "
