@@ -73,7 +73,7 @@ def test_distillation_resumes_after_a_kill_to_the_same_weights(fge_run: Path, tm
     ("base", [], "is a base run: a student learns from an FGE or SSE ensemble"),
     ("fge", ["--members", "5"], "--members must be between 1 and the teacher's 3 snapshots"),
     ("fge", ["--temperature", "0"], "--temperature"),
-    ("fge", ["--hard-label-weight", "2"], "--hard_label_weight"),
+    ("fge", ["--hard-label-weight", "2"], "--hard-label-weight: Input should be less than or equal to 1"),
     ("fge", ["--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
     ("missing", [], "does not exist: it is not a valley run directory"),
 ])

@@ -428,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"valley-train: error: {error}", file=sys.stderr)
         return 2
     except ValidationError as error:
-        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        # A field's name as its flag is typed (--hard-label-weight, not hard_label_weight).
+        problems = "; ".join(f"--{'-'.join(str(p).replace('_', '-') for p in e['loc'])}: {e['msg']}"
+                             for e in error.errors())
         print(f"valley-train: error: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
