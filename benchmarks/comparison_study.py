@@ -12,10 +12,13 @@ cycles). This script trains them all with `valley-train`, per seed, and adds wha
 - the curve ensemble: `--curve-points` networks on a Bezier curve between the first two Ind networks, the curve
   trained for B epochs (cost 3B), batch norm recomputed at each point.
 
-Every choice (distillation temperature) is made on the validation split; the test split is read once per model,
-for the table. Each run lives in `--out/seed-S/...` and is resumed where it stopped (`--resume`), so the study can
-be interrupted and started again with the same command. At the end it writes `results.json`, prints the table
-(rows by method, columns by budget; mean +- standard deviation over the seeds) and draws `comparison.png`.
+Every model is scored from its members' logits: the mean of their probabilities as trained, and again at one
+temperature fitted on the validation split (the calibrated NLL that Ashukha et al. 2020 compare ensembles on).
+Every choice (distillation temperature, calibration temperature) is made on the validation split; the test split
+is read once per model, for the table. Each run lives in `--out/seed-S/...` and is resumed where it stopped
+(`--resume`), so the study can be interrupted and started again with the same command. At the end it writes
+`results.json` and `tables.md` (rows by method, columns by budget; mean +- standard deviation over the seeds;
+as trained and calibrated) and draws `comparison.png`.
 
     python benchmarks/comparison_study.py --budget 24 --subset 20000 --seeds 0 1 2 --out runs/comparison
 
@@ -30,7 +33,8 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -40,13 +44,14 @@ import numpy as np
 import torch
 
 from artefact.metrics import classification_metrics
+from training.calibrate import fit_temperature, tempered_ensemble_probabilities
 from training.config import ExportConfig
 from training.curve_train import network_at, open_curve
 from training.curves import evenly_spaced
 from training.data import DataSplits, load_data
-from training.engine import evaluate
-from training.export.sources import collect_sources
-from training.runs import DistillReport, FGEReport, RunDir, SSEReport, SWAReport
+from training.engine import predict_logits
+from training.export.sources import MemberSource, collect_sources
+from training.runs import DistillReport, RunDir
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -113,38 +118,64 @@ def _row(metrics: Any) -> dict[str, float]:
     return {name: float(getattr(metrics, name)) for name in METRICS}
 
 
-def _probabilities(network: torch.nn.Module, splits: DataSplits) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                          np.ndarray]:
-    val, test = evaluate(network, splits.val, splits, CPU), evaluate(network, splits.test, splits, CPU)
-    return val.probabilities, val.labels, test.probabilities, test.labels
+@dataclass
+class Logits:
+    """Every member's logits on the validation and test splits: [N, K, C] each, with the labels."""
+
+    val: np.ndarray
+    val_labels: np.ndarray
+    test: np.ndarray
+    test_labels: np.ndarray
+
+    def first(self, count: int) -> Logits:
+        return Logits(self.val[:, :count], self.val_labels, self.test[:, :count], self.test_labels)
 
 
-def independent(runs: Sequence[Path], splits: DataSplits) -> list[dict[str, dict[str, float]]]:
-    """The ensembles of the first 1, 2, ... of `runs` (final networks): val and test metrics of each."""
-    # The final networks as the exporter takes an independent ensemble's members (same architecture and data).
-    sources = collect_sources(ExportConfig(runs=list(runs), name="independent", repository=Path("/nonexistent")))
-    outputs = [_probabilities(member.build(splits), splits) for member in sources.members]
-    results = []
-    for count in range(1, len(runs) + 1):
-        val = np.mean([output[0] for output in outputs[:count]], axis=0)
-        test = np.mean([output[2] for output in outputs[:count]], axis=0)
-        results.append({"val": _row(classification_metrics(val, outputs[0][1])),
-                         "test": _row(classification_metrics(test, outputs[0][3]))})
-    return results
+def logits_of(networks: Iterable[torch.nn.Module], splits: DataSplits) -> Logits:
+    val, test = [], []
+    for network in networks:
+        val.append(predict_logits(network, splits.val, splits, CPU))
+        test.append(predict_logits(network, splits.test, splits, CPU))
+    return Logits(np.stack([v[0] for v in val], axis=1), val[0][1], np.stack([t[0] for t in test], axis=1),
+                  test[0][1])
 
 
-def curve_ensemble(curve_dir: Path, points: int) -> dict[str, dict[str, float]]:
+def scored(logits: Logits) -> dict[str, Any]:
+    """The ensemble's (mean of the members' probabilities) val and test metrics as trained, and `calibrated`: the
+    same at the temperature fitted on the validation split (Ashukha et al. 2020 compare ensembles so)."""
+    temperature = fit_temperature(logits.val, logits.val_labels)
+
+    def at(value: float) -> dict[str, dict[str, float]]:
+        return {"val": _row(classification_metrics(tempered_ensemble_probabilities(logits.val, value),
+                                                   logits.val_labels)),
+                "test": _row(classification_metrics(tempered_ensemble_probabilities(logits.test, value),
+                                                    logits.test_labels))}
+
+    return {**at(1.0), "calibrated": {"temperature": temperature, **at(temperature)}}
+
+
+def members(run: Path) -> list[MemberSource]:
+    """A run's networks as the exporter takes them: an FGE or SSE run's snapshots, an SWA or distilled run's
+    network, or a base run's final network."""
+    return collect_sources(ExportConfig(runs=[run], name="study", repository=Path("/nonexistent"))).members
+
+
+def networks(runs: Sequence[Path], splits: DataSplits) -> Iterator[torch.nn.Module]:
+    return (member.build(splits) for run in runs for member in members(run))
+
+
+def curve_networks(curve_dir: Path, points: int) -> tuple[Iterator[torch.nn.Module], DataSplits]:
     trained = open_curve(curve_dir, "cpu")
-    outputs = [_probabilities(network_at(trained.curve, t, trained.splits, trained.batch_size, CPU), trained.splits)
-               for t in evenly_spaced(points)]
-    val = np.mean([output[0] for output in outputs], axis=0)
-    test = np.mean([output[2] for output in outputs], axis=0)
-    return {"val": _row(classification_metrics(val, outputs[0][1])),
-            "test": _row(classification_metrics(test, outputs[0][3]))}
+    return (network_at(trained.curve, t, trained.splits, trained.batch_size, CPU)
+            for t in evenly_spaced(points)), trained.splits
+
+
+def _val_nll(report: DistillReport) -> float:
+    return report.val.nll if report.val is not None else float("inf")
 
 
 def run_seed(study: Study, seed: int) -> dict[str, dict[str, Any]]:
-    """Every method of one seed: {method: {"cost": budgets, "val": metrics, "test": metrics, ...}}."""
+    """Every method of one seed: {method: {"cost": budgets, "val": metrics, "test": metrics, "calibrated": ...}}."""
     args, folder = study.args, study.args.out / f"seed-{seed}"
     budget = args.budget
     print(f"seed {seed}", flush=True)
@@ -152,32 +183,40 @@ def run_seed(study: Study, seed: int) -> dict[str, dict[str, Any]]:
     ind = [study.train(folder / f"ind-{k}", budget, 1000 * seed + k) for k in range(3)]
     results: dict[str, dict[str, Any]] = {}
     splits = load_data(RunDir(ind[0]).read_config().data)
-    for count, metrics in enumerate(independent(ind, splits), start=1):
-        results[f"Ind {count}"] = {"method": "Ind", "cost": count, **metrics}
+    independent = logits_of(networks(ind, splits), splits)
+    for count in range(1, len(ind) + 1):
+        results[f"Ind {count}"] = {"method": "Ind", "cost": count, **scored(independent.first(count))}
     for multiple in (1, 2, 3):
         epochs = multiple * budget
         # FGE of budget mB: a base run of mB epochs (the first Ind network for m = 1), cycles in its last 20 %.
         base = ind[0] if multiple == 1 else study.train(folder / f"base-{multiple}B", epochs, 1000 * seed)
         fge = study.fge(base, folder / f"fge-{multiple}B")
-        report = RunDir(fge).read_report(FGEReport)
-        results[f"FGE {multiple}B"] = {"method": "FGE", "cost": multiple, "members": len(report.members),
-                                       "val": _row(report.ensembles[-1].val), "test": _row(report.ensembles[-1].test)}
-        swa = RunDir(study.swa(fge, folder / f"swa-{multiple}B")).read_report(SWAReport)
-        results[f"SWA {multiple}B"] = {"method": "SWA", "cost": multiple, "val": _row(swa.val),
-                                       "test": _row(swa.test)}
-        sse = RunDir(study.sse(folder / f"sse-{multiple}B", epochs, 1000 * seed)).read_report(SSEReport)
-        results[f"SSE {multiple}B"] = {"method": "SSE", "cost": multiple, "members": len(sse.members),
-                                       "val": _row(sse.ensembles[-1].val), "test": _row(sse.ensembles[-1].test)}
+        results[f"FGE {multiple}B"] = {"method": "FGE", "cost": multiple, "members": len(members(fge)),
+                                       **scored(logits_of(networks([fge], splits), splits))}
+        swa = study.swa(fge, folder / f"swa-{multiple}B")
+        results[f"SWA {multiple}B"] = {"method": "SWA", "cost": multiple,
+                                       **scored(logits_of(networks([swa], splits), splits))}
+        sse = study.sse(folder / f"sse-{multiple}B", epochs, 1000 * seed)
+        results[f"SSE {multiple}B"] = {"method": "SSE", "cost": multiple, "members": len(members(sse)),
+                                       **scored(logits_of(networks([sse], splits), splits))}
     # The distilled student of FGE at budget B: the temperature with the lowest validation NLL.
-    students = [RunDir(study.distill(folder / "fge-1B", folder / f"distill-T{temperature:g}", temperature,
-                                     1000 * seed)).read_report(DistillReport) for temperature in args.temperatures]
-    chosen = min(students, key=lambda student: student.val.nll if student.val else float("inf"))
-    results["Distilled"] = {"method": "Distilled", "cost": 2, "temperature": chosen.config.temperature,
-                            "val": _row(chosen.val), "test": _row(chosen.test)}
+    students = [study.distill(folder / "fge-1B", folder / f"distill-T{temperature:g}", temperature, 1000 * seed)
+                for temperature in args.temperatures]
+    reports = [RunDir(student).read_report(DistillReport) for student in students]
+    chosen = min(range(len(students)), key=lambda k: _val_nll(reports[k]))
+    results["Distilled"] = {"method": "Distilled", "cost": 2, "temperature": reports[chosen].config.temperature,
+                            **scored(logits_of(networks([students[chosen]], splits), splits))}
     curve = study.curve(ind[0], ind[1], folder / "curve", 1000 * seed)
+    points, curve_splits = curve_networks(curve, args.curve_points)
     results["Curve"] = {"method": "Curve", "cost": 3, "points": args.curve_points,
-                        **curve_ensemble(curve, args.curve_points)}
+                        **scored(logits_of(points, curve_splits))}
     return results
+
+
+def _get(entry: dict[str, Any], path: Sequence[str]) -> dict[str, float]:
+    for key in path:
+        entry = entry[key]
+    return entry
 
 
 def summarise(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -187,22 +226,25 @@ def summarise(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[
     for model in models:
         entries = [results[model] for results in per_seed.values()]
         summary[model] = {"method": entries[0]["method"], "cost": entries[0]["cost"], "seeds": len(entries)}
-        for split in ("test", "val"):
+        for key, split in (("test", ("test",)), ("val", ("val",)), ("calibrated_test", ("calibrated", "test"))):
             for name in METRICS:
-                values = [entry[split][name] for entry in entries]
-                summary[model][f"{split}_{name}"] = mean(values)
-                summary[model][f"{split}_{name}_std"] = stdev(values) if len(values) > 1 else 0.0
+                values = [_get(entry, split)[name] for entry in entries]
+                summary[model][f"{key}_{name}"] = mean(values)
+                summary[model][f"{key}_{name}_std"] = stdev(values) if len(values) > 1 else 0.0
+        temperatures = [entry["calibrated"]["temperature"] for entry in entries]
+        summary[model]["temperature"] = mean(temperatures)
     return summary
 
 
-def table(summary: dict[str, dict[str, Any]], metric: str) -> str:
-    """Rows by method, columns by budget (the paper's layout): test `metric`, mean +- std over the seeds."""
+def table(summary: dict[str, dict[str, Any]], metric: str, key: str = "test") -> str:
+    """Rows by method, columns by budget (the paper's layout): `key` ("test" or "calibrated_test") `metric`, mean +-
+    std over the seeds."""
     scale, unit = (100.0, " %") if metric in ("accuracy", "ece") else (1.0, "")
-    lines = [f"| test {metric}{unit} | 1B | 2B | 3B |", "|---|---:|---:|---:|"]
+    lines = [f"| {key.replace('_', ' ')} {metric}{unit} | 1B | 2B | 3B |", "|---|---:|---:|---:|"]
     methods: dict[str, dict[int, str]] = {}
     for entry in summary.values():
-        value = entry[f"test_{metric}"] * scale
-        spread = entry[f"test_{metric}_std"] * scale
+        value = entry[f"{key}_{metric}"] * scale
+        spread = entry[f"{key}_{metric}_std"] * scale
         digits = 2 if scale == 100.0 else 4
         methods.setdefault(entry["method"], {})[entry["cost"]] = f"{value:.{digits}f} +- {spread:.{digits}f}"
     for method, cells in methods.items():
@@ -211,26 +253,28 @@ def table(summary: dict[str, dict[str, Any]], metric: str) -> str:
 
 
 def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    methods: dict[str, list[tuple[int, float, float, float, float]]] = {}
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    panels = (("test_accuracy", "test error (%)"), ("test_nll", "test NLL"),
+              ("calibrated_test_nll", "test NLL at the temperature fitted on validation"))
+    methods: dict[str, list[dict[str, Any]]] = {}
     for entry in summary.values():
-        methods.setdefault(entry["method"], []).append(
-            (entry["cost"], 100 * (1 - entry["test_accuracy"]), 100 * entry["test_accuracy_std"], entry["test_nll"],
-             entry["test_nll_std"]))
-    for method, points in methods.items():
-        points.sort()
-        costs = [point[0] for point in points]
-        style = "o-" if len(points) > 1 else "s"
-        axes[0].errorbar(costs, [p[1] for p in points], yerr=[p[2] for p in points], fmt=style, capsize=3,
-                         label=method)
-        axes[1].errorbar(costs, [p[3] for p in points], yerr=[p[4] for p in points], fmt=style, capsize=3,
-                         label=method)
-    for axis, label in ((axes[0], "test error (%)"), (axes[1], "test NLL")):
+        methods.setdefault(entry["method"], []).append(entry)
+    for method, entries in methods.items():
+        entries.sort(key=lambda entry: entry["cost"])
+        costs = [entry["cost"] for entry in entries]
+        style = "o-" if len(entries) > 1 else "s"
+        for axis, (key, _) in zip(axes, panels, strict=True):
+            values = [entry[key] for entry in entries]
+            if key == "test_accuracy":
+                values = [100 * (1 - value) for value in values]
+            spread = [entry[f"{key}_std"] * (100 if key == "test_accuracy" else 1) for entry in entries]
+            axis.errorbar(costs, values, yerr=spread, fmt=style, capsize=3, label=method)
+    for axis, (_, label) in zip(axes, panels, strict=True):
         axis.set_xlabel("training budget (multiples of B)")
         axis.set_ylabel(label)
         axis.set_xticks([1, 2, 3])
         axis.grid(alpha=0.3)
-    axes[1].legend(fontsize="small")
+    axes[-1].legend(fontsize="small")
     figure.suptitle("Ensembles at equal training budget (mean and std over seeds)")
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -266,10 +310,12 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "summary": summary,
                                                        "per_seed": per_seed}, indent=2) + "\n")
     plot(summary, args.out / "comparison.png")
-    for metric in METRICS:
-        print(table(summary, metric) + "\n")
+    tables = [table(summary, metric) for metric in METRICS]
+    tables += [table(summary, metric, "calibrated_test") for metric in METRICS]
+    (args.out / "tables.md").write_text("\n\n".join(tables) + "\n")
+    print("\n\n".join(tables) + "\n")
     print(f"{len(args.seeds)} seeds in {(time.monotonic() - started) / 3600:.1f} h; {args.out / 'results.json'}, "
-          f"{args.out / 'comparison.png'}")
+          f"{args.out / 'tables.md'}, {args.out / 'comparison.png'}")
 
 
 if __name__ == "__main__":
