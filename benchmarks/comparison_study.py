@@ -255,7 +255,7 @@ def table(summary: dict[str, dict[str, Any]], metric: str, key: str = "test") ->
 def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     panels = (("test_accuracy", "test error (%)"), ("test_nll", "test NLL"),
-              ("calibrated_test_nll", "test NLL at the temperature fitted on validation"))
+              ("calibrated_test_nll", "test NLL, temperature fitted on val"))
     methods: dict[str, list[dict[str, Any]]] = {}
     for entry in summary.values():
         methods.setdefault(entry["method"], []).append(entry)
