@@ -50,7 +50,7 @@ from training.curve_train import network_at, open_curve
 from training.curves import evenly_spaced
 from training.data import DataSplits, load_data
 from training.engine import predict_logits
-from training.export.sources import MemberSource, collect_sources
+from training.export.sources import collect_sources
 from training.runs import DistillReport, RunDir
 
 matplotlib.use("Agg")
@@ -127,6 +127,10 @@ class Logits:
     test: np.ndarray
     test_labels: np.ndarray
 
+    @property
+    def members(self) -> int:
+        return int(self.val.shape[1])
+
     def first(self, count: int) -> Logits:
         return Logits(self.val[:, :count], self.val_labels, self.test[:, :count], self.test_labels)
 
@@ -154,14 +158,12 @@ def scored(logits: Logits) -> dict[str, Any]:
     return {**at(1.0), "calibrated": {"temperature": temperature, **at(temperature)}}
 
 
-def members(run: Path) -> list[MemberSource]:
-    """A run's networks as the exporter takes them: an FGE or SSE run's snapshots, an SWA or distilled run's
-    network, or a base run's final network."""
-    return collect_sources(ExportConfig(runs=[run], name="study", repository=Path("/nonexistent"))).members
-
-
-def networks(runs: Sequence[Path], splits: DataSplits) -> Iterator[torch.nn.Module]:
-    return (member.build(splits) for run in runs for member in members(run))
+def run_logits(runs: Sequence[Path], splits: DataSplits) -> Logits:
+    """The logits of the runs' networks as the exporter takes them: an FGE or SSE run's snapshots, an SWA or
+    distilled run's network, a base run's final network."""
+    sources = [collect_sources(ExportConfig(runs=[run], name="study", repository=Path("/nonexistent")))
+               for run in runs]
+    return logits_of((member.build(splits) for source in sources for member in source.members), splits)
 
 
 def curve_networks(curve_dir: Path, points: int) -> tuple[Iterator[torch.nn.Module], DataSplits]:
@@ -183,7 +185,7 @@ def run_seed(study: Study, seed: int) -> dict[str, dict[str, Any]]:
     ind = [study.train(folder / f"ind-{k}", budget, 1000 * seed + k) for k in range(3)]
     results: dict[str, dict[str, Any]] = {}
     splits = load_data(RunDir(ind[0]).read_config().data)
-    independent = logits_of(networks(ind, splits), splits)
+    independent = run_logits(ind, splits)
     for count in range(1, len(ind) + 1):
         results[f"Ind {count}"] = {"method": "Ind", "cost": count, **scored(independent.first(count))}
     for multiple in (1, 2, 3):
@@ -191,21 +193,23 @@ def run_seed(study: Study, seed: int) -> dict[str, dict[str, Any]]:
         # FGE of budget mB: a base run of mB epochs (the first Ind network for m = 1), cycles in its last 20 %.
         base = ind[0] if multiple == 1 else study.train(folder / f"base-{multiple}B", epochs, 1000 * seed)
         fge = study.fge(base, folder / f"fge-{multiple}B")
-        results[f"FGE {multiple}B"] = {"method": "FGE", "cost": multiple, "members": len(members(fge)),
-                                       **scored(logits_of(networks([fge], splits), splits))}
+        snapshots = run_logits([fge], splits)
+        results[f"FGE {multiple}B"] = {"method": "FGE", "cost": multiple, "members": snapshots.members,
+                                       **scored(snapshots)}
         swa = study.swa(fge, folder / f"swa-{multiple}B")
         results[f"SWA {multiple}B"] = {"method": "SWA", "cost": multiple,
-                                       **scored(logits_of(networks([swa], splits), splits))}
+                                       **scored(run_logits([swa], splits))}
         sse = study.sse(folder / f"sse-{multiple}B", epochs, 1000 * seed)
-        results[f"SSE {multiple}B"] = {"method": "SSE", "cost": multiple, "members": len(members(sse)),
-                                       **scored(logits_of(networks([sse], splits), splits))}
+        snapshots = run_logits([sse], splits)
+        results[f"SSE {multiple}B"] = {"method": "SSE", "cost": multiple, "members": snapshots.members,
+                                       **scored(snapshots)}
     # The distilled student of FGE at budget B: the temperature with the lowest validation NLL.
     students = [study.distill(folder / "fge-1B", folder / f"distill-T{temperature:g}", temperature, 1000 * seed)
                 for temperature in args.temperatures]
     reports = [RunDir(student).read_report(DistillReport) for student in students]
     chosen = min(range(len(students)), key=lambda k: _val_nll(reports[k]))
     results["Distilled"] = {"method": "Distilled", "cost": 2, "temperature": reports[chosen].config.temperature,
-                            **scored(logits_of(networks([students[chosen]], splits), splits))}
+                            **scored(run_logits([students[chosen]], splits))}
     curve = study.curve(ind[0], ind[1], folder / "curve", 1000 * seed)
     points, curve_splits = curve_networks(curve, args.curve_points)
     results["Curve"] = {"method": "Curve", "cost": 3, "points": args.curve_points,
